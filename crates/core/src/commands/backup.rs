@@ -1,0 +1,275 @@
+//! `vbackup backup`: read disks, store new chunks, record a snapshot.
+
+use std::collections::HashSet;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::Mutex;
+use std::time::Instant;
+
+use crate::format::{BackupStats, DiskIndex, DiskRecord, SnapshotManifest, SNAPSHOT_VERSION};
+use crate::source::{DiskReader, DiskSource, ExtentKind};
+use crate::{is_all_zero, ChunkId, Error, Progress, Repository, Result, Snapshot};
+
+/// One disk to back up.
+pub struct BackupDisk {
+    /// Name of the disk inside the VM (unique within the snapshot).
+    pub name: String,
+    /// Where it comes from, for the record (a path, a QMP node name).
+    pub source_label: String,
+    /// The data.
+    pub source: Box<dyn DiskSource>,
+}
+
+/// What a backup records besides the data.
+#[derive(Debug, Clone)]
+pub struct BackupOptions {
+    /// The VM's name.
+    pub vm: String,
+    /// Tags for the snapshot.
+    pub tags: Vec<String>,
+    /// Host name to record (defaults to this machine's).
+    pub host: Option<String>,
+    /// Worker threads.
+    pub threads: usize,
+}
+
+/// Counters shared by the workers.
+#[derive(Default)]
+struct Counters {
+    bytes_read: AtomicU64,
+    bytes_new: AtomicU64,
+    bytes_stored: AtomicU64,
+    chunks_new: AtomicU64,
+    chunks_reused: AtomicU64,
+    chunks_hole: AtomicU64,
+}
+
+impl Counters {
+    fn into_stats(self, duration_secs: f64) -> BackupStats {
+        BackupStats {
+            bytes_read: self.bytes_read.into_inner(),
+            bytes_new: self.bytes_new.into_inner(),
+            bytes_stored: self.bytes_stored.into_inner(),
+            chunks_new: self.chunks_new.into_inner(),
+            chunks_reused: self.chunks_reused.into_inner(),
+            chunks_hole: self.chunks_hole.into_inner(),
+            duration_secs,
+        }
+    }
+}
+
+/// State shared by all workers of one backup.
+struct Job<'a> {
+    repo: &'a Repository,
+    disks: &'a [BackupDisk],
+    chunk_size: u32,
+    /// First global chunk number of each disk, plus the total at the end.
+    starts: Vec<u64>,
+    next: AtomicU64,
+    stop: AtomicBool,
+    known: Mutex<HashSet<ChunkId>>,
+    indexes: Vec<Mutex<Vec<Option<ChunkId>>>>,
+    counters: Counters,
+    progress: &'a Progress,
+}
+
+/// Backs up `disks` as one snapshot of `options.vm` and returns it.
+///
+/// Chunks already in the repository are neither compressed nor written
+/// again. Nothing is recorded unless every disk was read completely.
+pub fn backup(repo: &Repository, disks: &[BackupDisk], options: &BackupOptions, progress: &Progress) -> Result<Snapshot> {
+    check_disk_names(disks)?;
+    let started = Instant::now();
+    let time = chrono::Utc::now().to_rfc3339_opts(chrono::SecondsFormat::Millis, true);
+    let job = Job::new(repo, disks, progress)?;
+    super::run_workers(options.threads, || job.worker())?;
+    if progress.is_cancelled() {
+        return Err(Error::Interrupted);
+    }
+    let records = job.write_indexes()?;
+    let manifest = SnapshotManifest {
+        version: SNAPSHOT_VERSION,
+        vm: options.vm.clone(),
+        host: options.host.clone().unwrap_or_else(crate::hostname),
+        time,
+        tags: options.tags.clone(),
+        disks: records,
+        stats: job.counters.into_stats(started.elapsed().as_secs_f64()),
+        program_version: env!("CARGO_PKG_VERSION").to_string(),
+    };
+    let id = repo.write_snapshot(&manifest)?;
+    Ok(Snapshot { id, manifest })
+}
+
+fn check_disk_names(disks: &[BackupDisk]) -> Result<()> {
+    if disks.is_empty() {
+        return Err(Error::InvalidInput("no disks to back up".to_string()));
+    }
+    let mut seen = HashSet::new();
+    for disk in disks {
+        if !seen.insert(disk.name.as_str()) {
+            return Err(Error::InvalidInput(format!(
+                "two disks are named '{}'; disk names must be unique within a VM",
+                disk.name
+            )));
+        }
+    }
+    Ok(())
+}
+
+impl<'a> Job<'a> {
+    fn new(repo: &'a Repository, disks: &'a [BackupDisk], progress: &'a Progress) -> Result<Self> {
+        let chunk_size = repo.config().chunk_size;
+        let mut starts = vec![0u64];
+        let mut indexes = Vec::with_capacity(disks.len());
+        for disk in disks {
+            let size = disk.source.virtual_size();
+            let count = DiskIndex::chunk_count(size, chunk_size);
+            let count_usize = usize::try_from(count)
+                .map_err(|_| Error::InvalidInput(format!("disk '{}' is too large", disk.name)))?;
+            starts.push(starts[starts.len() - 1] + count);
+            indexes.push(Mutex::new(vec![None; count_usize]));
+            progress.add_total(size);
+        }
+        let known = repo.list_chunks()?.into_keys().collect();
+        Ok(Self {
+            repo,
+            disks,
+            chunk_size,
+            starts,
+            next: AtomicU64::new(0),
+            stop: AtomicBool::new(false),
+            known: Mutex::new(known),
+            indexes,
+            counters: Counters::default(),
+            progress,
+        })
+    }
+
+    /// Maps a global chunk number to (disk, chunk within disk).
+    fn locate(&self, global: u64) -> Option<(usize, u64)> {
+        let disk = self.starts.partition_point(|start| *start <= global).checked_sub(1)?;
+        (disk < self.disks.len()).then(|| (disk, global - self.starts[disk]))
+    }
+
+    fn worker(&self) -> Result<()> {
+        let result = self.worker_loop();
+        if result.is_err() {
+            self.stop.store(true, Ordering::Relaxed);
+        }
+        result
+    }
+
+    fn worker_loop(&self) -> Result<()> {
+        let mut readers: Vec<Option<Box<dyn DiskReader>>> = self.disks.iter().map(|_| None).collect();
+        let mut buf = vec![0u8; self.chunk_size as usize];
+        loop {
+            if self.stop.load(Ordering::Relaxed) || self.progress.is_cancelled() {
+                return Ok(());
+            }
+            let global = self.next.fetch_add(1, Ordering::Relaxed);
+            let Some((disk, chunk)) = self.locate(global) else { return Ok(()) };
+            let reader = match &mut readers[disk] {
+                Some(reader) => reader,
+                slot => slot.insert(self.open_reader(disk)?),
+            };
+            let entry = self.process_chunk(disk, chunk, reader.as_mut(), &mut buf)?;
+            self.lock_index(disk)[chunk as usize] = entry;
+        }
+    }
+
+    fn open_reader(&self, disk: usize) -> Result<Box<dyn DiskReader>> {
+        self.disks[disk].source.open_reader().map_err(|e| self.source_error(disk, e))
+    }
+
+    fn source_error(&self, disk: usize, source: std::io::Error) -> Error {
+        Error::Source { disk: self.disks[disk].name.clone(), source }
+    }
+
+    fn lock_index(&self, disk: usize) -> std::sync::MutexGuard<'_, Vec<Option<ChunkId>>> {
+        self.indexes[disk].lock().unwrap_or_else(|poisoned| poisoned.into_inner())
+    }
+
+    /// Reads one chunk and stores it if new; returns its index entry.
+    fn process_chunk(&self, disk: usize, chunk: u64, reader: &mut dyn DiskReader, buf: &mut [u8]) -> Result<Option<ChunkId>> {
+        let size = self.disks[disk].source.virtual_size();
+        let offset = chunk * u64::from(self.chunk_size);
+        let length = (size - offset).min(u64::from(self.chunk_size)) as usize;
+        let data = &mut buf[..length];
+        let read = read_allocated(reader, offset, data).map_err(|e| self.source_error(disk, e))?;
+        self.counters.bytes_read.fetch_add(read, Ordering::Relaxed);
+        let entry = if read == 0 || is_all_zero(data) {
+            self.counters.chunks_hole.fetch_add(1, Ordering::Relaxed);
+            None
+        } else {
+            Some(self.store_if_new(data)?)
+        };
+        self.progress.add_done(length as u64);
+        Ok(entry)
+    }
+
+    fn store_if_new(&self, data: &[u8]) -> Result<ChunkId> {
+        let id = self.repo.crypto().chunk_id(data);
+        let is_new = self.known.lock().unwrap_or_else(|poisoned| poisoned.into_inner()).insert(id);
+        if !is_new {
+            self.counters.chunks_reused.fetch_add(1, Ordering::Relaxed);
+            return Ok(id);
+        }
+        let encoded = self.repo.encode_chunk(&id, data)?;
+        self.repo.put_chunk(&id, &encoded)?;
+        self.counters.chunks_new.fetch_add(1, Ordering::Relaxed);
+        self.counters.bytes_new.fetch_add(data.len() as u64, Ordering::Relaxed);
+        self.counters.bytes_stored.fetch_add(encoded.len() as u64, Ordering::Relaxed);
+        self.progress.add_stored(encoded.len() as u64);
+        Ok(id)
+    }
+
+    fn write_indexes(&self) -> Result<Vec<DiskRecord>> {
+        let mut records = Vec::with_capacity(self.disks.len());
+        for (i, disk) in self.disks.iter().enumerate() {
+            let chunks = std::mem::take(&mut *self.lock_index(i));
+            let data_chunks = chunks.iter().filter(|c| c.is_some()).count() as u64;
+            let index = DiskIndex { virtual_size: disk.source.virtual_size(), chunk_size: self.chunk_size, chunks };
+            records.push(DiskRecord {
+                name: disk.name.clone(),
+                source: disk.source_label.clone(),
+                format: disk.source.format().to_string(),
+                virtual_size: index.virtual_size,
+                chunk_size: self.chunk_size,
+                index: self.repo.write_index(&index)?,
+                data_chunks,
+            });
+        }
+        Ok(records)
+    }
+}
+
+/// Fills `buf` with the disk's bytes at `offset`, reading only the extents
+/// that hold data; returns how many bytes were read.
+fn read_allocated(reader: &mut dyn DiskReader, offset: u64, buf: &mut [u8]) -> std::io::Result<u64> {
+    let end = offset + buf.len() as u64;
+    let mut covered = offset;
+    let mut read = 0;
+    for extent in reader.extents(offset, buf.len() as u64)? {
+        let start = extent.offset.max(offset);
+        let stop = extent.end().min(end);
+        if start != covered || stop <= start {
+            return Err(std::io::Error::other(format!(
+                "the source described the range at {offset} with gaps or overlaps (extent at {})",
+                extent.offset
+            )));
+        }
+        let slice = &mut buf[(start - offset) as usize..(stop - offset) as usize];
+        match extent.kind {
+            ExtentKind::Data => {
+                reader.read_exact_at(slice, start)?;
+                read += slice.len() as u64;
+            }
+            ExtentKind::Zero => slice.fill(0),
+        }
+        covered = stop;
+    }
+    if covered != end {
+        return Err(std::io::Error::other(format!("the source did not describe all of the range at {offset}")));
+    }
+    Ok(read)
+}

@@ -1,0 +1,421 @@
+//! The on-disk formats: the object envelope, the config, key objects,
+//! snapshot manifests and disk indexes. `docs/format.md` describes the same
+//! bytes for people who want to write another reader.
+//!
+//! Every object starts with an 8-byte header: the magic `VBAK`, the envelope
+//! version, the object kind, the compression and the cipher. Readers refuse
+//! versions they do not know instead of guessing.
+
+use std::io::Read;
+
+use serde::{Deserialize, Serialize};
+
+use crate::crypto::{kdf::KdfParams, CipherKind, Crypto, DigestKind};
+use crate::error::{Error, Result};
+use crate::ChunkId;
+
+/// The four bytes every vbackup object starts with.
+pub const MAGIC: [u8; 4] = *b"VBAK";
+/// The envelope version this build writes and the newest it reads.
+pub const ENVELOPE_VERSION: u8 = 1;
+/// The repository format version this build writes and the newest it reads.
+pub const REPOSITORY_VERSION: u32 = 1;
+/// Length of the object header.
+pub const HEADER_LEN: usize = 8;
+
+/// What an object holds; part of the header and of the authenticated data.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ObjectKind {
+    /// The repository config (plaintext JSON).
+    Config = 1,
+    /// A key object (plaintext JSON holding the wrapped master secret).
+    Key = 2,
+    /// A chunk of disk data.
+    Chunk = 3,
+    /// A disk index: the chunk list of one disk in one snapshot.
+    Index = 4,
+    /// A snapshot manifest.
+    Snapshot = 5,
+}
+
+impl ObjectKind {
+    fn from_code(code: u8) -> Option<Self> {
+        [Self::Config, Self::Key, Self::Chunk, Self::Index, Self::Snapshot].into_iter().find(|k| *k as u8 == code)
+    }
+}
+
+/// Compression of an object's payload.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Compression {
+    /// Stored as is (compression did not pay, or metadata kept plain).
+    None = 0,
+    /// Zstandard.
+    Zstd = 1,
+}
+
+/// A parsed object header.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Header {
+    /// What the object holds.
+    pub kind: ObjectKind,
+    /// How the payload is compressed.
+    pub compression: Compression,
+    /// How the payload is sealed.
+    pub cipher: CipherKind,
+}
+
+impl Header {
+    /// The header's 8 bytes.
+    pub fn encode(&self) -> [u8; HEADER_LEN] {
+        let m = MAGIC;
+        [m[0], m[1], m[2], m[3], ENVELOPE_VERSION, self.kind as u8, self.compression as u8, self.cipher.code()]
+    }
+
+    /// Parses and checks the first bytes of an object named `key`.
+    pub fn decode(key: &str, bytes: &[u8]) -> Result<Self> {
+        if bytes.len() < HEADER_LEN {
+            return Err(Error::corrupt(key, format!("only {} bytes, shorter than the header", bytes.len())));
+        }
+        if bytes[..4] != MAGIC {
+            return Err(Error::corrupt(key, "not a vbackup object (bad magic)"));
+        }
+        if bytes[4] > ENVELOPE_VERSION || bytes[4] == 0 {
+            return Err(Error::UnsupportedVersion {
+                what: format!("object '{key}'"),
+                found: u32::from(bytes[4]),
+                supported: u32::from(ENVELOPE_VERSION),
+            });
+        }
+        let kind = ObjectKind::from_code(bytes[5]).ok_or_else(|| Error::corrupt(key, "unknown object kind"))?;
+        let compression = match bytes[6] {
+            0 => Compression::None,
+            1 => Compression::Zstd,
+            _ => return Err(Error::corrupt(key, "unknown compression")),
+        };
+        let cipher = CipherKind::from_code(bytes[7]).ok_or_else(|| Error::corrupt(key, "unknown cipher"))?;
+        Ok(Self { kind, compression, cipher })
+    }
+}
+
+/// Builds the authenticated data of an object: its header and its name, so
+/// an object moved to another name or kind fails to open.
+fn aad(header: &[u8; HEADER_LEN], key: &str) -> Vec<u8> {
+    let mut aad = header.to_vec();
+    aad.extend_from_slice(key.as_bytes());
+    aad
+}
+
+/// Compresses, seals and frames a payload as the object `key`.
+///
+/// With `level` set, the payload is zstd-compressed and kept compressed only
+/// when that saves at least 1/32 of its size.
+pub fn seal_object(crypto: &Crypto, kind: ObjectKind, key: &str, payload: &[u8], level: Option<i32>) -> Result<Vec<u8>> {
+    let compressed = match level {
+        Some(level) => zstd::bulk::compress(payload, level).ok().filter(|c| c.len() < payload.len() - payload.len() / 32),
+        None => None,
+    };
+    let (compression, body) = match &compressed {
+        Some(c) => (Compression::Zstd, c.as_slice()),
+        None => (Compression::None, payload),
+    };
+    let header = Header { kind, compression, cipher: crypto.cipher() }.encode();
+    let sealed = crypto.seal(&aad(&header, key), body)?;
+    let mut out = Vec::with_capacity(HEADER_LEN + sealed.len());
+    out.extend_from_slice(&header);
+    out.extend_from_slice(&sealed);
+    Ok(out)
+}
+
+/// Reverses [`seal_object`]: checks the header, authenticates, decompresses
+/// (never to more than `max_len` bytes) and returns the payload.
+pub fn open_object(crypto: &Crypto, kind: ObjectKind, key: &str, bytes: &[u8], max_len: usize) -> Result<Vec<u8>> {
+    let header = Header::decode(key, bytes)?;
+    if header.kind != kind {
+        return Err(Error::corrupt(key, format!("expected a {kind:?} object, found a {:?}", header.kind)));
+    }
+    if header.cipher != crypto.cipher() {
+        return Err(Error::corrupt(key, "sealed with a different cipher than the repository uses"));
+    }
+    let body = crypto.open(key, &aad(&header.encode(), key), &bytes[HEADER_LEN..])?;
+    match header.compression {
+        Compression::None if body.len() > max_len => Err(Error::corrupt(key, "payload larger than allowed")),
+        Compression::None => Ok(body),
+        Compression::Zstd => decompress_bounded(key, &body, max_len),
+    }
+}
+
+fn decompress_bounded(key: &str, body: &[u8], max_len: usize) -> Result<Vec<u8>> {
+    let decoder = zstd::stream::read::Decoder::new(body).map_err(|e| Error::corrupt(key, format!("zstd: {e}")))?;
+    let mut out = Vec::with_capacity(max_len.min(body.len().saturating_mul(4)).min(64 << 20));
+    let limit = u64::try_from(max_len).unwrap_or(u64::MAX).saturating_add(1);
+    decoder.take(limit).read_to_end(&mut out).map_err(|e| Error::corrupt(key, format!("zstd: {e}")))?;
+    if out.len() > max_len {
+        return Err(Error::corrupt(key, "decompresses to more than allowed"));
+    }
+    Ok(out)
+}
+
+/// Frames a plaintext JSON object (config, key objects).
+pub fn plain_json_object<T: Serialize>(kind: ObjectKind, value: &T) -> Result<Vec<u8>> {
+    let header = Header { kind, compression: Compression::None, cipher: CipherKind::None }.encode();
+    let json = serde_json::to_vec_pretty(value)
+        .map_err(|e| Error::InvalidInput(format!("cannot encode {kind:?} as JSON: {e}")))?;
+    let mut out = header.to_vec();
+    out.extend_from_slice(&json);
+    Ok(out)
+}
+
+/// Parses a plaintext JSON object framed by [`plain_json_object`].
+pub fn parse_plain_json<T: for<'de> Deserialize<'de>>(kind: ObjectKind, key: &str, bytes: &[u8]) -> Result<T> {
+    let header = Header::decode(key, bytes)?;
+    if header.kind != kind || header.cipher != CipherKind::None || header.compression != Compression::None {
+        return Err(Error::corrupt(key, format!("expected a plain {kind:?} object")));
+    }
+    serde_json::from_slice(&bytes[HEADER_LEN..]).map_err(|e| Error::corrupt(key, format!("invalid JSON: {e}")))
+}
+
+/// The repository config: fixed at `init`, readable without a key.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub struct Config {
+    /// Repository format version ([`REPOSITORY_VERSION`]).
+    pub version: u32,
+    /// Random repository id (hex).
+    pub id: String,
+    /// Chunk size in bytes for new disks (a power of two).
+    pub chunk_size: u32,
+    /// How chunks are named.
+    pub digest: DigestKind,
+    /// How objects are sealed.
+    pub cipher: CipherKind,
+    /// zstd level for chunks.
+    pub compression_level: i32,
+    /// Keyed digest of the fields above under the config key (hex); empty
+    /// without encryption. Stops someone without the key from changing them.
+    #[serde(default)]
+    pub mac: String,
+}
+
+impl Config {
+    /// The bytes the MAC covers: every field but the MAC itself.
+    pub fn mac_input(&self) -> Vec<u8> {
+        format!(
+            "{}|{}|{}|{:?}|{:?}|{}",
+            self.version, self.id, self.chunk_size, self.digest, self.cipher, self.compression_level
+        )
+        .into_bytes()
+    }
+}
+
+/// A key object: the master secret wrapped under a passphrase.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub struct KeyFile {
+    /// Key object format version.
+    pub version: u32,
+    /// When the key was added (RFC 3339).
+    pub created: String,
+    /// Host that added it.
+    pub host: String,
+    /// User that added it.
+    pub user: String,
+    /// Argon2id parameters.
+    pub kdf: KdfParams,
+    /// Argon2id salt (hex).
+    pub salt: String,
+    /// The master secret sealed with AES-256-GCM under the derived key (hex).
+    pub wrapped: String,
+}
+
+/// Statistics of one backup run, stored in its snapshot.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub struct BackupStats {
+    /// Bytes read from the sources (holes are not read).
+    pub bytes_read: u64,
+    /// Plaintext bytes of chunks that were new to the repository.
+    pub bytes_new: u64,
+    /// Bytes written to the repository for those chunks (compressed, sealed).
+    pub bytes_stored: u64,
+    /// Chunks written.
+    pub chunks_new: u64,
+    /// Chunks that were already in the repository.
+    pub chunks_reused: u64,
+    /// Chunks recorded as holes (unallocated or all zeros).
+    pub chunks_hole: u64,
+    /// Wall time in seconds.
+    pub duration_secs: f64,
+}
+
+/// One disk of a snapshot.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub struct DiskRecord {
+    /// Name of the disk within the VM (file name of the image, or device).
+    pub name: String,
+    /// Where it was read from.
+    pub source: String,
+    /// Source image format (raw, qcow2, ...).
+    pub format: String,
+    /// Virtual size in bytes.
+    pub virtual_size: u64,
+    /// Chunk size in bytes.
+    pub chunk_size: u32,
+    /// Name of the index object (`indexes/<hex>`).
+    pub index: String,
+    /// Number of chunks holding data (not holes).
+    pub data_chunks: u64,
+}
+
+/// A snapshot manifest: one backup of one VM, all its disks.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub struct SnapshotManifest {
+    /// Manifest format version.
+    pub version: u32,
+    /// The VM's name.
+    pub vm: String,
+    /// Host the backup ran on.
+    pub host: String,
+    /// Start time (RFC 3339, UTC).
+    pub time: String,
+    /// User tags.
+    #[serde(default)]
+    pub tags: Vec<String>,
+    /// The disks.
+    pub disks: Vec<DiskRecord>,
+    /// Statistics of the run.
+    pub stats: BackupStats,
+    /// Version of vbackup that wrote it.
+    pub program_version: String,
+}
+
+/// The manifest format version this build writes.
+pub const SNAPSHOT_VERSION: u32 = 1;
+/// The index payload version this build writes.
+pub const INDEX_VERSION: u32 = 1;
+
+/// The chunk list of one disk: `None` marks a hole (reads as zeros).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct DiskIndex {
+    /// Virtual size of the disk.
+    pub virtual_size: u64,
+    /// Chunk size.
+    pub chunk_size: u32,
+    /// One entry per chunk, in disk order.
+    pub chunks: Vec<Option<ChunkId>>,
+}
+
+/// Bytes before the entries of an index payload.
+const INDEX_PREFIX_LEN: usize = 4 + 8 + 4 + 8;
+
+impl DiskIndex {
+    /// Number of chunks a disk of this size has.
+    pub fn chunk_count(virtual_size: u64, chunk_size: u32) -> u64 {
+        virtual_size.div_ceil(u64::from(chunk_size))
+    }
+
+    /// The byte range `(offset, length)` of chunk `i`.
+    pub fn chunk_range(&self, i: u64) -> (u64, usize) {
+        let offset = i * u64::from(self.chunk_size);
+        let length = (self.virtual_size - offset).min(u64::from(self.chunk_size));
+        (offset, length as usize)
+    }
+
+    /// Encodes the payload: version, size, chunk size, count, then 32 bytes
+    /// per chunk, all-zero for a hole. Integers are little-endian.
+    pub fn encode(&self) -> Vec<u8> {
+        let mut out = Vec::with_capacity(INDEX_PREFIX_LEN + self.chunks.len() * 32);
+        out.extend_from_slice(&INDEX_VERSION.to_le_bytes());
+        out.extend_from_slice(&self.virtual_size.to_le_bytes());
+        out.extend_from_slice(&self.chunk_size.to_le_bytes());
+        out.extend_from_slice(&(self.chunks.len() as u64).to_le_bytes());
+        for chunk in &self.chunks {
+            out.extend_from_slice(chunk.as_ref().map_or(&[0u8; 32], |id| &id.0));
+        }
+        out
+    }
+
+    /// Decodes and validates a payload made by [`DiskIndex::encode`].
+    pub fn decode(key: &str, bytes: &[u8]) -> Result<Self> {
+        let field = |range: std::ops::Range<usize>| -> Result<&[u8]> {
+            bytes.get(range).ok_or_else(|| Error::corrupt(key, "index truncated"))
+        };
+        let version = u32::from_le_bytes(field(0..4)?.try_into().map_err(|_| Error::corrupt(key, "index"))?);
+        if version > INDEX_VERSION || version == 0 {
+            return Err(Error::UnsupportedVersion { what: format!("index '{key}'"), found: version, supported: INDEX_VERSION });
+        }
+        let virtual_size = u64::from_le_bytes(field(4..12)?.try_into().map_err(|_| Error::corrupt(key, "index"))?);
+        let chunk_size = u32::from_le_bytes(field(12..16)?.try_into().map_err(|_| Error::corrupt(key, "index"))?);
+        let count = u64::from_le_bytes(field(16..24)?.try_into().map_err(|_| Error::corrupt(key, "index"))?);
+        if chunk_size == 0 || count != Self::chunk_count(virtual_size, chunk_size) {
+            return Err(Error::corrupt(key, "index chunk count does not match the disk size"));
+        }
+        let entries = &bytes[INDEX_PREFIX_LEN..];
+        if entries.len() as u64 != count.saturating_mul(32) {
+            return Err(Error::corrupt(key, "index length does not match its chunk count"));
+        }
+        let chunks = entries
+            .chunks_exact(32)
+            .map(|e| {
+                let id: [u8; 32] = e.try_into().unwrap_or([0u8; 32]);
+                (id != [0u8; 32]).then_some(ChunkId(id))
+            })
+            .collect();
+        Ok(Self { virtual_size, chunk_size, chunks })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::crypto::MasterSecret;
+    use proptest::prelude::*;
+
+    fn crypto() -> Crypto {
+        Crypto::new(CipherKind::Aes256Gcm, DigestKind::Blake3Keyed, Some(&MasterSecret([3; 32])))
+    }
+
+    #[test]
+    fn objects_round_trip_and_bind_their_name() {
+        let c = crypto();
+        let payload = vec![42u8; 10_000];
+        let bytes = seal_object(&c, ObjectKind::Chunk, "chunks/aa/aa", &payload, Some(1)).unwrap();
+        assert!(bytes.len() < 1000, "compressible data is compressed");
+        assert_eq!(open_object(&c, ObjectKind::Chunk, "chunks/aa/aa", &bytes, 10_000).unwrap(), payload);
+        assert!(open_object(&c, ObjectKind::Chunk, "chunks/bb/bb", &bytes, 10_000).is_err());
+        assert!(open_object(&c, ObjectKind::Index, "chunks/aa/aa", &bytes, 10_000).is_err());
+        assert!(open_object(&c, ObjectKind::Chunk, "chunks/aa/aa", &bytes, 9_999).is_err());
+    }
+
+    #[test]
+    fn newer_envelope_versions_are_refused_by_name() {
+        let mut bytes = plain_json_object(ObjectKind::Config, &"x").unwrap();
+        bytes[4] = 9;
+        let err = parse_plain_json::<String>(ObjectKind::Config, "config", &bytes).unwrap_err();
+        assert!(matches!(err, Error::UnsupportedVersion { found: 9, supported: 1, .. }), "{err}");
+    }
+
+    proptest! {
+        #[test]
+        fn index_round_trip(size in 1u64..1 << 40, shift in 12u32..24, seed in any::<u8>()) {
+            let chunk_size = 1u32 << shift;
+            let n = DiskIndex::chunk_count(size, chunk_size).min(5000);
+            let size = size.min(n * u64::from(chunk_size));
+            let n = DiskIndex::chunk_count(size, chunk_size);
+            let chunks = (0..n).map(|i| (i % 3 != 0).then_some(ChunkId([seed ^ (i as u8) | 1; 32]))).collect();
+            let index = DiskIndex { virtual_size: size, chunk_size, chunks };
+            prop_assert_eq!(DiskIndex::decode("i", &index.encode()).unwrap(), index);
+        }
+
+        #[test]
+        fn hostile_index_bytes_never_panic(bytes in proptest::collection::vec(any::<u8>(), 0..200)) {
+            let _ = DiskIndex::decode("i", &bytes);
+        }
+
+        #[test]
+        fn hostile_objects_never_panic(bytes in proptest::collection::vec(any::<u8>(), 0..200)) {
+            let _ = open_object(&crypto(), ObjectKind::Chunk, "k", &bytes, 1 << 20);
+        }
+    }
+}

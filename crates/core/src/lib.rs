@@ -1,0 +1,81 @@
+//! vbackup's core: on-disk formats, crypto, the chunk store and the backup,
+//! restore, verify and stats commands.
+//!
+//! This crate has no async runtime, no network code and no CLI: storage comes
+//! in through [`vbackup_storage::Backend`], disks through the traits of
+//! [`source`]. Work is spread over plain threads with bounded queues, so
+//! memory stays proportional to the number of workers times the chunk size,
+//! whatever the size of the disks.
+//!
+//! The data path of a backup: a worker takes the next chunk number, asks its
+//! reader which parts of the chunk hold data, reads only those, skips
+//! all-zero chunks (holes), names the chunk by its keyed digest, and — only
+//! if the repository does not have it yet — compresses, seals and stores it.
+//! The snapshot (indexes, then manifest) is written last, so an interrupted
+//! backup records nothing but leaves its chunks for the next run to reuse.
+#![deny(missing_docs)]
+
+pub mod crypto;
+mod error;
+pub mod format;
+mod progress;
+mod repo;
+pub mod source;
+
+mod commands;
+
+pub use commands::backup::{backup, BackupDisk, BackupOptions};
+pub use commands::restore::{restore_disk, restore_disk_to_writer, RestoreStats};
+pub use commands::stats::{stats, RepoStats};
+pub use commands::verify::{verify, AffectedDisk, ChunkProblem, VerifyReport};
+pub use error::{Error, ErrorClass, Result};
+pub use progress::Progress;
+pub use repo::{InitOptions, KeyInfo, Repository, Snapshot};
+pub use source::{DiskReader, DiskSource, DiskTarget, DiskWriter, Extent, ExtentKind};
+
+/// The name of a chunk: the keyed digest of its plaintext.
+#[derive(Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct ChunkId(pub [u8; 32]);
+
+impl ChunkId {
+    /// Lower-case hex, as used in object names.
+    pub fn to_hex(&self) -> String {
+        hex::encode(self.0)
+    }
+
+    /// Parses 64 hex digits.
+    pub fn from_hex(s: &str) -> Option<Self> {
+        let mut id = [0u8; 32];
+        hex::decode_to_slice(s, &mut id).ok()?;
+        Some(Self(id))
+    }
+}
+
+impl std::fmt::Debug for ChunkId {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "ChunkId({})", &self.to_hex()[..16])
+    }
+}
+
+impl std::fmt::Display for ChunkId {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.to_hex())
+    }
+}
+
+/// This machine's host name, recorded in snapshots and keys.
+pub fn hostname() -> String {
+    gethostname::gethostname().to_string_lossy().into_owned()
+}
+
+/// The number of worker threads to use when the user does not say.
+pub fn default_threads() -> usize {
+    std::thread::available_parallelism().map_or(2, |n| n.get()).clamp(2, 32) + 2
+}
+
+/// True when every byte of `data` is zero; vectorizes well.
+pub fn is_all_zero(data: &[u8]) -> bool {
+    let mut words = data.chunks_exact(64);
+    let wide = words.all(|w| w.iter().fold(0u8, |acc, b| acc | b) == 0);
+    wide && words.remainder().iter().all(|b| *b == 0)
+}

@@ -1,0 +1,450 @@
+//! Opening, creating and reading/writing a repository.
+//!
+//! A [`Repository`] is a backend plus the keys that open it. It knows where
+//! each kind of object lives (`config`, `keys/<id>`, `chunks/<xx>/<id>`,
+//! `indexes/<id>`, `snapshots/<id>`) and seals and opens them; the commands
+//! (backup, restore, verify, stats) are built on these few operations.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+
+use aes_gcm::aead::{Aead, KeyInit, Payload};
+use aes_gcm::Aes256Gcm;
+use vbackup_storage::Backend;
+
+use crate::crypto::{kdf, random_bytes, CipherKind, Crypto, DigestKind, MasterSecret};
+use crate::error::{Error, Result};
+use crate::format::{
+    self, open_object, seal_object, Config, DiskIndex, KeyFile, ObjectKind, SnapshotManifest, REPOSITORY_VERSION,
+};
+use crate::ChunkId;
+
+/// Name of the config object.
+pub const CONFIG_KEY: &str = "config";
+/// Folder of key objects.
+pub const KEYS_PREFIX: &str = "keys/";
+/// Folder of chunk objects.
+pub const CHUNKS_PREFIX: &str = "chunks/";
+/// Folder of index objects.
+pub const INDEXES_PREFIX: &str = "indexes/";
+/// Folder of snapshot manifests.
+pub const SNAPSHOTS_PREFIX: &str = "snapshots/";
+
+/// Largest chunk size a repository may use (also bounds decompression).
+pub const MAX_CHUNK_SIZE: u32 = 64 << 20;
+/// Smallest chunk size a repository may use.
+pub const MIN_CHUNK_SIZE: u32 = 64 << 10;
+/// Upper bound for decoded metadata objects (indexes of 16 TiB disks at 64 KiB chunks fit).
+const MAX_METADATA_LEN: usize = 1 << 30;
+
+/// How `init` sets up a repository; also the defaults users see in `--help`.
+#[derive(Debug, Clone)]
+pub struct InitOptions {
+    /// Chunk size in bytes (power of two between 64 KiB and 64 MiB).
+    pub chunk_size: u32,
+    /// Cipher; `CipherKind::None` means no encryption.
+    pub cipher: CipherKind,
+    /// Chunk digest.
+    pub digest: DigestKind,
+    /// zstd level for chunks.
+    pub compression_level: i32,
+    /// Argon2id cost of the first key.
+    pub kdf: kdf::KdfParams,
+}
+
+impl Default for InitOptions {
+    fn default() -> Self {
+        Self {
+            chunk_size: 4 << 20,
+            cipher: CipherKind::default_for_cpu(),
+            digest: DigestKind::Blake3Keyed,
+            compression_level: 3,
+            kdf: kdf::KdfParams::default(),
+        }
+    }
+}
+
+/// Summary of one key object, for `vbackup key list`.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct KeyInfo {
+    /// Key id (object name without the folder).
+    pub id: String,
+    /// When it was added.
+    pub created: String,
+    /// Host that added it.
+    pub host: String,
+    /// User that added it.
+    pub user: String,
+    /// Whether this key opened the repository in this session.
+    pub current: bool,
+}
+
+/// A snapshot manifest with its id.
+#[derive(Debug, Clone)]
+pub struct Snapshot {
+    /// Hex id (the object name without the folder).
+    pub id: String,
+    /// The manifest.
+    pub manifest: SnapshotManifest,
+}
+
+impl Snapshot {
+    /// The first 8 hex digits, as shown in tables.
+    pub fn short_id(&self) -> &str {
+        &self.id[..self.id.len().min(8)]
+    }
+}
+
+/// An open repository.
+pub struct Repository {
+    backend: Arc<dyn Backend>,
+    config: Config,
+    crypto: Crypto,
+    secret: Option<MasterSecret>,
+    key_id: Option<String>,
+}
+
+impl std::fmt::Debug for Repository {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Repository").field("location", &self.backend.location()).field("config", &self.config).finish()
+    }
+}
+
+fn validate_init(options: &InitOptions) -> Result<()> {
+    let cs = options.chunk_size;
+    if !cs.is_power_of_two() || !(MIN_CHUNK_SIZE..=MAX_CHUNK_SIZE).contains(&cs) {
+        return Err(Error::InvalidInput(format!(
+            "chunk size {cs} is not a power of two between {MIN_CHUNK_SIZE} and {MAX_CHUNK_SIZE} bytes"
+        )));
+    }
+    if !(1..=19).contains(&options.compression_level) {
+        return Err(Error::InvalidInput("compression level must be between 1 and 19".to_string()));
+    }
+    Ok(())
+}
+
+impl Repository {
+    /// Creates a new repository. `passphrase` must be given unless the
+    /// cipher is `None`.
+    pub fn init(backend: Arc<dyn Backend>, passphrase: Option<&str>, options: &InitOptions) -> Result<Self> {
+        validate_init(options)?;
+        if backend.stat(CONFIG_KEY)?.is_some() {
+            return Err(Error::AlreadyInitialized { location: backend.location() });
+        }
+        let secret = match (options.cipher, passphrase) {
+            (CipherKind::None, _) => None,
+            (_, Some(_)) => Some(MasterSecret::generate()?),
+            (_, None) => return Err(Error::PassphraseRequired { location: backend.location() }),
+        };
+        let crypto = Crypto::new(options.cipher, options.digest, secret.as_ref());
+        let mut config = Config {
+            version: REPOSITORY_VERSION,
+            id: hex::encode(random_bytes::<16>()?),
+            chunk_size: options.chunk_size,
+            digest: options.digest,
+            cipher: options.cipher,
+            compression_level: options.compression_level,
+            mac: String::new(),
+        };
+        if secret.is_some() {
+            config.mac = hex::encode(crypto.mac(&config.mac_input()));
+        }
+        let mut repo = Self { backend, config, crypto, secret, key_id: None };
+        if let Some(passphrase) = passphrase.filter(|_| repo.secret.is_some()) {
+            repo.key_id = Some(repo.add_key(passphrase, options.kdf)?);
+        }
+        // The config goes last: until it exists the folder is not a repository.
+        let config_bytes = format::plain_json_object(ObjectKind::Config, &repo.config)?;
+        repo.backend.put(CONFIG_KEY, &config_bytes)?;
+        Ok(repo)
+    }
+
+    /// Reads the config without opening any key (for messages and checks).
+    pub fn read_config(backend: &dyn Backend) -> Result<Config> {
+        let bytes = match backend.get(CONFIG_KEY) {
+            Ok(bytes) => bytes,
+            Err(e) if e.is_not_found() => return Err(Error::NotARepository { location: backend.location() }),
+            Err(e) => return Err(e.into()),
+        };
+        let config: Config = format::parse_plain_json(ObjectKind::Config, CONFIG_KEY, &bytes)?;
+        if config.version > REPOSITORY_VERSION || config.version == 0 {
+            return Err(Error::UnsupportedVersion {
+                what: format!("the repository at {}", backend.location()),
+                found: config.version,
+                supported: REPOSITORY_VERSION,
+            });
+        }
+        Ok(config)
+    }
+
+    /// Opens a repository; `passphrase` is asked for only when the
+    /// repository is encrypted.
+    pub fn open(backend: Arc<dyn Backend>, passphrase: impl FnOnce() -> Result<Option<String>>) -> Result<Self> {
+        let config = Self::read_config(backend.as_ref())?;
+        if config.cipher == CipherKind::None {
+            let crypto = Crypto::new(config.cipher, config.digest, None);
+            return Ok(Self { backend, config, crypto, secret: None, key_id: None });
+        }
+        let passphrase = passphrase()?.ok_or_else(|| Error::PassphraseRequired { location: backend.location() })?;
+        let (key_id, secret) = unlock(backend.as_ref(), &config, &passphrase)?;
+        let crypto = Crypto::new(config.cipher, config.digest, Some(&secret));
+        if hex::encode(crypto.mac(&config.mac_input())) != config.mac {
+            return Err(Error::corrupt(CONFIG_KEY, "its authentication code does not match (modified without the key)"));
+        }
+        Ok(Self { backend, config, crypto, secret: Some(secret), key_id: Some(key_id) })
+    }
+
+    /// The repository's config.
+    pub fn config(&self) -> &Config {
+        &self.config
+    }
+
+    /// The backend holding the objects.
+    pub fn backend(&self) -> &Arc<dyn Backend> {
+        &self.backend
+    }
+
+    /// Digest and seal operations.
+    pub fn crypto(&self) -> &Crypto {
+        &self.crypto
+    }
+
+    /// Where the repository is, for messages.
+    pub fn location(&self) -> String {
+        self.backend.location()
+    }
+
+    /// Adds a key object wrapping the master secret under `passphrase` and
+    /// returns its id.
+    pub fn add_key(&self, passphrase: &str, params: kdf::KdfParams) -> Result<String> {
+        let secret = self.secret.as_ref().ok_or_else(|| {
+            Error::InvalidInput("this repository is not encrypted, so it has no keys".to_string())
+        })?;
+        let salt = random_bytes::<16>()?;
+        let kek = kdf::derive(passphrase.as_bytes(), &salt, params)?;
+        let nonce = random_bytes::<12>()?;
+        let aad = key_aad(&self.config.id);
+        let wrapped = Aes256Gcm::new(&kek.into())
+            .encrypt(&nonce.into(), Payload { msg: &secret.0, aad: &aad })
+            .map_err(|_| Error::InvalidInput("wrapping the master key failed".to_string()))?;
+        let key_file = KeyFile {
+            version: 1,
+            created: chrono::Utc::now().to_rfc3339(),
+            host: crate::hostname(),
+            user: std::env::var("USER").unwrap_or_default(),
+            kdf: params,
+            salt: hex::encode(salt),
+            wrapped: hex::encode([nonce.as_slice(), &wrapped].concat()),
+        };
+        let id = hex::encode(random_bytes::<16>()?);
+        self.backend.put(&format!("{KEYS_PREFIX}{id}"), &format::plain_json_object(ObjectKind::Key, &key_file)?)?;
+        Ok(id)
+    }
+
+    /// Lists the key objects.
+    pub fn list_keys(&self) -> Result<Vec<KeyInfo>> {
+        let mut keys = Vec::new();
+        for object in self.backend.list(KEYS_PREFIX)? {
+            let bytes = self.backend.get(&object.key)?;
+            let file: KeyFile = format::parse_plain_json(ObjectKind::Key, &object.key, &bytes)?;
+            let id = object.key.trim_start_matches(KEYS_PREFIX).to_string();
+            let current = self.key_id.as_deref() == Some(id.as_str());
+            keys.push(KeyInfo { id, created: file.created, host: file.host, user: file.user, current });
+        }
+        keys.sort_by(|a, b| a.created.cmp(&b.created));
+        Ok(keys)
+    }
+
+    /// Removes the key whose id starts with `id_prefix`. The key in use and
+    /// the last key cannot be removed.
+    pub fn remove_key(&self, id_prefix: &str) -> Result<String> {
+        let keys = self.list_keys()?;
+        let matching: Vec<_> = keys.iter().filter(|k| k.id.starts_with(id_prefix)).collect();
+        let key = match matching.as_slice() {
+            [one] => *one,
+            [] => return Err(Error::InvalidInput(format!("no key id starts with '{id_prefix}'"))),
+            _ => return Err(Error::InvalidInput(format!("'{id_prefix}' matches several keys; give more digits"))),
+        };
+        if key.current {
+            return Err(Error::InvalidInput(
+                "refusing to remove the key that opened the repository; open it with another key first".to_string(),
+            ));
+        }
+        self.backend.delete(&format!("{KEYS_PREFIX}{}", key.id))?;
+        Ok(key.id.clone())
+    }
+
+    /// The object name of a chunk.
+    pub fn chunk_key(id: &ChunkId) -> String {
+        let hex = id.to_hex();
+        format!("{CHUNKS_PREFIX}{}/{hex}", &hex[..2])
+    }
+
+    /// Every chunk stored, with its stored size. Names that are not chunk
+    /// ids are skipped.
+    pub fn list_chunks(&self) -> Result<HashMap<ChunkId, u64>> {
+        let objects = self.backend.list(CHUNKS_PREFIX)?;
+        Ok(objects
+            .into_iter()
+            .filter_map(|o| {
+                let hex = o.key.rsplit('/').next()?;
+                Some((ChunkId::from_hex(hex)?, o.size))
+            })
+            .collect())
+    }
+
+    /// Encodes a chunk (compress, seal) without storing it.
+    pub fn encode_chunk(&self, id: &ChunkId, data: &[u8]) -> Result<Vec<u8>> {
+        seal_object(&self.crypto, ObjectKind::Chunk, &Self::chunk_key(id), data, Some(self.config.compression_level))
+    }
+
+    /// Stores an encoded chunk.
+    pub fn put_chunk(&self, id: &ChunkId, encoded: &[u8]) -> Result<()> {
+        Ok(self.backend.put(&Self::chunk_key(id), encoded)?)
+    }
+
+    /// Reads a chunk, authenticates it, and checks that its plaintext has the
+    /// digest it is named by.
+    pub fn read_chunk(&self, id: &ChunkId) -> Result<Vec<u8>> {
+        let key = Self::chunk_key(id);
+        let bytes = self.backend.get(&key)?;
+        self.decode_chunk(id, &bytes)
+    }
+
+    /// Checks and decodes a chunk object's bytes.
+    pub fn decode_chunk(&self, id: &ChunkId, bytes: &[u8]) -> Result<Vec<u8>> {
+        let key = Self::chunk_key(id);
+        let data = open_object(&self.crypto, ObjectKind::Chunk, &key, bytes, MAX_CHUNK_SIZE as usize)?;
+        if self.crypto.chunk_id(&data) != *id {
+            return Err(Error::corrupt(&key, "content does not match its digest"));
+        }
+        Ok(data)
+    }
+
+    /// Stores a disk index and returns its object name.
+    pub fn write_index(&self, index: &DiskIndex) -> Result<String> {
+        let payload = index.encode();
+        let key = format!("{INDEXES_PREFIX}{}", hex::encode(self.crypto.mac(&payload)));
+        let bytes = seal_object(&self.crypto, ObjectKind::Index, &key, &payload, Some(3))?;
+        self.backend.put(&key, &bytes)?;
+        Ok(key)
+    }
+
+    /// Reads and checks a disk index.
+    pub fn read_index(&self, key: &str) -> Result<DiskIndex> {
+        let bytes = self.backend.get(key)?;
+        let payload = open_object(&self.crypto, ObjectKind::Index, key, &bytes, MAX_METADATA_LEN)?;
+        DiskIndex::decode(key, &payload)
+    }
+
+    /// Stores a snapshot manifest and returns its id.
+    pub fn write_snapshot(&self, manifest: &SnapshotManifest) -> Result<String> {
+        let id = hex::encode(random_bytes::<32>()?);
+        let key = format!("{SNAPSHOTS_PREFIX}{id}");
+        let json = serde_json::to_vec(manifest)
+            .map_err(|e| Error::InvalidInput(format!("cannot encode the snapshot manifest: {e}")))?;
+        let bytes = seal_object(&self.crypto, ObjectKind::Snapshot, &key, &json, Some(3))?;
+        self.backend.put(&key, &bytes)?;
+        Ok(id)
+    }
+
+    /// Reads one snapshot manifest by full id.
+    pub fn read_snapshot(&self, id: &str) -> Result<Snapshot> {
+        let key = format!("{SNAPSHOTS_PREFIX}{id}");
+        let bytes = self.backend.get(&key)?;
+        let json = open_object(&self.crypto, ObjectKind::Snapshot, &key, &bytes, MAX_METADATA_LEN)?;
+        let manifest: SnapshotManifest =
+            serde_json::from_slice(&json).map_err(|e| Error::corrupt(&key, format!("invalid manifest: {e}")))?;
+        if manifest.version > format::SNAPSHOT_VERSION {
+            return Err(Error::UnsupportedVersion {
+                what: format!("snapshot {id}"),
+                found: manifest.version,
+                supported: format::SNAPSHOT_VERSION,
+            });
+        }
+        Ok(Snapshot { id: id.to_string(), manifest })
+    }
+
+    /// Every snapshot that can be read, oldest first, and the errors of those
+    /// that cannot.
+    pub fn list_snapshots_checked(&self) -> Result<(Vec<Snapshot>, Vec<Error>)> {
+        let mut good = Vec::new();
+        let mut bad = Vec::new();
+        for object in self.backend.list(SNAPSHOTS_PREFIX)? {
+            let id = object.key.trim_start_matches(SNAPSHOTS_PREFIX);
+            match self.read_snapshot(id) {
+                Ok(snapshot) => good.push(snapshot),
+                Err(e) => bad.push(e),
+            }
+        }
+        good.sort_by(|a, b| a.manifest.time.cmp(&b.manifest.time).then_with(|| a.id.cmp(&b.id)));
+        Ok((good, bad))
+    }
+
+    /// Every snapshot, oldest first; fails if any manifest is damaged.
+    pub fn list_snapshots(&self) -> Result<Vec<Snapshot>> {
+        let (good, mut bad) = self.list_snapshots_checked()?;
+        match bad.pop() {
+            Some(error) => Err(error),
+            None => Ok(good),
+        }
+    }
+
+    /// Finds a snapshot by `latest`, a full id or a unique id prefix,
+    /// optionally among one VM's snapshots only.
+    pub fn find_snapshot(&self, spec: &str, vm: Option<&str>) -> Result<Snapshot> {
+        let (snapshots, _) = self.list_snapshots_checked()?;
+        let candidates: Vec<Snapshot> =
+            snapshots.into_iter().filter(|s| vm.is_none_or(|vm| s.manifest.vm == vm)).collect();
+        let vm_note = vm.map(|vm| format!(" of VM '{vm}'")).unwrap_or_default();
+        if spec == "latest" {
+            return candidates
+                .into_iter()
+                .last()
+                .ok_or_else(|| Error::SnapshotSelection(format!("no snapshots{vm_note} in the repository")));
+        }
+        let mut matching: Vec<Snapshot> = candidates.into_iter().filter(|s| s.id.starts_with(spec)).collect();
+        match matching.len() {
+            1 => Ok(matching.remove(0)),
+            0 => Err(Error::SnapshotSelection(format!("no snapshot{vm_note} has an id starting with '{spec}'"))),
+            n => Err(Error::SnapshotSelection(format!("'{spec}' matches {n} snapshots{vm_note}; give more digits"))),
+        }
+    }
+}
+
+fn key_aad(repository_id: &str) -> Vec<u8> {
+    format!("vbackup key v1|{repository_id}").into_bytes()
+}
+
+/// Tries every key object with the passphrase.
+fn unlock(backend: &dyn Backend, config: &Config, passphrase: &str) -> Result<(String, MasterSecret)> {
+    let keys = backend.list(KEYS_PREFIX)?;
+    for object in &keys {
+        let bytes = backend.get(&object.key)?;
+        let file: KeyFile = format::parse_plain_json(ObjectKind::Key, &object.key, &bytes)?;
+        if let Some(secret) = try_key(&object.key, &file, &config.id, passphrase)? {
+            return Ok((object.key.trim_start_matches(KEYS_PREFIX).to_string(), secret));
+        }
+    }
+    Err(Error::WrongPassphrase { location: backend.location(), keys: keys.len() })
+}
+
+fn try_key(key: &str, file: &KeyFile, repository_id: &str, passphrase: &str) -> Result<Option<MasterSecret>> {
+    if file.version != 1 {
+        return Err(Error::UnsupportedVersion { what: format!("key '{key}'"), found: file.version, supported: 1 });
+    }
+    let salt = hex::decode(&file.salt).map_err(|_| Error::corrupt(key, "salt is not hex"))?;
+    let wrapped = hex::decode(&file.wrapped).map_err(|_| Error::corrupt(key, "wrapped key is not hex"))?;
+    if wrapped.len() != 12 + 32 + 16 {
+        return Err(Error::corrupt(key, "wrapped key has the wrong length"));
+    }
+    let kek = kdf::derive(passphrase.as_bytes(), &salt, file.kdf)?;
+    let (nonce, sealed) = wrapped.split_at(12);
+    let nonce: [u8; 12] = nonce.try_into().map_err(|_| Error::corrupt(key, "nonce"))?;
+    let aad = key_aad(repository_id);
+    let Ok(plain) = Aes256Gcm::new(&kek.into()).decrypt(&nonce.into(), Payload { msg: sealed, aad: &aad }) else {
+        return Ok(None);
+    };
+    let secret: [u8; 32] = plain.try_into().map_err(|_| Error::corrupt(key, "master key length"))?;
+    Ok(Some(MasterSecret(secret)))
+}

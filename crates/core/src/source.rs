@@ -1,0 +1,75 @@
+//! Where disk data comes from and goes to.
+//!
+//! The engine never knows whether a disk is a raw file, a qcow2 image behind
+//! `qemu-nbd`, or a running VM's point-in-time view: it sees a [`DiskSource`]
+//! (for backup) or a [`DiskTarget`] (for restore). Each worker thread opens its
+//! own reader or writer, so sources that allow several connections (NBD with
+//! `--shared`, plain files) are read in parallel without locking.
+
+use std::io;
+
+/// What a region of a virtual disk holds, as far as the source knows.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ExtentKind {
+    /// Allocated data that must be read.
+    Data,
+    /// A region that reads as zeros (a hole or an explicitly zeroed area):
+    /// it is neither read nor stored.
+    Zero,
+}
+
+/// One contiguous region of a virtual disk with a single [`ExtentKind`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Extent {
+    /// Byte offset from the start of the virtual disk.
+    pub offset: u64,
+    /// Length in bytes (never zero).
+    pub length: u64,
+    /// What the region holds.
+    pub kind: ExtentKind,
+}
+
+impl Extent {
+    /// The first byte after this extent.
+    pub fn end(&self) -> u64 {
+        self.offset + self.length
+    }
+}
+
+/// A virtual disk that can be read for backup.
+pub trait DiskSource: Send + Sync {
+    /// The size of the virtual disk in bytes, as the guest sees it.
+    fn virtual_size(&self) -> u64;
+    /// The image format the data came from (`raw`, `qcow2`, `vmdk`, ...),
+    /// recorded in the snapshot so users know what they backed up.
+    fn format(&self) -> &str;
+    /// Opens an independent reader; each backup worker holds one.
+    fn open_reader(&self) -> io::Result<Box<dyn DiskReader>>;
+}
+
+/// A reader of one [`DiskSource`], owned by one worker thread.
+pub trait DiskReader: Send {
+    /// Describes `[offset, offset + length)` as extents, in order, covering
+    /// the whole range without gaps. Sources that cannot tell report one
+    /// `Data` extent.
+    fn extents(&mut self, offset: u64, length: u64) -> io::Result<Vec<Extent>>;
+    /// Fills `buf` with the bytes at `offset`; a short read is an error.
+    fn read_exact_at(&mut self, buf: &mut [u8], offset: u64) -> io::Result<()>;
+}
+
+/// A virtual disk that restored data is written to.
+pub trait DiskTarget: Send + Sync {
+    /// Opens an independent writer; each restore worker holds one.
+    fn open_writer(&self) -> io::Result<Box<dyn DiskWriter>>;
+    /// Makes everything written durable and releases the target
+    /// (for example stops the `qemu-nbd` process behind it).
+    fn finish(&self) -> io::Result<()>;
+}
+
+/// A writer of one [`DiskTarget`], owned by one worker thread.
+pub trait DiskWriter: Send {
+    /// Writes all of `buf` at `offset`.
+    fn write_all_at(&mut self, buf: &[u8], offset: u64) -> io::Result<()>;
+    /// Makes this writer's data durable.
+    fn flush(&mut self) -> io::Result<()>;
+}

@@ -1,0 +1,84 @@
+//! Storage backends for vbackup repositories.
+//!
+//! A repository is a set of immutable, named objects (`config`, `keys/…`,
+//! `chunks/…`, `indexes/…`, `snapshots/…`). Everything above this crate sees
+//! them only through the [`Backend`] trait, so the local filesystem, S3-style
+//! object stores and vbackup's own server are interchangeable. Backends know
+//! nothing about encryption or formats: they move opaque bytes.
+//!
+//! Object names are `/`-separated relative paths made of ASCII letters,
+//! digits, `-`, `_` and `.`; [`validate_key`] enforces that so no backend can
+//! be tricked into writing outside its root.
+#![deny(missing_docs)]
+
+mod error;
+mod local;
+mod memory;
+
+pub use error::{ErrorKind, StorageError};
+pub use local::LocalBackend;
+pub use memory::MemoryBackend;
+
+/// Result type of every backend operation.
+pub type Result<T> = std::result::Result<T, StorageError>;
+
+/// The name and size of one stored object.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ObjectInfo {
+    /// Full object name, e.g. `chunks/ab/ab12…`.
+    pub key: String,
+    /// Size in bytes.
+    pub size: u64,
+}
+
+/// A place that stores a repository's objects.
+///
+/// Objects are written once and never modified: [`Backend::put`] is atomic (a
+/// reader sees the whole object or nothing, also after a crash) and a
+/// repository never rewrites an existing name with different content.
+pub trait Backend: Send + Sync {
+    /// A human-readable location for messages, e.g. `/srv/backup`.
+    fn location(&self) -> String;
+    /// Stores `data` under `key` atomically and durably.
+    fn put(&self, key: &str, data: &[u8]) -> Result<()>;
+    /// Reads a whole object.
+    fn get(&self, key: &str) -> Result<Vec<u8>>;
+    /// Reads `length` bytes of an object starting at `offset`.
+    fn get_range(&self, key: &str, offset: u64, length: u64) -> Result<Vec<u8>>;
+    /// Lists every object whose name starts with `prefix` (a folder such as
+    /// `chunks/`), in no particular order.
+    fn list(&self, prefix: &str) -> Result<Vec<ObjectInfo>>;
+    /// Returns the object's size, or `None` when it does not exist.
+    fn stat(&self, key: &str) -> Result<Option<ObjectInfo>>;
+    /// Removes an object; removing a missing object is not an error.
+    fn delete(&self, key: &str) -> Result<()>;
+}
+
+/// Checks that `key` is a safe object name (see the crate docs).
+pub fn validate_key(key: &str) -> Result<()> {
+    let bad_part = |p: &str| p.is_empty() || p == "." || p == ".." || p.starts_with('.');
+    let bad_char = |c: char| !(c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.' | '/'));
+    if key.is_empty() || key.split('/').any(bad_part) || key.chars().any(bad_char) {
+        return Err(StorageError::new(
+            ErrorKind::InvalidKey,
+            key,
+            "object names are relative paths of letters, digits, '-', '_' and '.'",
+        ));
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn keys_that_could_escape_the_root_are_refused() {
+        for bad in ["", "/etc/passwd", "../x", "a/../b", "a//b", ".tmp", "a/.hidden", "a b", "a\\b"] {
+            assert!(validate_key(bad).is_err(), "{bad:?} accepted");
+        }
+        for good in ["config", "keys/0a1b", "chunks/ab/ab12", "snapshots/x-y_z.1"] {
+            assert!(validate_key(good).is_ok(), "{good:?} refused");
+        }
+    }
+}

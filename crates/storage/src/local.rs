@@ -1,0 +1,247 @@
+//! The local-filesystem backend: one file per object under a root folder.
+//!
+//! Writes go to a hidden temporary file in the destination folder, are
+//! fsynced, renamed over the final name and the folder is fsynced, so a crash
+//! leaves either the whole object or no object (plus, at worst, a hidden
+//! temporary file that listings ignore).
+
+use std::fs::{self, File, OpenOptions};
+use std::io::{self, Read, Seek, SeekFrom, Write};
+use std::path::{Path, PathBuf};
+
+use crate::{validate_key, Backend, ErrorKind, ObjectInfo, Result, StorageError};
+
+/// A repository stored in a folder of the local filesystem.
+#[derive(Debug, Clone)]
+pub struct LocalBackend {
+    root: PathBuf,
+}
+
+/// Prefix of temporary files; names starting with `.` are never objects.
+const TEMP_PREFIX: &str = ".tmp-";
+
+impl LocalBackend {
+    /// Opens the folder `root`, which need not exist yet (it is created by
+    /// the first write).
+    pub fn new(root: impl Into<PathBuf>) -> Self {
+        Self { root: root.into() }
+    }
+
+    /// The folder holding the objects.
+    pub fn root(&self) -> &Path {
+        &self.root
+    }
+
+    fn path_of(&self, key: &str) -> Result<PathBuf> {
+        validate_key(key)?;
+        Ok(self.root.join(key))
+    }
+
+    /// Removes temporary files left behind by interrupted writes and returns
+    /// how many there were.
+    pub fn remove_temporary_files(&self) -> Result<usize> {
+        let mut removed = 0;
+        for path in walk(&self.root, true).map_err(|e| io_err("", "listing the repository", e))? {
+            if is_temporary(&path) {
+                fs::remove_file(&path).map_err(|e| io_err("", "removing a temporary file", e))?;
+                removed += 1;
+            }
+        }
+        Ok(removed)
+    }
+}
+
+fn io_err(key: &str, what: &str, err: io::Error) -> StorageError {
+    StorageError::from_io(key, what, err)
+}
+
+fn is_temporary(path: &Path) -> bool {
+    path.file_name().and_then(|n| n.to_str()).is_some_and(|n| n.starts_with(TEMP_PREFIX))
+}
+
+fn random_suffix() -> String {
+    let mut bytes = [0u8; 8];
+    // A failing OS random source only makes the name less unique; the
+    // create_new below still refuses to clobber another writer's file.
+    let _ = getrandom::getrandom(&mut bytes);
+    hex::encode(bytes)
+}
+
+/// Writes `data` to a new temporary file in `dir` and returns its path.
+fn write_temporary(dir: &Path, data: &[u8]) -> io::Result<PathBuf> {
+    let temp = dir.join(format!("{TEMP_PREFIX}{}", random_suffix()));
+    let result = (|| {
+        let mut file = OpenOptions::new().write(true).create_new(true).open(&temp)?;
+        file.write_all(data)?;
+        file.sync_all()
+    })();
+    match result {
+        Ok(()) => Ok(temp),
+        Err(err) => {
+            let _ = fs::remove_file(&temp);
+            Err(err)
+        }
+    }
+}
+
+fn sync_dir(dir: &Path) -> io::Result<()> {
+    File::open(dir)?.sync_all()
+}
+
+/// Every regular file below `dir`; with `include_hidden` also dot-files.
+fn walk(dir: &Path, include_hidden: bool) -> io::Result<Vec<PathBuf>> {
+    let mut files = Vec::new();
+    let mut pending = vec![dir.to_path_buf()];
+    while let Some(current) = pending.pop() {
+        let entries = match fs::read_dir(&current) {
+            Ok(entries) => entries,
+            Err(e) if e.kind() == io::ErrorKind::NotFound => continue,
+            Err(e) => return Err(e),
+        };
+        for entry in entries {
+            let entry = entry?;
+            let hidden = entry.file_name().to_string_lossy().starts_with('.');
+            if hidden && !include_hidden {
+                continue;
+            }
+            let file_type = entry.file_type()?;
+            if file_type.is_dir() {
+                pending.push(entry.path());
+            } else if file_type.is_file() {
+                files.push(entry.path());
+            }
+        }
+    }
+    Ok(files)
+}
+
+impl Backend for LocalBackend {
+    fn location(&self) -> String {
+        self.root.display().to_string()
+    }
+
+    fn put(&self, key: &str, data: &[u8]) -> Result<()> {
+        let path = self.path_of(key)?;
+        let dir = path.parent().unwrap_or(&self.root);
+        fs::create_dir_all(dir).map_err(|e| io_err(key, "creating the object's folder", e))?;
+        let temp = write_temporary(dir, data).map_err(|e| io_err(key, "writing the object", e))?;
+        if let Err(e) = fs::rename(&temp, &path) {
+            let _ = fs::remove_file(&temp);
+            return Err(io_err(key, "renaming the object into place", e));
+        }
+        sync_dir(dir).map_err(|e| io_err(key, "syncing the object's folder", e))
+    }
+
+    fn get(&self, key: &str) -> Result<Vec<u8>> {
+        let path = self.path_of(key)?;
+        fs::read(path).map_err(|e| io_err(key, "reading the object", e))
+    }
+
+    fn get_range(&self, key: &str, offset: u64, length: u64) -> Result<Vec<u8>> {
+        let path = self.path_of(key)?;
+        let read = || -> io::Result<Vec<u8>> {
+            let mut file = File::open(&path)?;
+            file.seek(SeekFrom::Start(offset))?;
+            let mut data = Vec::new();
+            file.take(length).read_to_end(&mut data)?;
+            Ok(data)
+        };
+        read().map_err(|e| io_err(key, "reading part of the object", e))
+    }
+
+    fn list(&self, prefix: &str) -> Result<Vec<ObjectInfo>> {
+        let dir_part = prefix.rsplit_once('/').map_or("", |(dir, _)| dir);
+        let start = if dir_part.is_empty() { self.root.clone() } else { self.path_of(dir_part)? };
+        let files = walk(&start, false).map_err(|e| io_err(prefix, "listing objects", e))?;
+        let mut objects = Vec::with_capacity(files.len());
+        for path in files {
+            let Some(key) = key_of(&self.root, &path) else { continue };
+            if !key.starts_with(prefix) {
+                continue;
+            }
+            match fs::metadata(&path) {
+                Ok(meta) => objects.push(ObjectInfo { key, size: meta.len() }),
+                Err(e) if e.kind() == io::ErrorKind::NotFound => continue,
+                Err(e) => return Err(io_err(&key, "reading object metadata", e)),
+            }
+        }
+        Ok(objects)
+    }
+
+    fn stat(&self, key: &str) -> Result<Option<ObjectInfo>> {
+        let path = self.path_of(key)?;
+        match fs::metadata(path) {
+            Ok(meta) if meta.is_file() => Ok(Some(ObjectInfo { key: key.to_string(), size: meta.len() })),
+            Ok(_) => Err(StorageError::new(ErrorKind::Other, key, "expected a file, found a folder")),
+            Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(None),
+            Err(e) => Err(io_err(key, "reading object metadata", e)),
+        }
+    }
+
+    fn delete(&self, key: &str) -> Result<()> {
+        let path = self.path_of(key)?;
+        match fs::remove_file(path) {
+            Ok(()) => Ok(()),
+            Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(()),
+            Err(e) => Err(io_err(key, "deleting the object", e)),
+        }
+    }
+}
+
+/// The object name of a file below `root`, or `None` for non-UTF-8 names.
+fn key_of(root: &Path, path: &Path) -> Option<String> {
+    let relative = path.strip_prefix(root).ok()?;
+    let parts: Option<Vec<&str>> = relative.components().map(|c| c.as_os_str().to_str()).collect();
+    Some(parts?.join("/"))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn backend() -> (tempfile::TempDir, LocalBackend) {
+        let dir = tempfile::tempdir().unwrap();
+        let backend = LocalBackend::new(dir.path().join("repo"));
+        (dir, backend)
+    }
+
+    #[test]
+    fn put_get_list_delete_round_trip() {
+        let (_dir, b) = backend();
+        b.put("chunks/ab/abcd", b"hello").unwrap();
+        b.put("chunks/cd/cdef", b"world!").unwrap();
+        b.put("config", b"c").unwrap();
+        assert_eq!(b.get("chunks/ab/abcd").unwrap(), b"hello");
+        assert_eq!(b.get_range("chunks/cd/cdef", 2, 3).unwrap(), b"rld");
+        let mut listed: Vec<_> = b.list("chunks/").unwrap().into_iter().map(|o| (o.key, o.size)).collect();
+        listed.sort();
+        assert_eq!(listed, vec![("chunks/ab/abcd".into(), 5), ("chunks/cd/cdef".into(), 6)]);
+        assert_eq!(b.stat("config").unwrap().unwrap().size, 1);
+        b.delete("config").unwrap();
+        assert!(b.stat("config").unwrap().is_none());
+        assert!(b.get("config").unwrap_err().is_not_found());
+        b.delete("config").unwrap();
+    }
+
+    #[test]
+    fn temporary_files_are_not_listed_and_can_be_removed() {
+        let (_dir, b) = backend();
+        b.put("chunks/ab/abcd", b"x").unwrap();
+        fs::write(b.root().join("chunks/ab/.tmp-dead"), b"partial").unwrap();
+        assert_eq!(b.list("chunks/").unwrap().len(), 1);
+        assert_eq!(b.remove_temporary_files().unwrap(), 1);
+        assert_eq!(b.remove_temporary_files().unwrap(), 0);
+    }
+
+    #[test]
+    fn listing_a_missing_folder_is_empty() {
+        let (_dir, b) = backend();
+        assert!(b.list("snapshots/").unwrap().is_empty());
+    }
+
+    #[test]
+    fn unsafe_keys_never_touch_the_filesystem() {
+        let (_dir, b) = backend();
+        assert_eq!(b.put("../escape", b"x").unwrap_err().kind(), ErrorKind::InvalidKey);
+    }
+}

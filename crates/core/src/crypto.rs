@@ -30,8 +30,10 @@ pub enum CipherKind {
     /// No encryption; objects carry an unkeyed BLAKE3 checksum instead.
     None,
     /// AES-256 in Galois/counter mode (fast where the CPU has AES-NI).
+    #[serde(rename = "aes-256-gcm")]
     Aes256Gcm,
     /// ChaCha20-Poly1305 (fast in software, for CPUs without AES).
+    #[serde(rename = "chacha20-poly1305")]
     ChaCha20Poly1305,
 }
 
@@ -87,6 +89,7 @@ pub enum DigestKind {
     /// BLAKE3 in keyed mode (the default: several times faster than SHA-256).
     Blake3Keyed,
     /// HMAC-SHA-256.
+    #[serde(rename = "hmac-sha256")]
     HmacSha256,
 }
 
@@ -101,6 +104,11 @@ impl std::fmt::Debug for MasterSecret {
 }
 
 impl MasterSecret {
+    /// A secret from known bytes (tests, fuzzing, recovery tools).
+    pub fn from_bytes(bytes: [u8; 32]) -> Self {
+        Self(bytes)
+    }
+
     /// A fresh random secret.
     pub fn generate() -> Result<Self> {
         Ok(Self(random_bytes::<32>()?))
@@ -110,8 +118,9 @@ impl MasterSecret {
 /// Fills an array from the operating system's random source.
 pub fn random_bytes<const N: usize>() -> Result<[u8; N]> {
     let mut bytes = [0u8; N];
-    getrandom::getrandom(&mut bytes)
-        .map_err(|e| Error::InvalidInput(format!("the operating system's random source failed: {e}")))?;
+    getrandom::getrandom(&mut bytes).map_err(|e| {
+        Error::InvalidInput(format!("the operating system's random source failed: {e}"))
+    })?;
     Ok(bytes)
 }
 
@@ -127,7 +136,10 @@ pub struct Crypto {
 
 impl std::fmt::Debug for Crypto {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Crypto").field("cipher", &self.cipher).field("digest", &self.digest).finish()
+        f.debug_struct("Crypto")
+            .field("cipher", &self.cipher)
+            .field("digest", &self.digest)
+            .finish()
     }
 }
 
@@ -157,7 +169,9 @@ impl Crypto {
     /// The keyed digest of a chunk's plaintext: its name in the repository.
     pub fn chunk_id(&self, data: &[u8]) -> ChunkId {
         match self.digest {
-            DigestKind::Blake3Keyed => ChunkId(*blake3::keyed_hash(&self.digest_key, data).as_bytes()),
+            DigestKind::Blake3Keyed => {
+                ChunkId(*blake3::keyed_hash(&self.digest_key, data).as_bytes())
+            }
             DigestKind::HmacSha256 => ChunkId(hmac_sha256(&self.digest_key, data)),
         }
     }
@@ -191,7 +205,10 @@ impl Crypto {
     /// names the object in the error.
     pub fn open(&self, key: &str, aad: &[u8], sealed: &[u8]) -> Result<Vec<u8>> {
         if self.cipher == CipherKind::None {
-            let body_len = sealed.len().checked_sub(32).ok_or_else(|| Error::corrupt(key, "too short"))?;
+            let body_len = sealed
+                .len()
+                .checked_sub(32)
+                .ok_or_else(|| Error::corrupt(key, "too short"))?;
             let (body, sum) = sealed.split_at(body_len);
             if checksum(aad, body) != sum {
                 return Err(Error::corrupt(key, "checksum mismatch"));
@@ -199,14 +216,27 @@ impl Crypto {
             return Ok(body.to_vec());
         }
         if sealed.len() < SALT_LEN + TAG_LEN {
-            return Err(Error::corrupt(key, "too short to hold an encrypted payload"));
+            return Err(Error::corrupt(
+                key,
+                "too short to hold an encrypted payload",
+            ));
         }
         let (salt, body) = sealed.split_at(SALT_LEN);
-        self.aead_apply(salt, aad, body, false)
-            .map_err(|()| Error::corrupt(key, "authentication failed (modified, truncated or not from this repository)"))
+        self.aead_apply(salt, aad, body, false).map_err(|()| {
+            Error::corrupt(
+                key,
+                "authentication failed (modified, truncated or not from this repository)",
+            )
+        })
     }
 
-    fn aead_apply(&self, salt: &[u8], aad: &[u8], data: &[u8], encrypt: bool) -> std::result::Result<Vec<u8>, ()> {
+    fn aead_apply(
+        &self,
+        salt: &[u8],
+        aad: &[u8],
+        data: &[u8],
+        encrypt: bool,
+    ) -> std::result::Result<Vec<u8>, ()> {
         let mut material = Vec::with_capacity(64);
         material.extend_from_slice(&self.encryption_key);
         material.extend_from_slice(salt);
@@ -216,13 +246,21 @@ impl Crypto {
         match self.cipher {
             CipherKind::Aes256Gcm => {
                 let cipher = Aes256Gcm::new(&object_key.into());
-                if encrypt { cipher.encrypt(&nonce.into(), payload) } else { cipher.decrypt(&nonce.into(), payload) }
-                    .map_err(|_| ())
+                if encrypt {
+                    cipher.encrypt(&nonce.into(), payload)
+                } else {
+                    cipher.decrypt(&nonce.into(), payload)
+                }
+                .map_err(|_| ())
             }
             CipherKind::ChaCha20Poly1305 => {
                 let cipher = ChaCha20Poly1305::new(&object_key.into());
-                if encrypt { cipher.encrypt(&nonce.into(), payload) } else { cipher.decrypt(&nonce.into(), payload) }
-                    .map_err(|_| ())
+                if encrypt {
+                    cipher.encrypt(&nonce.into(), payload)
+                } else {
+                    cipher.decrypt(&nonce.into(), payload)
+                }
+                .map_err(|_| ())
             }
             CipherKind::None => Err(()),
         }
@@ -265,15 +303,28 @@ pub mod kdf {
 
     impl Default for KdfParams {
         fn default() -> Self {
-            Self { memory_kib: 64 * 1024, iterations: 3, parallelism: 1 }
+            Self {
+                memory_kib: 64 * 1024,
+                iterations: 3,
+                parallelism: 1,
+            }
         }
     }
 
     /// Derives a 32-byte key-encryption key from a passphrase.
     pub fn derive(passphrase: &[u8], salt: &[u8], params: KdfParams) -> Result<[u8; 32]> {
-        let argon_params = argon2::Params::new(params.memory_kib, params.iterations, params.parallelism, Some(32))
-            .map_err(|e| Error::InvalidInput(format!("invalid Argon2id parameters {params:?}: {e}")))?;
-        let argon = argon2::Argon2::new(argon2::Algorithm::Argon2id, argon2::Version::V0x13, argon_params);
+        let argon_params = argon2::Params::new(
+            params.memory_kib,
+            params.iterations,
+            params.parallelism,
+            Some(32),
+        )
+        .map_err(|e| Error::InvalidInput(format!("invalid Argon2id parameters {params:?}: {e}")))?;
+        let argon = argon2::Argon2::new(
+            argon2::Algorithm::Argon2id,
+            argon2::Version::V0x13,
+            argon_params,
+        );
         let mut out = [0u8; 32];
         argon
             .hash_password_into(passphrase, salt, &mut out)
@@ -288,16 +339,32 @@ mod tests {
     use proptest::prelude::*;
 
     fn crypto(cipher: CipherKind) -> Crypto {
-        Crypto::new(cipher, DigestKind::Blake3Keyed, Some(&MasterSecret([7u8; 32])))
+        Crypto::new(
+            cipher,
+            DigestKind::Blake3Keyed,
+            Some(&MasterSecret([7u8; 32])),
+        )
     }
 
     #[test]
     fn digests_depend_on_the_key() {
-        let a = Crypto::new(CipherKind::Aes256Gcm, DigestKind::Blake3Keyed, Some(&MasterSecret([1; 32])));
-        let b = Crypto::new(CipherKind::Aes256Gcm, DigestKind::Blake3Keyed, Some(&MasterSecret([2; 32])));
+        let a = Crypto::new(
+            CipherKind::Aes256Gcm,
+            DigestKind::Blake3Keyed,
+            Some(&MasterSecret([1; 32])),
+        );
+        let b = Crypto::new(
+            CipherKind::Aes256Gcm,
+            DigestKind::Blake3Keyed,
+            Some(&MasterSecret([2; 32])),
+        );
         assert_ne!(a.chunk_id(b"data"), b.chunk_id(b"data"));
         assert_eq!(a.chunk_id(b"data"), a.chunk_id(b"data"));
-        let h = Crypto::new(CipherKind::Aes256Gcm, DigestKind::HmacSha256, Some(&MasterSecret([1; 32])));
+        let h = Crypto::new(
+            CipherKind::Aes256Gcm,
+            DigestKind::HmacSha256,
+            Some(&MasterSecret([1; 32])),
+        );
         assert_ne!(a.chunk_id(b"data"), h.chunk_id(b"data"));
     }
 
@@ -312,7 +379,11 @@ mod tests {
         let c = crypto(CipherKind::ChaCha20Poly1305);
         let sealed = c.seal(b"chunks/aa", b"secret").unwrap();
         assert!(c.open("x", b"chunks/bb", &sealed).is_err());
-        let other = Crypto::new(CipherKind::ChaCha20Poly1305, DigestKind::Blake3Keyed, Some(&MasterSecret([8; 32])));
+        let other = Crypto::new(
+            CipherKind::ChaCha20Poly1305,
+            DigestKind::Blake3Keyed,
+            Some(&MasterSecret([8; 32])),
+        );
         assert!(other.open("x", b"chunks/aa", &sealed).is_err());
     }
 

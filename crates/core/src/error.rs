@@ -19,7 +19,9 @@ pub enum Error {
     #[error(transparent)]
     Storage(#[from] StorageError),
     /// The location holds no repository.
-    #[error("no vbackup repository at {location} (no 'config' object); create one with 'vbackup init'")]
+    #[error(
+        "no vbackup repository at {location} (no 'config' object); create one with 'vbackup init'"
+    )]
     NotARepository {
         /// Where we looked.
         location: String,
@@ -31,7 +33,9 @@ pub enum Error {
         location: String,
     },
     /// No key of the repository opens with the given passphrase.
-    #[error("wrong passphrase: none of the {keys} key(s) of the repository at {location} opens with it")]
+    #[error(
+        "wrong passphrase: none of the {keys} key(s) of the repository at {location} opens with it"
+    )]
     WrongPassphrase {
         /// Repository location.
         location: String,
@@ -108,7 +112,9 @@ impl Error {
     /// The class of this error.
     pub fn class(&self) -> ErrorClass {
         match self {
-            Error::WrongPassphrase { .. } | Error::PassphraseRequired { .. } => ErrorClass::Authentication,
+            Error::WrongPassphrase { .. } | Error::PassphraseRequired { .. } => {
+                ErrorClass::Authentication
+            }
             Error::NotARepository { .. }
             | Error::AlreadyInitialized { .. }
             | Error::UnsupportedVersion { .. }
@@ -122,6 +128,9 @@ impl Error {
 
     /// Shorthand for a [`Error::Corrupt`].
     pub(crate) fn corrupt(key: &str, reason: impl Into<String>) -> Self {
-        Error::Corrupt { key: key.to_string(), reason: reason.into() }
+        Error::Corrupt {
+            key: key.to_string(),
+            reason: reason.into(),
+        }
     }
 }

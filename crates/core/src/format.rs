@@ -40,7 +40,15 @@ pub enum ObjectKind {
 
 impl ObjectKind {
     fn from_code(code: u8) -> Option<Self> {
-        [Self::Config, Self::Key, Self::Chunk, Self::Index, Self::Snapshot].into_iter().find(|k| *k as u8 == code)
+        [
+            Self::Config,
+            Self::Key,
+            Self::Chunk,
+            Self::Index,
+            Self::Snapshot,
+        ]
+        .into_iter()
+        .find(|k| *k as u8 == code)
     }
 }
 
@@ -68,13 +76,25 @@ impl Header {
     /// The header's 8 bytes.
     pub fn encode(&self) -> [u8; HEADER_LEN] {
         let m = MAGIC;
-        [m[0], m[1], m[2], m[3], ENVELOPE_VERSION, self.kind as u8, self.compression as u8, self.cipher.code()]
+        [
+            m[0],
+            m[1],
+            m[2],
+            m[3],
+            ENVELOPE_VERSION,
+            self.kind as u8,
+            self.compression as u8,
+            self.cipher.code(),
+        ]
     }
 
     /// Parses and checks the first bytes of an object named `key`.
     pub fn decode(key: &str, bytes: &[u8]) -> Result<Self> {
         if bytes.len() < HEADER_LEN {
-            return Err(Error::corrupt(key, format!("only {} bytes, shorter than the header", bytes.len())));
+            return Err(Error::corrupt(
+                key,
+                format!("only {} bytes, shorter than the header", bytes.len()),
+            ));
         }
         if bytes[..4] != MAGIC {
             return Err(Error::corrupt(key, "not a vbackup object (bad magic)"));
@@ -86,14 +106,20 @@ impl Header {
                 supported: u32::from(ENVELOPE_VERSION),
             });
         }
-        let kind = ObjectKind::from_code(bytes[5]).ok_or_else(|| Error::corrupt(key, "unknown object kind"))?;
+        let kind = ObjectKind::from_code(bytes[5])
+            .ok_or_else(|| Error::corrupt(key, "unknown object kind"))?;
         let compression = match bytes[6] {
             0 => Compression::None,
             1 => Compression::Zstd,
             _ => return Err(Error::corrupt(key, "unknown compression")),
         };
-        let cipher = CipherKind::from_code(bytes[7]).ok_or_else(|| Error::corrupt(key, "unknown cipher"))?;
-        Ok(Self { kind, compression, cipher })
+        let cipher =
+            CipherKind::from_code(bytes[7]).ok_or_else(|| Error::corrupt(key, "unknown cipher"))?;
+        Ok(Self {
+            kind,
+            compression,
+            cipher,
+        })
     }
 }
 
@@ -109,16 +135,29 @@ fn aad(header: &[u8; HEADER_LEN], key: &str) -> Vec<u8> {
 ///
 /// With `level` set, the payload is zstd-compressed and kept compressed only
 /// when that saves at least 1/32 of its size.
-pub fn seal_object(crypto: &Crypto, kind: ObjectKind, key: &str, payload: &[u8], level: Option<i32>) -> Result<Vec<u8>> {
+pub fn seal_object(
+    crypto: &Crypto,
+    kind: ObjectKind,
+    key: &str,
+    payload: &[u8],
+    level: Option<i32>,
+) -> Result<Vec<u8>> {
     let compressed = match level {
-        Some(level) => zstd::bulk::compress(payload, level).ok().filter(|c| c.len() < payload.len() - payload.len() / 32),
+        Some(level) => zstd::bulk::compress(payload, level)
+            .ok()
+            .filter(|c| c.len() < payload.len() - payload.len() / 32),
         None => None,
     };
     let (compression, body) = match &compressed {
         Some(c) => (Compression::Zstd, c.as_slice()),
         None => (Compression::None, payload),
     };
-    let header = Header { kind, compression, cipher: crypto.cipher() }.encode();
+    let header = Header {
+        kind,
+        compression,
+        cipher: crypto.cipher(),
+    }
+    .encode();
     let sealed = crypto.seal(&aad(&header, key), body)?;
     let mut out = Vec::with_capacity(HEADER_LEN + sealed.len());
     out.extend_from_slice(&header);
@@ -128,27 +167,45 @@ pub fn seal_object(crypto: &Crypto, kind: ObjectKind, key: &str, payload: &[u8],
 
 /// Reverses [`seal_object`]: checks the header, authenticates, decompresses
 /// (never to more than `max_len` bytes) and returns the payload.
-pub fn open_object(crypto: &Crypto, kind: ObjectKind, key: &str, bytes: &[u8], max_len: usize) -> Result<Vec<u8>> {
+pub fn open_object(
+    crypto: &Crypto,
+    kind: ObjectKind,
+    key: &str,
+    bytes: &[u8],
+    max_len: usize,
+) -> Result<Vec<u8>> {
     let header = Header::decode(key, bytes)?;
     if header.kind != kind {
-        return Err(Error::corrupt(key, format!("expected a {kind:?} object, found a {:?}", header.kind)));
+        return Err(Error::corrupt(
+            key,
+            format!("expected a {kind:?} object, found a {:?}", header.kind),
+        ));
     }
     if header.cipher != crypto.cipher() {
-        return Err(Error::corrupt(key, "sealed with a different cipher than the repository uses"));
+        return Err(Error::corrupt(
+            key,
+            "sealed with a different cipher than the repository uses",
+        ));
     }
     let body = crypto.open(key, &aad(&header.encode(), key), &bytes[HEADER_LEN..])?;
     match header.compression {
-        Compression::None if body.len() > max_len => Err(Error::corrupt(key, "payload larger than allowed")),
+        Compression::None if body.len() > max_len => {
+            Err(Error::corrupt(key, "payload larger than allowed"))
+        }
         Compression::None => Ok(body),
         Compression::Zstd => decompress_bounded(key, &body, max_len),
     }
 }
 
 fn decompress_bounded(key: &str, body: &[u8], max_len: usize) -> Result<Vec<u8>> {
-    let decoder = zstd::stream::read::Decoder::new(body).map_err(|e| Error::corrupt(key, format!("zstd: {e}")))?;
+    let decoder = zstd::stream::read::Decoder::new(body)
+        .map_err(|e| Error::corrupt(key, format!("zstd: {e}")))?;
     let mut out = Vec::with_capacity(max_len.min(body.len().saturating_mul(4)).min(64 << 20));
     let limit = u64::try_from(max_len).unwrap_or(u64::MAX).saturating_add(1);
-    decoder.take(limit).read_to_end(&mut out).map_err(|e| Error::corrupt(key, format!("zstd: {e}")))?;
+    decoder
+        .take(limit)
+        .read_to_end(&mut out)
+        .map_err(|e| Error::corrupt(key, format!("zstd: {e}")))?;
     if out.len() > max_len {
         return Err(Error::corrupt(key, "decompresses to more than allowed"));
     }
@@ -157,7 +214,12 @@ fn decompress_bounded(key: &str, body: &[u8], max_len: usize) -> Result<Vec<u8>>
 
 /// Frames a plaintext JSON object (config, key objects).
 pub fn plain_json_object<T: Serialize>(kind: ObjectKind, value: &T) -> Result<Vec<u8>> {
-    let header = Header { kind, compression: Compression::None, cipher: CipherKind::None }.encode();
+    let header = Header {
+        kind,
+        compression: Compression::None,
+        cipher: CipherKind::None,
+    }
+    .encode();
     let json = serde_json::to_vec_pretty(value)
         .map_err(|e| Error::InvalidInput(format!("cannot encode {kind:?} as JSON: {e}")))?;
     let mut out = header.to_vec();
@@ -166,12 +228,23 @@ pub fn plain_json_object<T: Serialize>(kind: ObjectKind, value: &T) -> Result<Ve
 }
 
 /// Parses a plaintext JSON object framed by [`plain_json_object`].
-pub fn parse_plain_json<T: for<'de> Deserialize<'de>>(kind: ObjectKind, key: &str, bytes: &[u8]) -> Result<T> {
+pub fn parse_plain_json<T: for<'de> Deserialize<'de>>(
+    kind: ObjectKind,
+    key: &str,
+    bytes: &[u8],
+) -> Result<T> {
     let header = Header::decode(key, bytes)?;
-    if header.kind != kind || header.cipher != CipherKind::None || header.compression != Compression::None {
-        return Err(Error::corrupt(key, format!("expected a plain {kind:?} object")));
+    if header.kind != kind
+        || header.cipher != CipherKind::None
+        || header.compression != Compression::None
+    {
+        return Err(Error::corrupt(
+            key,
+            format!("expected a plain {kind:?} object"),
+        ));
     }
-    serde_json::from_slice(&bytes[HEADER_LEN..]).map_err(|e| Error::corrupt(key, format!("invalid JSON: {e}")))
+    serde_json::from_slice(&bytes[HEADER_LEN..])
+        .map_err(|e| Error::corrupt(key, format!("invalid JSON: {e}")))
 }
 
 /// The repository config: fixed at `init`, readable without a key.
@@ -201,7 +274,12 @@ impl Config {
     pub fn mac_input(&self) -> Vec<u8> {
         format!(
             "{}|{}|{}|{:?}|{:?}|{}",
-            self.version, self.id, self.chunk_size, self.digest, self.cipher, self.compression_level
+            self.version,
+            self.id,
+            self.chunk_size,
+            self.digest,
+            self.cipher,
+            self.compression_level
         )
         .into_bytes()
     }
@@ -243,6 +321,10 @@ pub struct BackupStats {
     pub chunks_reused: u64,
     /// Chunks recorded as holes (unallocated or all zeros).
     pub chunks_hole: u64,
+    /// Disks not read because their source was unchanged since the VM's
+    /// previous snapshot.
+    #[serde(default)]
+    pub disks_unchanged: u64,
     /// Wall time in seconds.
     pub duration_secs: f64,
 }
@@ -265,6 +347,13 @@ pub struct DiskRecord {
     pub index: String,
     /// Number of chunks holding data (not holes).
     pub data_chunks: u64,
+    /// The source's fingerprint at backup time (see `DiskSource::identity`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub source_identity: Option<String>,
+    /// Set when the disk was not read because its fingerprint matched the
+    /// previous snapshot's: the id of the snapshot whose index was reused.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub unchanged_since: Option<String>,
 }
 
 /// A snapshot manifest: one backup of one VM, all its disks.
@@ -288,6 +377,20 @@ pub struct SnapshotManifest {
     pub stats: BackupStats,
     /// Version of vbackup that wrote it.
     pub program_version: String,
+}
+
+/// Parses a snapshot manifest's JSON payload and checks its version.
+pub fn parse_snapshot_manifest(key: &str, json: &[u8]) -> Result<SnapshotManifest> {
+    let manifest: SnapshotManifest = serde_json::from_slice(json)
+        .map_err(|e| Error::corrupt(key, format!("invalid manifest: {e}")))?;
+    if manifest.version > SNAPSHOT_VERSION || manifest.version == 0 {
+        return Err(Error::UnsupportedVersion {
+            what: format!("snapshot '{key}'"),
+            found: manifest.version,
+            supported: SNAPSHOT_VERSION,
+        });
+    }
+    Ok(manifest)
 }
 
 /// The manifest format version this build writes.
@@ -339,21 +442,49 @@ impl DiskIndex {
     /// Decodes and validates a payload made by [`DiskIndex::encode`].
     pub fn decode(key: &str, bytes: &[u8]) -> Result<Self> {
         let field = |range: std::ops::Range<usize>| -> Result<&[u8]> {
-            bytes.get(range).ok_or_else(|| Error::corrupt(key, "index truncated"))
+            bytes
+                .get(range)
+                .ok_or_else(|| Error::corrupt(key, "index truncated"))
         };
-        let version = u32::from_le_bytes(field(0..4)?.try_into().map_err(|_| Error::corrupt(key, "index"))?);
+        let version = u32::from_le_bytes(
+            field(0..4)?
+                .try_into()
+                .map_err(|_| Error::corrupt(key, "index"))?,
+        );
         if version > INDEX_VERSION || version == 0 {
-            return Err(Error::UnsupportedVersion { what: format!("index '{key}'"), found: version, supported: INDEX_VERSION });
+            return Err(Error::UnsupportedVersion {
+                what: format!("index '{key}'"),
+                found: version,
+                supported: INDEX_VERSION,
+            });
         }
-        let virtual_size = u64::from_le_bytes(field(4..12)?.try_into().map_err(|_| Error::corrupt(key, "index"))?);
-        let chunk_size = u32::from_le_bytes(field(12..16)?.try_into().map_err(|_| Error::corrupt(key, "index"))?);
-        let count = u64::from_le_bytes(field(16..24)?.try_into().map_err(|_| Error::corrupt(key, "index"))?);
+        let virtual_size = u64::from_le_bytes(
+            field(4..12)?
+                .try_into()
+                .map_err(|_| Error::corrupt(key, "index"))?,
+        );
+        let chunk_size = u32::from_le_bytes(
+            field(12..16)?
+                .try_into()
+                .map_err(|_| Error::corrupt(key, "index"))?,
+        );
+        let count = u64::from_le_bytes(
+            field(16..24)?
+                .try_into()
+                .map_err(|_| Error::corrupt(key, "index"))?,
+        );
         if chunk_size == 0 || count != Self::chunk_count(virtual_size, chunk_size) {
-            return Err(Error::corrupt(key, "index chunk count does not match the disk size"));
+            return Err(Error::corrupt(
+                key,
+                "index chunk count does not match the disk size",
+            ));
         }
         let entries = &bytes[INDEX_PREFIX_LEN..];
         if entries.len() as u64 != count.saturating_mul(32) {
-            return Err(Error::corrupt(key, "index length does not match its chunk count"));
+            return Err(Error::corrupt(
+                key,
+                "index length does not match its chunk count",
+            ));
         }
         let chunks = entries
             .chunks_exact(32)
@@ -362,7 +493,11 @@ impl DiskIndex {
                 (id != [0u8; 32]).then_some(ChunkId(id))
             })
             .collect();
-        Ok(Self { virtual_size, chunk_size, chunks })
+        Ok(Self {
+            virtual_size,
+            chunk_size,
+            chunks,
+        })
     }
 }
 
@@ -373,7 +508,11 @@ mod tests {
     use proptest::prelude::*;
 
     fn crypto() -> Crypto {
-        Crypto::new(CipherKind::Aes256Gcm, DigestKind::Blake3Keyed, Some(&MasterSecret([3; 32])))
+        Crypto::new(
+            CipherKind::Aes256Gcm,
+            DigestKind::Blake3Keyed,
+            Some(&MasterSecret([3; 32])),
+        )
     }
 
     #[test]
@@ -382,7 +521,10 @@ mod tests {
         let payload = vec![42u8; 10_000];
         let bytes = seal_object(&c, ObjectKind::Chunk, "chunks/aa/aa", &payload, Some(1)).unwrap();
         assert!(bytes.len() < 1000, "compressible data is compressed");
-        assert_eq!(open_object(&c, ObjectKind::Chunk, "chunks/aa/aa", &bytes, 10_000).unwrap(), payload);
+        assert_eq!(
+            open_object(&c, ObjectKind::Chunk, "chunks/aa/aa", &bytes, 10_000).unwrap(),
+            payload
+        );
         assert!(open_object(&c, ObjectKind::Chunk, "chunks/bb/bb", &bytes, 10_000).is_err());
         assert!(open_object(&c, ObjectKind::Index, "chunks/aa/aa", &bytes, 10_000).is_err());
         assert!(open_object(&c, ObjectKind::Chunk, "chunks/aa/aa", &bytes, 9_999).is_err());
@@ -393,7 +535,17 @@ mod tests {
         let mut bytes = plain_json_object(ObjectKind::Config, &"x").unwrap();
         bytes[4] = 9;
         let err = parse_plain_json::<String>(ObjectKind::Config, "config", &bytes).unwrap_err();
-        assert!(matches!(err, Error::UnsupportedVersion { found: 9, supported: 1, .. }), "{err}");
+        assert!(
+            matches!(
+                err,
+                Error::UnsupportedVersion {
+                    found: 9,
+                    supported: 1,
+                    ..
+                }
+            ),
+            "{err}"
+        );
     }
 
     proptest! {

@@ -21,6 +21,7 @@ pub mod format;
 mod progress;
 mod repo;
 pub mod source;
+pub mod speed;
 
 mod commands;
 
@@ -70,7 +71,10 @@ pub fn hostname() -> String {
 
 /// The number of worker threads to use when the user does not say.
 pub fn default_threads() -> usize {
-    std::thread::available_parallelism().map_or(2, |n| n.get()).clamp(2, 32) + 2
+    std::thread::available_parallelism()
+        .map_or(2, |n| n.get())
+        .clamp(2, 32)
+        + 2
 }
 
 /// True when every byte of `data` is zero; vectorizes well.

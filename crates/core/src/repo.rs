@@ -15,7 +15,8 @@ use vbackup_storage::Backend;
 use crate::crypto::{kdf, random_bytes, CipherKind, Crypto, DigestKind, MasterSecret};
 use crate::error::{Error, Result};
 use crate::format::{
-    self, open_object, seal_object, Config, DiskIndex, KeyFile, ObjectKind, SnapshotManifest, REPOSITORY_VERSION,
+    self, open_object, seal_object, Config, DiskIndex, KeyFile, ObjectKind, SnapshotManifest,
+    REPOSITORY_VERSION,
 };
 use crate::ChunkId;
 
@@ -66,6 +67,7 @@ impl Default for InitOptions {
 
 /// Summary of one key object, for `vbackup key list`.
 #[derive(Debug, Clone, serde::Serialize)]
+#[serde(rename_all = "kebab-case")]
 pub struct KeyInfo {
     /// Key id (object name without the folder).
     pub id: String,
@@ -106,7 +108,10 @@ pub struct Repository {
 
 impl std::fmt::Debug for Repository {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Repository").field("location", &self.backend.location()).field("config", &self.config).finish()
+        f.debug_struct("Repository")
+            .field("location", &self.backend.location())
+            .field("config", &self.config)
+            .finish()
     }
 }
 
@@ -118,7 +123,9 @@ fn validate_init(options: &InitOptions) -> Result<()> {
         )));
     }
     if !(1..=19).contains(&options.compression_level) {
-        return Err(Error::InvalidInput("compression level must be between 1 and 19".to_string()));
+        return Err(Error::InvalidInput(
+            "compression level must be between 1 and 19".to_string(),
+        ));
     }
     Ok(())
 }
@@ -126,15 +133,25 @@ fn validate_init(options: &InitOptions) -> Result<()> {
 impl Repository {
     /// Creates a new repository. `passphrase` must be given unless the
     /// cipher is `None`.
-    pub fn init(backend: Arc<dyn Backend>, passphrase: Option<&str>, options: &InitOptions) -> Result<Self> {
+    pub fn init(
+        backend: Arc<dyn Backend>,
+        passphrase: Option<&str>,
+        options: &InitOptions,
+    ) -> Result<Self> {
         validate_init(options)?;
         if backend.stat(CONFIG_KEY)?.is_some() {
-            return Err(Error::AlreadyInitialized { location: backend.location() });
+            return Err(Error::AlreadyInitialized {
+                location: backend.location(),
+            });
         }
         let secret = match (options.cipher, passphrase) {
             (CipherKind::None, _) => None,
             (_, Some(_)) => Some(MasterSecret::generate()?),
-            (_, None) => return Err(Error::PassphraseRequired { location: backend.location() }),
+            (_, None) => {
+                return Err(Error::PassphraseRequired {
+                    location: backend.location(),
+                })
+            }
         };
         let crypto = Crypto::new(options.cipher, options.digest, secret.as_ref());
         let mut config = Config {
@@ -149,7 +166,13 @@ impl Repository {
         if secret.is_some() {
             config.mac = hex::encode(crypto.mac(&config.mac_input()));
         }
-        let mut repo = Self { backend, config, crypto, secret, key_id: None };
+        let mut repo = Self {
+            backend,
+            config,
+            crypto,
+            secret,
+            key_id: None,
+        };
         if let Some(passphrase) = passphrase.filter(|_| repo.secret.is_some()) {
             repo.key_id = Some(repo.add_key(passphrase, options.kdf)?);
         }
@@ -163,7 +186,11 @@ impl Repository {
     pub fn read_config(backend: &dyn Backend) -> Result<Config> {
         let bytes = match backend.get(CONFIG_KEY) {
             Ok(bytes) => bytes,
-            Err(e) if e.is_not_found() => return Err(Error::NotARepository { location: backend.location() }),
+            Err(e) if e.is_not_found() => {
+                return Err(Error::NotARepository {
+                    location: backend.location(),
+                })
+            }
             Err(e) => return Err(e.into()),
         };
         let config: Config = format::parse_plain_json(ObjectKind::Config, CONFIG_KEY, &bytes)?;
@@ -179,19 +206,39 @@ impl Repository {
 
     /// Opens a repository; `passphrase` is asked for only when the
     /// repository is encrypted.
-    pub fn open(backend: Arc<dyn Backend>, passphrase: impl FnOnce() -> Result<Option<String>>) -> Result<Self> {
+    pub fn open(
+        backend: Arc<dyn Backend>,
+        passphrase: impl FnOnce() -> Result<Option<String>>,
+    ) -> Result<Self> {
         let config = Self::read_config(backend.as_ref())?;
         if config.cipher == CipherKind::None {
             let crypto = Crypto::new(config.cipher, config.digest, None);
-            return Ok(Self { backend, config, crypto, secret: None, key_id: None });
+            return Ok(Self {
+                backend,
+                config,
+                crypto,
+                secret: None,
+                key_id: None,
+            });
         }
-        let passphrase = passphrase()?.ok_or_else(|| Error::PassphraseRequired { location: backend.location() })?;
+        let passphrase = passphrase()?.ok_or_else(|| Error::PassphraseRequired {
+            location: backend.location(),
+        })?;
         let (key_id, secret) = unlock(backend.as_ref(), &config, &passphrase)?;
         let crypto = Crypto::new(config.cipher, config.digest, Some(&secret));
         if hex::encode(crypto.mac(&config.mac_input())) != config.mac {
-            return Err(Error::corrupt(CONFIG_KEY, "its authentication code does not match (modified without the key)"));
+            return Err(Error::corrupt(
+                CONFIG_KEY,
+                "its authentication code does not match (modified without the key)",
+            ));
         }
-        Ok(Self { backend, config, crypto, secret: Some(secret), key_id: Some(key_id) })
+        Ok(Self {
+            backend,
+            config,
+            crypto,
+            secret: Some(secret),
+            key_id: Some(key_id),
+        })
     }
 
     /// The repository's config.
@@ -225,7 +272,13 @@ impl Repository {
         let nonce = random_bytes::<12>()?;
         let aad = key_aad(&self.config.id);
         let wrapped = Aes256Gcm::new(&kek.into())
-            .encrypt(&nonce.into(), Payload { msg: &secret.0, aad: &aad })
+            .encrypt(
+                &nonce.into(),
+                Payload {
+                    msg: &secret.0,
+                    aad: &aad,
+                },
+            )
             .map_err(|_| Error::InvalidInput("wrapping the master key failed".to_string()))?;
         let key_file = KeyFile {
             version: 1,
@@ -237,7 +290,10 @@ impl Repository {
             wrapped: hex::encode([nonce.as_slice(), &wrapped].concat()),
         };
         let id = hex::encode(random_bytes::<16>()?);
-        self.backend.put(&format!("{KEYS_PREFIX}{id}"), &format::plain_json_object(ObjectKind::Key, &key_file)?)?;
+        self.backend.put(
+            &format!("{KEYS_PREFIX}{id}"),
+            &format::plain_json_object(ObjectKind::Key, &key_file)?,
+        )?;
         Ok(id)
     }
 
@@ -249,7 +305,13 @@ impl Repository {
             let file: KeyFile = format::parse_plain_json(ObjectKind::Key, &object.key, &bytes)?;
             let id = object.key.trim_start_matches(KEYS_PREFIX).to_string();
             let current = self.key_id.as_deref() == Some(id.as_str());
-            keys.push(KeyInfo { id, created: file.created, host: file.host, user: file.user, current });
+            keys.push(KeyInfo {
+                id,
+                created: file.created,
+                host: file.host,
+                user: file.user,
+                current,
+            });
         }
         keys.sort_by(|a, b| a.created.cmp(&b.created));
         Ok(keys)
@@ -259,11 +321,22 @@ impl Repository {
     /// the last key cannot be removed.
     pub fn remove_key(&self, id_prefix: &str) -> Result<String> {
         let keys = self.list_keys()?;
-        let matching: Vec<_> = keys.iter().filter(|k| k.id.starts_with(id_prefix)).collect();
+        let matching: Vec<_> = keys
+            .iter()
+            .filter(|k| k.id.starts_with(id_prefix))
+            .collect();
         let key = match matching.as_slice() {
             [one] => *one,
-            [] => return Err(Error::InvalidInput(format!("no key id starts with '{id_prefix}'"))),
-            _ => return Err(Error::InvalidInput(format!("'{id_prefix}' matches several keys; give more digits"))),
+            [] => {
+                return Err(Error::InvalidInput(format!(
+                    "no key id starts with '{id_prefix}'"
+                )))
+            }
+            _ => {
+                return Err(Error::InvalidInput(format!(
+                    "'{id_prefix}' matches several keys; give more digits"
+                )))
+            }
         };
         if key.current {
             return Err(Error::InvalidInput(
@@ -295,7 +368,13 @@ impl Repository {
 
     /// Encodes a chunk (compress, seal) without storing it.
     pub fn encode_chunk(&self, id: &ChunkId, data: &[u8]) -> Result<Vec<u8>> {
-        seal_object(&self.crypto, ObjectKind::Chunk, &Self::chunk_key(id), data, Some(self.config.compression_level))
+        seal_object(
+            &self.crypto,
+            ObjectKind::Chunk,
+            &Self::chunk_key(id),
+            data,
+            Some(self.config.compression_level),
+        )
     }
 
     /// Stores an encoded chunk.
@@ -314,7 +393,13 @@ impl Repository {
     /// Checks and decodes a chunk object's bytes.
     pub fn decode_chunk(&self, id: &ChunkId, bytes: &[u8]) -> Result<Vec<u8>> {
         let key = Self::chunk_key(id);
-        let data = open_object(&self.crypto, ObjectKind::Chunk, &key, bytes, MAX_CHUNK_SIZE as usize)?;
+        let data = open_object(
+            &self.crypto,
+            ObjectKind::Chunk,
+            &key,
+            bytes,
+            MAX_CHUNK_SIZE as usize,
+        )?;
         if self.crypto.chunk_id(&data) != *id {
             return Err(Error::corrupt(&key, "content does not match its digest"));
         }
@@ -325,15 +410,23 @@ impl Repository {
     pub fn write_index(&self, index: &DiskIndex) -> Result<String> {
         let payload = index.encode();
         let key = format!("{INDEXES_PREFIX}{}", hex::encode(self.crypto.mac(&payload)));
-        let bytes = seal_object(&self.crypto, ObjectKind::Index, &key, &payload, Some(3))?;
-        self.backend.put(&key, &bytes)?;
+        if self.backend.stat(&key)?.is_none() {
+            let bytes = seal_object(&self.crypto, ObjectKind::Index, &key, &payload, Some(3))?;
+            self.backend.put(&key, &bytes)?;
+        }
         Ok(key)
     }
 
     /// Reads and checks a disk index.
     pub fn read_index(&self, key: &str) -> Result<DiskIndex> {
         let bytes = self.backend.get(key)?;
-        let payload = open_object(&self.crypto, ObjectKind::Index, key, &bytes, MAX_METADATA_LEN)?;
+        let payload = open_object(
+            &self.crypto,
+            ObjectKind::Index,
+            key,
+            &bytes,
+            MAX_METADATA_LEN,
+        )?;
         DiskIndex::decode(key, &payload)
     }
 
@@ -341,8 +434,9 @@ impl Repository {
     pub fn write_snapshot(&self, manifest: &SnapshotManifest) -> Result<String> {
         let id = hex::encode(random_bytes::<32>()?);
         let key = format!("{SNAPSHOTS_PREFIX}{id}");
-        let json = serde_json::to_vec(manifest)
-            .map_err(|e| Error::InvalidInput(format!("cannot encode the snapshot manifest: {e}")))?;
+        let json = serde_json::to_vec(manifest).map_err(|e| {
+            Error::InvalidInput(format!("cannot encode the snapshot manifest: {e}"))
+        })?;
         let bytes = seal_object(&self.crypto, ObjectKind::Snapshot, &key, &json, Some(3))?;
         self.backend.put(&key, &bytes)?;
         Ok(id)
@@ -352,17 +446,18 @@ impl Repository {
     pub fn read_snapshot(&self, id: &str) -> Result<Snapshot> {
         let key = format!("{SNAPSHOTS_PREFIX}{id}");
         let bytes = self.backend.get(&key)?;
-        let json = open_object(&self.crypto, ObjectKind::Snapshot, &key, &bytes, MAX_METADATA_LEN)?;
-        let manifest: SnapshotManifest =
-            serde_json::from_slice(&json).map_err(|e| Error::corrupt(&key, format!("invalid manifest: {e}")))?;
-        if manifest.version > format::SNAPSHOT_VERSION {
-            return Err(Error::UnsupportedVersion {
-                what: format!("snapshot {id}"),
-                found: manifest.version,
-                supported: format::SNAPSHOT_VERSION,
-            });
-        }
-        Ok(Snapshot { id: id.to_string(), manifest })
+        let json = open_object(
+            &self.crypto,
+            ObjectKind::Snapshot,
+            &key,
+            &bytes,
+            MAX_METADATA_LEN,
+        )?;
+        let manifest = format::parse_snapshot_manifest(&key, &json)?;
+        Ok(Snapshot {
+            id: id.to_string(),
+            manifest,
+        })
     }
 
     /// Every snapshot that can be read, oldest first, and the errors of those
@@ -377,7 +472,12 @@ impl Repository {
                 Err(e) => bad.push(e),
             }
         }
-        good.sort_by(|a, b| a.manifest.time.cmp(&b.manifest.time).then_with(|| a.id.cmp(&b.id)));
+        good.sort_by(|a, b| {
+            a.manifest
+                .time
+                .cmp(&b.manifest.time)
+                .then_with(|| a.id.cmp(&b.id))
+        });
         Ok((good, bad))
     }
 
@@ -394,20 +494,28 @@ impl Repository {
     /// optionally among one VM's snapshots only.
     pub fn find_snapshot(&self, spec: &str, vm: Option<&str>) -> Result<Snapshot> {
         let (snapshots, _) = self.list_snapshots_checked()?;
-        let candidates: Vec<Snapshot> =
-            snapshots.into_iter().filter(|s| vm.is_none_or(|vm| s.manifest.vm == vm)).collect();
+        let candidates: Vec<Snapshot> = snapshots
+            .into_iter()
+            .filter(|s| vm.is_none_or(|vm| s.manifest.vm == vm))
+            .collect();
         let vm_note = vm.map(|vm| format!(" of VM '{vm}'")).unwrap_or_default();
         if spec == "latest" {
-            return candidates
-                .into_iter()
-                .last()
-                .ok_or_else(|| Error::SnapshotSelection(format!("no snapshots{vm_note} in the repository")));
+            return candidates.into_iter().last().ok_or_else(|| {
+                Error::SnapshotSelection(format!("no snapshots{vm_note} in the repository"))
+            });
         }
-        let mut matching: Vec<Snapshot> = candidates.into_iter().filter(|s| s.id.starts_with(spec)).collect();
+        let mut matching: Vec<Snapshot> = candidates
+            .into_iter()
+            .filter(|s| s.id.starts_with(spec))
+            .collect();
         match matching.len() {
             1 => Ok(matching.remove(0)),
-            0 => Err(Error::SnapshotSelection(format!("no snapshot{vm_note} has an id starting with '{spec}'"))),
-            n => Err(Error::SnapshotSelection(format!("'{spec}' matches {n} snapshots{vm_note}; give more digits"))),
+            0 => Err(Error::SnapshotSelection(format!(
+                "no snapshot{vm_note} has an id starting with '{spec}'"
+            ))),
+            n => Err(Error::SnapshotSelection(format!(
+                "'{spec}' matches {n} snapshots{vm_note}; give more digits"
+            ))),
         }
     }
 }
@@ -417,24 +525,44 @@ fn key_aad(repository_id: &str) -> Vec<u8> {
 }
 
 /// Tries every key object with the passphrase.
-fn unlock(backend: &dyn Backend, config: &Config, passphrase: &str) -> Result<(String, MasterSecret)> {
+fn unlock(
+    backend: &dyn Backend,
+    config: &Config,
+    passphrase: &str,
+) -> Result<(String, MasterSecret)> {
     let keys = backend.list(KEYS_PREFIX)?;
     for object in &keys {
         let bytes = backend.get(&object.key)?;
         let file: KeyFile = format::parse_plain_json(ObjectKind::Key, &object.key, &bytes)?;
         if let Some(secret) = try_key(&object.key, &file, &config.id, passphrase)? {
-            return Ok((object.key.trim_start_matches(KEYS_PREFIX).to_string(), secret));
+            return Ok((
+                object.key.trim_start_matches(KEYS_PREFIX).to_string(),
+                secret,
+            ));
         }
     }
-    Err(Error::WrongPassphrase { location: backend.location(), keys: keys.len() })
+    Err(Error::WrongPassphrase {
+        location: backend.location(),
+        keys: keys.len(),
+    })
 }
 
-fn try_key(key: &str, file: &KeyFile, repository_id: &str, passphrase: &str) -> Result<Option<MasterSecret>> {
+fn try_key(
+    key: &str,
+    file: &KeyFile,
+    repository_id: &str,
+    passphrase: &str,
+) -> Result<Option<MasterSecret>> {
     if file.version != 1 {
-        return Err(Error::UnsupportedVersion { what: format!("key '{key}'"), found: file.version, supported: 1 });
+        return Err(Error::UnsupportedVersion {
+            what: format!("key '{key}'"),
+            found: file.version,
+            supported: 1,
+        });
     }
     let salt = hex::decode(&file.salt).map_err(|_| Error::corrupt(key, "salt is not hex"))?;
-    let wrapped = hex::decode(&file.wrapped).map_err(|_| Error::corrupt(key, "wrapped key is not hex"))?;
+    let wrapped =
+        hex::decode(&file.wrapped).map_err(|_| Error::corrupt(key, "wrapped key is not hex"))?;
     if wrapped.len() != 12 + 32 + 16 {
         return Err(Error::corrupt(key, "wrapped key has the wrong length"));
     }
@@ -442,9 +570,17 @@ fn try_key(key: &str, file: &KeyFile, repository_id: &str, passphrase: &str) -> 
     let (nonce, sealed) = wrapped.split_at(12);
     let nonce: [u8; 12] = nonce.try_into().map_err(|_| Error::corrupt(key, "nonce"))?;
     let aad = key_aad(repository_id);
-    let Ok(plain) = Aes256Gcm::new(&kek.into()).decrypt(&nonce.into(), Payload { msg: sealed, aad: &aad }) else {
+    let Ok(plain) = Aes256Gcm::new(&kek.into()).decrypt(
+        &nonce.into(),
+        Payload {
+            msg: sealed,
+            aad: &aad,
+        },
+    ) else {
         return Ok(None);
     };
-    let secret: [u8; 32] = plain.try_into().map_err(|_| Error::corrupt(key, "master key length"))?;
+    let secret: [u8; 32] = plain
+        .try_into()
+        .map_err(|_| Error::corrupt(key, "master key length"))?;
     Ok(Some(MasterSecret(secret)))
 }

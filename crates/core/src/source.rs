@@ -45,6 +45,15 @@ pub trait DiskSource: Send + Sync {
     fn format(&self) -> &str;
     /// Opens an independent reader; each backup worker holds one.
     fn open_reader(&self) -> io::Result<Box<dyn DiskReader>>;
+    /// A fingerprint that changes whenever the disk's content may have
+    /// changed (for an image file: device, inode, size, mtime and ctime).
+    /// When it equals the one recorded in the VM's previous snapshot, the
+    /// backup reuses that snapshot's index without reading the disk, as
+    /// restic and borg do for unchanged files. `None` (the default) means
+    /// "always read".
+    fn identity(&self) -> Option<String> {
+        None
+    }
 }
 
 /// A reader of one [`DiskSource`], owned by one worker thread.

@@ -2,14 +2,17 @@
 //! dedup, damage detection and the errors users see. (Tests against real
 //! qemu processes and the local backend live in the cli crate.)
 
+// Test helpers panic on unexpected failures; that is how a test fails.
+#![allow(clippy::unwrap_used)]
+
 use std::io;
 use std::sync::{Arc, Mutex};
 
 use vbackup_core::crypto::kdf::KdfParams;
 use vbackup_core::crypto::CipherKind;
 use vbackup_core::{
-    BackupDisk, BackupOptions, DiskReader, DiskSource, DiskTarget, DiskWriter, Error, Extent, ExtentKind, InitOptions,
-    Progress, Repository,
+    BackupDisk, BackupOptions, DiskReader, DiskSource, DiskTarget, DiskWriter, Error, Extent,
+    ExtentKind, InitOptions, Progress, Repository,
 };
 use vbackup_storage::{Backend, MemoryBackend};
 
@@ -38,10 +41,18 @@ impl DiskReader for MemDisk {
         while pos < offset + length {
             let end = ((pos / 4096 + 1) * 4096).min(offset + length);
             let zero = self.0[pos as usize..end as usize].iter().all(|b| *b == 0);
-            let kind = if zero { ExtentKind::Zero } else { ExtentKind::Data };
+            let kind = if zero {
+                ExtentKind::Zero
+            } else {
+                ExtentKind::Data
+            };
             match out.last_mut() {
                 Some(last) if last.kind == kind => last.length += end - pos,
-                _ => out.push(Extent { offset: pos, length: end - pos, kind }),
+                _ => out.push(Extent {
+                    offset: pos,
+                    length: end - pos,
+                    kind,
+                }),
             }
             pos = end;
         }
@@ -79,7 +90,11 @@ fn options(cipher: CipherKind) -> InitOptions {
     InitOptions {
         chunk_size: CHUNK,
         cipher,
-        kdf: KdfParams { memory_kib: 1024, iterations: 1, parallelism: 1 },
+        kdf: KdfParams {
+            memory_kib: 1024,
+            iterations: 1,
+            parallelism: 1,
+        },
         ..InitOptions::default()
     }
 }
@@ -113,13 +128,22 @@ fn backup(repo: &Repository, disks: &[(&str, &Vec<u8>)]) -> vbackup_core::Snapsh
             source: Box::new(MemDisk(Arc::new((*data).clone()))),
         })
         .collect();
-    let options = BackupOptions { vm: "vm1".into(), tags: vec![], host: None, threads: 3 };
+    let options = BackupOptions {
+        vm: "vm1".into(),
+        tags: vec![],
+        host: None,
+        threads: 3,
+        skip_unchanged: true,
+    };
     vbackup_core::backup(repo, &disks, &options, &Progress::new()).unwrap()
 }
 
 fn restore(repo: &Repository, snapshot: &vbackup_core::Snapshot, disk: usize) -> Vec<u8> {
     let record = &snapshot.manifest.disks[disk];
-    let target = MemTarget(Arc::new(Mutex::new(vec![0u8; record.virtual_size as usize])));
+    let target = MemTarget(Arc::new(Mutex::new(vec![
+        0u8;
+        record.virtual_size as usize
+    ])));
     vbackup_core::restore_disk(repo, record, &target, 3, &Progress::new()).unwrap();
     let data = target.0.lock().unwrap().clone();
     let mut streamed = Vec::new();
@@ -130,14 +154,25 @@ fn restore(repo: &Repository, snapshot: &vbackup_core::Snapshot, disk: usize) ->
 
 #[test]
 fn backup_restores_byte_identical_for_every_cipher() {
-    for cipher in [CipherKind::Aes256Gcm, CipherKind::ChaCha20Poly1305, CipherKind::None] {
+    for cipher in [
+        CipherKind::Aes256Gcm,
+        CipherKind::ChaCha20Poly1305,
+        CipherKind::None,
+    ] {
         let (_, repo) = new_repo(cipher);
         let disk = sample_disk(1);
         let snapshot = backup(&repo, &[("vda", &disk)]);
         assert_eq!(restore(&repo, &snapshot, 0), disk, "{cipher:?}");
         let stats = &snapshot.manifest.stats;
-        assert_eq!(stats.chunks_hole, 40 - 12 - 1 + 1 - 1, "holes are not stored");
-        assert_eq!(stats.chunks_reused, 1, "the duplicated chunk is stored once");
+        assert_eq!(
+            stats.chunks_hole,
+            40 - 12 - 1 + 1 - 1,
+            "holes are not stored"
+        );
+        assert_eq!(
+            stats.chunks_reused, 1,
+            "the duplicated chunk is stored once"
+        );
     }
 }
 
@@ -153,9 +188,18 @@ fn unchanged_second_backup_stores_nothing_and_clones_share_chunks() {
     assert_eq!(restore(&repo, &second, 1), disk);
     let snapshots = repo.list_snapshots().unwrap();
     assert_eq!(snapshots.len(), 2);
-    assert_eq!(repo.find_snapshot("latest", Some("vm1")).unwrap().id, second.id);
-    assert_eq!(repo.find_snapshot(&first.id[..12], None).unwrap().id, first.id);
-    assert!(matches!(repo.find_snapshot("latest", Some("other")), Err(Error::SnapshotSelection(_))));
+    assert_eq!(
+        repo.find_snapshot("latest", Some("vm1")).unwrap().id,
+        second.id
+    );
+    assert_eq!(
+        repo.find_snapshot(&first.id[..12], None).unwrap().id,
+        first.id
+    );
+    assert!(matches!(
+        repo.find_snapshot("latest", Some("other")),
+        Err(Error::SnapshotSelection(_))
+    ));
 }
 
 #[test]
@@ -169,8 +213,16 @@ fn plaintext_never_reaches_the_backend_when_encrypted() {
     let snapshot = backup(&repo, &[("secret-disk", &disk)]);
     for object in backend.list("").unwrap() {
         let bytes = backend.get(&object.key).unwrap();
-        assert!(!bytes.windows(marker.len()).any(|w| w == marker), "plaintext in {}", object.key);
-        assert!(!bytes.windows(11).any(|w| w == b"secret-disk"), "disk name in {}", object.key);
+        assert!(
+            !bytes.windows(marker.len()).any(|w| w == marker),
+            "plaintext in {}",
+            object.key
+        );
+        assert!(
+            !bytes.windows(11).any(|w| w == b"secret-disk"),
+            "disk name in {}",
+            object.key
+        );
     }
     assert_eq!(restore(&repo, &snapshot, 0), disk);
 }
@@ -180,7 +232,10 @@ fn wrong_passphrase_is_named_and_writes_nothing() {
     let (backend, _) = new_repo(CipherKind::Aes256Gcm);
     let before = backend.list("").unwrap();
     let err = Repository::open(backend.clone(), || Ok(Some("wrong".into()))).unwrap_err();
-    assert!(matches!(err, Error::WrongPassphrase { keys: 1, .. }), "{err}");
+    assert!(
+        matches!(err, Error::WrongPassphrase { keys: 1, .. }),
+        "{err}"
+    );
     assert!(err.to_string().contains("wrong passphrase"));
     assert_eq!(backend.list("").unwrap(), before);
     let err = Repository::open(backend, || Ok(None)).unwrap_err();
@@ -190,12 +245,24 @@ fn wrong_passphrase_is_named_and_writes_nothing() {
 #[test]
 fn added_keys_open_the_repository_and_the_last_key_stays() {
     let (backend, repo) = new_repo(CipherKind::Aes256Gcm);
-    let kdf = KdfParams { memory_kib: 1024, iterations: 1, parallelism: 1 };
+    let kdf = KdfParams {
+        memory_kib: 1024,
+        iterations: 1,
+        parallelism: 1,
+    };
     let second = repo.add_key("second", kdf).unwrap();
     let reopened = Repository::open(backend.clone(), || Ok(Some("second".into()))).unwrap();
     assert_eq!(reopened.list_keys().unwrap().len(), 2);
-    assert!(reopened.remove_key(&second[..6]).is_err(), "the key in use cannot be removed");
-    let first = repo.list_keys().unwrap().into_iter().find(|k| k.current).unwrap();
+    assert!(
+        reopened.remove_key(&second[..6]).is_err(),
+        "the key in use cannot be removed"
+    );
+    let first = repo
+        .list_keys()
+        .unwrap()
+        .into_iter()
+        .find(|k| k.current)
+        .unwrap();
     reopened.remove_key(&first.id).unwrap();
     assert!(Repository::open(backend.clone(), || Ok(Some("pw".into()))).is_err());
     assert!(Repository::open(backend, || Ok(Some("second".into()))).is_ok());
@@ -209,11 +276,23 @@ fn missing_config_and_newer_versions_are_refused_by_name() {
 
     let (backend, _) = new_repo(CipherKind::None);
     let mut config = backend.get("config").unwrap();
-    let text = String::from_utf8(config.split_off(8)).unwrap().replace("\"version\": 1", "\"version\": 7");
+    let text = String::from_utf8(config.split_off(8))
+        .unwrap()
+        .replace("\"version\": 1", "\"version\": 7");
     config.extend_from_slice(text.as_bytes());
     backend.corrupt("config", config);
     let err = Repository::open(backend, || Ok(None)).unwrap_err();
-    assert!(matches!(err, Error::UnsupportedVersion { found: 7, supported: 1, .. }), "{err}");
+    assert!(
+        matches!(
+            err,
+            Error::UnsupportedVersion {
+                found: 7,
+                supported: 1,
+                ..
+            }
+        ),
+        "{err}"
+    );
     assert!(err.to_string().contains("upgrade vbackup"));
 }
 
@@ -225,7 +304,9 @@ fn damaged_and_missing_chunks_are_named_with_what_they_break() {
     let mut other = sample_disk(3);
     other[0] ^= 1;
     let second = backup(&repo, &[("vdb", &other)]);
-    assert!(vbackup_core::verify(&repo, 2, &Progress::new()).unwrap().is_clean());
+    assert!(vbackup_core::verify(&repo, 2, &Progress::new())
+        .unwrap()
+        .is_clean());
 
     // Chunk 1 is shared by both snapshots; damage it, and delete chunk 0 of the first.
     let index = repo.read_index(&first.manifest.disks[0].index).unwrap();
@@ -235,20 +316,39 @@ fn damaged_and_missing_chunks_are_named_with_what_they_break() {
     let last = bytes.len() - 1;
     bytes[last] ^= 0x40;
     backend.corrupt(&key, bytes);
-    backend.delete(&Repository::chunk_key(&index.chunks[0].unwrap())).unwrap();
+    backend
+        .delete(&Repository::chunk_key(&index.chunks[0].unwrap()))
+        .unwrap();
 
     let report = vbackup_core::verify(&repo, 2, &Progress::new()).unwrap();
     assert!(!report.is_clean());
     assert_eq!(report.problems.len(), 2, "{:?}", report.problems);
-    assert!(report.problems.iter().any(|p| p.object == key && p.problem.contains("authentication failed")));
+    assert!(report
+        .problems
+        .iter()
+        .any(|p| p.object == key && p.problem.contains("authentication failed")));
     assert!(report.problems.iter().any(|p| p.problem == "missing"));
-    let first_hit = report.affected.iter().find(|a| a.snapshot == first.id).unwrap();
+    let first_hit = report
+        .affected
+        .iter()
+        .find(|a| a.snapshot == first.id)
+        .unwrap();
     assert_eq!((first_hit.disk.as_str(), first_hit.bad_chunks), ("vda", 2));
-    let second_hit = report.affected.iter().find(|a| a.snapshot == second.id).unwrap();
-    assert_eq!((second_hit.disk.as_str(), second_hit.bad_chunks), ("vdb", 1));
+    let second_hit = report
+        .affected
+        .iter()
+        .find(|a| a.snapshot == second.id)
+        .unwrap();
+    assert_eq!(
+        (second_hit.disk.as_str(), second_hit.bad_chunks),
+        ("vdb", 1)
+    );
 
     let record = &second.manifest.disks[0];
-    let target = MemTarget(Arc::new(Mutex::new(vec![0u8; record.virtual_size as usize])));
+    let target = MemTarget(Arc::new(Mutex::new(vec![
+        0u8;
+        record.virtual_size as usize
+    ])));
     let err = vbackup_core::restore_disk(&repo, record, &target, 2, &Progress::new()).unwrap_err();
     assert!(matches!(err, Error::Corrupt { .. }), "{err}");
 }
@@ -282,14 +382,83 @@ fn a_failing_source_records_no_snapshot_and_the_retry_reuses_chunks() {
     let (_, repo) = new_repo(CipherKind::Aes256Gcm);
     let disk = sample_disk(4);
     let source = Box::new(Failing(MemDisk(Arc::new(disk.clone()))));
-    let disks = [BackupDisk { name: "vda".into(), source_label: "x".into(), source }];
-    let options = BackupOptions { vm: "vm1".into(), tags: vec![], host: None, threads: 1 };
+    let disks = [BackupDisk {
+        name: "vda".into(),
+        source_label: "x".into(),
+        source,
+    }];
+    let options = BackupOptions {
+        vm: "vm1".into(),
+        tags: vec![],
+        host: None,
+        threads: 1,
+        skip_unchanged: true,
+    };
     let err = vbackup_core::backup(&repo, &disks, &options, &Progress::new()).unwrap_err();
     assert!(err.to_string().contains("reading disk 'vda'"), "{err}");
     assert!(repo.list_snapshots().unwrap().is_empty());
     let stored_before = repo.list_chunks().unwrap().len();
     assert!(stored_before > 0);
     let retry = backup(&repo, &[("vda", &disk)]);
-    assert_eq!(retry.manifest.stats.chunks_reused as usize, stored_before + 1);
+    assert_eq!(
+        retry.manifest.stats.chunks_reused as usize,
+        stored_before + 1
+    );
     assert_eq!(restore(&repo, &retry, 0), disk);
+}
+
+#[test]
+fn an_unchanged_source_is_not_read_again_and_a_changed_one_is() {
+    struct Fingerprinted(MemDisk, &'static str);
+    impl DiskSource for Fingerprinted {
+        fn virtual_size(&self) -> u64 {
+            self.0.virtual_size()
+        }
+        fn format(&self) -> &str {
+            "raw"
+        }
+        fn open_reader(&self) -> io::Result<Box<dyn DiskReader>> {
+            self.0.open_reader()
+        }
+        fn identity(&self) -> Option<String> {
+            Some(self.1.to_string())
+        }
+    }
+    let (_, repo) = new_repo(CipherKind::Aes256Gcm);
+    let disk = sample_disk(5);
+    let run = |identity: &'static str, skip_unchanged: bool| {
+        let source = Box::new(Fingerprinted(MemDisk(Arc::new(disk.clone())), identity));
+        let disks = [BackupDisk {
+            name: "vda".into(),
+            source_label: "x".into(),
+            source,
+        }];
+        let options = BackupOptions {
+            vm: "vm1".into(),
+            tags: vec![],
+            host: None,
+            threads: 2,
+            skip_unchanged,
+        };
+        vbackup_core::backup(&repo, &disks, &options, &Progress::new()).unwrap()
+    };
+    let first = run("inode-1-mtime-1", true);
+    assert!(first.manifest.stats.bytes_read > 0);
+    let second = run("inode-1-mtime-1", true);
+    assert_eq!(second.manifest.stats.bytes_read, 0);
+    assert_eq!(second.manifest.stats.disks_unchanged, 1);
+    assert_eq!(
+        second.manifest.disks[0].unchanged_since.as_deref(),
+        Some(first.id.as_str())
+    );
+    assert_eq!(
+        second.manifest.disks[0].index,
+        first.manifest.disks[0].index
+    );
+    assert_eq!(restore(&repo, &second, 0), disk);
+    let forced = run("inode-1-mtime-1", false);
+    assert!(forced.manifest.stats.bytes_read > 0);
+    let changed = run("inode-1-mtime-2", true);
+    assert!(changed.manifest.stats.bytes_read > 0);
+    assert_eq!(changed.manifest.stats.disks_unchanged, 0);
 }

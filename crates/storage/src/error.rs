@@ -33,7 +33,12 @@ pub struct StorageError {
 impl StorageError {
     /// Creates an error about `key` with a message a user can act on.
     pub fn new(kind: ErrorKind, key: &str, message: impl Into<String>) -> Self {
-        Self { kind, key: key.to_string(), message: message.into(), source: None }
+        Self {
+            kind,
+            key: key.to_string(),
+            message: message.into(),
+            source: None,
+        }
     }
 
     /// Wraps an I/O error about `key`, classifying it by its OS error.
@@ -43,7 +48,12 @@ impl StorageError {
             ErrorKind::NoSpace => format!("{what}: no space left on the repository's device"),
             _ => what.to_string(),
         };
-        Self { kind, key: key.to_string(), message, source: Some(err) }
+        Self {
+            kind,
+            key: key.to_string(),
+            message,
+            source: Some(err),
+        }
     }
 
     /// The kind of failure.
@@ -69,7 +79,9 @@ fn classify_io(err: &io::Error) -> ErrorKind {
         io::ErrorKind::TimedOut | io::ErrorKind::Interrupted | io::ErrorKind::WouldBlock => {
             ErrorKind::Transient
         }
-        _ if err.raw_os_error() == Some(libc::ENOSPC) || err.raw_os_error() == Some(libc::EDQUOT) => {
+        _ if err.raw_os_error() == Some(libc::ENOSPC)
+            || err.raw_os_error() == Some(libc::EDQUOT) =>
+        {
             ErrorKind::NoSpace
         }
         _ => ErrorKind::Other,

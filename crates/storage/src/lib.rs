@@ -74,7 +74,17 @@ mod tests {
 
     #[test]
     fn keys_that_could_escape_the_root_are_refused() {
-        for bad in ["", "/etc/passwd", "../x", "a/../b", "a//b", ".tmp", "a/.hidden", "a b", "a\\b"] {
+        for bad in [
+            "",
+            "/etc/passwd",
+            "../x",
+            "a/../b",
+            "a//b",
+            ".tmp",
+            "a/.hidden",
+            "a b",
+            "a\\b",
+        ] {
             assert!(validate_key(bad).is_err(), "{bad:?} accepted");
         }
         for good in ["config", "keys/0a1b", "chunks/ab/ab12", "snapshots/x-y_z.1"] {

@@ -56,7 +56,9 @@ fn io_err(key: &str, what: &str, err: io::Error) -> StorageError {
 }
 
 fn is_temporary(path: &Path) -> bool {
-    path.file_name().and_then(|n| n.to_str()).is_some_and(|n| n.starts_with(TEMP_PREFIX))
+    path.file_name()
+        .and_then(|n| n.to_str())
+        .is_some_and(|n| n.starts_with(TEMP_PREFIX))
 }
 
 fn random_suffix() -> String {
@@ -71,7 +73,10 @@ fn random_suffix() -> String {
 fn write_temporary(dir: &Path, data: &[u8]) -> io::Result<PathBuf> {
     let temp = dir.join(format!("{TEMP_PREFIX}{}", random_suffix()));
     let result = (|| {
-        let mut file = OpenOptions::new().write(true).create_new(true).open(&temp)?;
+        let mut file = OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .open(&temp)?;
         file.write_all(data)?;
         file.sync_all()
     })();
@@ -151,16 +156,25 @@ impl Backend for LocalBackend {
 
     fn list(&self, prefix: &str) -> Result<Vec<ObjectInfo>> {
         let dir_part = prefix.rsplit_once('/').map_or("", |(dir, _)| dir);
-        let start = if dir_part.is_empty() { self.root.clone() } else { self.path_of(dir_part)? };
+        let start = if dir_part.is_empty() {
+            self.root.clone()
+        } else {
+            self.path_of(dir_part)?
+        };
         let files = walk(&start, false).map_err(|e| io_err(prefix, "listing objects", e))?;
         let mut objects = Vec::with_capacity(files.len());
         for path in files {
-            let Some(key) = key_of(&self.root, &path) else { continue };
+            let Some(key) = key_of(&self.root, &path) else {
+                continue;
+            };
             if !key.starts_with(prefix) {
                 continue;
             }
             match fs::metadata(&path) {
-                Ok(meta) => objects.push(ObjectInfo { key, size: meta.len() }),
+                Ok(meta) => objects.push(ObjectInfo {
+                    key,
+                    size: meta.len(),
+                }),
                 Err(e) if e.kind() == io::ErrorKind::NotFound => continue,
                 Err(e) => return Err(io_err(&key, "reading object metadata", e)),
             }
@@ -171,8 +185,15 @@ impl Backend for LocalBackend {
     fn stat(&self, key: &str) -> Result<Option<ObjectInfo>> {
         let path = self.path_of(key)?;
         match fs::metadata(path) {
-            Ok(meta) if meta.is_file() => Ok(Some(ObjectInfo { key: key.to_string(), size: meta.len() })),
-            Ok(_) => Err(StorageError::new(ErrorKind::Other, key, "expected a file, found a folder")),
+            Ok(meta) if meta.is_file() => Ok(Some(ObjectInfo {
+                key: key.to_string(),
+                size: meta.len(),
+            })),
+            Ok(_) => Err(StorageError::new(
+                ErrorKind::Other,
+                key,
+                "expected a file, found a folder",
+            )),
             Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(None),
             Err(e) => Err(io_err(key, "reading object metadata", e)),
         }
@@ -191,7 +212,10 @@ impl Backend for LocalBackend {
 /// The object name of a file below `root`, or `None` for non-UTF-8 names.
 fn key_of(root: &Path, path: &Path) -> Option<String> {
     let relative = path.strip_prefix(root).ok()?;
-    let parts: Option<Vec<&str>> = relative.components().map(|c| c.as_os_str().to_str()).collect();
+    let parts: Option<Vec<&str>> = relative
+        .components()
+        .map(|c| c.as_os_str().to_str())
+        .collect();
     Some(parts?.join("/"))
 }
 
@@ -213,9 +237,17 @@ mod tests {
         b.put("config", b"c").unwrap();
         assert_eq!(b.get("chunks/ab/abcd").unwrap(), b"hello");
         assert_eq!(b.get_range("chunks/cd/cdef", 2, 3).unwrap(), b"rld");
-        let mut listed: Vec<_> = b.list("chunks/").unwrap().into_iter().map(|o| (o.key, o.size)).collect();
+        let mut listed: Vec<_> = b
+            .list("chunks/")
+            .unwrap()
+            .into_iter()
+            .map(|o| (o.key, o.size))
+            .collect();
         listed.sort();
-        assert_eq!(listed, vec![("chunks/ab/abcd".into(), 5), ("chunks/cd/cdef".into(), 6)]);
+        assert_eq!(
+            listed,
+            vec![("chunks/ab/abcd".into(), 5), ("chunks/cd/cdef".into(), 6)]
+        );
         assert_eq!(b.stat("config").unwrap().unwrap().size, 1);
         b.delete("config").unwrap();
         assert!(b.stat("config").unwrap().is_none());
@@ -242,6 +274,9 @@ mod tests {
     #[test]
     fn unsafe_keys_never_touch_the_filesystem() {
         let (_dir, b) = backend();
-        assert_eq!(b.put("../escape", b"x").unwrap_err().kind(), ErrorKind::InvalidKey);
+        assert_eq!(
+            b.put("../escape", b"x").unwrap_err().kind(),
+            ErrorKind::InvalidKey
+        );
     }
 }

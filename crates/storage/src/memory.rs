@@ -18,7 +18,9 @@ impl MemoryBackend {
     }
 
     fn lock(&self) -> std::sync::MutexGuard<'_, BTreeMap<String, Vec<u8>>> {
-        self.objects.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
+        self.objects
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
     }
 
     /// Replaces an object's bytes, bypassing immutability: tests use it to
@@ -49,8 +51,12 @@ impl Backend for MemoryBackend {
 
     fn get_range(&self, key: &str, offset: u64, length: u64) -> Result<Vec<u8>> {
         let data = self.get(key)?;
-        let start = usize::try_from(offset).unwrap_or(usize::MAX).min(data.len());
-        let end = start.saturating_add(usize::try_from(length).unwrap_or(usize::MAX)).min(data.len());
+        let start = usize::try_from(offset)
+            .unwrap_or(usize::MAX)
+            .min(data.len());
+        let end = start
+            .saturating_add(usize::try_from(length).unwrap_or(usize::MAX))
+            .min(data.len());
         Ok(data[start..end].to_vec())
     }
 
@@ -59,12 +65,18 @@ impl Backend for MemoryBackend {
         Ok(objects
             .range(prefix.to_string()..)
             .take_while(|(k, _)| k.starts_with(prefix))
-            .map(|(k, v)| ObjectInfo { key: k.clone(), size: v.len() as u64 })
+            .map(|(k, v)| ObjectInfo {
+                key: k.clone(),
+                size: v.len() as u64,
+            })
             .collect())
     }
 
     fn stat(&self, key: &str) -> Result<Option<ObjectInfo>> {
-        Ok(self.lock().get(key).map(|v| ObjectInfo { key: key.to_string(), size: v.len() as u64 }))
+        Ok(self.lock().get(key).map(|v| ObjectInfo {
+            key: key.to_string(),
+            size: v.len() as u64,
+        }))
     }
 
     fn delete(&self, key: &str) -> Result<()> {

@@ -30,6 +30,10 @@ pub struct BackupOptions {
     pub host: Option<String>,
     /// Worker threads.
     pub threads: usize,
+    /// Reuse the previous snapshot's index for disks whose source
+    /// fingerprint is unchanged (see `DiskSource::identity`) instead of
+    /// reading them.
+    pub skip_unchanged: bool,
 }
 
 /// Counters shared by the workers.
@@ -41,6 +45,7 @@ struct Counters {
     chunks_new: AtomicU64,
     chunks_reused: AtomicU64,
     chunks_hole: AtomicU64,
+    disks_unchanged: AtomicU64,
 }
 
 impl Counters {
@@ -52,6 +57,7 @@ impl Counters {
             chunks_new: self.chunks_new.into_inner(),
             chunks_reused: self.chunks_reused.into_inner(),
             chunks_hole: self.chunks_hole.into_inner(),
+            disks_unchanged: self.disks_unchanged.into_inner(),
             duration_secs,
         }
     }
@@ -68,6 +74,8 @@ struct Job<'a> {
     stop: AtomicBool,
     known: Mutex<HashSet<ChunkId>>,
     indexes: Vec<Mutex<Vec<Option<ChunkId>>>>,
+    /// Per disk: the snapshot whose index was reused, if the disk is skipped.
+    unchanged_since: Vec<Option<String>>,
     counters: Counters,
     progress: &'a Progress,
 }
@@ -76,11 +84,21 @@ struct Job<'a> {
 ///
 /// Chunks already in the repository are neither compressed nor written
 /// again. Nothing is recorded unless every disk was read completely.
-pub fn backup(repo: &Repository, disks: &[BackupDisk], options: &BackupOptions, progress: &Progress) -> Result<Snapshot> {
+pub fn backup(
+    repo: &Repository,
+    disks: &[BackupDisk],
+    options: &BackupOptions,
+    progress: &Progress,
+) -> Result<Snapshot> {
     check_disk_names(disks)?;
     let started = Instant::now();
     let time = chrono::Utc::now().to_rfc3339_opts(chrono::SecondsFormat::Millis, true);
-    let job = Job::new(repo, disks, progress)?;
+    let previous = if options.skip_unchanged {
+        latest_snapshot_of(repo, &options.vm)?
+    } else {
+        None
+    };
+    let job = Job::new(repo, disks, previous.as_ref(), progress)?;
     super::run_workers(options.threads, || job.worker())?;
     if progress.is_cancelled() {
         return Err(Error::Interrupted);
@@ -117,20 +135,46 @@ fn check_disk_names(disks: &[BackupDisk]) -> Result<()> {
 }
 
 impl<'a> Job<'a> {
-    fn new(repo: &'a Repository, disks: &'a [BackupDisk], progress: &'a Progress) -> Result<Self> {
+    fn new(
+        repo: &'a Repository,
+        disks: &'a [BackupDisk],
+        previous: Option<&Snapshot>,
+        progress: &'a Progress,
+    ) -> Result<Self> {
         let chunk_size = repo.config().chunk_size;
+        let known: HashSet<ChunkId> = repo.list_chunks()?.into_keys().collect();
+        let counters = Counters::default();
         let mut starts = vec![0u64];
         let mut indexes = Vec::with_capacity(disks.len());
+        let mut unchanged_since = Vec::with_capacity(disks.len());
         for disk in disks {
             let size = disk.source.virtual_size();
-            let count = DiskIndex::chunk_count(size, chunk_size);
-            let count_usize = usize::try_from(count)
-                .map_err(|_| Error::InvalidInput(format!("disk '{}' is too large", disk.name)))?;
-            starts.push(starts[starts.len() - 1] + count);
-            indexes.push(Mutex::new(vec![None; count_usize]));
             progress.add_total(size);
+            let reused = previous.and_then(|p| reusable_index(repo, p, disk, chunk_size, &known));
+            let (count, index) = match reused {
+                Some(index) => {
+                    counters.disks_unchanged.fetch_add(1, Ordering::Relaxed);
+                    let data = index.chunks.iter().filter(|c| c.is_some()).count() as u64;
+                    counters.chunks_reused.fetch_add(data, Ordering::Relaxed);
+                    counters
+                        .chunks_hole
+                        .fetch_add(index.chunks.len() as u64 - data, Ordering::Relaxed);
+                    progress.add_done(size);
+                    unchanged_since.push(previous.map(|p| p.id.clone()));
+                    (0, index.chunks)
+                }
+                None => {
+                    let count = DiskIndex::chunk_count(size, chunk_size);
+                    let count_usize = usize::try_from(count).map_err(|_| {
+                        Error::InvalidInput(format!("disk '{}' is too large", disk.name))
+                    })?;
+                    unchanged_since.push(None);
+                    (count, vec![None; count_usize])
+                }
+            };
+            starts.push(starts[starts.len() - 1] + count);
+            indexes.push(Mutex::new(index));
         }
-        let known = repo.list_chunks()?.into_keys().collect();
         Ok(Self {
             repo,
             disks,
@@ -140,14 +184,18 @@ impl<'a> Job<'a> {
             stop: AtomicBool::new(false),
             known: Mutex::new(known),
             indexes,
-            counters: Counters::default(),
+            unchanged_since,
+            counters,
             progress,
         })
     }
 
     /// Maps a global chunk number to (disk, chunk within disk).
     fn locate(&self, global: u64) -> Option<(usize, u64)> {
-        let disk = self.starts.partition_point(|start| *start <= global).checked_sub(1)?;
+        let disk = self
+            .starts
+            .partition_point(|start| *start <= global)
+            .checked_sub(1)?;
         (disk < self.disks.len()).then(|| (disk, global - self.starts[disk]))
     }
 
@@ -160,14 +208,17 @@ impl<'a> Job<'a> {
     }
 
     fn worker_loop(&self) -> Result<()> {
-        let mut readers: Vec<Option<Box<dyn DiskReader>>> = self.disks.iter().map(|_| None).collect();
+        let mut readers: Vec<Option<Box<dyn DiskReader>>> =
+            self.disks.iter().map(|_| None).collect();
         let mut buf = vec![0u8; self.chunk_size as usize];
         loop {
             if self.stop.load(Ordering::Relaxed) || self.progress.is_cancelled() {
                 return Ok(());
             }
             let global = self.next.fetch_add(1, Ordering::Relaxed);
-            let Some((disk, chunk)) = self.locate(global) else { return Ok(()) };
+            let Some((disk, chunk)) = self.locate(global) else {
+                return Ok(());
+            };
             let reader = match &mut readers[disk] {
                 Some(reader) => reader,
                 slot => slot.insert(self.open_reader(disk)?),
@@ -178,19 +229,33 @@ impl<'a> Job<'a> {
     }
 
     fn open_reader(&self, disk: usize) -> Result<Box<dyn DiskReader>> {
-        self.disks[disk].source.open_reader().map_err(|e| self.source_error(disk, e))
+        self.disks[disk]
+            .source
+            .open_reader()
+            .map_err(|e| self.source_error(disk, e))
     }
 
     fn source_error(&self, disk: usize, source: std::io::Error) -> Error {
-        Error::Source { disk: self.disks[disk].name.clone(), source }
+        Error::Source {
+            disk: self.disks[disk].name.clone(),
+            source,
+        }
     }
 
     fn lock_index(&self, disk: usize) -> std::sync::MutexGuard<'_, Vec<Option<ChunkId>>> {
-        self.indexes[disk].lock().unwrap_or_else(|poisoned| poisoned.into_inner())
+        self.indexes[disk]
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
     }
 
     /// Reads one chunk and stores it if new; returns its index entry.
-    fn process_chunk(&self, disk: usize, chunk: u64, reader: &mut dyn DiskReader, buf: &mut [u8]) -> Result<Option<ChunkId>> {
+    fn process_chunk(
+        &self,
+        disk: usize,
+        chunk: u64,
+        reader: &mut dyn DiskReader,
+        buf: &mut [u8],
+    ) -> Result<Option<ChunkId>> {
         let size = self.disks[disk].source.virtual_size();
         let offset = chunk * u64::from(self.chunk_size);
         let length = (size - offset).min(u64::from(self.chunk_size)) as usize;
@@ -209,7 +274,11 @@ impl<'a> Job<'a> {
 
     fn store_if_new(&self, data: &[u8]) -> Result<ChunkId> {
         let id = self.repo.crypto().chunk_id(data);
-        let is_new = self.known.lock().unwrap_or_else(|poisoned| poisoned.into_inner()).insert(id);
+        let is_new = self
+            .known
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
+            .insert(id);
         if !is_new {
             self.counters.chunks_reused.fetch_add(1, Ordering::Relaxed);
             return Ok(id);
@@ -217,8 +286,12 @@ impl<'a> Job<'a> {
         let encoded = self.repo.encode_chunk(&id, data)?;
         self.repo.put_chunk(&id, &encoded)?;
         self.counters.chunks_new.fetch_add(1, Ordering::Relaxed);
-        self.counters.bytes_new.fetch_add(data.len() as u64, Ordering::Relaxed);
-        self.counters.bytes_stored.fetch_add(encoded.len() as u64, Ordering::Relaxed);
+        self.counters
+            .bytes_new
+            .fetch_add(data.len() as u64, Ordering::Relaxed);
+        self.counters
+            .bytes_stored
+            .fetch_add(encoded.len() as u64, Ordering::Relaxed);
         self.progress.add_stored(encoded.len() as u64);
         Ok(id)
     }
@@ -228,7 +301,11 @@ impl<'a> Job<'a> {
         for (i, disk) in self.disks.iter().enumerate() {
             let chunks = std::mem::take(&mut *self.lock_index(i));
             let data_chunks = chunks.iter().filter(|c| c.is_some()).count() as u64;
-            let index = DiskIndex { virtual_size: disk.source.virtual_size(), chunk_size: self.chunk_size, chunks };
+            let index = DiskIndex {
+                virtual_size: disk.source.virtual_size(),
+                chunk_size: self.chunk_size,
+                chunks,
+            };
             records.push(DiskRecord {
                 name: disk.name.clone(),
                 source: disk.source_label.clone(),
@@ -237,15 +314,51 @@ impl<'a> Job<'a> {
                 chunk_size: self.chunk_size,
                 index: self.repo.write_index(&index)?,
                 data_chunks,
+                source_identity: disk.source.identity(),
+                unchanged_since: self.unchanged_since[i].clone(),
             });
         }
         Ok(records)
     }
 }
 
+/// The newest readable snapshot of `vm`, if any.
+fn latest_snapshot_of(repo: &Repository, vm: &str) -> Result<Option<Snapshot>> {
+    let (snapshots, _) = repo.list_snapshots_checked()?;
+    Ok(snapshots.into_iter().rev().find(|s| s.manifest.vm == vm))
+}
+
+/// The previous snapshot's index for `disk`, if the disk's source is
+/// provably unchanged since then and every chunk of that index is stored.
+fn reusable_index(
+    repo: &Repository,
+    previous: &Snapshot,
+    disk: &BackupDisk,
+    chunk_size: u32,
+    known: &HashSet<ChunkId>,
+) -> Option<DiskIndex> {
+    let identity = disk.source.identity()?;
+    let record = previous
+        .manifest
+        .disks
+        .iter()
+        .find(|d| d.name == disk.name)?;
+    let same = record.source_identity.as_deref() == Some(identity.as_str())
+        && record.virtual_size == disk.source.virtual_size()
+        && record.chunk_size == chunk_size;
+    let index = repo.read_index(&record.index).ok().filter(|_| same)?;
+    let complete = index.virtual_size == record.virtual_size
+        && index.chunks.iter().flatten().all(|id| known.contains(id));
+    complete.then_some(index)
+}
+
 /// Fills `buf` with the disk's bytes at `offset`, reading only the extents
 /// that hold data; returns how many bytes were read.
-fn read_allocated(reader: &mut dyn DiskReader, offset: u64, buf: &mut [u8]) -> std::io::Result<u64> {
+fn read_allocated(
+    reader: &mut dyn DiskReader,
+    offset: u64,
+    buf: &mut [u8],
+) -> std::io::Result<u64> {
     let end = offset + buf.len() as u64;
     let mut covered = offset;
     let mut read = 0;
@@ -269,7 +382,9 @@ fn read_allocated(reader: &mut dyn DiskReader, offset: u64, buf: &mut [u8]) -> s
         covered = stop;
     }
     if covered != end {
-        return Err(std::io::Error::other(format!("the source did not describe all of the range at {offset}")));
+        return Err(std::io::Error::other(format!(
+            "the source did not describe all of the range at {offset}"
+        )));
     }
     Ok(read)
 }

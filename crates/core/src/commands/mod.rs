@@ -15,7 +15,9 @@ where
         let mut first_error = None;
         for handle in handles {
             let result = handle.join().unwrap_or_else(|_| {
-                Err(crate::Error::InvalidInput("a worker thread panicked; this is a bug in vbackup".to_string()))
+                Err(crate::Error::InvalidInput(
+                    "a worker thread panicked; this is a bug in vbackup".to_string(),
+                ))
             });
             if let Err(e) = result {
                 first_error.get_or_insert(e);

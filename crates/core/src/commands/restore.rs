@@ -12,6 +12,7 @@ use crate::{ChunkId, Error, Progress, Repository, Result};
 
 /// What a restore did.
 #[derive(Debug, Clone, Default, PartialEq, Eq, serde::Serialize)]
+#[serde(rename_all = "kebab-case")]
 pub struct RestoreStats {
     /// Virtual size of the disk.
     pub virtual_size: u64,
@@ -25,7 +26,10 @@ pub struct RestoreStats {
 fn load_index(repo: &Repository, disk: &DiskRecord) -> Result<DiskIndex> {
     let index = repo.read_index(&disk.index)?;
     if index.virtual_size != disk.virtual_size || index.chunk_size != disk.chunk_size {
-        return Err(Error::corrupt(&disk.index, "index does not match the snapshot's disk record"));
+        return Err(Error::corrupt(
+            &disk.index,
+            "index does not match the snapshot's disk record",
+        ));
     }
     Ok(index)
 }
@@ -59,12 +63,18 @@ pub fn restore_disk(
     let stop = AtomicBool::new(false);
     let written = AtomicU64::new(0);
     let chunks_read = AtomicU64::new(0);
-    let target_error = |source| Error::Target { disk: disk.name.clone(), source };
+    let target_error = |source| Error::Target {
+        disk: disk.name.clone(),
+        source,
+    };
     let worker = || -> Result<()> {
         let mut writer = target.open_writer().map_err(target_error)?;
         loop {
             let i = next.fetch_add(1, Ordering::Relaxed);
-            if i >= index.chunks.len() as u64 || stop.load(Ordering::Relaxed) || progress.is_cancelled() {
+            if i >= index.chunks.len() as u64
+                || stop.load(Ordering::Relaxed)
+                || progress.is_cancelled()
+            {
                 break;
             }
             let (offset, length) = index.chunk_range(i);
@@ -115,7 +125,9 @@ pub fn restore_disk_to_writer(
         }
         drop(result_tx);
         drop(ticket_rx);
-        write_in_order(&index, out, window, ticket_tx, result_rx, progress, &disk.name)
+        write_in_order(
+            &index, out, window, ticket_tx, result_rx, progress, &disk.name,
+        )
     })
 }
 
@@ -152,13 +164,19 @@ fn write_in_order(
     progress: &Progress,
     disk: &str,
 ) -> Result<RestoreStats> {
-    let target_error = |source| Error::Target { disk: disk.to_string(), source };
+    let target_error = |source| Error::Target {
+        disk: disk.to_string(),
+        source,
+    };
     let total = index.chunks.len() as u64;
     for _ in 0..window.min(total as usize) {
         let _ = tickets.send(());
     }
     let mut pending = BTreeMap::new();
-    let mut stats = RestoreStats { virtual_size: index.virtual_size, ..Default::default() };
+    let mut stats = RestoreStats {
+        virtual_size: index.virtual_size,
+        ..Default::default()
+    };
     let zeros = vec![0u8; index.chunk_size as usize];
     let mut written = 0u64;
     while written < total {
@@ -183,7 +201,9 @@ fn write_in_order(
     }
     drop(pending);
     if written < total {
-        return Err(Error::InvalidInput("restore workers stopped early".to_string()));
+        return Err(Error::InvalidInput(
+            "restore workers stopped early".to_string(),
+        ));
     }
     out.flush().map_err(target_error)?;
     Ok(stats)

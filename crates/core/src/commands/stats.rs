@@ -8,6 +8,7 @@ use crate::{ChunkId, Repository, Result};
 
 /// Sizes of a repository's content.
 #[derive(Debug, Clone, Default, Serialize)]
+#[serde(rename_all = "kebab-case")]
 pub struct RepoStats {
     /// Snapshots.
     pub snapshots: usize,
@@ -45,8 +46,15 @@ fn ratio(a: u64, b: u64) -> f64 {
 pub fn stats(repo: &Repository) -> Result<RepoStats> {
     let snapshots = repo.list_snapshots()?;
     let stored = repo.list_chunks()?;
-    let mut s = RepoStats { snapshots: snapshots.len(), ..Default::default() };
-    s.vms = snapshots.iter().map(|x| x.manifest.vm.as_str()).collect::<HashSet<_>>().len();
+    let mut s = RepoStats {
+        snapshots: snapshots.len(),
+        ..Default::default()
+    };
+    s.vms = snapshots
+        .iter()
+        .map(|x| x.manifest.vm.as_str())
+        .collect::<HashSet<_>>()
+        .len();
     let mut seen: HashSet<ChunkId> = HashSet::new();
     for snapshot in &snapshots {
         for disk in &snapshot.manifest.disks {

@@ -12,6 +12,7 @@ use crate::{ChunkId, Progress, Repository, Result, Snapshot};
 
 /// A chunk that is missing or fails its checks.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "kebab-case")]
 pub struct ChunkProblem {
     /// The chunk's object name (or index / snapshot object for metadata).
     pub object: String,
@@ -21,6 +22,7 @@ pub struct ChunkProblem {
 
 /// A disk of a snapshot that cannot be restored completely.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "kebab-case")]
 pub struct AffectedDisk {
     /// Snapshot id.
     pub snapshot: String,
@@ -39,6 +41,7 @@ pub struct AffectedDisk {
 
 /// The outcome of a verification.
 #[derive(Debug, Clone, Default, Serialize)]
+#[serde(rename_all = "kebab-case")]
 pub struct VerifyReport {
     /// Snapshots examined.
     pub snapshots: usize,
@@ -67,26 +70,45 @@ type Indexes = HashMap<(usize, usize), DiskIndex>;
 /// Verifies every snapshot, index and chunk with `threads` readers.
 pub fn verify(repo: &Repository, threads: usize, progress: &Progress) -> Result<VerifyReport> {
     let (snapshots, broken_manifests) = repo.list_snapshots_checked()?;
-    let mut report = VerifyReport { snapshots: snapshots.len(), ..Default::default() };
+    let mut report = VerifyReport {
+        snapshots: snapshots.len(),
+        ..Default::default()
+    };
     for error in broken_manifests {
-        report.problems.push(ChunkProblem { object: object_of(&error), problem: error.to_string() });
+        report.problems.push(ChunkProblem {
+            object: object_of(&error),
+            problem: error.to_string(),
+        });
     }
     let indexes = load_indexes(repo, &snapshots, &mut report);
-    let referenced: HashSet<ChunkId> = indexes.values().flat_map(|i| i.chunks.iter().flatten().copied()).collect();
+    let referenced: HashSet<ChunkId> = indexes
+        .values()
+        .flat_map(|i| i.chunks.iter().flatten().copied())
+        .collect();
     let stored = repo.list_chunks()?;
     report.unreferenced_chunks = stored.keys().filter(|id| !referenced.contains(id)).count() as u64;
     let mut bad: HashSet<ChunkId> = HashSet::new();
     for id in referenced.iter().filter(|id| !stored.contains_key(id)) {
         bad.insert(*id);
-        report.problems.push(ChunkProblem { object: Repository::chunk_key(id), problem: "missing".to_string() });
+        report.problems.push(ChunkProblem {
+            object: Repository::chunk_key(id),
+            problem: "missing".to_string(),
+        });
     }
     for problem in check_chunks(repo, &stored, threads, progress, &mut report)? {
-        if let Some(id) = problem.object.rsplit('/').next().and_then(ChunkId::from_hex) {
+        if let Some(id) = problem
+            .object
+            .rsplit('/')
+            .next()
+            .and_then(ChunkId::from_hex)
+        {
             bad.insert(id);
         }
         report.problems.push(problem);
     }
-    report.affected.extend(affected_disks(&snapshots, &indexes, &bad));
+    report
+        .affected
+        .extend(affected_disks(&snapshots, &indexes, &bad));
     report.problems.sort_by(|a, b| a.object.cmp(&b.object));
     Ok(report)
 }
@@ -109,7 +131,10 @@ fn load_indexes(repo: &Repository, snapshots: &[Snapshot], report: &mut VerifyRe
                     indexes.insert((s, d), index);
                 }
                 Err(error) => {
-                    report.problems.push(ChunkProblem { object: disk.index.clone(), problem: error.to_string() });
+                    report.problems.push(ChunkProblem {
+                        object: disk.index.clone(),
+                        problem: error.to_string(),
+                    });
                     report.affected.push(AffectedDisk {
                         snapshot: snapshot.id.clone(),
                         vm: snapshot.manifest.vm.clone(),
@@ -144,8 +169,14 @@ fn check_chunks(
                 return Err(crate::Error::Interrupted);
             }
             if let Err(error) = repo.read_chunk(id) {
-                let problem = ChunkProblem { object: Repository::chunk_key(id), problem: error.to_string() };
-                problems.lock().unwrap_or_else(|p| p.into_inner()).push(problem);
+                let problem = ChunkProblem {
+                    object: Repository::chunk_key(id),
+                    problem: error.to_string(),
+                };
+                problems
+                    .lock()
+                    .unwrap_or_else(|p| p.into_inner())
+                    .push(problem);
             }
             bytes.fetch_add(**size, Ordering::Relaxed);
             progress.add_done(**size);
@@ -157,7 +188,11 @@ fn check_chunks(
     Ok(problems.into_inner().unwrap_or_else(|p| p.into_inner()))
 }
 
-fn affected_disks(snapshots: &[Snapshot], indexes: &Indexes, bad: &HashSet<ChunkId>) -> Vec<AffectedDisk> {
+fn affected_disks(
+    snapshots: &[Snapshot],
+    indexes: &Indexes,
+    bad: &HashSet<ChunkId>,
+) -> Vec<AffectedDisk> {
     let mut affected = Vec::new();
     for ((s, d), index) in indexes {
         let mut bad_chunks = 0;

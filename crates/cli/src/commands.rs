@@ -1,0 +1,721 @@
+//! One function per command; each opens what it needs, runs the core
+//! operation under a progress display and prints text or JSON.
+
+use std::io::IsTerminal;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::AtomicBool;
+use std::sync::Arc;
+
+use anyhow::{bail, Context as _, Result};
+use serde::Serialize;
+use vbackup_core::crypto::{kdf::KdfParams, CipherKind, DigestKind};
+use vbackup_core::format::DiskRecord;
+use vbackup_core::{BackupDisk, BackupOptions, InitOptions, Repository, Snapshot};
+use vbackup_storage::{Backend, LocalBackend};
+
+use crate::args::{
+    BackupArgs, Cli, Command, DigestArg, EncryptionArg, GlobalArgs, InitArgs, KeyCommand,
+    RestoreArgs, SnapshotsArgs,
+};
+use crate::ui::{human_bytes, human_rate, with_progress};
+use crate::{ExitError, EXIT_DAMAGE, EXIT_USAGE};
+
+/// What every command gets: the global options and the signal flag.
+pub struct Context {
+    /// Global options.
+    pub global: GlobalArgs,
+    /// Set by SIGINT / SIGTERM.
+    pub signal: Arc<AtomicBool>,
+}
+
+/// Runs the parsed command line.
+pub fn run(cli: Cli) -> Result<()> {
+    let ctx = Context {
+        global: cli.global,
+        signal: crate::ui::install_signal_flag(),
+    };
+    match cli.command {
+        Command::Init(args) => init(&ctx, &args),
+        Command::Backup(args) => backup(&ctx, &args),
+        Command::Restore(args) => restore(&ctx, &args),
+        Command::Snapshots(args) => snapshots(&ctx, &args),
+        Command::Verify => verify(&ctx),
+        Command::Stats => stats(&ctx),
+        Command::Key(command) => key(&ctx, &command),
+        Command::Speed => speed(&ctx),
+        Command::Quickstart(args) => crate::quickstart::run(&ctx, &args),
+    }
+}
+
+fn usage_error(message: impl Into<String>) -> anyhow::Error {
+    ExitError {
+        code: EXIT_USAGE,
+        message: message.into(),
+    }
+    .into()
+}
+
+impl Context {
+    /// Worker threads to use.
+    pub fn threads(&self) -> usize {
+        self.global
+            .threads
+            .unwrap_or_else(vbackup_core::default_threads)
+            .max(1)
+    }
+
+    /// The backend named by `--repo` / `VBACKUP_REPOSITORY`.
+    pub fn backend(&self) -> Result<Arc<dyn Backend>> {
+        let Some(repo) = &self.global.repo else {
+            return Err(usage_error(
+                "no repository given: use --repo PATH or set VBACKUP_REPOSITORY",
+            ));
+        };
+        backend_for(repo)
+    }
+
+    /// Opens the repository, asking for the passphrase only if needed.
+    pub fn open(&self) -> Result<Repository> {
+        let backend = self.backend()?;
+        Ok(Repository::open(backend, || {
+            self.passphrase("Passphrase: ")
+        })?)
+    }
+
+    /// The passphrase from the file, the environment, or a prompt.
+    fn passphrase(&self, prompt: &str) -> Result<Option<String>, vbackup_core::Error> {
+        read_secret(
+            self.global.password_file.as_deref(),
+            "VBACKUP_PASSWORD",
+            prompt,
+            false,
+        )
+    }
+
+    /// Prints a line for people (not in --json or --quiet mode).
+    pub fn say(&self, text: impl AsRef<str>) {
+        if !self.global.json && !self.global.quiet {
+            println!("{}", text.as_ref());
+        }
+    }
+
+    /// Prints a value as JSON when --json was given; returns whether it did.
+    pub fn json<T: Serialize>(&self, value: &T) -> Result<bool> {
+        if self.global.json {
+            println!("{}", serde_json::to_string_pretty(value)?);
+        }
+        Ok(self.global.json)
+    }
+}
+
+/// The backend for a `--repo` value.
+pub fn backend_for(repo: &str) -> Result<Arc<dyn Backend>> {
+    if let Some((scheme, _)) = repo
+        .split_once("://")
+        .or_else(|| repo.split_once(':').filter(|(s, _)| s.len() > 1))
+    {
+        return Err(usage_error(format!(
+            "repository '{repo}': the '{scheme}' scheme is not supported by this build; give a local folder"
+        )));
+    }
+    Ok(Arc::new(LocalBackend::new(PathBuf::from(repo))))
+}
+
+/// Reads a secret from `file`, else the environment variable `env`, else a
+/// prompt on the terminal (twice with `confirm`). `None` when there is no
+/// source (not a terminal).
+fn read_secret(
+    file: Option<&Path>,
+    env: &str,
+    prompt: &str,
+    confirm: bool,
+) -> Result<Option<String>, vbackup_core::Error> {
+    if let Some(file) = file {
+        let text = std::fs::read_to_string(file).map_err(|e| {
+            vbackup_core::Error::InvalidInput(format!(
+                "cannot read the passphrase file {}: {e}",
+                file.display()
+            ))
+        })?;
+        return Ok(Some(text.lines().next().unwrap_or_default().to_string()));
+    }
+    if let Ok(value) = std::env::var(env) {
+        return Ok(Some(value));
+    }
+    if !std::io::stdin().is_terminal() {
+        return Ok(None);
+    }
+    let first = rpassword::prompt_password(prompt).map_err(|e| {
+        vbackup_core::Error::InvalidInput(format!("cannot read the passphrase: {e}"))
+    })?;
+    if confirm {
+        let second = rpassword::prompt_password("Repeat passphrase: ").map_err(|e| {
+            vbackup_core::Error::InvalidInput(format!("cannot read the passphrase: {e}"))
+        })?;
+        if first != second {
+            return Err(vbackup_core::Error::InvalidInput(
+                "the passphrases do not match".to_string(),
+            ));
+        }
+    }
+    Ok(Some(first))
+}
+
+fn init_options(args: &InitArgs) -> Result<InitOptions> {
+    let cipher = match args.encryption {
+        EncryptionArg::Auto => CipherKind::default_for_cpu(),
+        EncryptionArg::Aes256Gcm => CipherKind::Aes256Gcm,
+        EncryptionArg::Chacha20Poly1305 => CipherKind::ChaCha20Poly1305,
+        EncryptionArg::None => CipherKind::None,
+    };
+    let digest = match args.digest {
+        DigestArg::Blake3 => DigestKind::Blake3Keyed,
+        DigestArg::HmacSha256 => DigestKind::HmacSha256,
+    };
+    let chunk_size =
+        u32::try_from(args.chunk_size).map_err(|_| usage_error("chunk size too large"))?;
+    Ok(InitOptions {
+        chunk_size,
+        cipher,
+        digest,
+        compression_level: args.compression_level,
+        kdf: kdf_params(),
+    })
+}
+
+/// Argon2id cost; `VBACKUP_KDF_MEMORY_KIB` lowers it for tests on small machines.
+fn kdf_params() -> KdfParams {
+    let mut params = KdfParams::default();
+    if let Some(kib) = std::env::var("VBACKUP_KDF_MEMORY_KIB")
+        .ok()
+        .and_then(|v| v.parse().ok())
+    {
+        params.memory_kib = kib;
+        params.iterations = 1;
+    }
+    params
+}
+
+#[derive(Serialize)]
+struct InitOutput<'a> {
+    repository: String,
+    id: &'a str,
+    chunk_size: u32,
+    cipher: CipherKind,
+    digest: DigestKind,
+}
+
+fn init(ctx: &Context, args: &InitArgs) -> Result<()> {
+    let backend = ctx.backend()?;
+    let options = init_options(args)?;
+    let passphrase = if options.cipher == CipherKind::None {
+        None
+    } else {
+        let secret = read_secret(
+            ctx.global.password_file.as_deref(),
+            "VBACKUP_PASSWORD",
+            "New passphrase: ",
+            true,
+        )?;
+        Some(secret.ok_or_else(|| {
+            usage_error("a new encrypted repository needs a passphrase: set VBACKUP_PASSWORD or VBACKUP_PASSWORD_FILE, or run on a terminal (or choose --encryption none)")
+        })?)
+    };
+    if passphrase.as_deref() == Some("") {
+        return Err(usage_error("the passphrase is empty; choose a real one"));
+    }
+    let repo = Repository::init(backend, passphrase.as_deref(), &options)?;
+    let config = repo.config();
+    let output = InitOutput {
+        repository: repo.location(),
+        id: &config.id,
+        chunk_size: config.chunk_size,
+        cipher: config.cipher,
+        digest: config.digest,
+    };
+    if !ctx.json(&output)? {
+        ctx.say(format!(
+            "created repository {} at {}\n  chunks: {} fixed, digest {:?}, cipher {:?}, zstd level {}",
+            &config.id[..8],
+            repo.location(),
+            human_bytes(u64::from(config.chunk_size)),
+            config.digest,
+            config.cipher,
+            config.compression_level
+        ));
+        if config.cipher != CipherKind::None {
+            ctx.say("  keep the passphrase safe: without it the backups cannot be read");
+        }
+    }
+    Ok(())
+}
+
+/// Default disk names: file names without extension, made unique.
+fn disk_names(args: &BackupArgs) -> Result<Vec<String>> {
+    if !args.disk_names.is_empty() {
+        if args.disk_names.len() != args.disks.len() {
+            return Err(usage_error(format!(
+                "{} --disk-name values for {} disks; give one per disk or none",
+                args.disk_names.len(),
+                args.disks.len()
+            )));
+        }
+        return Ok(args.disk_names.clone());
+    }
+    let mut names: Vec<String> = Vec::new();
+    for path in &args.disks {
+        let stem = path
+            .file_stem()
+            .map_or("disk".into(), |s| s.to_string_lossy().into_owned());
+        let mut name = stem.clone();
+        let mut n = 1;
+        while names.contains(&name) {
+            n += 1;
+            name = format!("{stem}-{n}");
+        }
+        names.push(name);
+    }
+    Ok(names)
+}
+
+/// Options to open a disk image with one NBD connection per worker.
+pub fn disk_options(format: Option<&str>, threads: usize) -> vbackup_qemu::OpenDiskOptions {
+    vbackup_qemu::OpenDiskOptions {
+        format: format.map(str::to_owned),
+        connections: connections(threads),
+        check: true,
+    }
+}
+
+/// One qemu-nbd connection per worker thread.
+fn connections(threads: usize) -> u32 {
+    u32::try_from(threads).unwrap_or(u32::MAX).max(1)
+}
+
+fn open_disks(args: &BackupArgs, threads: usize) -> Result<Vec<BackupDisk>> {
+    let names = disk_names(args)?;
+    let mut disks = Vec::with_capacity(args.disks.len());
+    for (path, name) in args.disks.iter().zip(names) {
+        let source =
+            vbackup_qemu::open_disk_with(path, &disk_options(args.format.as_deref(), threads))
+                .with_context(|| format!("cannot open disk image {}", path.display()))?;
+        disks.push(BackupDisk {
+            name,
+            source_label: path.display().to_string(),
+            source,
+        });
+    }
+    Ok(disks)
+}
+
+#[derive(Serialize)]
+struct BackupOutput<'a> {
+    snapshot: &'a str,
+    vm: &'a str,
+    time: &'a str,
+    disks: &'a [DiskRecord],
+    stats: &'a vbackup_core::format::BackupStats,
+}
+
+fn backup(ctx: &Context, args: &BackupArgs) -> Result<()> {
+    let repo = ctx.open()?;
+    let threads = ctx.threads();
+    let disks = open_disks(args, threads)?;
+    let options = BackupOptions {
+        vm: args.vm.clone(),
+        tags: args.tags.clone(),
+        host: args.host.clone(),
+        threads,
+        skip_unchanged: !args.force_read,
+    };
+    let snapshot = with_progress(
+        "backup",
+        ctx.global.quiet || ctx.global.json,
+        &ctx.signal,
+        |progress| vbackup_core::backup(&repo, &disks, &options, progress),
+    )?;
+    drop(disks);
+    let m = &snapshot.manifest;
+    let output = BackupOutput {
+        snapshot: &snapshot.id,
+        vm: &m.vm,
+        time: &m.time,
+        disks: &m.disks,
+        stats: &m.stats,
+    };
+    if !ctx.json(&output)? {
+        print_backup_summary(ctx, &snapshot);
+    }
+    Ok(())
+}
+
+/// The lines printed after a backup.
+pub fn print_backup_summary(ctx: &Context, snapshot: &Snapshot) {
+    let m = &snapshot.manifest;
+    let s = &m.stats;
+    let virtual_size: u64 = m.disks.iter().map(|d| d.virtual_size).sum();
+    ctx.say(format!(
+        "snapshot {} saved: VM '{}', {} disk(s), {} virtual",
+        snapshot.short_id(),
+        m.vm,
+        m.disks.len(),
+        human_bytes(virtual_size)
+    ));
+    ctx.say(format!(
+        "  read {} in {:.1} s ({}); new data {} stored as {}",
+        human_bytes(s.bytes_read),
+        s.duration_secs,
+        human_rate(s.bytes_read, s.duration_secs),
+        human_bytes(s.bytes_new),
+        human_bytes(s.bytes_stored)
+    ));
+    ctx.say(format!(
+        "  chunks: {} new, {} already stored, {} holes (not read or stored)",
+        s.chunks_new, s.chunks_reused, s.chunks_hole
+    ));
+    for disk in m.disks.iter().filter(|d| d.unchanged_since.is_some()) {
+        ctx.say(format!(
+            "  disk '{}' unchanged since snapshot {} (same file identity): not read (--force-read reads it)",
+            disk.name,
+            disk.unchanged_since.as_deref().map_or("", |id| &id[..8.min(id.len())])
+        ));
+    }
+}
+
+fn selected_disks<'a>(snapshot: &'a Snapshot, disk: Option<&str>) -> Result<Vec<&'a DiskRecord>> {
+    let disks: Vec<&DiskRecord> = snapshot
+        .manifest
+        .disks
+        .iter()
+        .filter(|d| disk.is_none_or(|name| d.name == name))
+        .collect();
+    if disks.is_empty() {
+        let names: Vec<&str> = snapshot
+            .manifest
+            .disks
+            .iter()
+            .map(|d| d.name.as_str())
+            .collect();
+        return Err(usage_error(format!(
+            "snapshot {} has no disk named '{}'; its disks: {}",
+            snapshot.short_id(),
+            disk.unwrap_or_default(),
+            names.join(", ")
+        )));
+    }
+    Ok(disks)
+}
+
+#[derive(Serialize)]
+struct RestoredDisk {
+    disk: String,
+    path: String,
+    format: String,
+    stats: vbackup_core::RestoreStats,
+    seconds: f64,
+}
+
+fn restore(ctx: &Context, args: &RestoreArgs) -> Result<()> {
+    let repo = ctx.open()?;
+    let snapshot = repo.find_snapshot(&args.snapshot, args.vm.as_deref())?;
+    let disks = selected_disks(&snapshot, args.disk.as_deref())?;
+    if args.target == "-" {
+        return restore_to_stdout(ctx, &repo, &snapshot, &disks);
+    }
+    let dir = PathBuf::from(&args.target);
+    std::fs::create_dir_all(&dir)
+        .with_context(|| format!("cannot create the target folder {}", dir.display()))?;
+    let mut restored = Vec::new();
+    for disk in disks {
+        restored.push(restore_one(ctx, &repo, disk, &dir, args)?);
+    }
+    if !ctx.json(&restored)? {
+        for r in &restored {
+            ctx.say(format!(
+                "restored disk '{}' of snapshot {} to {} ({}, {} of data, {:.1} s, {})",
+                r.disk,
+                snapshot.short_id(),
+                r.path,
+                r.format,
+                human_bytes(r.stats.bytes_written),
+                r.seconds,
+                human_rate(r.stats.bytes_written, r.seconds)
+            ));
+        }
+    }
+    Ok(())
+}
+
+fn restore_one(
+    ctx: &Context,
+    repo: &Repository,
+    disk: &DiskRecord,
+    dir: &Path,
+    args: &RestoreArgs,
+) -> Result<RestoredDisk> {
+    let path = dir.join(format!("{}.{}", disk.name, args.format));
+    if path.exists() && !args.force {
+        return Err(usage_error(format!(
+            "{} already exists; remove it or pass --force",
+            path.display()
+        )));
+    }
+    let started = std::time::Instant::now();
+    let target = vbackup_qemu::create_target_with(
+        &path,
+        &args.format,
+        disk.virtual_size,
+        connections(ctx.threads()),
+    )
+    .with_context(|| format!("cannot create {}", path.display()))?;
+    let result = with_progress(
+        "restore",
+        ctx.global.quiet || ctx.global.json,
+        &ctx.signal,
+        |progress| vbackup_core::restore_disk(repo, disk, target.as_ref(), ctx.threads(), progress),
+    );
+    drop(target);
+    match result {
+        Ok(stats) => Ok(RestoredDisk {
+            disk: disk.name.clone(),
+            path: path.display().to_string(),
+            format: args.format.clone(),
+            stats,
+            seconds: started.elapsed().as_secs_f64(),
+        }),
+        Err(error) => {
+            let _ = std::fs::remove_file(&path);
+            Err(anyhow::Error::new(error).context(format!(
+                "restore of disk '{}' failed; the incomplete file {} was removed",
+                disk.name,
+                path.display()
+            )))
+        }
+    }
+}
+
+fn restore_to_stdout(
+    ctx: &Context,
+    repo: &Repository,
+    snapshot: &Snapshot,
+    disks: &[&DiskRecord],
+) -> Result<()> {
+    let [disk] = disks else {
+        bail!(usage_error(format!(
+            "snapshot {} has {} disks; choose one with --disk to stream to stdout",
+            snapshot.short_id(),
+            disks.len()
+        )));
+    };
+    let stdout = std::io::stdout();
+    let mut out = std::io::BufWriter::with_capacity(1 << 20, stdout.lock());
+    with_progress("restore", true, &ctx.signal, |progress| {
+        vbackup_core::restore_disk_to_writer(repo, disk, &mut out, ctx.threads(), progress)
+    })?;
+    Ok(())
+}
+
+#[derive(Serialize)]
+struct SnapshotRow<'a> {
+    id: &'a str,
+    time: &'a str,
+    vm: &'a str,
+    host: &'a str,
+    tags: &'a [String],
+    disks: &'a [DiskRecord],
+    stats: &'a vbackup_core::format::BackupStats,
+}
+
+fn snapshots(ctx: &Context, args: &SnapshotsArgs) -> Result<()> {
+    let repo = ctx.open()?;
+    let (all, damaged) = repo.list_snapshots_checked()?;
+    let list: Vec<&Snapshot> = all
+        .iter()
+        .filter(|s| args.vm.as_ref().is_none_or(|vm| &s.manifest.vm == vm))
+        .collect();
+    for error in &damaged {
+        eprintln!("vbackup: warning: {error}");
+    }
+    let rows: Vec<SnapshotRow> = list
+        .iter()
+        .map(|s| SnapshotRow {
+            id: &s.id,
+            time: &s.manifest.time,
+            vm: &s.manifest.vm,
+            host: &s.manifest.host,
+            tags: &s.manifest.tags,
+            disks: &s.manifest.disks,
+            stats: &s.manifest.stats,
+        })
+        .collect();
+    if ctx.json(&rows)? {
+        return Ok(());
+    }
+    println!(
+        "{:<8}  {:<19}  {:<16}  {:<12}  {:>5}  {:>10}  {:>10}  TAGS",
+        "ID", "TIME (UTC)", "VM", "HOST", "DISKS", "SIZE", "NEW"
+    );
+    for s in &list {
+        let m = &s.manifest;
+        let size: u64 = m.disks.iter().map(|d| d.virtual_size).sum();
+        println!(
+            "{:<8}  {:<19}  {:<16}  {:<12}  {:>5}  {:>10}  {:>10}  {}",
+            s.short_id(),
+            m.time.get(..19).unwrap_or(&m.time).replace('T', " "),
+            m.vm,
+            m.host,
+            m.disks.len(),
+            human_bytes(size),
+            human_bytes(m.stats.bytes_stored),
+            m.tags.join(",")
+        );
+    }
+    println!("{} snapshot(s)", list.len());
+    Ok(())
+}
+
+fn verify(ctx: &Context) -> Result<()> {
+    let repo = ctx.open()?;
+    let started = std::time::Instant::now();
+    let report = with_progress(
+        "verify",
+        ctx.global.quiet || ctx.global.json,
+        &ctx.signal,
+        |progress| vbackup_core::verify(&repo, ctx.threads(), progress),
+    )?;
+    let seconds = started.elapsed().as_secs_f64();
+    if !ctx.json(&report)? {
+        ctx.say(format!(
+            "verified {} snapshot(s), {} chunk(s), {} in {:.1} s ({})",
+            report.snapshots,
+            report.chunks_checked,
+            human_bytes(report.bytes_checked),
+            seconds,
+            human_rate(report.bytes_checked, seconds)
+        ));
+        for p in &report.problems {
+            println!("DAMAGED {}: {}", p.object, p.problem);
+        }
+        for a in &report.affected {
+            println!(
+                "AFFECTED snapshot {} (VM '{}', {}) disk '{}': {} bad chunk(s), {} unrestorable",
+                &a.snapshot[..8.min(a.snapshot.len())],
+                a.vm,
+                a.time,
+                a.disk,
+                a.bad_chunks,
+                human_bytes(a.bad_bytes)
+            );
+        }
+    }
+    if !report.is_clean() {
+        return Err(ExitError {
+            code: EXIT_DAMAGE,
+            message: format!(
+                "verify found {} damaged or missing object(s) affecting {} disk(s) of snapshots",
+                report.problems.len(),
+                report.affected.len()
+            ),
+        }
+        .into());
+    }
+    ctx.say("no damage found");
+    Ok(())
+}
+
+fn stats(ctx: &Context) -> Result<()> {
+    let repo = ctx.open()?;
+    let s = vbackup_core::stats(&repo)?;
+    if ctx.json(&s)? {
+        return Ok(());
+    }
+    println!(
+        "repository   {} ({})",
+        repo.location(),
+        &repo.config().id[..8]
+    );
+    println!("snapshots    {} of {} VM(s)", s.snapshots, s.vms);
+    println!(
+        "virtual      {}  (sum of disk sizes over all snapshots)",
+        human_bytes(s.logical_bytes)
+    );
+    println!(
+        "data         {}  (allocated, non-zero data over all snapshots)",
+        human_bytes(s.referenced_bytes)
+    );
+    println!(
+        "unique       {}  in {} chunks",
+        human_bytes(s.unique_bytes),
+        s.unique_chunks
+    );
+    println!(
+        "stored       {}  (compressed and encrypted)",
+        human_bytes(s.stored_bytes)
+    );
+    println!("dedup        {:.2}x", s.dedup_ratio);
+    println!("compression  {:.2}x", s.compression_ratio);
+    println!(
+        "total        {:.2}x  (data / stored)",
+        s.dedup_ratio * s.compression_ratio
+    );
+    if s.unreferenced_chunks > 0 {
+        println!(
+            "unreferenced {} chunk(s), {} (left by interrupted backups)",
+            s.unreferenced_chunks,
+            human_bytes(s.unreferenced_bytes)
+        );
+    }
+    Ok(())
+}
+
+fn key(ctx: &Context, command: &KeyCommand) -> Result<()> {
+    let repo = ctx.open()?;
+    match command {
+        KeyCommand::Add => {
+            let file = std::env::var_os("VBACKUP_NEW_PASSWORD_FILE").map(PathBuf::from);
+            let passphrase = read_secret(file.as_deref(), "VBACKUP_NEW_PASSWORD", "New passphrase: ", true)?
+                .ok_or_else(|| usage_error("no new passphrase: set VBACKUP_NEW_PASSWORD or VBACKUP_NEW_PASSWORD_FILE, or run on a terminal"))?;
+            if passphrase.is_empty() {
+                return Err(usage_error("the new passphrase is empty"));
+            }
+            let id = repo.add_key(&passphrase, kdf_params())?;
+            if !ctx.json(&serde_json::json!({ "added": id }))? {
+                ctx.say(format!("added key {}", &id[..8]));
+            }
+        }
+        KeyCommand::List => {
+            let keys = repo.list_keys()?;
+            if !ctx.json(&keys)? {
+                println!("  {:<32}  {:<25}  {:<16}  USER", "ID", "CREATED", "HOST");
+                for k in keys {
+                    let mark = if k.current { "*" } else { " " };
+                    println!(
+                        "{mark} {:<32}  {:<25}  {:<16}  {}",
+                        k.id,
+                        k.created.get(..25).unwrap_or(&k.created),
+                        k.host,
+                        k.user
+                    );
+                }
+            }
+        }
+        KeyCommand::Remove { id } => {
+            let removed = repo.remove_key(id)?;
+            if !ctx.json(&serde_json::json!({ "removed": removed }))? {
+                ctx.say(format!("removed key {}", &removed[..8]));
+            }
+        }
+    }
+    Ok(())
+}
+
+fn speed(ctx: &Context) -> Result<()> {
+    let results = vbackup_core::speed::measure(std::time::Duration::from_millis(700));
+    if !ctx.json(&results)? {
+        println!("single-thread throughput on a 4 MiB chunk (half text, half random):");
+        for r in results {
+            println!("  {:<26} {:>8.0} MiB/s", r.name, r.mib_per_sec);
+        }
+    }
+    Ok(())
+}

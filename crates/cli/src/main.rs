@@ -1,0 +1,100 @@
+//! The `vbackup` command: parses arguments, opens the repository, runs one
+//! command and maps its outcome to a documented exit code.
+#![deny(missing_docs)]
+
+mod args;
+mod commands;
+mod quickstart;
+mod ui;
+
+use std::process::ExitCode;
+
+use clap::Parser;
+use vbackup_core::ErrorClass;
+
+use args::Cli;
+
+/// Exit code: success.
+pub const EXIT_OK: u8 = 0;
+/// Exit code: the operation failed.
+pub const EXIT_FAILURE: u8 = 1;
+/// Exit code: bad usage.
+pub const EXIT_USAGE: u8 = 2;
+/// Exit code: damaged data.
+pub const EXIT_DAMAGE: u8 = 3;
+/// Exit code: wrong or missing passphrase.
+pub const EXIT_AUTH: u8 = 4;
+/// Exit code: interrupted.
+pub const EXIT_INTERRUPTED: u8 = 130;
+
+/// An error that carries its own exit code (for outcomes that are not core
+/// errors, such as "verify found damage").
+#[derive(Debug)]
+pub struct ExitError {
+    /// The exit code.
+    pub code: u8,
+    /// What to tell the user.
+    pub message: String,
+}
+
+impl std::fmt::Display for ExitError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.message)
+    }
+}
+
+impl std::error::Error for ExitError {}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    match commands::run(cli) {
+        Ok(()) => ExitCode::from(EXIT_OK),
+        Err(error) => {
+            if is_broken_pipe(&error) {
+                return ExitCode::from(EXIT_OK);
+            }
+            eprintln!("vbackup: error: {}", chain(&error));
+            ExitCode::from(exit_code(&error))
+        }
+    }
+}
+
+/// The error with its causes, `: `-separated, without repeating a message
+/// that a wrapper already includes.
+fn chain(error: &anyhow::Error) -> String {
+    let mut text = error.to_string();
+    for cause in error.chain().skip(1) {
+        let cause = cause.to_string();
+        if !text.contains(&cause) {
+            text.push_str(": ");
+            text.push_str(&cause);
+        }
+    }
+    text
+}
+
+fn is_broken_pipe(error: &anyhow::Error) -> bool {
+    error.chain().any(|c| {
+        c.downcast_ref::<std::io::Error>()
+            .is_some_and(|e| e.kind() == std::io::ErrorKind::BrokenPipe)
+    })
+}
+
+fn exit_code(error: &anyhow::Error) -> u8 {
+    if let Some(exit) = error.downcast_ref::<ExitError>() {
+        return exit.code;
+    }
+    let Some(core) = error
+        .chain()
+        .find_map(|c| c.downcast_ref::<vbackup_core::Error>())
+    else {
+        return EXIT_FAILURE;
+    };
+    match core.class() {
+        ErrorClass::Authentication => EXIT_AUTH,
+        ErrorClass::Usage => EXIT_USAGE,
+        ErrorClass::Integrity => EXIT_DAMAGE,
+        ErrorClass::Interrupted => EXIT_INTERRUPTED,
+        ErrorClass::Runtime => EXIT_FAILURE,
+    }
+}

@@ -1,0 +1,535 @@
+//! End-to-end tests of the `vbackup` binary against real qemu tools
+//! (`qemu-img`, `qemu-nbd`), real filesystems made by `mkfs.ext4`, and the
+//! local backend. Each test works in its own temporary folder.
+
+// Test helpers panic on unexpected failures; that is how a test fails.
+#![allow(clippy::unwrap_used)]
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output, Stdio};
+
+use tempfile::TempDir;
+
+const PASSWORD: &str = "correct horse battery staple";
+
+/// A test's folder, repository and the way to run vbackup in it.
+struct Env {
+    dir: TempDir,
+}
+
+impl Env {
+    fn new() -> Self {
+        Self {
+            dir: tempfile::tempdir().unwrap(),
+        }
+    }
+
+    fn path(&self, name: &str) -> PathBuf {
+        self.dir.path().join(name)
+    }
+
+    fn repo(&self) -> PathBuf {
+        self.path("repo")
+    }
+
+    fn command(&self, args: &[&str]) -> Command {
+        let mut cmd = Command::new(env!("CARGO_BIN_EXE_vbackup"));
+        cmd.args(args)
+            .env("VBACKUP_REPOSITORY", self.repo())
+            .env("VBACKUP_PASSWORD", PASSWORD)
+            .env("VBACKUP_KDF_MEMORY_KIB", "1024")
+            .env_remove("VBACKUP_PASSWORD_FILE")
+            .stdin(Stdio::null());
+        cmd
+    }
+
+    fn run(&self, args: &[&str]) -> Output {
+        self.command(args).output().unwrap()
+    }
+
+    /// Runs and expects success; returns stdout.
+    fn ok(&self, args: &[&str]) -> String {
+        let out = self.run(args);
+        assert!(
+            out.status.success(),
+            "vbackup {args:?} failed:\n{}",
+            text(&out)
+        );
+        String::from_utf8(out.stdout).unwrap()
+    }
+
+    /// Runs and expects exit `code`; returns stderr.
+    fn fails(&self, args: &[&str], code: i32) -> String {
+        let out = self.run(args);
+        assert_eq!(
+            out.status.code(),
+            Some(code),
+            "vbackup {args:?}:\n{}",
+            text(&out)
+        );
+        String::from_utf8(out.stderr).unwrap()
+    }
+
+    fn init(&self) {
+        self.ok(&["init"]);
+    }
+
+    fn backup_json(&self, args: &[&str]) -> serde_json::Value {
+        let mut all = vec!["--json", "backup"];
+        all.extend_from_slice(args);
+        serde_json::from_str(&self.ok(&all)).unwrap()
+    }
+}
+
+fn text(out: &Output) -> String {
+    format!(
+        "status {:?}\nstdout:\n{}\nstderr:\n{}",
+        out.status,
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    )
+}
+
+fn tool(program: &str, args: &[&str]) {
+    let out = Command::new(program)
+        .args(args)
+        .output()
+        .unwrap_or_else(|e| panic!("{program}: {e}"));
+    assert!(out.status.success(), "{program} {args:?}: {}", text(&out));
+}
+
+fn s(path: &Path) -> &str {
+    path.to_str().unwrap()
+}
+
+/// Deterministic bytes that do not compress much.
+fn noise(len: usize, seed: u64) -> Vec<u8> {
+    let mut state = seed | 1;
+    (0..len)
+        .map(|_| {
+            state ^= state << 13;
+            state ^= state >> 7;
+            state ^= state << 17;
+            (state >> 24) as u8
+        })
+        .collect()
+}
+
+/// A raw disk image with an ext4 filesystem holding real files and a
+/// marker file, of `size_mib` MiB.
+fn ext4_image(env: &Env, name: &str, size_mib: u64, marker: &str) -> PathBuf {
+    let tree = env.path(&format!("{name}-tree"));
+    std::fs::create_dir_all(tree.join("etc")).unwrap();
+    std::fs::write(tree.join("marker.txt"), marker.repeat(200)).unwrap();
+    std::fs::write(tree.join("random.bin"), noise(3 << 20, 7)).unwrap();
+    for entry in std::fs::read_dir("/etc").unwrap().flatten().take(60) {
+        if entry.file_type().map(|t| t.is_file()).unwrap_or(false) {
+            let _ = std::fs::copy(entry.path(), tree.join("etc").join(entry.file_name()));
+        }
+    }
+    let image = env.path(&format!("{name}.raw"));
+    tool(
+        "mkfs.ext4",
+        &[
+            "-q",
+            "-F",
+            "-d",
+            s(&tree),
+            s(&image),
+            &format!("{size_mib}M"),
+        ],
+    );
+    image
+}
+
+fn convert(src: &Path, dst: &Path, format: &str) {
+    tool(
+        "qemu-img",
+        &["convert", "-f", "raw", "-O", format, s(src), s(dst)],
+    );
+}
+
+fn images_identical(a: &Path, b: &Path) -> bool {
+    Command::new("qemu-img")
+        .args(["compare", s(a), s(b)])
+        .output()
+        .unwrap()
+        .status
+        .success()
+}
+
+#[test]
+fn every_qemu_format_restores_identical_and_no_plaintext_is_stored() {
+    let env = Env::new();
+    env.init();
+    let marker = "PLAINTEXT-MARKER-7d1e0c";
+    let raw = ext4_image(&env, "base", 48, marker);
+    let mut disks = vec![raw.clone()];
+    for format in ["qcow2", "vmdk", "vhdx", "vdi"] {
+        let image = env.path(&format!("disk-{format}.{format}"));
+        convert(&raw, &image, format);
+        disks.push(image);
+    }
+    let mut args = vec!["--vm", "formats"];
+    args.extend(disks.iter().map(|p| s(p)));
+    let result = env.backup_json(&args);
+    let formats: Vec<&str> = result["disks"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|d| d["format"].as_str().unwrap())
+        .collect();
+    assert_eq!(formats, ["raw", "qcow2", "vmdk", "vhdx", "vdi"]);
+    // The five disks hold the same data: only the first one stores chunks.
+    let stats = &result["stats"];
+    assert!(stats["chunks-reused"].as_u64().unwrap() >= 4 * stats["chunks-new"].as_u64().unwrap());
+
+    let out = env.path("restored");
+    env.ok(&["restore", "latest", "--vm", "formats", "--target", s(&out)]);
+    for disk in &disks {
+        let name = disk.file_stem().unwrap().to_str().unwrap();
+        let restored = out.join(format!("{name}.raw"));
+        assert!(
+            images_identical(disk, &restored),
+            "{} differs after restore",
+            disk.display()
+        );
+    }
+    let qcow = env.path("restored-qcow2");
+    env.ok(&[
+        "restore",
+        "latest",
+        "--disk",
+        "disk-vmdk",
+        "--format",
+        "qcow2",
+        "--target",
+        s(&qcow),
+    ]);
+    assert!(images_identical(&raw, &qcow.join("disk-vmdk.qcow2")));
+    let info = Command::new("qemu-img")
+        .args(["info", s(&qcow.join("disk-vmdk.qcow2"))])
+        .output()
+        .unwrap();
+    assert!(String::from_utf8_lossy(&info.stdout).contains("file format: qcow2"));
+
+    let streamed = env
+        .command(&["restore", "latest", "--disk", "disk-vdi", "--target", "-"])
+        .output()
+        .unwrap();
+    assert!(streamed.status.success(), "{}", text(&streamed));
+    assert_eq!(streamed.stdout, std::fs::read(&raw).unwrap());
+
+    for entry in walk(&env.repo()) {
+        let bytes = std::fs::read(&entry).unwrap();
+        assert!(
+            !bytes.windows(marker.len()).any(|w| w == marker.as_bytes()),
+            "plaintext in {}",
+            entry.display()
+        );
+    }
+    let verify = env.ok(&["verify"]);
+    assert!(verify.contains("no damage found"), "{verify}");
+}
+
+fn walk(dir: &Path) -> Vec<PathBuf> {
+    let mut files = Vec::new();
+    for entry in std::fs::read_dir(dir).unwrap().flatten() {
+        let path = entry.path();
+        if path.is_dir() {
+            files.extend(walk(&path));
+        } else {
+            files.push(path);
+        }
+    }
+    files
+}
+
+#[test]
+fn unchanged_rebackup_stores_nothing_and_snapshots_list_as_json() {
+    let env = Env::new();
+    env.init();
+    let raw = ext4_image(&env, "vm", 32, "x");
+    let qcow = env.path("vm.qcow2");
+    convert(&raw, &qcow, "qcow2");
+    let first = env.backup_json(&["--vm", "web", "--tag", "daily", s(&qcow)]);
+    let second = env.backup_json(&["--vm", "web", s(&qcow)]);
+    assert!(first["stats"]["chunks-new"].as_u64().unwrap() > 0);
+    assert_eq!(second["stats"]["chunks-new"], 0);
+    assert_eq!(second["stats"]["bytes-stored"], 0);
+    assert_eq!(
+        second["stats"]["bytes-read"], 0,
+        "an unchanged image file is not read again"
+    );
+    assert_eq!(second["stats"]["disks-unchanged"], 1);
+    let forced = env.backup_json(&["--vm", "web", "--force-read", s(&qcow)]);
+    assert!(forced["stats"]["bytes-read"].as_u64().unwrap() > 0);
+    assert_eq!(forced["stats"]["chunks-new"], 0);
+    tool("touch", &[s(&qcow)]);
+    let touched = env.backup_json(&["--vm", "web", s(&qcow)]);
+    assert!(
+        touched["stats"]["bytes-read"].as_u64().unwrap() > 0,
+        "a touched file is read"
+    );
+    assert_eq!(touched["stats"]["disks-unchanged"], 0);
+    let list: serde_json::Value =
+        serde_json::from_str(&env.ok(&["--json", "snapshots", "--vm", "web"])).unwrap();
+    let list = list.as_array().unwrap();
+    assert_eq!(list.len(), 4);
+    assert_eq!(list[0]["tags"][0], "daily");
+    assert_eq!(list[1]["id"], second["snapshot"]);
+    let table = env.ok(&["snapshots"]);
+    assert!(
+        table.contains("web") && table.contains("4 snapshot(s)"),
+        "{table}"
+    );
+    let stats: serde_json::Value = serde_json::from_str(&env.ok(&["--json", "stats"])).unwrap();
+    assert!(stats["dedup-ratio"].as_f64().unwrap() >= 3.9, "{stats}");
+    assert_eq!(stats["snapshots"], 4);
+}
+
+#[test]
+fn wrong_passphrase_fails_clearly_and_changes_nothing() {
+    let env = Env::new();
+    env.init();
+    let raw = ext4_image(&env, "vm", 16, "x");
+    let before = walk(&env.repo()).len();
+    let out = env
+        .command(&["backup", "--vm", "a", s(&raw)])
+        .env("VBACKUP_PASSWORD", "nope")
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(4), "{}", text(&out));
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("wrong passphrase"),
+        "{}",
+        text(&out)
+    );
+    assert_eq!(walk(&env.repo()).len(), before);
+    let out = env
+        .command(&["snapshots"])
+        .env_remove("VBACKUP_PASSWORD")
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(4), "{}", text(&out));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("passphrase"));
+}
+
+#[test]
+fn keys_can_be_added_listed_and_removed() {
+    let env = Env::new();
+    env.init();
+    let out = env
+        .command(&["key", "add"])
+        .env("VBACKUP_NEW_PASSWORD", "second one")
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", text(&out));
+    let list: serde_json::Value =
+        serde_json::from_str(&env.ok(&["--json", "key", "list"])).unwrap();
+    let keys = list.as_array().unwrap();
+    assert_eq!(keys.len(), 2);
+    let current = keys.iter().find(|k| k["current"] == true).unwrap()["id"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    let err = env.fails(&["key", "remove", &current], 2);
+    assert!(
+        err.contains("refusing to remove the key that opened"),
+        "{err}"
+    );
+    let out = env
+        .command(&["key", "remove", &current])
+        .env("VBACKUP_PASSWORD", "second one")
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", text(&out));
+    env.fails(&["snapshots"], 4);
+}
+
+#[test]
+fn not_a_repository_and_newer_versions_are_refused_with_the_versions_named() {
+    let env = Env::new();
+    let err = env.fails(&["snapshots"], 2);
+    assert!(err.contains("no vbackup repository at"), "{err}");
+    env.init();
+    let err = env.fails(&["init"], 2);
+    assert!(err.contains("already exists"), "{err}");
+    let config = env.repo().join("config");
+    let text = std::fs::read(&config).unwrap();
+    let (header, json) = text.split_at(8);
+    let json = String::from_utf8(json.to_vec())
+        .unwrap()
+        .replace("\"version\": 1", "\"version\": 2");
+    std::fs::write(&config, [header, json.as_bytes()].concat()).unwrap();
+    let err = env.fails(&["snapshots"], 2);
+    assert!(
+        err.contains("format version 2") && err.contains("up to version 1"),
+        "{err}"
+    );
+    let out = Command::new(env!("CARGO_BIN_EXE_vbackup"))
+        .args(["snapshots"])
+        .env_remove("VBACKUP_REPOSITORY")
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(2));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("--repo"));
+}
+
+#[test]
+fn missing_truncated_and_corrupt_images_pass_qemus_reason_through() {
+    let env = Env::new();
+    env.init();
+    let err = env.fails(&["backup", "--vm", "a", s(&env.path("nope.qcow2"))], 1);
+    assert!(err.contains("nope.qcow2"), "{err}");
+
+    let raw = ext4_image(&env, "vm", 16, "x");
+    let qcow = env.path("vm.qcow2");
+    convert(&raw, &qcow, "qcow2");
+    let truncated = env.path("truncated.qcow2");
+    let bytes = std::fs::read(&qcow).unwrap();
+    std::fs::write(&truncated, &bytes[..bytes.len() / 3]).unwrap();
+    let out = env.run(&["backup", "--vm", "a", s(&truncated)]);
+    assert!(
+        !out.status.success(),
+        "a truncated qcow2 must not back up: {}",
+        text(&out)
+    );
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("truncated.qcow2"), "{err}");
+
+    let corrupt = env.path("corrupt.qcow2");
+    let mut bytes = std::fs::read(&qcow).unwrap();
+    bytes[..4].copy_from_slice(b"QFI\xfb");
+    bytes[4..8].copy_from_slice(&[0, 0, 0, 99]);
+    std::fs::write(&corrupt, &bytes).unwrap();
+    let err = env.fails(
+        &["backup", "--vm", "a", "--format", "qcow2", s(&corrupt)],
+        1,
+    );
+    assert!(
+        err.contains("corrupt.qcow2") && err.to_lowercase().contains("version"),
+        "{err}"
+    );
+    assert!(env.ok(&["snapshots"]).contains("0 snapshot(s)"));
+}
+
+#[test]
+fn a_damaged_chunk_is_named_by_verify_and_stops_restore() {
+    let env = Env::new();
+    env.init();
+    let raw = ext4_image(&env, "vm", 16, "x");
+    let json = env.backup_json(&["--vm", "db", s(&raw)]);
+    let snapshot = json["snapshot"].as_str().unwrap().to_string();
+    let chunks = walk(&env.repo().join("chunks"));
+    let victim = chunks
+        .iter()
+        .max_by_key(|p| std::fs::metadata(p).unwrap().len())
+        .unwrap();
+    let mut bytes = std::fs::read(victim).unwrap();
+    let middle = bytes.len() / 2;
+    bytes[middle] ^= 0xff;
+    std::fs::write(victim, bytes).unwrap();
+
+    let out = env.run(&["verify"]);
+    assert_eq!(out.status.code(), Some(3), "{}", text(&out));
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let chunk_name = victim.file_name().unwrap().to_str().unwrap();
+    assert!(
+        stdout.contains(chunk_name) && stdout.contains(&snapshot[..8]) && stdout.contains("'vm'"),
+        "{stdout}"
+    );
+
+    let target = env.path("out");
+    let err = env.fails(&["restore", &snapshot[..10], "--target", s(&target)], 3);
+    assert!(err.contains("damaged") && err.contains(chunk_name), "{err}");
+    assert!(
+        !target.join("vm.raw").exists(),
+        "no partial output is left behind"
+    );
+}
+
+#[test]
+fn a_backup_killed_with_sigkill_records_nothing_and_the_next_one_reuses_its_chunks() {
+    let env = Env::new();
+    env.init();
+    let image = env.path("big.raw");
+    std::fs::write(&image, noise(160 << 20, 3)).unwrap();
+    let mut child = env
+        .command(&["--threads", "1", "backup", "--vm", "big", s(&image)])
+        .spawn()
+        .unwrap();
+    let chunks = env.repo().join("chunks");
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
+    while (!chunks.exists() || walk(&chunks).len() < 3) && std::time::Instant::now() < deadline {
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+    child.kill().unwrap();
+    let status = child.wait().unwrap();
+    assert!(
+        !status.success(),
+        "the backup finished before it could be killed"
+    );
+    assert!(env.ok(&["snapshots"]).contains("0 snapshot(s)"));
+    env.ok(&["verify"]);
+    let stored = walk(&chunks)
+        .into_iter()
+        .filter(|p| !p.file_name().unwrap().to_str().unwrap().starts_with('.'))
+        .count();
+    let json = env.backup_json(&["--vm", "big", s(&image)]);
+    assert!(
+        json["stats"]["chunks-reused"].as_u64().unwrap() >= stored as u64,
+        "{json}"
+    );
+    let out = env.path("out");
+    env.ok(&["restore", "latest", "--target", s(&out)]);
+    assert_eq!(
+        std::fs::read(out.join("big.raw")).unwrap(),
+        std::fs::read(&image).unwrap()
+    );
+}
+
+/// Fills a small tmpfs during a backup, in a private mount namespace so no
+/// privileges are needed and nothing leaks into the host's mounts.
+#[test]
+fn a_full_disk_fails_the_backup_cleanly_and_the_retry_succeeds() {
+    let env = Env::new();
+    let image = env.path("data.raw");
+    std::fs::write(&image, noise(24 << 20, 9)).unwrap();
+    let mnt = env.path("small");
+    std::fs::create_dir_all(&mnt).unwrap();
+    let bin = env!("CARGO_BIN_EXE_vbackup");
+    let script = format!(
+        r#"set -u
+mount -t tmpfs -o size=12m tmpfs {mnt} || exit 99
+export VBACKUP_REPOSITORY={mnt}/repo
+{bin} init >/dev/null || exit 98
+{bin} backup --vm full {image} 2>{mnt}/../backup.err; echo "backup-exit=$?"
+{bin} snapshots | tail -1
+{bin} verify >/dev/null 2>&1; echo "verify-exit=$?"
+head -c 6M {image} > {mnt}/../half.raw
+{bin} backup --vm half {mnt}/../half.raw >/dev/null 2>&1; echo "retry-exit=$?"
+{bin} verify >/dev/null 2>&1; echo "verify2-exit=$?"
+"#,
+        mnt = s(&mnt),
+        bin = bin,
+        image = s(&image)
+    );
+    let out = Command::new("unshare")
+        .args(["-rm", "sh", "-c", &script])
+        .env("VBACKUP_PASSWORD", PASSWORD)
+        .env("VBACKUP_KDF_MEMORY_KIB", "1024")
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "{}", text(&out));
+    let err = std::fs::read_to_string(env.path("backup.err")).unwrap();
+    assert!(stdout.contains("backup-exit=1"), "{stdout}\n{err}");
+    assert!(err.contains("no space left"), "{err}");
+    assert!(stdout.contains("0 snapshot(s)"), "{stdout}");
+    assert!(stdout.contains("verify-exit=0"), "{stdout}");
+    assert!(
+        stdout.contains("retry-exit=0") && stdout.contains("verify2-exit=0"),
+        "{stdout}"
+    );
+}

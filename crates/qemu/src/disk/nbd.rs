@@ -1,0 +1,231 @@
+//! Disks behind a private `qemu-nbd`: any format qemu reads or writes.
+
+use std::io;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
+
+use vbackup_core::source::{DiskReader, DiskSource, DiskTarget, DiskWriter, Extent, ExtentKind};
+
+use super::{push_extent, Slot, Slots};
+use crate::error::{Error, Result};
+use crate::img;
+use crate::nbd::proto::NBD_STATE_ZERO;
+use crate::nbd::{NbdClient, BASE_ALLOCATION};
+use crate::qemu_nbd::{QemuNbd, QemuNbdOptions};
+
+/// A disk image served read-only by `qemu-nbd`; each reader is its own NBD
+/// connection.
+#[derive(Debug)]
+pub struct NbdSource {
+    server: Arc<QemuNbd>,
+    size: u64,
+    slots: Slots,
+}
+
+impl NbdSource {
+    /// Serves `path` (of `format`) read-only to up to `connections` readers.
+    pub fn open(path: &Path, format: &str, connections: u32) -> Result<Self> {
+        let opts = QemuNbdOptions {
+            format: Some(format.to_owned()),
+            read_only: true,
+            shared: connections,
+            ..QemuNbdOptions::new(path)
+        };
+        Self::from_server(QemuNbd::start(&opts)?, connections)
+    }
+
+    /// Wraps a running server that accepts `connections` clients.
+    pub fn from_server(server: QemuNbd, connections: u32) -> Result<Self> {
+        let size = server
+            .connect()
+            .map_err(|e| e.for_image(server.image_path()))?
+            .size();
+        Ok(NbdSource {
+            server: Arc::new(server),
+            size,
+            slots: Slots::new(connections),
+        })
+    }
+
+    /// The qemu-nbd process behind this source.
+    pub fn server(&self) -> &QemuNbd {
+        &self.server
+    }
+}
+
+impl DiskSource for NbdSource {
+    fn virtual_size(&self) -> u64 {
+        self.size
+    }
+
+    fn format(&self) -> &str {
+        self.server.format()
+    }
+
+    fn open_reader(&self) -> io::Result<Box<dyn DiskReader>> {
+        let slot = self.slots.take()?;
+        let client = self.server.connect()?;
+        Ok(Box::new(NbdReader {
+            allocation: client.context_id(BASE_ALLOCATION),
+            client,
+            _slot: slot,
+            _server: Arc::clone(&self.server),
+        }))
+    }
+}
+
+/// One NBD connection reading a [`NbdSource`].
+struct NbdReader {
+    client: NbdClient,
+    /// The `base:allocation` context id, if the server offers it.
+    allocation: Option<u32>,
+    _slot: Slot,
+    /// Keeps qemu-nbd alive while this reader exists.
+    _server: Arc<QemuNbd>,
+}
+
+/// `base:allocation` flags → extent kind: only "reads as zeroes" may be
+/// skipped; a hole without `NBD_STATE_ZERO` has unknown content.
+fn allocation_kind(flags: u32) -> ExtentKind {
+    if flags & NBD_STATE_ZERO != 0 {
+        ExtentKind::Zero
+    } else {
+        ExtentKind::Data
+    }
+}
+
+impl DiskReader for NbdReader {
+    fn extents(&mut self, offset: u64, length: u64) -> io::Result<Vec<Extent>> {
+        let mut out = Vec::new();
+        let Some(context) = self.allocation else {
+            push_extent(&mut out, offset, length, ExtentKind::Data);
+            return Ok(out);
+        };
+        if length > 0 {
+            self.client.for_each_extent(context, offset, length, |e| {
+                push_extent(&mut out, e.offset, e.length, allocation_kind(e.flags));
+                Ok(())
+            })?;
+        }
+        Ok(out)
+    }
+
+    fn read_exact_at(&mut self, buf: &mut [u8], offset: u64) -> io::Result<()> {
+        Ok(self.client.read_at(buf, offset)?)
+    }
+}
+
+/// A new image written through a writable `qemu-nbd`; each writer is its
+/// own NBD connection.
+#[derive(Debug)]
+pub struct NbdTarget {
+    server: Mutex<Option<QemuNbd>>,
+    socket: PathBuf,
+    path: PathBuf,
+    slots: Slots,
+}
+
+impl NbdTarget {
+    /// Creates an image of `format` and `size` bytes with `qemu-img create`
+    /// (replacing any file at `path`) and serves it writable to up to
+    /// `connections` writers, passing discards and zero writes through as
+    /// holes.
+    pub fn create(path: &Path, format: &str, size: u64, connections: u32) -> Result<Self> {
+        img::create(path, format, size)?;
+        let opts = QemuNbdOptions {
+            format: Some(format.to_owned()),
+            read_only: false,
+            shared: connections,
+            unmap_zeroes: true,
+            ..QemuNbdOptions::new(path)
+        };
+        let server = QemuNbd::start(&opts)?;
+        let served = server.connect().map_err(|e| e.for_image(path))?.size();
+        if served < size {
+            return Err(Error::InvalidRequest(format!(
+                "qemu-nbd serves {served} bytes, less than the {size} bytes asked for"
+            ))
+            .for_image(path));
+        }
+        Ok(NbdTarget {
+            socket: server.socket_path().to_owned(),
+            server: Mutex::new(Some(server)),
+            path: path.to_owned(),
+            slots: Slots::new(connections),
+        })
+    }
+
+    /// The image being written.
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    fn take_server(&self) -> Option<QemuNbd> {
+        match self.server.lock() {
+            Ok(mut guard) => guard.take(),
+            Err(poisoned) => poisoned.into_inner().take(),
+        }
+    }
+
+    fn is_running(&self) -> bool {
+        match self.server.lock() {
+            Ok(guard) => guard.is_some(),
+            Err(poisoned) => poisoned.into_inner().is_some(),
+        }
+    }
+}
+
+impl DiskTarget for NbdTarget {
+    fn open_writer(&self) -> io::Result<Box<dyn DiskWriter>> {
+        if !self.is_running() {
+            return Err(
+                Error::InvalidRequest("the restore target is already finished".into()).into(),
+            );
+        }
+        let slot = self.slots.take()?;
+        let client = NbdClient::connect_unix(&self.socket, &Default::default())?;
+        Ok(Box::new(NbdWriter {
+            client,
+            _slot: slot,
+        }))
+    }
+
+    /// Flushes through a last connection, then stops qemu-nbd cleanly so
+    /// the image is closed (qcow2 metadata written, dirty flag cleared).
+    fn finish(&self) -> io::Result<()> {
+        if !self.is_running() {
+            return Ok(());
+        }
+        let slot = self.slots.take().map_err(|_| {
+            Error::InvalidRequest("finish() called while all writers are still open".into())
+        })?;
+        let Some(server) = self.take_server() else {
+            return Ok(());
+        };
+        let result = server.connect().and_then(|mut client| {
+            client.flush()?;
+            client.disconnect()
+        });
+        drop(slot);
+        let stopped = server.stop();
+        result
+            .and(stopped)
+            .map_err(|e| e.for_image(&self.path).into())
+    }
+}
+
+/// One NBD connection writing a [`NbdTarget`].
+struct NbdWriter {
+    client: NbdClient,
+    _slot: Slot,
+}
+
+impl DiskWriter for NbdWriter {
+    fn write_all_at(&mut self, buf: &[u8], offset: u64) -> io::Result<()> {
+        Ok(self.client.write_at(buf, offset)?)
+    }
+
+    fn flush(&mut self) -> io::Result<()> {
+        Ok(self.client.flush()?)
+    }
+}

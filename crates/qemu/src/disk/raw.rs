@@ -1,0 +1,217 @@
+//! Raw images and block devices, read and written directly.
+
+use std::fs::{File, OpenOptions};
+use std::io::{self, Seek, SeekFrom};
+use std::os::unix::fs::{FileExt, FileTypeExt};
+use std::os::unix::io::AsRawFd;
+use std::path::{Path, PathBuf};
+
+use vbackup_core::source::{DiskReader, DiskSource, DiskTarget, DiskWriter, Extent, ExtentKind};
+
+use super::push_extent;
+use crate::error::{Error, Result};
+
+/// A raw disk image or block device; each reader opens its own `File`.
+#[derive(Debug)]
+pub struct RawFileSource {
+    path: PathBuf,
+    size: u64,
+}
+
+impl RawFileSource {
+    /// Opens `path` and measures it (seeking to the end, which also works
+    /// for block devices).
+    pub fn open(path: &Path) -> Result<Self> {
+        let measure = || {
+            let mut file = File::open(path).map_err(|e| Error::io("opening", e))?;
+            file.seek(SeekFrom::End(0))
+                .map_err(|e| Error::io("measuring", e))
+        };
+        let size = measure().map_err(|e| e.for_image(path))?;
+        Ok(RawFileSource {
+            path: path.to_owned(),
+            size,
+        })
+    }
+}
+
+impl DiskSource for RawFileSource {
+    fn virtual_size(&self) -> u64 {
+        self.size
+    }
+
+    fn format(&self) -> &str {
+        "raw"
+    }
+
+    fn open_reader(&self) -> io::Result<Box<dyn DiskReader>> {
+        let file =
+            File::open(&self.path).map_err(|e| Error::io("opening", e).for_image(&self.path))?;
+        Ok(Box::new(RawReader {
+            file,
+            size: self.size,
+        }))
+    }
+}
+
+/// One open file reading a [`RawFileSource`].
+struct RawReader {
+    file: File,
+    size: u64,
+}
+
+impl DiskReader for RawReader {
+    fn extents(&mut self, offset: u64, length: u64) -> io::Result<Vec<Extent>> {
+        crate::nbd::check_range(self.size, offset, length, "extents query")?;
+        sparse_extents(&self.file, offset, length)
+    }
+
+    fn read_exact_at(&mut self, buf: &mut [u8], offset: u64) -> io::Result<()> {
+        self.file.read_exact_at(buf, offset)
+    }
+}
+
+/// Data and holes of `[offset, offset + length)` from `SEEK_DATA` /
+/// `SEEK_HOLE`. Where the file system cannot tell, everything is data.
+pub(crate) fn sparse_extents(file: &File, offset: u64, length: u64) -> io::Result<Vec<Extent>> {
+    let end = offset + length;
+    let mut out = Vec::new();
+    let mut pos = offset;
+    while pos < end {
+        let data = match seek(file, pos, libc::SEEK_DATA) {
+            Ok(Some(data)) => data.clamp(pos, end),
+            Ok(None) => end,
+            Err(e) if unsupported(&e) => {
+                push_extent(&mut out, pos, end - pos, ExtentKind::Data);
+                break;
+            }
+            Err(e) => return Err(e),
+        };
+        if data > pos {
+            push_extent(&mut out, pos, data - pos, ExtentKind::Zero);
+            pos = data;
+            continue;
+        }
+        let hole = match seek(file, pos, libc::SEEK_HOLE) {
+            // A hole at `pos` right after SEEK_DATA said data: a race with a
+            // writer; count one more byte as data to make progress.
+            Ok(Some(hole)) => hole.clamp(pos + 1, end),
+            Ok(None) => end,
+            Err(e) if unsupported(&e) => end,
+            Err(e) => return Err(e),
+        };
+        push_extent(&mut out, pos, hole - pos, ExtentKind::Data);
+        pos = hole;
+    }
+    Ok(out)
+}
+
+fn unsupported(e: &io::Error) -> bool {
+    matches!(
+        e.raw_os_error(),
+        Some(libc::EINVAL) | Some(libc::EOPNOTSUPP)
+    )
+}
+
+/// `lseek(fd, offset, whence)`; `None` for `ENXIO` (no data / hole at or
+/// after `offset`).
+#[allow(unsafe_code)]
+fn seek(file: &File, offset: u64, whence: libc::c_int) -> io::Result<Option<u64>> {
+    let offset =
+        libc::off_t::try_from(offset).map_err(|_| io::Error::from(io::ErrorKind::InvalidInput))?;
+    // SAFETY: lseek(2) takes an fd we own (kept open by `file` for the
+    // duration of the call) and plain integers; no memory is shared.
+    let result = unsafe { libc::lseek(file.as_raw_fd(), offset, whence) };
+    if result >= 0 {
+        // Non-negative, so it fits a u64.
+        return Ok(Some(result as u64));
+    }
+    let error = io::Error::last_os_error();
+    if error.raw_os_error() == Some(libc::ENXIO) {
+        Ok(None)
+    } else {
+        Err(error)
+    }
+}
+
+/// A raw image file (sparse: unwritten ranges stay holes) or a block
+/// device, written with positional writes.
+#[derive(Debug)]
+pub struct RawFileTarget {
+    path: PathBuf,
+}
+
+impl RawFileTarget {
+    /// Creates (or truncates) `path` as a sparse file of `size` bytes. A
+    /// block device is used as it is, if it is large enough.
+    pub fn create(path: &Path, size: u64) -> Result<Self> {
+        prepare(path, size).map_err(|e| e.for_image(path))?;
+        Ok(RawFileTarget {
+            path: path.to_owned(),
+        })
+    }
+}
+
+fn prepare(path: &Path, size: u64) -> Result<()> {
+    let is_device = path
+        .metadata()
+        .is_ok_and(|m| m.file_type().is_block_device());
+    if is_device {
+        let mut file = OpenOptions::new()
+            .write(true)
+            .open(path)
+            .map_err(|e| Error::io("opening", e))?;
+        let have = file
+            .seek(SeekFrom::End(0))
+            .map_err(|e| Error::io("measuring", e))?;
+        if have < size {
+            return Err(Error::InvalidRequest(format!(
+                "block device holds {have} bytes, {size} needed"
+            )));
+        }
+        return Ok(());
+    }
+    let file = OpenOptions::new()
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .open(path)
+        .map_err(|e| Error::io("creating", e))?;
+    file.set_len(size)
+        .map_err(|e| Error::io("setting the size", e))
+}
+
+impl DiskTarget for RawFileTarget {
+    fn open_writer(&self) -> io::Result<Box<dyn DiskWriter>> {
+        let file = OpenOptions::new()
+            .write(true)
+            .open(&self.path)
+            .map_err(|e| Error::io("opening", e).for_image(&self.path))?;
+        Ok(Box::new(RawWriter { file }))
+    }
+
+    /// Syncs the file and its directory entry.
+    fn finish(&self) -> io::Result<()> {
+        File::open(&self.path)?.sync_all()?;
+        if let Some(dir) = self.path.parent().filter(|d| !d.as_os_str().is_empty()) {
+            // Directories cannot be fsynced on every file system; best effort.
+            let _ = File::open(dir).and_then(|d| d.sync_all());
+        }
+        Ok(())
+    }
+}
+
+/// One open file writing a [`RawFileTarget`].
+struct RawWriter {
+    file: File,
+}
+
+impl DiskWriter for RawWriter {
+    fn write_all_at(&mut self, buf: &[u8], offset: u64) -> io::Result<()> {
+        self.file.write_all_at(buf, offset)
+    }
+
+    fn flush(&mut self) -> io::Result<()> {
+        self.file.sync_data()
+    }
+}

@@ -1,0 +1,216 @@
+//! The one error type of this crate.
+//!
+//! Rules:
+//! - Every public function returns [`Error`]; it says what failed and carries
+//!   the words of whoever refused (the NBD server's message, qemu's stderr),
+//!   because a user can only act on qemu's own reason ("Could not open ...:
+//!   Image is not in qcow2 format").
+//! - The `Display` text of each variant is complete on its own: nothing is
+//!   hidden behind `source()`, so a message printed with or without its cause
+//!   chain reads the same and nothing is printed twice.
+//! - [`Error`] converts into [`std::io::Error`] with a fitting
+//!   [`std::io::ErrorKind`], so it travels through `vbackup_core`'s
+//!   `io::Result` traits without losing its text.
+
+use std::io;
+use std::path::PathBuf;
+
+use crate::nbd::proto;
+
+/// Result type of this crate.
+pub type Result<T, E = Error> = std::result::Result<T, E>;
+
+/// Everything that can go wrong talking to an NBD server or running qemu.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    /// An I/O error, with what we were doing when it happened.
+    #[error("{context}: {error}")]
+    Io {
+        /// What was being done, e.g. "reading NBD reply header".
+        context: String,
+        /// The underlying error.
+        error: io::Error,
+    },
+    /// The NBD server broke the protocol; the connection is unusable.
+    #[error("NBD protocol violation: {0}")]
+    Protocol(String),
+    /// The NBD server refused an option during the handshake.
+    #[error("NBD server refused {option}{}: {reply}{}", export_suffix(.export), message_suffix(.message))]
+    OptionRejected {
+        /// The option, e.g. `NBD_OPT_GO`.
+        option: String,
+        /// The export name the option was about, if any.
+        export: Option<String>,
+        /// The reply, e.g. `NBD_REP_ERR_UNKNOWN (export not available)`.
+        reply: String,
+        /// The server's human-readable message (may be empty).
+        message: String,
+    },
+    /// The NBD server failed a command.
+    #[error("NBD {command} failed: {}{}", proto::errno_name(*.errno), message_suffix(.message))]
+    Server {
+        /// The command, e.g. `NBD_CMD_READ`.
+        command: &'static str,
+        /// The NBD error value (`NBD_EIO`, ...).
+        errno: u32,
+        /// The server's human-readable message (may be empty).
+        message: String,
+    },
+    /// The server does not offer what was asked for.
+    #[error("NBD server does not support {0}")]
+    Unsupported(&'static str),
+    /// The caller asked for something invalid (out of range, read-only, ...).
+    #[error("invalid request: {0}")]
+    InvalidRequest(String),
+    /// A program could not be started at all.
+    #[error("could not run {program}: {error} (is QEMU installed?)")]
+    Spawn {
+        /// The program, e.g. `qemu-img`.
+        program: String,
+        /// Why it could not be started.
+        error: io::Error,
+    },
+    /// A program ran and failed; `stderr` is its own explanation.
+    #[error("`{command}` failed ({status}): {stderr}")]
+    Command {
+        /// The command line, for the user to reproduce.
+        command: String,
+        /// How it ended, e.g. `exit status: 1`.
+        status: String,
+        /// What it printed on stderr, trimmed.
+        stderr: String,
+    },
+    /// A program's output could not be understood.
+    #[error("unexpected output from `{command}`: {reason}")]
+    BadOutput {
+        /// The command line.
+        command: String,
+        /// What was wrong with the output.
+        reason: String,
+    },
+    /// `qemu-nbd` did not come up.
+    #[error("qemu-nbd could not serve {}: {reason}", .path.display())]
+    QemuNbd {
+        /// The image it was asked to serve.
+        path: PathBuf,
+        /// Why: qemu-nbd's stderr, or a timeout.
+        reason: String,
+    },
+    /// A disk image could not be opened or created.
+    #[error("disk image {}: {error}", .path.display())]
+    Image {
+        /// The image path.
+        path: PathBuf,
+        /// What went wrong.
+        error: Box<Error>,
+    },
+}
+
+fn export_suffix(export: &Option<String>) -> String {
+    match export {
+        Some(name) => format!(" for export '{name}'"),
+        None => String::new(),
+    }
+}
+
+fn message_suffix(message: &str) -> String {
+    if message.is_empty() {
+        String::new()
+    } else {
+        format!(": {message}")
+    }
+}
+
+impl Error {
+    /// Wraps an I/O error with what was being done.
+    pub(crate) fn io(context: impl Into<String>, error: io::Error) -> Self {
+        Error::Io {
+            context: context.into(),
+            error,
+        }
+    }
+
+    /// Builds a [`Error::Protocol`].
+    pub(crate) fn protocol(what: impl Into<String>) -> Self {
+        Error::Protocol(what.into())
+    }
+
+    /// Attaches the image path this error is about.
+    pub(crate) fn for_image(self, path: impl Into<PathBuf>) -> Self {
+        Error::Image {
+            path: path.into(),
+            error: Box::new(self),
+        }
+    }
+
+    /// The [`io::ErrorKind`] that best describes this error.
+    pub fn kind(&self) -> io::ErrorKind {
+        match self {
+            Error::Io { error, .. } | Error::Spawn { error, .. } => error.kind(),
+            Error::Protocol(_) | Error::BadOutput { .. } => io::ErrorKind::InvalidData,
+            Error::Server { errno, .. } => errno_kind(*errno),
+            Error::Unsupported(_) => io::ErrorKind::Unsupported,
+            Error::InvalidRequest(_) => io::ErrorKind::InvalidInput,
+            Error::OptionRejected { .. } | Error::Command { .. } | Error::QemuNbd { .. } => {
+                io::ErrorKind::Other
+            }
+            Error::Image { error, .. } => error.kind(),
+        }
+    }
+}
+
+fn errno_kind(errno: u32) -> io::ErrorKind {
+    match errno {
+        proto::NBD_EPERM => io::ErrorKind::PermissionDenied,
+        proto::NBD_ENOMEM => io::ErrorKind::OutOfMemory,
+        proto::NBD_EINVAL | proto::NBD_EOVERFLOW => io::ErrorKind::InvalidInput,
+        proto::NBD_ENOTSUP => io::ErrorKind::Unsupported,
+        _ => io::ErrorKind::Other,
+    }
+}
+
+impl From<Error> for io::Error {
+    fn from(error: Error) -> Self {
+        io::Error::new(error.kind(), error)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn server_error_names_command_errno_and_message() {
+        let e = Error::Server {
+            command: "NBD_CMD_READ",
+            errno: proto::NBD_EIO,
+            message: "disk on fire".into(),
+        };
+        assert_eq!(
+            e.to_string(),
+            "NBD NBD_CMD_READ failed: NBD_EIO (input/output error): disk on fire"
+        );
+    }
+
+    #[test]
+    fn option_rejected_names_export() {
+        let e = Error::OptionRejected {
+            option: "NBD_OPT_GO".into(),
+            export: Some("nope".into()),
+            reply: "NBD_REP_ERR_UNKNOWN (export not available)".into(),
+            message: String::new(),
+        };
+        assert_eq!(
+            e.to_string(),
+            "NBD server refused NBD_OPT_GO for export 'nope': NBD_REP_ERR_UNKNOWN (export not available)"
+        );
+    }
+
+    #[test]
+    fn converts_to_io_error_keeping_text_and_kind() {
+        let e = Error::InvalidRequest("read past end".into());
+        let io: io::Error = e.into();
+        assert_eq!(io.kind(), io::ErrorKind::InvalidInput);
+        assert_eq!(io.to_string(), "invalid request: read past end");
+    }
+}

@@ -1,0 +1,266 @@
+//! `qemu-img`: image information, creation, comparison and conversion.
+//!
+//! Each function runs `qemu-img` once; when it fails, the error names the
+//! command and carries qemu-img's stderr, which is what tells the user why
+//! ("Could not open 'x': No such file or directory", "Image is not in qcow2
+//! format", ...).
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+use serde::Deserialize;
+
+use crate::error::{Error, Result};
+use crate::process;
+
+/// What `qemu-img info` says about an image.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ImageInfo {
+    /// Image format (`raw`, `qcow2`, `vmdk`, ...).
+    pub format: String,
+    /// The disk size the guest sees, in bytes.
+    pub virtual_size: u64,
+    /// Bytes the image occupies on the host, if known.
+    pub actual_size: Option<u64>,
+    /// Whether the image was not closed cleanly (qcow2 dirty flag).
+    pub dirty: bool,
+    /// Cluster size, for formats that have one.
+    pub cluster_size: Option<u64>,
+    /// The backing file as recorded in the image, if any.
+    pub backing_file: Option<String>,
+    /// The backing file's format, if recorded.
+    pub backing_format: Option<String>,
+    /// Whether the image is encrypted.
+    pub encrypted: bool,
+    /// Persistent dirty bitmaps (qcow2), for incremental backups.
+    pub bitmaps: Vec<BitmapInfo>,
+}
+
+/// A persistent dirty bitmap stored in an image.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+pub struct BitmapInfo {
+    /// Bitmap name.
+    pub name: String,
+    /// Bytes per bit.
+    pub granularity: u64,
+    /// Flags such as `auto` or `in-use`.
+    #[serde(default)]
+    pub flags: Vec<String>,
+}
+
+/// The subset of `qemu-img info --output=json` we use.
+#[derive(Debug, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+struct RawInfo {
+    format: String,
+    virtual_size: u64,
+    actual_size: Option<u64>,
+    dirty_flag: Option<bool>,
+    cluster_size: Option<u64>,
+    backing_filename: Option<String>,
+    backing_filename_format: Option<String>,
+    encrypted: Option<bool>,
+    format_specific: Option<FormatSpecific>,
+}
+
+#[derive(Debug, Deserialize)]
+struct FormatSpecific {
+    data: Option<FormatData>,
+}
+
+#[derive(Debug, Deserialize)]
+struct FormatData {
+    #[serde(default)]
+    bitmaps: Vec<BitmapInfo>,
+}
+
+/// Parses the JSON printed by `qemu-img info --output=json`.
+pub fn parse_info_json(json: &[u8]) -> std::result::Result<ImageInfo, serde_json::Error> {
+    let raw: RawInfo = serde_json::from_slice(json)?;
+    let bitmaps = raw
+        .format_specific
+        .and_then(|f| f.data)
+        .map(|d| d.bitmaps)
+        .unwrap_or_default();
+    Ok(ImageInfo {
+        format: raw.format,
+        virtual_size: raw.virtual_size,
+        actual_size: raw.actual_size,
+        dirty: raw.dirty_flag.unwrap_or(false),
+        cluster_size: raw.cluster_size,
+        backing_file: raw.backing_filename,
+        backing_format: raw.backing_filename_format,
+        encrypted: raw.encrypted.unwrap_or(false),
+        bitmaps,
+    })
+}
+
+/// A path qemu reads as a plain file name. qemu treats `proto:rest` as a
+/// protocol prefix when the colon comes before any slash; an absolute path
+/// never does.
+pub(crate) fn qemu_path(path: &Path) -> Result<PathBuf> {
+    std::path::absolute(path).map_err(|e| Error::io(format!("resolving {}", path.display()), e))
+}
+
+/// Checks that a format name is a plain word, so it cannot smuggle options
+/// into qemu's command lines.
+pub fn check_format(format: &str) -> Result<()> {
+    let plain = format.len() <= 32
+        && format.starts_with(|c: char| c.is_ascii_lowercase())
+        && format
+            .chars()
+            .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '-' || c == '_');
+    if plain {
+        Ok(())
+    } else {
+        Err(Error::InvalidRequest(format!(
+            "invalid image format name {format:?}"
+        )))
+    }
+}
+
+/// Describes the image at `path` (format detected by qemu-img).
+pub fn image_info(path: &Path) -> Result<ImageInfo> {
+    info(path).map_err(|e| e.for_image(path))
+}
+
+fn info(path: &Path) -> Result<ImageInfo> {
+    let mut cmd = Command::new("qemu-img");
+    cmd.args(["info", "--output=json"]).arg(qemu_path(path)?);
+    let output = process::run(&mut cmd)?;
+    parse_info_json(&output.stdout).map_err(|e| Error::BadOutput {
+        command: process::command_line(&cmd),
+        reason: e.to_string(),
+    })
+}
+
+/// Creates an empty image of `format` and `size` bytes at `path`.
+pub fn create(path: &Path, format: &str, size: u64) -> Result<()> {
+    let run = || {
+        check_format(format)?;
+        let mut cmd = Command::new("qemu-img");
+        cmd.args(["create", "-q", "-f", format])
+            .arg(qemu_path(path)?)
+            .arg(size.to_string());
+        process::run(&mut cmd).map(drop)
+    };
+    run().map_err(|e| e.for_image(path))
+}
+
+/// Whether two images have the same guest-visible content, whatever their
+/// formats (`qemu-img compare`: exit 0 same, 1 different, else error).
+pub fn compare(a: &Path, b: &Path) -> Result<bool> {
+    let format_a = image_info(a)?.format;
+    let format_b = image_info(b)?.format;
+    let mut cmd = Command::new("qemu-img");
+    cmd.args(["compare", "-q", "-f", &format_a, "-F", &format_b])
+        .arg(qemu_path(a)?)
+        .arg(qemu_path(b)?);
+    let output = process::output(&mut cmd)?;
+    match output.status.code() {
+        Some(0) => Ok(true),
+        Some(1) => Ok(false),
+        _ => Err(process::failure(&cmd, &output)),
+    }
+}
+
+/// Checks an image's metadata with `qemu-img check`.
+///
+/// Needed because qemu opens a truncated or damaged image without complaint
+/// and reads the missing parts as zeroes; only a check notices. Leaked
+/// clusters (exit 3) are harmless for reading and pass, as do formats that
+/// have no check (exit 63, e.g. raw, vpc). Corruption (exit 2) or an image
+/// that cannot be checked (exit 1) is an error carrying qemu-img's report.
+pub fn check(path: &Path, format: &str) -> Result<()> {
+    let run = || {
+        check_format(format)?;
+        let mut cmd = Command::new("qemu-img");
+        cmd.args(["check", "-f", format]).arg(qemu_path(path)?);
+        let output = process::output(&mut cmd)?;
+        match output.status.code() {
+            Some(0 | 3 | 63) => Ok(()),
+            _ => Err(check_failure(&cmd, &output)),
+        }
+    };
+    run().map_err(|e| e.for_image(path))
+}
+
+/// `qemu-img check` prints details on stderr and its verdict on stdout;
+/// the user needs both.
+fn check_failure(cmd: &Command, output: &std::process::Output) -> Error {
+    let report = [output.stderr.as_slice(), b"\n", output.stdout.as_slice()].concat();
+    Error::Command {
+        command: process::command_line(cmd),
+        status: output.status.to_string(),
+        stderr: process::stderr_text(&report),
+    }
+}
+
+/// Converts `src` (format detected unless given) into a new image `dst` of
+/// `dst_format`.
+pub fn convert(src: &Path, src_format: Option<&str>, dst: &Path, dst_format: &str) -> Result<()> {
+    let src_format = match src_format {
+        Some(f) => f.to_owned(),
+        None => image_info(src)?.format,
+    };
+    check_format(&src_format)?;
+    check_format(dst_format)?;
+    let mut cmd = Command::new("qemu-img");
+    cmd.args(["convert", "-q", "-f", &src_format, "-O", dst_format])
+        .arg(qemu_path(src)?)
+        .arg(qemu_path(dst)?);
+    process::run(&mut cmd).map(drop)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn parses_qcow2_info_with_bitmaps() {
+        let json = br#"{
+            "virtual-size": 4194304, "filename": "a.qcow2", "cluster-size": 65536,
+            "format": "qcow2", "actual-size": 339968, "dirty-flag": false,
+            "backing-filename": "base.qcow2", "backing-filename-format": "qcow2",
+            "format-specific": {"type": "qcow2", "data": {"compat": "1.1",
+                "bitmaps": [{"flags": ["auto"], "name": "b0", "granularity": 65536}]}}
+        }"#;
+        let info = parse_info_json(json).unwrap();
+        assert_eq!(info.format, "qcow2");
+        assert_eq!(info.virtual_size, 4 << 20);
+        assert_eq!(info.actual_size, Some(339968));
+        assert_eq!(info.backing_file.as_deref(), Some("base.qcow2"));
+        assert_eq!(
+            info.bitmaps,
+            vec![BitmapInfo {
+                name: "b0".into(),
+                granularity: 65536,
+                flags: vec!["auto".into()]
+            }]
+        );
+    }
+
+    #[test]
+    fn parses_raw_info() {
+        let json = br#"{"virtual-size": 512, "filename": "x", "format": "raw",
+            "actual-size": 4096, "dirty-flag": false}"#;
+        let info = parse_info_json(json).unwrap();
+        assert_eq!(info.format, "raw");
+        assert!(info.bitmaps.is_empty());
+        assert!(!info.dirty);
+    }
+
+    #[test]
+    fn rejects_format_names_that_are_not_words() {
+        assert!(check_format("qcow2").is_ok());
+        assert!(check_format("").is_err());
+        assert!(check_format("raw,file.filename=/etc/shadow").is_err());
+        assert!(check_format("--help").is_err());
+    }
+
+    #[test]
+    fn qemu_path_is_absolute() {
+        let p = qemu_path(Path::new("nbd:evil")).unwrap();
+        assert!(p.is_absolute());
+    }
+}

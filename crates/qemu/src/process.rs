@@ -1,0 +1,118 @@
+//! Running qemu tools and turning their failures into errors that carry
+//! qemu's own explanation.
+
+use std::ffi::OsStr;
+use std::process::{Command, Output, Stdio};
+
+use crate::error::{Error, Result};
+
+/// The most stderr text kept in an error message.
+const MAX_STDERR: usize = 16 * 1024;
+
+/// The command line as a user could type it.
+pub(crate) fn command_line(cmd: &Command) -> String {
+    std::iter::once(cmd.get_program())
+        .chain(cmd.get_args())
+        .map(quote)
+        .collect::<Vec<_>>()
+        .join(" ")
+}
+
+fn quote(arg: &OsStr) -> String {
+    let s = arg.to_string_lossy();
+    let plain = !s.is_empty()
+        && s.chars()
+            .all(|c| c.is_ascii_alphanumeric() || "-_./=:,+@%".contains(c));
+    if plain {
+        s.into_owned()
+    } else {
+        format!("'{}'", s.replace('\'', r"'\''"))
+    }
+}
+
+/// qemu's stderr as one readable message.
+pub(crate) fn stderr_text(stderr: &[u8]) -> String {
+    let text = String::from_utf8_lossy(stderr);
+    let text = text.trim();
+    if text.is_empty() {
+        return "(nothing on stderr)".to_owned();
+    }
+    if text.len() <= MAX_STDERR {
+        return text.to_owned();
+    }
+    let mut cut = MAX_STDERR;
+    while !text.is_char_boundary(cut) {
+        cut -= 1;
+    }
+    format!("{} [...]", &text[..cut])
+}
+
+/// Runs `cmd` to completion with stdout and stderr captured; the exit
+/// status is the caller's to judge.
+pub(crate) fn output(cmd: &mut Command) -> Result<Output> {
+    cmd.stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .output()
+        .map_err(|error| Error::Spawn {
+            program: cmd.get_program().to_string_lossy().into_owned(),
+            error,
+        })
+}
+
+/// The error for a command that ended with `output`'s status.
+pub(crate) fn failure(cmd: &Command, output: &Output) -> Error {
+    Error::Command {
+        command: command_line(cmd),
+        status: output.status.to_string(),
+        stderr: stderr_text(&output.stderr),
+    }
+}
+
+/// Runs `cmd`; a nonzero exit is an error carrying its stderr.
+pub(crate) fn run(cmd: &mut Command) -> Result<Output> {
+    let output = output(cmd)?;
+    if output.status.success() {
+        Ok(output)
+    } else {
+        Err(failure(cmd, &output))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn command_line_quotes_only_what_needs_it() {
+        let mut cmd = Command::new("qemu-img");
+        cmd.args(["info", "--output=json", "/tmp/my disk.qcow2", "it's"]);
+        assert_eq!(
+            command_line(&cmd),
+            r"qemu-img info --output=json '/tmp/my disk.qcow2' 'it'\''s'"
+        );
+    }
+
+    #[test]
+    fn failure_carries_stderr() {
+        let mut cmd = Command::new("sh");
+        cmd.args(["-c", "echo 'qemu-img: Could not open x' >&2; exit 3"]);
+        let err = run(&mut cmd).unwrap_err().to_string();
+        assert!(err.contains("exit status: 3"), "{err}");
+        assert!(err.contains("qemu-img: Could not open x"), "{err}");
+    }
+
+    #[test]
+    fn missing_program_is_a_spawn_error() {
+        let err = run(&mut Command::new("vbackup-no-such-program")).unwrap_err();
+        assert!(matches!(err, Error::Spawn { .. }), "{err}");
+    }
+
+    #[test]
+    fn long_stderr_is_cut_on_a_char_boundary() {
+        let text = "é".repeat(MAX_STDERR);
+        let cut = stderr_text(text.as_bytes());
+        assert!(cut.ends_with("[...]"));
+        assert!(cut.len() <= MAX_STDERR + 6);
+    }
+}

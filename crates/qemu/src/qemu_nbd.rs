@@ -1,0 +1,300 @@
+//! A `qemu-nbd` process serving one image on a private unix socket.
+//!
+//! Why a process: qemu's block layer reads every format qemu knows (qcow2,
+//! vmdk, vhdx, vdi, ...) including backing chains and compression; serving
+//! the image over NBD lets our native client read it without linking qemu.
+//! The socket lives in a fresh temporary directory that only we can reach,
+//! and the process dies with the [`QemuNbd`] value.
+
+use std::fs::{self, File, OpenOptions};
+use std::io;
+use std::os::unix::fs::OpenOptionsExt;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, ExitStatus, Stdio};
+use std::thread;
+use std::time::{Duration, Instant};
+
+use crate::error::{Error, Result};
+use crate::img;
+use crate::nbd::{self, ConnectOptions, NbdClient};
+use crate::process;
+
+/// How long [`QemuNbd`] waits for qemu-nbd to exit after SIGTERM before
+/// killing it.
+const STOP_TIMEOUT: Duration = Duration::from_secs(10);
+/// The longest unix socket path Linux accepts (`sun_path` less the NUL).
+const MAX_SOCKET_PATH: usize = 107;
+
+/// How to start `qemu-nbd`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct QemuNbdOptions {
+    /// The image to serve.
+    pub path: PathBuf,
+    /// Its format; `None` asks `qemu-img info` first, so qemu-nbd is always
+    /// given `--format` and never guesses `raw` on its own.
+    pub format: Option<String>,
+    /// Serve read-only (`--read-only`).
+    pub read_only: bool,
+    /// How many clients may be connected at once (`--shared`).
+    pub shared: u32,
+    /// Bypass the host page cache (`--cache=none`) when the file system
+    /// supports `O_DIRECT`; otherwise qemu's default (writeback) is used.
+    pub direct_io: bool,
+    /// `--aio` mode (`threads`, `native`, `io_uring`), or qemu's default.
+    pub aio: Option<String>,
+    /// For writable images: pass discards through and turn written zeroes
+    /// into holes (`--discard=unmap --detect-zeroes=unmap`).
+    pub unmap_zeroes: bool,
+    /// How long to wait for the socket to accept connections.
+    pub start_timeout: Duration,
+}
+
+impl QemuNbdOptions {
+    /// Read-only, one connection, default caching.
+    pub fn new(path: impl Into<PathBuf>) -> Self {
+        QemuNbdOptions {
+            path: path.into(),
+            format: None,
+            read_only: true,
+            shared: 1,
+            direct_io: false,
+            aio: None,
+            unmap_zeroes: false,
+            start_timeout: Duration::from_secs(10),
+        }
+    }
+}
+
+/// A running `qemu-nbd`; dropping it stops the process and removes the
+/// socket directory.
+#[derive(Debug)]
+pub struct QemuNbd {
+    child: Child,
+    socket: PathBuf,
+    log: PathBuf,
+    path: PathBuf,
+    format: String,
+    stopped: bool,
+    // Declared last: removed after the process is gone.
+    _dir: tempfile::TempDir,
+}
+
+impl QemuNbd {
+    /// Starts qemu-nbd and waits until it accepts NBD connections. If it
+    /// exits first, the error carries its stderr (qemu's reason).
+    pub fn start(opts: &QemuNbdOptions) -> Result<Self> {
+        Self::spawn(opts).map_err(|e| match e {
+            Error::QemuNbd { .. } | Error::Image { .. } => e,
+            other => other.for_image(&opts.path),
+        })
+    }
+
+    fn spawn(opts: &QemuNbdOptions) -> Result<Self> {
+        let format = match &opts.format {
+            Some(f) => f.clone(),
+            None => img::image_info(&opts.path)?.format,
+        };
+        img::check_format(&format)?;
+        let dir = tempfile::Builder::new()
+            .prefix("vbackup-nbd-")
+            .tempdir()
+            .map_err(|e| Error::io("creating a directory for the qemu-nbd socket", e))?;
+        let socket = dir.path().join("nbd.sock");
+        check_socket_path(&socket)?;
+        let log = dir.path().join("qemu-nbd.log");
+        let mut cmd = command(opts, &format, &socket)?;
+        let child = spawn_logged(&mut cmd, &log)?;
+        let server = QemuNbd {
+            child,
+            socket,
+            log,
+            path: opts.path.clone(),
+            format,
+            stopped: false,
+            _dir: dir,
+        };
+        server.wait_ready(opts.start_timeout)
+    }
+
+    /// The unix socket qemu-nbd listens on.
+    pub fn socket_path(&self) -> &Path {
+        &self.socket
+    }
+
+    /// The process id of qemu-nbd.
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
+    /// The image format being served.
+    pub fn format(&self) -> &str {
+        &self.format
+    }
+
+    /// The image being served.
+    pub fn image_path(&self) -> &Path {
+        &self.path
+    }
+
+    /// Opens a connection with `base:allocation` selected.
+    pub fn connect(&self) -> Result<NbdClient> {
+        self.connect_with(&ConnectOptions::default())
+    }
+
+    /// Opens a connection with the given options.
+    pub fn connect_with(&self, opts: &ConnectOptions) -> Result<NbdClient> {
+        NbdClient::connect_unix(&self.socket, opts)
+    }
+
+    /// Stops qemu-nbd (SIGTERM, so it closes the image cleanly) and reports
+    /// an unclean exit with qemu-nbd's stderr.
+    pub fn stop(mut self) -> Result<()> {
+        let status = self.terminate()?;
+        if status.success() || terminated_by_sigterm(status) {
+            Ok(())
+        } else {
+            Err(self.failed(&format!("exited with {status}")))
+        }
+    }
+
+    fn wait_ready(mut self, timeout: Duration) -> Result<Self> {
+        let deadline = Instant::now() + timeout;
+        let mut last_error = None;
+        loop {
+            if let Some(status) = self
+                .child
+                .try_wait()
+                .map_err(|e| Error::io("waiting for qemu-nbd", e))?
+            {
+                self.stopped = true;
+                return Err(self.failed(&format!("qemu-nbd exited ({status})")));
+            }
+            if self.socket.exists() {
+                match nbd::probe_unix(&self.socket, timeout) {
+                    Ok(()) => return Ok(self),
+                    Err(e) => last_error = Some(e),
+                }
+            }
+            if Instant::now() >= deadline {
+                let why = last_error.map_or_else(|| "no socket".to_owned(), |e| e.to_string());
+                return Err(self.failed(&format!("not ready after {timeout:?} ({why})")));
+            }
+            thread::sleep(Duration::from_millis(10));
+        }
+    }
+
+    /// An error naming the image, with what qemu-nbd printed.
+    fn failed(&self, what: &str) -> Error {
+        let stderr = fs::read(&self.log).unwrap_or_default();
+        Error::QemuNbd {
+            path: self.path.clone(),
+            reason: format!("{what}: {}", process::stderr_text(&stderr)),
+        }
+    }
+
+    /// SIGTERM, wait up to [`STOP_TIMEOUT`], then SIGKILL.
+    fn terminate(&mut self) -> Result<ExitStatus> {
+        self.stopped = true;
+        let wait_error = |e| Error::io("waiting for qemu-nbd to exit", e);
+        if let Some(status) = self.child.try_wait().map_err(wait_error)? {
+            return Ok(status);
+        }
+        // If SIGTERM cannot be sent, fall through to SIGKILL.
+        let _ = send_sigterm(self.child.id());
+        let deadline = Instant::now() + STOP_TIMEOUT;
+        while Instant::now() < deadline {
+            if let Some(status) = self.child.try_wait().map_err(wait_error)? {
+                return Ok(status);
+            }
+            thread::sleep(Duration::from_millis(10));
+        }
+        let _ = self.child.kill();
+        self.child.wait().map_err(wait_error)
+    }
+}
+
+impl Drop for QemuNbd {
+    fn drop(&mut self) {
+        if !self.stopped {
+            let _ = self.terminate();
+        }
+    }
+}
+
+/// The qemu-nbd command line for `opts`.
+fn command(opts: &QemuNbdOptions, format: &str, socket: &Path) -> Result<Command> {
+    let mut cmd = Command::new("qemu-nbd");
+    cmd.arg("--persistent")
+        .arg(format!("--socket={}", socket.display()))
+        .arg(format!("--format={format}"))
+        .arg(format!("--shared={}", opts.shared.max(1)));
+    if opts.read_only {
+        cmd.arg("--read-only");
+    } else if opts.unmap_zeroes {
+        cmd.args(["--discard=unmap", "--detect-zeroes=unmap"]);
+    }
+    if opts.direct_io && supports_direct_io(&opts.path, opts.read_only) {
+        cmd.arg("--cache=none");
+    }
+    if let Some(aio) = &opts.aio {
+        img::check_format(aio)?;
+        cmd.arg(format!("--aio={aio}"));
+    }
+    cmd.arg(img::qemu_path(&opts.path)?);
+    Ok(cmd)
+}
+
+fn spawn_logged(cmd: &mut Command, log: &Path) -> Result<Child> {
+    let stderr = File::create(log).map_err(|e| Error::io("creating the qemu-nbd log", e))?;
+    cmd.stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(stderr)
+        .spawn()
+        .map_err(|error| Error::Spawn {
+            program: "qemu-nbd".into(),
+            error,
+        })
+}
+
+fn check_socket_path(socket: &Path) -> Result<()> {
+    let len = socket.as_os_str().len();
+    if len > MAX_SOCKET_PATH {
+        return Err(Error::InvalidRequest(format!(
+            "socket path {} is {len} bytes, over the {MAX_SOCKET_PATH}-byte limit; set TMPDIR to a shorter directory",
+            socket.display()
+        )));
+    }
+    Ok(())
+}
+
+/// Whether the file system under `path` accepts `O_DIRECT` (tmpfs, for
+/// one, does not, and qemu-nbd would fail with `--cache=none`).
+fn supports_direct_io(path: &Path, read_only: bool) -> bool {
+    OpenOptions::new()
+        .read(true)
+        .write(!read_only)
+        .custom_flags(libc::O_DIRECT)
+        .open(path)
+        .is_ok()
+}
+
+fn terminated_by_sigterm(status: ExitStatus) -> bool {
+    use std::os::unix::process::ExitStatusExt;
+    status.signal() == Some(libc::SIGTERM)
+}
+
+/// Sends SIGTERM to our child process.
+#[allow(unsafe_code)]
+fn send_sigterm(pid: u32) -> io::Result<()> {
+    let pid =
+        libc::pid_t::try_from(pid).map_err(|_| io::Error::from(io::ErrorKind::InvalidInput))?;
+    // SAFETY: kill(2) takes plain integers and touches no memory of ours.
+    // `pid` is our own child that has not been reaped yet (try_wait saw it
+    // running), so the id cannot have been reused by another process.
+    let rc = unsafe { libc::kill(pid, libc::SIGTERM) };
+    if rc == 0 {
+        Ok(())
+    } else {
+        Err(io::Error::last_os_error())
+    }
+}

@@ -1,0 +1,15 @@
+#!/usr/bin/env bash
+# The whole test suite: unit, property and integration tests (the latter
+# start real qemu-img / qemu-nbd processes). Installs missing tools first.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+if ! command -v qemu-nbd >/dev/null || ! command -v mkfs.ext4 >/dev/null || ! command -v qemu-io >/dev/null; then
+  export DEBIAN_FRONTEND=noninteractive
+  apt-get update -q && apt-get install -y -q qemu-utils e2fsprogs
+fi
+if command -v cargo-nextest >/dev/null; then
+  cargo nextest run --workspace --locked --no-fail-fast
+  cargo test --workspace --locked --doc
+else
+  cargo test --workspace --locked --no-fail-fast
+fi

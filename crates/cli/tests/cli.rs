@@ -489,6 +489,42 @@ fn a_backup_killed_with_sigkill_records_nothing_and_the_next_one_reuses_its_chun
     );
 }
 
+#[test]
+fn killing_vbackup_leaves_no_qemu_nbd_behind() {
+    let env = Env::new();
+    env.init();
+    let raw = env.path("noisy.raw");
+    std::fs::write(&raw, noise(96 << 20, 5)).unwrap();
+    let image = env.path("orphan-check.qcow2");
+    convert(&raw, &image, "qcow2");
+    let mut child = env
+        .command(&["--threads", "1", "backup", "--vm", "q", s(&image)])
+        .spawn()
+        .unwrap();
+    let chunks = env.repo().join("chunks");
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
+    while (!chunks.exists() || walk(&chunks).len() < 2) && std::time::Instant::now() < deadline {
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+    child.kill().unwrap();
+    assert!(
+        !child.wait().unwrap().success(),
+        "the backup finished before it could be killed"
+    );
+    let still_running = || {
+        let out = Command::new("pgrep")
+            .args(["-f", s(&image)])
+            .output()
+            .unwrap();
+        !out.stdout.is_empty()
+    };
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    while still_running() && std::time::Instant::now() < deadline {
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    }
+    assert!(!still_running(), "qemu-nbd outlived the killed vbackup");
+}
+
 /// Fills a small tmpfs during a backup, in a private mount namespace so no
 /// privileges are needed and nothing leaks into the host's mounts.
 #[test]

@@ -75,6 +75,11 @@ pub struct QemuNbd {
     path: PathBuf,
     format: String,
     stopped: bool,
+    /// A connection held open for the server's whole life. qemu-nbd runs
+    /// without `--persistent`, so it exits by itself once every negotiated
+    /// connection is closed: if vbackup is killed (even with SIGKILL), the
+    /// kernel closes our sockets and qemu-nbd does not outlive us.
+    keeper: Option<NbdClient>,
     // Declared last: removed after the process is gone.
     _dir: tempfile::TempDir,
 }
@@ -111,6 +116,7 @@ impl QemuNbd {
             path: opts.path.clone(),
             format,
             stopped: false,
+            keeper: None,
             _dir: dir,
         };
         server.wait_ready(opts.start_timeout)
@@ -170,8 +176,13 @@ impl QemuNbd {
                 return Err(self.failed(&format!("qemu-nbd exited ({status})")));
             }
             if self.socket.exists() {
-                match nbd::probe_unix(&self.socket, timeout) {
-                    Ok(()) => return Ok(self),
+                // The probe aborts before negotiating, which does not count
+                // as a client having left; the keeper then negotiates.
+                match nbd::probe_unix(&self.socket, timeout).and_then(|()| self.connect()) {
+                    Ok(keeper) => {
+                        self.keeper = Some(keeper);
+                        return Ok(self);
+                    }
                     Err(e) => last_error = Some(e),
                 }
             }
@@ -195,6 +206,7 @@ impl QemuNbd {
     /// SIGTERM, wait up to [`STOP_TIMEOUT`], then SIGKILL.
     fn terminate(&mut self) -> Result<ExitStatus> {
         self.stopped = true;
+        drop(self.keeper.take());
         let wait_error = |e| Error::io("waiting for qemu-nbd to exit", e);
         if let Some(status) = self.child.try_wait().map_err(wait_error)? {
             return Ok(status);
@@ -224,10 +236,10 @@ impl Drop for QemuNbd {
 /// The qemu-nbd command line for `opts`.
 fn command(opts: &QemuNbdOptions, format: &str, socket: &Path) -> Result<Command> {
     let mut cmd = Command::new("qemu-nbd");
-    cmd.arg("--persistent")
-        .arg(format!("--socket={}", socket.display()))
+    // One connection more than asked for: the keeper's (see `QemuNbd`).
+    cmd.arg(format!("--socket={}", socket.display()))
         .arg(format!("--format={format}"))
-        .arg(format!("--shared={}", opts.shared.max(1)));
+        .arg(format!("--shared={}", opts.shared.max(1).saturating_add(1)));
     if opts.read_only {
         cmd.arg("--read-only");
     } else if opts.unmap_zeroes {

@@ -8,10 +8,8 @@
 //! random 192-bit salt stored in the object; the AEAD nonce is therefore
 //! never reused with a key, whatever the number of objects or writers.
 
-use aes_gcm::aead::{Aead, KeyInit, Payload};
-use aes_gcm::Aes256Gcm;
-use chacha20poly1305::ChaCha20Poly1305;
 use hmac::{Hmac, Mac};
+use ring::aead::{Aad, LessSafeKey, Nonce, UnboundKey, AES_256_GCM, CHACHA20_POLY1305};
 use serde::{Deserialize, Serialize};
 use sha2::Sha256;
 
@@ -192,12 +190,18 @@ impl Crypto {
             return Ok(out);
         }
         let salt = random_bytes::<SALT_LEN>()?;
-        let sealed = self.aead_apply(&salt, aad, plaintext, true).map_err(|()| {
-            Error::InvalidInput("encryption failed (input too large for the cipher)".to_string())
-        })?;
-        let mut out = Vec::with_capacity(SALT_LEN + sealed.len());
+        let mut out = Vec::with_capacity(SALT_LEN + plaintext.len() + TAG_LEN);
         out.extend_from_slice(&salt);
-        out.extend_from_slice(&sealed);
+        out.extend_from_slice(plaintext);
+        let tag = self
+            .object_key(&salt)
+            .and_then(|k| {
+                let nonce = Nonce::assume_unique_for_key([0u8; 12]);
+                k.seal_in_place_separate_tag(nonce, Aad::from(aad), &mut out[SALT_LEN..])
+                    .ok()
+            })
+            .ok_or_else(|| Error::InvalidInput("encryption failed".to_string()))?;
+        out.extend_from_slice(tag.as_ref());
         Ok(out)
     }
 
@@ -222,48 +226,37 @@ impl Crypto {
             ));
         }
         let (salt, body) = sealed.split_at(SALT_LEN);
-        self.aead_apply(salt, aad, body, false).map_err(|()| {
-            Error::corrupt(
+        let mut buffer = body.to_vec();
+        let opened = self.object_key(salt).and_then(|k| {
+            let nonce = Nonce::assume_unique_for_key([0u8; 12]);
+            k.open_in_place(nonce, Aad::from(aad), &mut buffer)
+                .ok()
+                .map(|p| p.len())
+        });
+        let Some(len) = opened else {
+            return Err(Error::corrupt(
                 key,
                 "authentication failed (modified, truncated or not from this repository)",
-            )
-        })
+            ));
+        };
+        buffer.truncate(len);
+        Ok(buffer)
     }
 
-    fn aead_apply(
-        &self,
-        salt: &[u8],
-        aad: &[u8],
-        data: &[u8],
-        encrypt: bool,
-    ) -> std::result::Result<Vec<u8>, ()> {
-        let mut material = Vec::with_capacity(64);
-        material.extend_from_slice(&self.encryption_key);
-        material.extend_from_slice(salt);
+    /// The key sealing the one object with this salt.
+    fn object_key(&self, salt: &[u8]) -> Option<LessSafeKey> {
+        let mut material = [0u8; 32 + SALT_LEN];
+        material[..32].copy_from_slice(&self.encryption_key);
+        material[32..].copy_from_slice(salt);
         let object_key = blake3::derive_key("vbackup 2026-11 per-object key", &material);
-        let nonce = [0u8; 12];
-        let payload = Payload { msg: data, aad };
-        match self.cipher {
-            CipherKind::Aes256Gcm => {
-                let cipher = Aes256Gcm::new(&object_key.into());
-                if encrypt {
-                    cipher.encrypt(&nonce.into(), payload)
-                } else {
-                    cipher.decrypt(&nonce.into(), payload)
-                }
-                .map_err(|_| ())
-            }
-            CipherKind::ChaCha20Poly1305 => {
-                let cipher = ChaCha20Poly1305::new(&object_key.into());
-                if encrypt {
-                    cipher.encrypt(&nonce.into(), payload)
-                } else {
-                    cipher.decrypt(&nonce.into(), payload)
-                }
-                .map_err(|_| ())
-            }
-            CipherKind::None => Err(()),
-        }
+        let algorithm = match self.cipher {
+            CipherKind::Aes256Gcm => &AES_256_GCM,
+            CipherKind::ChaCha20Poly1305 => &CHACHA20_POLY1305,
+            CipherKind::None => return None,
+        };
+        UnboundKey::new(algorithm, &object_key)
+            .ok()
+            .map(LessSafeKey::new)
     }
 }
 

@@ -8,8 +8,7 @@
 use std::collections::HashMap;
 use std::sync::Arc;
 
-use aes_gcm::aead::{Aead, KeyInit, Payload};
-use aes_gcm::Aes256Gcm;
+use ring::aead::{Aad, LessSafeKey, Nonce, UnboundKey, AES_256_GCM};
 use vbackup_storage::Backend;
 
 use crate::crypto::{kdf, random_bytes, CipherKind, Crypto, DigestKind, MasterSecret};
@@ -271,13 +270,12 @@ impl Repository {
         let kek = kdf::derive(passphrase.as_bytes(), &salt, params)?;
         let nonce = random_bytes::<12>()?;
         let aad = key_aad(&self.config.id);
-        let wrapped = Aes256Gcm::new(&kek.into())
-            .encrypt(
-                &nonce.into(),
-                Payload {
-                    msg: &secret.0,
-                    aad: &aad,
-                },
+        let mut wrapped = secret.0.to_vec();
+        kek_cipher(&kek)?
+            .seal_in_place_append_tag(
+                Nonce::assume_unique_for_key(nonce),
+                Aad::from(&aad),
+                &mut wrapped,
             )
             .map_err(|_| Error::InvalidInput("wrapping the master key failed".to_string()))?;
         let key_file = KeyFile {
@@ -524,6 +522,13 @@ fn key_aad(repository_id: &str) -> Vec<u8> {
     format!("vbackup key v1|{repository_id}").into_bytes()
 }
 
+/// AES-256-GCM under a key-encryption key.
+fn kek_cipher(kek: &[u8; 32]) -> Result<LessSafeKey> {
+    UnboundKey::new(&AES_256_GCM, kek)
+        .map(LessSafeKey::new)
+        .map_err(|_| Error::InvalidInput("cannot set up AES-256-GCM for the key".to_string()))
+}
+
 /// Tries every key object with the passphrase.
 fn unlock(
     backend: &dyn Backend,
@@ -570,13 +575,9 @@ fn try_key(
     let (nonce, sealed) = wrapped.split_at(12);
     let nonce: [u8; 12] = nonce.try_into().map_err(|_| Error::corrupt(key, "nonce"))?;
     let aad = key_aad(repository_id);
-    let Ok(plain) = Aes256Gcm::new(&kek.into()).decrypt(
-        &nonce.into(),
-        Payload {
-            msg: sealed,
-            aad: &aad,
-        },
-    ) else {
+    let mut buffer = sealed.to_vec();
+    let nonce = Nonce::assume_unique_for_key(nonce);
+    let Ok(plain) = kek_cipher(&kek)?.open_in_place(nonce, Aad::from(&aad), &mut buffer) else {
         return Ok(None);
     };
     let secret: [u8; 32] = plain

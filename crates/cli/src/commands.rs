@@ -235,7 +235,7 @@ fn init(ctx: &Context, args: &InitArgs) -> Result<()> {
     };
     if !ctx.json(&output)? {
         ctx.say(format!(
-            "created repository {} at {}\n  chunks: {} fixed, digest {:?}, cipher {:?}, zstd level {}",
+            "created repository {} at {}\n  chunks: {} fixed, digest {}, cipher {}, zstd level {}",
             &config.id[..8],
             repo.location(),
             human_bytes(u64::from(config.chunk_size)),

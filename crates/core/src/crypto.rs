@@ -65,6 +65,25 @@ impl CipherKind {
     }
 }
 
+impl std::fmt::Display for CipherKind {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            CipherKind::None => "none (not encrypted)",
+            CipherKind::Aes256Gcm => "AES-256-GCM",
+            CipherKind::ChaCha20Poly1305 => "ChaCha20-Poly1305",
+        })
+    }
+}
+
+impl std::fmt::Display for DigestKind {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            DigestKind::Blake3Keyed => "keyed BLAKE3",
+            DigestKind::HmacSha256 => "HMAC-SHA-256",
+        })
+    }
+}
+
 #[cfg(target_arch = "x86_64")]
 fn cpu_has_aes() -> bool {
     std::arch::is_x86_feature_detected!("aes") && std::arch::is_x86_feature_detected!("pclmulqdq")

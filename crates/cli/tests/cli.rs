@@ -537,14 +537,15 @@ fn a_full_disk_fails_the_backup_cleanly_and_the_retry_succeeds() {
     let bin = env!("CARGO_BIN_EXE_vbackup");
     let script = format!(
         r#"set -u
-mount -t tmpfs -o size=12m tmpfs {mnt} || exit 99
+mount -t tmpfs -o size=40m tmpfs {mnt} || exit 99
 export VBACKUP_REPOSITORY={mnt}/repo
 {bin} init >/dev/null || exit 98
+head -c 28M /dev/zero > {mnt}/filler
 {bin} backup --vm full {image} 2>{mnt}/../backup.err; echo "backup-exit=$?"
 {bin} snapshots | tail -1
 {bin} verify >/dev/null 2>&1; echo "verify-exit=$?"
-head -c 6M {image} > {mnt}/../half.raw
-{bin} backup --vm half {mnt}/../half.raw >/dev/null 2>&1; echo "retry-exit=$?"
+rm {mnt}/filler
+{bin} --json backup --vm full {image} >{mnt}/../retry.json 2>&1; echo "retry-exit=$?"
 {bin} verify >/dev/null 2>&1; echo "verify2-exit=$?"
 "#,
         mnt = s(&mnt),
@@ -564,8 +565,14 @@ head -c 6M {image} > {mnt}/../half.raw
     assert!(err.contains("no space left"), "{err}");
     assert!(stdout.contains("0 snapshot(s)"), "{stdout}");
     assert!(stdout.contains("verify-exit=0"), "{stdout}");
+    let retry = std::fs::read_to_string(env.path("retry.json")).unwrap();
     assert!(
         stdout.contains("retry-exit=0") && stdout.contains("verify2-exit=0"),
-        "{stdout}"
+        "{stdout}\n{retry}"
+    );
+    let retry: serde_json::Value = serde_json::from_str(&retry).unwrap();
+    assert!(
+        retry["stats"]["chunks-reused"].as_u64().unwrap() > 0,
+        "{retry}"
     );
 }

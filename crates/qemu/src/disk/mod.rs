@@ -6,9 +6,9 @@
 //! through a private `qemu-nbd` and our NBD client (sparseness from
 //! `base:allocation`).
 
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU32, Ordering};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 
 use vbackup_core::source::{DiskSource, DiskTarget, Extent, ExtentKind};
 
@@ -68,32 +68,85 @@ pub fn open_disk_with(path: &Path, opts: &OpenDiskOptions) -> Result<Box<dyn Dis
     // Taken before anything is read, so a change during the backup shows
     // up as a different fingerprint next time.
     let identity = file_identity(path);
-    let (format, backing) = match &opts.format {
+    let (format, info) = match &opts.format {
         Some(f) => {
             img::check_format(f).map_err(|e| e.for_image(path))?;
-            let backing = if f == "raw" {
+            let info = if f == "raw" {
                 None
             } else {
-                img::image_info(path).ok().and_then(|i| i.backing_file)
+                Some(img::image_info(path)?)
             };
-            (f.clone(), backing)
+            (f.clone(), info)
         }
         None => {
             let info = img::image_info(path)?;
-            (info.format, info.backing_file)
+            (info.format.clone(), Some(info))
         }
     };
-    let inner: Box<dyn DiskSource> = if format == "raw" {
-        Box::new(RawFileSource::open(path)?)
-    } else {
-        if opts.check {
-            img::check(path, &format)?;
-        }
-        Box::new(NbdSource::open(path, &format, opts.connections)?)
+    let Some(info) = info.filter(|_| format != "raw") else {
+        let inner = Box::new(RawFileSource::open(path)?);
+        return Ok(Box::new(Fingerprinted { inner, identity }));
     };
     // With a backing file, the content also depends on other files.
-    let identity = identity.filter(|_| backing.is_none());
+    let identity = identity.filter(|_| info.backing_file.is_none());
+    let inner = Box::new(LazyNbdSource {
+        path: path.to_owned(),
+        format,
+        size: info.virtual_size,
+        connections: opts.connections,
+        check: opts.check,
+        source: Mutex::new(None),
+    });
     Ok(Box::new(Fingerprinted { inner, identity }))
+}
+
+/// An [`NbdSource`] started on the first read: a disk that the backup
+/// skips (unchanged since the last snapshot) costs neither a
+/// `qemu-img check` nor a `qemu-nbd` process.
+struct LazyNbdSource {
+    path: PathBuf,
+    format: String,
+    size: u64,
+    connections: u32,
+    check: bool,
+    source: Mutex<Option<Arc<NbdSource>>>,
+}
+
+impl LazyNbdSource {
+    fn started(&self) -> Result<Arc<NbdSource>> {
+        let mut slot = self.source.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(source) = slot.as_ref() {
+            return Ok(Arc::clone(source));
+        }
+        if self.check {
+            img::check(&self.path, &self.format)?;
+        }
+        let source = Arc::new(NbdSource::open(&self.path, &self.format, self.connections)?);
+        if source.virtual_size() != self.size {
+            return Err(Error::InvalidRequest(format!(
+                "{}: qemu-img reported {} bytes but qemu-nbd serves {}; was the image changed?",
+                self.path.display(),
+                self.size,
+                source.virtual_size()
+            )));
+        }
+        *slot = Some(Arc::clone(&source));
+        Ok(source)
+    }
+}
+
+impl DiskSource for LazyNbdSource {
+    fn virtual_size(&self) -> u64 {
+        self.size
+    }
+
+    fn format(&self) -> &str {
+        &self.format
+    }
+
+    fn open_reader(&self) -> std::io::Result<Box<dyn vbackup_core::source::DiskReader>> {
+        self.started()?.open_reader()
+    }
 }
 
 /// A regular file's fingerprint: device, inode, size, mtime and ctime in

@@ -284,6 +284,7 @@ pub fn disk_options(format: Option<&str>, threads: usize) -> vbackup_qemu::OpenD
         format: format.map(str::to_owned),
         connections: connections(threads),
         check: true,
+        lazy: true,
     }
 }
 

@@ -53,28 +53,34 @@ pub fn with_progress<T>(
     work: impl FnOnce(&Progress) -> T,
 ) -> T {
     let progress = Progress::new();
-    let finished = AtomicBool::new(false);
+    let (done_tx, done_rx) = std::sync::mpsc::channel::<()>();
     std::thread::scope(|scope| {
-        scope.spawn(|| watch(label, quiet, signal, &progress, &finished));
-        let result = work(&progress);
-        finished.store(true, Ordering::Relaxed);
+        let progress = &progress;
+        scope.spawn(move || watch(label, quiet, signal, progress, &done_rx));
+        let result = work(progress);
+        // Wakes the watcher at once: the command ends without waiting for
+        // its next refresh.
+        let _ = done_tx.send(());
         result
     })
 }
 
-/// Polls the progress counters until `finished`, drawing a bar on a
-/// terminal or logging a line every 10 seconds otherwise.
+/// Refreshes the progress display every 100 ms until `done` fires,
+/// drawing a bar on a terminal or logging a line every 10 seconds
+/// otherwise.
 fn watch(
     label: &str,
     quiet: bool,
     signal: &AtomicBool,
     progress: &Progress,
-    finished: &AtomicBool,
+    done: &std::sync::mpsc::Receiver<()>,
 ) {
     let bar = (!quiet && std::io::stderr().is_terminal()).then(|| new_bar(label));
     let started = Instant::now();
     let mut last_log = Instant::now();
-    while !finished.load(Ordering::Relaxed) {
+    while let Err(std::sync::mpsc::RecvTimeoutError::Timeout) =
+        done.recv_timeout(Duration::from_millis(100))
+    {
         if signal.load(Ordering::Relaxed) && !progress.is_cancelled() {
             progress.cancel();
             eprintln!("vbackup: interrupted, stopping and cleaning up...");
@@ -86,7 +92,6 @@ fn watch(
             last_log = Instant::now();
             log_line(label, progress, started.elapsed().as_secs_f64());
         }
-        std::thread::sleep(Duration::from_millis(100));
     }
     if let Some(bar) = bar {
         bar.finish_and_clear();

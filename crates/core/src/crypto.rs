@@ -202,31 +202,59 @@ impl Crypto {
     /// `aad` is authenticated but not stored. With no cipher, the result is
     /// `plaintext || BLAKE3(aad || plaintext)`.
     pub fn seal(&self, aad: &[u8], plaintext: &[u8]) -> Result<Vec<u8>> {
+        let mut out = Vec::with_capacity(SALT_LEN + plaintext.len() + TAG_LEN);
+        self.seal_append(&mut out, aad, plaintext)?;
+        Ok(out)
+    }
+
+    /// [`Crypto::seal`], appending to `out` (saves a copy when the caller
+    /// has already written a header there).
+    pub fn seal_append(&self, out: &mut Vec<u8>, aad: &[u8], plaintext: &[u8]) -> Result<()> {
         if self.cipher == CipherKind::None {
-            let mut out = Vec::with_capacity(plaintext.len() + 32);
             out.extend_from_slice(plaintext);
             out.extend_from_slice(&checksum(aad, plaintext));
-            return Ok(out);
+            return Ok(());
         }
         let salt = random_bytes::<SALT_LEN>()?;
-        let mut out = Vec::with_capacity(SALT_LEN + plaintext.len() + TAG_LEN);
+        out.reserve(SALT_LEN + plaintext.len() + TAG_LEN);
         out.extend_from_slice(&salt);
+        let start = out.len();
         out.extend_from_slice(plaintext);
         let tag = self
             .object_key(&salt)
             .and_then(|k| {
                 let nonce = Nonce::assume_unique_for_key([0u8; 12]);
-                k.seal_in_place_separate_tag(nonce, Aad::from(aad), &mut out[SALT_LEN..])
+                k.seal_in_place_separate_tag(nonce, Aad::from(aad), &mut out[start..])
                     .ok()
             })
             .ok_or_else(|| Error::InvalidInput("encryption failed".to_string()))?;
         out.extend_from_slice(tag.as_ref());
-        Ok(out)
+        Ok(())
     }
 
     /// Reverses [`Crypto::seal`]; fails when anything was changed. `key`
     /// names the object in the error.
     pub fn open(&self, key: &str, aad: &[u8], sealed: &[u8]) -> Result<Vec<u8>> {
+        let mut buffer = sealed.to_vec();
+        let plain = self.open_in_place(key, aad, &mut buffer)?.len();
+        let start = if self.cipher == CipherKind::None {
+            0
+        } else {
+            SALT_LEN
+        };
+        buffer.truncate(start + plain);
+        buffer.drain(..start);
+        Ok(buffer)
+    }
+
+    /// [`Crypto::open`] without copying: decrypts inside `sealed` and
+    /// returns the plaintext part of it.
+    pub fn open_in_place<'a>(
+        &self,
+        key: &str,
+        aad: &[u8],
+        sealed: &'a mut [u8],
+    ) -> Result<&'a [u8]> {
         if self.cipher == CipherKind::None {
             let body_len = sealed
                 .len()
@@ -236,7 +264,7 @@ impl Crypto {
             if checksum(aad, body) != sum {
                 return Err(Error::corrupt(key, "checksum mismatch"));
             }
-            return Ok(body.to_vec());
+            return Ok(body);
         }
         if sealed.len() < SALT_LEN + TAG_LEN {
             return Err(Error::corrupt(
@@ -244,22 +272,16 @@ impl Crypto {
                 "too short to hold an encrypted payload",
             ));
         }
-        let (salt, body) = sealed.split_at(SALT_LEN);
-        let mut buffer = body.to_vec();
-        let opened = self.object_key(salt).and_then(|k| {
-            let nonce = Nonce::assume_unique_for_key([0u8; 12]);
-            k.open_in_place(nonce, Aad::from(aad), &mut buffer)
-                .ok()
-                .map(|p| p.len())
-        });
-        let Some(len) = opened else {
-            return Err(Error::corrupt(
+        let (salt, body) = sealed.split_at_mut(SALT_LEN);
+        let cipher = self.object_key(salt);
+        let nonce = Nonce::assume_unique_for_key([0u8; 12]);
+        match cipher.map(|k| k.open_in_place(nonce, Aad::from(aad), body)) {
+            Some(Ok(plain)) => Ok(plain),
+            _ => Err(Error::corrupt(
                 key,
                 "authentication failed (modified, truncated or not from this repository)",
-            ));
-        };
-        buffer.truncate(len);
-        Ok(buffer)
+            )),
+        }
     }
 
     /// The key sealing the one object with this salt.

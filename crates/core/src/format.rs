@@ -6,11 +6,9 @@
 //! version, the object kind, the compression and the cipher. Readers refuse
 //! versions they do not know instead of guessing.
 
-use std::io::Read;
-
 use serde::{Deserialize, Serialize};
 
-use crate::crypto::{kdf::KdfParams, CipherKind, Crypto, DigestKind};
+use crate::crypto::{kdf::KdfParams, CipherKind, Crypto, DigestKind, SALT_LEN, TAG_LEN};
 use crate::error::{Error, Result};
 use crate::ChunkId;
 
@@ -143,8 +141,7 @@ pub fn seal_object(
     level: Option<i32>,
 ) -> Result<Vec<u8>> {
     let compressed = match level {
-        Some(level) => zstd::bulk::compress(payload, level)
-            .ok()
+        Some(level) => crate::compress::compress(payload, level)
             .filter(|c| c.len() < payload.len() - payload.len() / 32),
         None => None,
     };
@@ -158,10 +155,9 @@ pub fn seal_object(
         cipher: crypto.cipher(),
     }
     .encode();
-    let sealed = crypto.seal(&aad(&header, key), body)?;
-    let mut out = Vec::with_capacity(HEADER_LEN + sealed.len());
+    let mut out = Vec::with_capacity(HEADER_LEN + SALT_LEN + body.len() + TAG_LEN + 32);
     out.extend_from_slice(&header);
-    out.extend_from_slice(&sealed);
+    crypto.seal_append(&mut out, &aad(&header, key), body)?;
     Ok(out)
 }
 
@@ -174,7 +170,18 @@ pub fn open_object(
     bytes: &[u8],
     max_len: usize,
 ) -> Result<Vec<u8>> {
-    let header = Header::decode(key, bytes)?;
+    open_object_owned(crypto, kind, key, bytes.to_vec(), max_len)
+}
+
+/// [`open_object`] taking the object's bytes, which it decrypts in place.
+pub fn open_object_owned(
+    crypto: &Crypto,
+    kind: ObjectKind,
+    key: &str,
+    mut bytes: Vec<u8>,
+    max_len: usize,
+) -> Result<Vec<u8>> {
+    let header = Header::decode(key, &bytes)?;
     if header.kind != kind {
         return Err(Error::corrupt(
             key,
@@ -187,29 +194,15 @@ pub fn open_object(
             "sealed with a different cipher than the repository uses",
         ));
     }
-    let body = crypto.open(key, &aad(&header.encode(), key), &bytes[HEADER_LEN..])?;
+    let aad = aad(&header.encode(), key);
+    let body = crypto.open_in_place(key, &aad, &mut bytes[HEADER_LEN..])?;
     match header.compression {
         Compression::None if body.len() > max_len => {
             Err(Error::corrupt(key, "payload larger than allowed"))
         }
-        Compression::None => Ok(body),
-        Compression::Zstd => decompress_bounded(key, &body, max_len),
+        Compression::None => Ok(body.to_vec()),
+        Compression::Zstd => crate::compress::decompress(key, body, max_len),
     }
-}
-
-fn decompress_bounded(key: &str, body: &[u8], max_len: usize) -> Result<Vec<u8>> {
-    let decoder = zstd::stream::read::Decoder::new(body)
-        .map_err(|e| Error::corrupt(key, format!("zstd: {e}")))?;
-    let mut out = Vec::with_capacity(max_len.min(body.len().saturating_mul(4)).min(64 << 20));
-    let limit = u64::try_from(max_len).unwrap_or(u64::MAX).saturating_add(1);
-    decoder
-        .take(limit)
-        .read_to_end(&mut out)
-        .map_err(|e| Error::corrupt(key, format!("zstd: {e}")))?;
-    if out.len() > max_len {
-        return Err(Error::corrupt(key, "decompresses to more than allowed"));
-    }
-    Ok(out)
 }
 
 /// Frames a plaintext JSON object (config, key objects).

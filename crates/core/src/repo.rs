@@ -14,7 +14,7 @@ use vbackup_storage::Backend;
 use crate::crypto::{kdf, random_bytes, CipherKind, Crypto, DigestKind, MasterSecret};
 use crate::error::{Error, Result};
 use crate::format::{
-    self, open_object, seal_object, Config, DiskIndex, KeyFile, ObjectKind, SnapshotManifest,
+    self, open_object_owned, seal_object, Config, DiskIndex, KeyFile, ObjectKind, SnapshotManifest,
     REPOSITORY_VERSION,
 };
 use crate::ChunkId;
@@ -385,13 +385,13 @@ impl Repository {
     pub fn read_chunk(&self, id: &ChunkId) -> Result<Vec<u8>> {
         let key = Self::chunk_key(id);
         let bytes = self.backend.get(&key)?;
-        self.decode_chunk(id, &bytes)
+        self.decode_chunk(id, bytes)
     }
 
     /// Checks and decodes a chunk object's bytes.
-    pub fn decode_chunk(&self, id: &ChunkId, bytes: &[u8]) -> Result<Vec<u8>> {
+    pub fn decode_chunk(&self, id: &ChunkId, bytes: Vec<u8>) -> Result<Vec<u8>> {
         let key = Self::chunk_key(id);
-        let data = open_object(
+        let data = open_object_owned(
             &self.crypto,
             ObjectKind::Chunk,
             &key,
@@ -418,11 +418,11 @@ impl Repository {
     /// Reads and checks a disk index.
     pub fn read_index(&self, key: &str) -> Result<DiskIndex> {
         let bytes = self.backend.get(key)?;
-        let payload = open_object(
+        let payload = open_object_owned(
             &self.crypto,
             ObjectKind::Index,
             key,
-            &bytes,
+            bytes,
             MAX_METADATA_LEN,
         )?;
         DiskIndex::decode(key, &payload)
@@ -444,11 +444,11 @@ impl Repository {
     pub fn read_snapshot(&self, id: &str) -> Result<Snapshot> {
         let key = format!("{SNAPSHOTS_PREFIX}{id}");
         let bytes = self.backend.get(&key)?;
-        let json = open_object(
+        let json = open_object_owned(
             &self.crypto,
             ObjectKind::Snapshot,
             &key,
-            &bytes,
+            bytes,
             MAX_METADATA_LEN,
         )?;
         let manifest = format::parse_snapshot_manifest(&key, &json)?;

@@ -82,7 +82,7 @@ pub fn measure(budget: Duration) -> Vec<Speed> {
     for level in [1, 3, 6] {
         record(
             &format!("compress zstd level {level}"),
-            throughput(&data, budget, |d| drop(zstd::bulk::compress(d, level))),
+            throughput(&data, budget, |d| drop(crate::compress::compress(d, level))),
         );
     }
     results

@@ -343,6 +343,13 @@ fn truncated_qcow2_is_refused_with_qemus_reason() {
         open_disk_with(&cut, &unchecked).is_ok(),
         "qemu itself accepts it"
     );
+    let lazy = OpenDiskOptions {
+        lazy: true,
+        ..OpenDiskOptions::default()
+    };
+    let source = open_disk_with(&cut, &lazy).expect("lazy opening defers the check");
+    let err = source.open_reader().err().unwrap().to_string();
+    assert!(err.contains("errors were found on the image"), "{err}");
 }
 
 #[test]

@@ -37,6 +37,10 @@ pub struct OpenDiskOptions {
     /// error, so only a check keeps such an image from being backed up as
     /// if it were fine.
     pub check: bool,
+    /// Start `qemu-nbd` (and run the check) only when the first reader is
+    /// opened, so a disk the backup skips costs nothing. Errors about the
+    /// image then come from `open_reader` instead of from opening.
+    pub lazy: bool,
 }
 
 impl Default for OpenDiskOptions {
@@ -45,6 +49,7 @@ impl Default for OpenDiskOptions {
             format: None,
             connections: DEFAULT_CONNECTIONS,
             check: true,
+            lazy: false,
         }
     }
 }
@@ -97,6 +102,9 @@ pub fn open_disk_with(path: &Path, opts: &OpenDiskOptions) -> Result<Box<dyn Dis
         check: opts.check,
         source: Mutex::new(None),
     });
+    if !opts.lazy {
+        inner.started()?;
+    }
     Ok(Box::new(Fingerprinted { inner, identity }))
 }
 

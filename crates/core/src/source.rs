@@ -64,6 +64,15 @@ pub trait DiskReader: Send {
     fn extents(&mut self, offset: u64, length: u64) -> io::Result<Vec<Extent>>;
     /// Fills `buf` with the bytes at `offset`; a short read is an error.
     fn read_exact_at(&mut self, buf: &mut [u8], offset: u64) -> io::Result<()>;
+    /// For sources that track changes (a QEMU dirty bitmap exported over
+    /// NBD): whether any byte of `[offset, offset + length)` may have been
+    /// written since the point the tracking started. `Ok(None)`, the
+    /// default, means the source does not track changes and everything
+    /// must be read.
+    fn changed(&mut self, offset: u64, length: u64) -> io::Result<Option<bool>> {
+        let _ = (offset, length);
+        Ok(None)
+    }
 }
 
 /// A virtual disk that restored data is written to.

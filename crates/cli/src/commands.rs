@@ -304,6 +304,7 @@ fn open_disks(args: &BackupArgs, threads: usize) -> Result<Vec<BackupDisk>> {
             name,
             source_label: path.display().to_string(),
             source,
+            base: None,
         });
     }
     Ok(disks)

@@ -285,6 +285,7 @@ fn backup(
         name: "vda".to_string(),
         source_label: disk.display().to_string(),
         source,
+        base: None,
     }];
     let options = BackupOptions {
         vm: VM.to_string(),

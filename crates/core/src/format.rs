@@ -318,6 +318,10 @@ pub struct BackupStats {
     /// previous snapshot.
     #[serde(default)]
     pub disks_unchanged: u64,
+    /// Chunks not read because a dirty bitmap said they had not changed
+    /// (their digests come from the base snapshot).
+    #[serde(default)]
+    pub chunks_unchanged: u64,
     /// Wall time in seconds.
     pub duration_secs: f64,
 }
@@ -347,6 +351,100 @@ pub struct DiskRecord {
     /// previous snapshot's: the id of the snapshot whose index was reused.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub unchanged_since: Option<String>,
+    /// How much of the disk was read.
+    #[serde(default)]
+    pub read: ReadScope,
+    /// With `read: changed`, the snapshot whose index supplied the chunks
+    /// the dirty bitmap reported unchanged.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub base_snapshot: Option<String>,
+    /// Why the whole disk was read although changed-block tracking was
+    /// asked for (missing or inconsistent bitmap, resized disk, damaged
+    /// base...).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub fallback_reason: Option<String>,
+    /// The dirty bitmaps that track this disk from this snapshot on.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tracking: Option<Tracking>,
+}
+
+/// How much of a disk a backup read.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum ReadScope {
+    /// Every allocated byte (a full backup, or a fallback).
+    #[default]
+    All,
+    /// Only the chunks a dirty bitmap marked (incremental, differential).
+    Changed,
+    /// Nothing: the source was unchanged since the previous snapshot.
+    None,
+}
+
+/// Names of the persistent dirty bitmaps that track a disk after a
+/// snapshot. Random tokens in the names tie them to this VM's snapshots: a
+/// bitmap of the same name can only have been made by vbackup for it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub struct Tracking {
+    /// Where the bitmaps live: `qcow2` (in the image file, offline) or
+    /// `qmp` (on a node of a running QEMU / qemu-storage-daemon).
+    pub method: String,
+    /// Records every write since this snapshot's instant: the base of the
+    /// next incremental.
+    pub incremental_bitmap: String,
+    /// Records every write since the last full backup's instant: the base of
+    /// differentials.
+    pub full_bitmap: String,
+    /// The full snapshot `full_bitmap` started at (this one, for a full).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub full_snapshot: Option<String>,
+}
+
+/// The kind of backup, as asked for or as done.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum BackupType {
+    /// Read everything (and start tracking).
+    #[default]
+    Full,
+    /// Read what changed since the VM's previous snapshot.
+    Incremental,
+    /// Read what changed since the VM's last full snapshot.
+    Differential,
+}
+
+impl std::fmt::Display for BackupType {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            BackupType::Full => "full",
+            BackupType::Incremental => "incremental",
+            BackupType::Differential => "differential",
+        })
+    }
+}
+
+/// What a running VM looked like at backup time, and its configuration.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub struct VmDefinition {
+    /// What QMP reported (block devices and nodes, machine, CPUs...).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub qmp: Option<serde_json::Value>,
+    /// A configuration file given with `--config` (libvirt domain XML, a
+    /// QEMU command line): its file name and content.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub config_file: Option<ConfigFile>,
+}
+
+/// A VM configuration file stored in a snapshot.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub struct ConfigFile {
+    /// File name (no directories).
+    pub name: String,
+    /// Its text.
+    pub content: String,
 }
 
 /// A snapshot manifest: one backup of one VM, all its disks.
@@ -370,6 +468,21 @@ pub struct SnapshotManifest {
     pub stats: BackupStats,
     /// Version of vbackup that wrote it.
     pub program_version: String,
+    /// The type of backup this snapshot is (a requested incremental whose
+    /// every disk fell back to a full read is recorded as full).
+    #[serde(default)]
+    pub backup_type: BackupType,
+    /// `offline` (images not in use), `crash-consistent` (a running VM at
+    /// one instant) or `application-consistent` (filesystems frozen by the
+    /// guest agent for that instant).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub consistency: Option<String>,
+    /// Why a running VM's snapshot is only crash-consistent.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub consistency_note: Option<String>,
+    /// The VM's definition, when known.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub definition: Option<VmDefinition>,
 }
 
 /// Parses a snapshot manifest's JSON payload and checks its version.

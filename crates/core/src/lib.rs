@@ -26,7 +26,7 @@ pub mod speed;
 
 mod commands;
 
-pub use commands::backup::{backup, BackupDisk, BackupOptions};
+pub use commands::backup::{backup, backup_prepare, BackupDisk, BackupOptions, BaseIndex};
 pub use commands::restore::{restore_disk, restore_disk_to_writer, RestoreStats};
 pub use commands::stats::{stats, RepoStats};
 pub use commands::verify::{verify, AffectedDisk, ChunkProblem, VerifyReport};

@@ -126,6 +126,7 @@ fn backup(repo: &Repository, disks: &[(&str, &Vec<u8>)]) -> vbackup_core::Snapsh
             name: name.to_string(),
             source_label: format!("mem:{name}"),
             source: Box::new(MemDisk(Arc::new((*data).clone()))),
+            base: None,
         })
         .collect();
     let options = BackupOptions {
@@ -386,6 +387,7 @@ fn a_failing_source_records_no_snapshot_and_the_retry_reuses_chunks() {
         name: "vda".into(),
         source_label: "x".into(),
         source,
+        base: None,
     }];
     let options = BackupOptions {
         vm: "vm1".into(),
@@ -432,6 +434,7 @@ fn an_unchanged_source_is_not_read_again_and_a_changed_one_is() {
             name: "vda".into(),
             source_label: "x".into(),
             source,
+            base: None,
         }];
         let options = BackupOptions {
             vm: "vm1".into(),
@@ -461,4 +464,128 @@ fn an_unchanged_source_is_not_read_again_and_a_changed_one_is() {
     let changed = run("inode-1-mtime-2", true);
     assert!(changed.manifest.stats.bytes_read > 0);
     assert_eq!(changed.manifest.stats.disks_unchanged, 0);
+}
+
+/// A disk whose reader reports which chunks changed, like a dirty bitmap.
+struct Tracked {
+    disk: MemDisk,
+    dirty: Arc<Vec<bool>>,
+    reads: Arc<std::sync::atomic::AtomicU64>,
+}
+
+impl DiskSource for Tracked {
+    fn virtual_size(&self) -> u64 {
+        self.disk.virtual_size()
+    }
+    fn format(&self) -> &str {
+        "qcow2"
+    }
+    fn open_reader(&self) -> io::Result<Box<dyn DiskReader>> {
+        Ok(Box::new(Tracked {
+            disk: self.disk.clone(),
+            dirty: self.dirty.clone(),
+            reads: self.reads.clone(),
+        }))
+    }
+}
+
+impl DiskReader for Tracked {
+    fn extents(&mut self, offset: u64, length: u64) -> io::Result<Vec<Extent>> {
+        self.disk.extents(offset, length)
+    }
+    fn read_exact_at(&mut self, buf: &mut [u8], offset: u64) -> io::Result<()> {
+        self.reads
+            .fetch_add(buf.len() as u64, std::sync::atomic::Ordering::Relaxed);
+        self.disk.read_exact_at(buf, offset)
+    }
+    fn changed(&mut self, offset: u64, _length: u64) -> io::Result<Option<bool>> {
+        Ok(Some(self.dirty[(offset / u64::from(CHUNK)) as usize]))
+    }
+}
+
+#[test]
+fn changed_block_tracking_reads_only_dirty_chunks_and_restores_the_whole_disk() {
+    let (_, repo) = new_repo(CipherKind::Aes256Gcm);
+    let original = sample_disk(6);
+    let full = backup(&repo, &[("vda", &original)]);
+    let base_index = repo.read_index(&full.manifest.disks[0].index).unwrap();
+
+    let mut changed = original.clone();
+    changed[5 * CHUNK as usize + 17] ^= 0xff; // chunk 5
+    changed[20 * CHUNK as usize..21 * CHUNK as usize].fill(3); // chunk 20, a hole before
+    let mut dirty = vec![false; base_index.chunks.len()];
+    dirty[5] = true;
+    dirty[20] = true;
+    let reads = Arc::new(std::sync::atomic::AtomicU64::new(0));
+    let source = Tracked {
+        disk: MemDisk(Arc::new(changed.clone())),
+        dirty: Arc::new(dirty),
+        reads: reads.clone(),
+    };
+    let disks = [BackupDisk {
+        name: "vda".into(),
+        source_label: "x".into(),
+        source: Box::new(source),
+        base: Some(vbackup_core::BaseIndex {
+            snapshot: full.id.clone(),
+            index: base_index.clone(),
+        }),
+    }];
+    let options = BackupOptions {
+        vm: "vm1".into(),
+        tags: vec![],
+        host: None,
+        threads: 2,
+        skip_unchanged: true,
+    };
+    let incremental = vbackup_core::backup(&repo, &disks, &options, &Progress::new()).unwrap();
+    assert_eq!(
+        reads.load(std::sync::atomic::Ordering::Relaxed),
+        2 * u64::from(CHUNK),
+        "only the two dirty chunks are read"
+    );
+    let record = &incremental.manifest.disks[0];
+    assert_eq!(record.read, vbackup_core::format::ReadScope::Changed);
+    assert_eq!(record.base_snapshot.as_deref(), Some(full.id.as_str()));
+    assert_eq!(
+        incremental.manifest.stats.chunks_unchanged as usize,
+        base_index.chunks.len() - 2
+    );
+    assert_eq!(
+        restore(&repo, &incremental, 0),
+        changed,
+        "the incremental restores on its own"
+    );
+    assert_eq!(restore(&repo, &full, 0), original);
+}
+
+#[test]
+fn a_base_of_another_size_is_refused() {
+    let (_, repo) = new_repo(CipherKind::Aes256Gcm);
+    let original = sample_disk(7);
+    let full = backup(&repo, &[("vda", &original)]);
+    let base_index = repo.read_index(&full.manifest.disks[0].index).unwrap();
+    let mut grown = original.clone();
+    grown.extend_from_slice(&vec![0u8; CHUNK as usize]);
+    let disks = [BackupDisk {
+        name: "vda".into(),
+        source_label: "x".into(),
+        source: Box::new(MemDisk(Arc::new(grown))),
+        base: Some(vbackup_core::BaseIndex {
+            snapshot: full.id.clone(),
+            index: base_index,
+        }),
+    }];
+    let options = BackupOptions {
+        vm: "vm1".into(),
+        tags: vec![],
+        host: None,
+        threads: 2,
+        skip_unchanged: false,
+    };
+    let err = vbackup_core::backup(&repo, &disks, &options, &Progress::new()).unwrap_err();
+    assert!(
+        err.to_string().contains("different disk or chunk size"),
+        "{err}"
+    );
 }

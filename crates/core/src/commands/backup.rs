@@ -5,7 +5,9 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Mutex;
 use std::time::Instant;
 
-use crate::format::{BackupStats, DiskIndex, DiskRecord, SnapshotManifest, SNAPSHOT_VERSION};
+use crate::format::{
+    BackupStats, DiskIndex, DiskRecord, ReadScope, SnapshotManifest, SNAPSHOT_VERSION,
+};
 use crate::source::{DiskReader, DiskSource, ExtentKind};
 use crate::{is_all_zero, ChunkId, Error, Progress, Repository, Result, Snapshot};
 
@@ -17,6 +19,20 @@ pub struct BackupDisk {
     pub source_label: String,
     /// The data.
     pub source: Box<dyn DiskSource>,
+    /// For changed-block tracking: the snapshot whose index supplies the
+    /// chunks the source's `DiskReader::changed` reports unchanged. Without
+    /// it, or when the source does not track changes, everything is read.
+    pub base: Option<BaseIndex>,
+}
+
+/// The index of an earlier snapshot of the same disk, trusted for the
+/// chunks a dirty bitmap says did not change.
+#[derive(Debug, Clone)]
+pub struct BaseIndex {
+    /// The snapshot it belongs to.
+    pub snapshot: String,
+    /// Its chunk list; must have the disk's size and the repository's chunk size.
+    pub index: DiskIndex,
 }
 
 /// What a backup records besides the data.
@@ -46,6 +62,7 @@ struct Counters {
     chunks_reused: AtomicU64,
     chunks_hole: AtomicU64,
     disks_unchanged: AtomicU64,
+    chunks_unchanged: AtomicU64,
 }
 
 impl Counters {
@@ -58,6 +75,7 @@ impl Counters {
             chunks_reused: self.chunks_reused.into_inner(),
             chunks_hole: self.chunks_hole.into_inner(),
             disks_unchanged: self.disks_unchanged.into_inner(),
+            chunks_unchanged: self.chunks_unchanged.into_inner(),
             duration_secs,
         }
     }
@@ -90,7 +108,23 @@ pub fn backup(
     options: &BackupOptions,
     progress: &Progress,
 ) -> Result<Snapshot> {
+    let manifest = backup_prepare(repo, disks, options, progress)?;
+    let id = repo.write_snapshot(&manifest)?;
+    Ok(Snapshot { id, manifest })
+}
+
+/// Does all of [`backup`] but writing the manifest: stores the chunks and
+/// indexes and returns the manifest, so a caller can finish its own work
+/// (rotate dirty bitmaps, record the VM definition) before committing it
+/// with [`Repository::write_snapshot`]. Until then nothing is recorded.
+pub fn backup_prepare(
+    repo: &Repository,
+    disks: &[BackupDisk],
+    options: &BackupOptions,
+    progress: &Progress,
+) -> Result<SnapshotManifest> {
     check_disk_names(disks)?;
+    check_bases(repo, disks)?;
     let started = Instant::now();
     let time = chrono::Utc::now().to_rfc3339_opts(chrono::SecondsFormat::Millis, true);
     let previous = if options.skip_unchanged {
@@ -113,9 +147,28 @@ pub fn backup(
         disks: records,
         stats: job.counters.into_stats(started.elapsed().as_secs_f64()),
         program_version: env!("CARGO_PKG_VERSION").to_string(),
+        backup_type: crate::format::BackupType::Full,
+        consistency: None,
+        consistency_note: None,
+        definition: None,
     };
-    let id = repo.write_snapshot(&manifest)?;
-    Ok(Snapshot { id, manifest })
+    Ok(manifest)
+}
+
+/// Refuses base indexes that do not fit their disk: trusting one would
+/// produce a wrong snapshot.
+fn check_bases(repo: &Repository, disks: &[BackupDisk]) -> Result<()> {
+    for disk in disks {
+        let Some(base) = &disk.base else { continue };
+        let size = disk.source.virtual_size();
+        if base.index.virtual_size != size || base.index.chunk_size != repo.config().chunk_size {
+            return Err(Error::InvalidInput(format!(
+                "the base snapshot {} of disk '{}' has a different disk or chunk size",
+                base.snapshot, disk.name
+            )));
+        }
+    }
+    Ok(())
 }
 
 fn check_disk_names(disks: &[BackupDisk]) -> Result<()> {
@@ -259,6 +312,10 @@ impl<'a> Job<'a> {
         let size = self.disks[disk].source.virtual_size();
         let offset = chunk * u64::from(self.chunk_size);
         let length = (size - offset).min(u64::from(self.chunk_size)) as usize;
+        if let Some(entry) = self.unchanged_entry(disk, chunk, reader, offset, length)? {
+            self.progress.add_done(length as u64);
+            return Ok(entry);
+        }
         let data = &mut buf[..length];
         let read = read_allocated(reader, offset, data).map_err(|e| self.source_error(disk, e))?;
         self.counters.bytes_read.fetch_add(read, Ordering::Relaxed);
@@ -270,6 +327,31 @@ impl<'a> Job<'a> {
         };
         self.progress.add_done(length as u64);
         Ok(entry)
+    }
+
+    /// With a base index and a source that tracks changes: the base's entry
+    /// for a chunk the source reports unchanged, without reading it.
+    fn unchanged_entry(
+        &self,
+        disk: usize,
+        chunk: u64,
+        reader: &mut dyn DiskReader,
+        offset: u64,
+        length: usize,
+    ) -> Result<Option<Option<ChunkId>>> {
+        let Some(base) = &self.disks[disk].base else {
+            return Ok(None);
+        };
+        let changed = reader
+            .changed(offset, length as u64)
+            .map_err(|e| self.source_error(disk, e))?;
+        if changed != Some(false) {
+            return Ok(None);
+        }
+        self.counters
+            .chunks_unchanged
+            .fetch_add(1, Ordering::Relaxed);
+        Ok(Some(base.index.chunks[chunk as usize]))
     }
 
     fn store_if_new(&self, data: &[u8]) -> Result<ChunkId> {
@@ -315,7 +397,15 @@ impl<'a> Job<'a> {
                 index: self.repo.write_index(&index)?,
                 data_chunks,
                 source_identity: disk.source.identity(),
+                read: match (&self.unchanged_since[i], &disk.base) {
+                    (Some(_), _) => ReadScope::None,
+                    (None, Some(_)) => ReadScope::Changed,
+                    (None, None) => ReadScope::All,
+                },
+                base_snapshot: disk.base.as_ref().map(|b| b.snapshot.clone()),
                 unchanged_since: self.unchanged_since[i].clone(),
+                fallback_reason: None,
+                tracking: None,
             });
         }
         Ok(records)

@@ -15,6 +15,7 @@
 //! backup records nothing but leaves its chunks for the next run to reuse.
 #![deny(missing_docs)]
 
+pub mod cbt;
 mod compress;
 pub mod crypto;
 mod error;

@@ -19,6 +19,7 @@ ROWS = [
     ("unchanged_rss", "2. Re-backup unchanged, peak RSS (MiB)", "mib"),
     ("changed_time", "3. Backup after change, time (s)", "secs"),
     ("changed_rss", "3. Backup after change, peak RSS (MiB)", "mib"),
+    ("changed_pct", "3. Backup after change, % of the tool's own full backup time", "pct"),
     ("restore_time", "4. Restore latest, time (s)", "secs"),
     ("restore_rss", "4. Restore latest, peak RSS (MiB)", "mib"),
     ("restore_check", "4. Restored image equals source", "text"),

@@ -135,8 +135,18 @@ pub struct BackupArgs {
     #[arg(long)]
     pub vm: String,
     /// Disk images (raw, qcow2, vmdk, vhdx, vdi, ... anything qemu reads).
-    #[arg(required = true, value_name = "DISK")]
+    #[arg(value_name = "DISK")]
     pub disks: Vec<PathBuf>,
+    /// full: read everything; incremental: what changed since the VM's
+    /// previous snapshot; differential: since its last full; auto:
+    /// incremental when a valid base exists, else full. Changes come from
+    /// vbackup's dirty bitmaps in qcow2 images or in the running VM.
+    #[arg(long = "type", value_enum, default_value_t = BackupTypeArg::Auto)]
+    pub backup_type: BackupTypeArg,
+    /// Store this VM configuration with the snapshot (libvirt domain XML,
+    /// a QEMU command line); restore writes it beside the disks.
+    #[arg(long, value_name = "FILE")]
+    pub config: Option<PathBuf>,
     /// Image format of the disks (default: detected by qemu-img).
     #[arg(long, value_name = "FMT")]
     pub format: Option<String>,
@@ -153,6 +163,30 @@ pub struct BackupArgs {
     /// mtime and ctime) since the VM's previous snapshot.
     #[arg(long)]
     pub force_read: bool,
+}
+
+/// The backup type asked for.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum BackupTypeArg {
+    /// Incremental when a valid base exists, else full.
+    Auto,
+    /// Read every allocated byte.
+    Full,
+    /// Read what changed since the VM's previous snapshot.
+    Incremental,
+    /// Read what changed since the VM's last full snapshot.
+    Differential,
+}
+
+impl From<BackupTypeArg> for vbackup_vm::Requested {
+    fn from(arg: BackupTypeArg) -> Self {
+        match arg {
+            BackupTypeArg::Auto => Self::Auto,
+            BackupTypeArg::Full => Self::Full,
+            BackupTypeArg::Incremental => Self::Incremental,
+            BackupTypeArg::Differential => Self::Differential,
+        }
+    }
 }
 
 /// `vbackup restore`.

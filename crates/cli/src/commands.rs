@@ -10,7 +10,7 @@ use anyhow::{bail, Context as _, Result};
 use serde::Serialize;
 use vbackup_core::crypto::{kdf::KdfParams, CipherKind, DigestKind};
 use vbackup_core::format::DiskRecord;
-use vbackup_core::{BackupDisk, BackupOptions, InitOptions, Repository, Snapshot};
+use vbackup_core::{BackupOptions, InitOptions, Repository, Snapshot};
 use vbackup_storage::{Backend, LocalBackend};
 
 use crate::args::{
@@ -278,43 +278,50 @@ fn disk_names(args: &BackupArgs) -> Result<Vec<String>> {
     Ok(names)
 }
 
-/// Options to open a disk image with one NBD connection per worker.
-pub fn disk_options(format: Option<&str>, threads: usize) -> vbackup_qemu::OpenDiskOptions {
-    vbackup_qemu::OpenDiskOptions {
-        format: format.map(str::to_owned),
-        connections: connections(threads),
-        check: true,
-        lazy: true,
-    }
-}
-
 /// One qemu-nbd connection per worker thread.
 fn connections(threads: usize) -> u32 {
     u32::try_from(threads).unwrap_or(u32::MAX).max(1)
 }
 
-fn open_disks(args: &BackupArgs, threads: usize) -> Result<Vec<BackupDisk>> {
+/// The disks named on the command line, with their names in the VM.
+fn images(args: &BackupArgs) -> Result<Vec<vbackup_vm::offline::Image>> {
     let names = disk_names(args)?;
-    let mut disks = Vec::with_capacity(args.disks.len());
-    for (path, name) in args.disks.iter().zip(names) {
-        let source =
-            vbackup_qemu::open_disk_with(path, &disk_options(args.format.as_deref(), threads))
-                .with_context(|| format!("cannot open disk image {}", path.display()))?;
-        disks.push(BackupDisk {
+    Ok(args
+        .disks
+        .iter()
+        .zip(names)
+        .map(|(path, name)| vbackup_vm::offline::Image {
             name,
-            source_label: path.display().to_string(),
-            source,
-            base: None,
-        });
-    }
-    Ok(disks)
+            path: path.clone(),
+            format: args.format.clone(),
+        })
+        .collect())
+}
+
+/// The VM definition to store: the `--config` file, if given.
+fn definition(args: &BackupArgs) -> Result<Option<vbackup_core::format::VmDefinition>> {
+    let Some(path) = &args.config else {
+        return Ok(None);
+    };
+    let content = std::fs::read_to_string(path)
+        .with_context(|| format!("cannot read the VM configuration {}", path.display()))?;
+    let name = path
+        .file_name()
+        .map_or("vm-config".into(), |n| n.to_string_lossy().into_owned());
+    Ok(Some(vbackup_core::format::VmDefinition {
+        qmp: None,
+        config_file: Some(vbackup_core::format::ConfigFile { name, content }),
+    }))
 }
 
 #[derive(Serialize)]
+#[serde(rename_all = "kebab-case")]
 struct BackupOutput<'a> {
     snapshot: &'a str,
     vm: &'a str,
     time: &'a str,
+    backup_type: vbackup_core::format::BackupType,
+    consistency: Option<&'a str>,
     disks: &'a [DiskRecord],
     stats: &'a vbackup_core::format::BackupStats,
 }
@@ -322,26 +329,37 @@ struct BackupOutput<'a> {
 fn backup(ctx: &Context, args: &BackupArgs) -> Result<()> {
     let repo = ctx.open()?;
     let threads = ctx.threads();
-    let disks = open_disks(args, threads)?;
-    let options = BackupOptions {
+    if args.disks.is_empty() {
+        return Err(usage_error(
+            "name the VM's disk images (or, for a running VM, use --qmp)",
+        ));
+    }
+    let request = vbackup_vm::offline::OfflineBackup {
         vm: args.vm.clone(),
-        tags: args.tags.clone(),
-        host: args.host.clone(),
-        threads,
-        skip_unchanged: !args.force_read,
+        images: images(args)?,
+        requested: args.backup_type.into(),
+        options: BackupOptions {
+            vm: args.vm.clone(),
+            tags: args.tags.clone(),
+            host: args.host.clone(),
+            threads,
+            skip_unchanged: !args.force_read,
+        },
+        definition: definition(args)?,
     };
     let snapshot = with_progress(
         "backup",
         ctx.global.quiet || ctx.global.json,
         &ctx.signal,
-        |progress| vbackup_core::backup(&repo, &disks, &options, progress),
+        |progress| vbackup_vm::offline::backup(&repo, &request, progress),
     )?;
-    drop(disks);
     let m = &snapshot.manifest;
     let output = BackupOutput {
         snapshot: &snapshot.id,
         vm: &m.vm,
         time: &m.time,
+        backup_type: m.backup_type,
+        consistency: m.consistency.as_deref(),
         disks: &m.disks,
         stats: &m.stats,
     };
@@ -357,11 +375,16 @@ pub fn print_backup_summary(ctx: &Context, snapshot: &Snapshot) {
     let s = &m.stats;
     let virtual_size: u64 = m.disks.iter().map(|d| d.virtual_size).sum();
     ctx.say(format!(
-        "snapshot {} saved: VM '{}', {} disk(s), {} virtual",
+        "snapshot {} saved: {} backup of VM '{}', {} disk(s), {} virtual{}",
         snapshot.short_id(),
+        m.backup_type,
         m.vm,
         m.disks.len(),
-        human_bytes(virtual_size)
+        human_bytes(virtual_size),
+        m.consistency
+            .as_deref()
+            .map(|c| format!(", {c}"))
+            .unwrap_or_default()
     ));
     ctx.say(format!(
         "  read {} in {:.1} s ({}); new data {} stored as {}",
@@ -375,6 +398,22 @@ pub fn print_backup_summary(ctx: &Context, snapshot: &Snapshot) {
         "  chunks: {} new, {} already stored, {} holes (not read or stored)",
         s.chunks_new, s.chunks_reused, s.chunks_hole
     ));
+    if s.chunks_unchanged > 0 {
+        ctx.say(format!(
+            "  {} chunks not read: unchanged since the base snapshot, per the dirty bitmap",
+            s.chunks_unchanged
+        ));
+    }
+    for disk in m.disks.iter().filter(|d| d.fallback_reason.is_some()) {
+        ctx.say(format!(
+            "  disk '{}' read in full: {}",
+            disk.name,
+            disk.fallback_reason.as_deref().unwrap_or_default()
+        ));
+    }
+    if let Some(note) = &m.consistency_note {
+        ctx.say(format!("  note: {note}"));
+    }
     for disk in m.disks.iter().filter(|d| d.unchanged_since.is_some()) {
         ctx.say(format!(
             "  disk '{}' unchanged since snapshot {} (same file identity): not read (--force-read reads it)",
@@ -431,6 +470,9 @@ fn restore(ctx: &Context, args: &RestoreArgs) -> Result<()> {
     for disk in disks {
         restored.push(restore_one(ctx, &repo, disk, &dir, args)?);
     }
+    for written in write_definition(&snapshot, &restored, &dir)? {
+        ctx.say(format!("wrote the VM definition to {}", written.display()));
+    }
     if !ctx.json(&restored)? {
         for r in &restored {
             ctx.say(format!(
@@ -446,6 +488,47 @@ fn restore(ctx: &Context, args: &RestoreArgs) -> Result<()> {
         }
     }
     Ok(())
+}
+
+/// Writes the snapshot's VM definition beside the restored disks, with
+/// the disks' original paths replaced by the restored ones.
+fn write_definition(
+    snapshot: &Snapshot,
+    restored: &[RestoredDisk],
+    dir: &Path,
+) -> Result<Vec<PathBuf>> {
+    let Some(definition) = &snapshot.manifest.definition else {
+        return Ok(Vec::new());
+    };
+    let mut written = Vec::new();
+    let replace = |text: &str| {
+        restored.iter().fold(text.to_string(), |text, r| {
+            match snapshot.manifest.disks.iter().find(|d| d.name == r.disk) {
+                Some(record) if !record.source.is_empty() => text.replace(&record.source, &r.path),
+                _ => text,
+            }
+        })
+    };
+    if let Some(config) = &definition.config_file {
+        let path = dir.join(Path::new(&config.name).file_name().unwrap_or_default());
+        std::fs::write(&path, replace(&config.content))
+            .with_context(|| format!("cannot write {}", path.display()))?;
+        written.push(path);
+    }
+    if let Some(qmp) = &definition.qmp {
+        let path = dir.join("vm-definition.json");
+        let document = serde_json::json!({
+            "vm": snapshot.manifest.vm,
+            "snapshot": snapshot.id,
+            "time": snapshot.manifest.time,
+            "disks": restored.iter().map(|r| serde_json::json!({"name": r.disk, "path": r.path, "format": r.format})).collect::<Vec<_>>(),
+            "qmp": qmp,
+        });
+        std::fs::write(&path, replace(&serde_json::to_string_pretty(&document)?))
+            .with_context(|| format!("cannot write {}", path.display()))?;
+        written.push(path);
+    }
+    Ok(written)
 }
 
 fn restore_one(

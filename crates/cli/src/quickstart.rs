@@ -12,7 +12,7 @@ use std::sync::Arc;
 use std::time::Instant;
 
 use anyhow::{bail, Context as _, Result};
-use vbackup_core::{BackupDisk, BackupOptions, InitOptions, Repository};
+use vbackup_core::{BackupOptions, InitOptions, Repository};
 use vbackup_storage::LocalBackend;
 
 use crate::args::QuickstartArgs;
@@ -59,7 +59,12 @@ pub fn run(ctx: &Context, args: &QuickstartArgs) -> Result<()> {
     let first_copy = work.join("vm-disk-at-first-backup.qcow2");
     std::fs::copy(&disk, &first_copy)?;
     change_files(ctx, &work, &disk, &files)?;
-    let second = backup(ctx, &repo, &disk, "5. second backup (after the change)")?;
+    let second = backup(
+        ctx,
+        &repo,
+        &disk,
+        "5. second backup (incremental: reads only what the dirty bitmap marks)",
+    )?;
 
     let restored = work.join("restored");
     let _ = std::fs::remove_dir_all(&restored);
@@ -224,21 +229,27 @@ fn make_sample_disk(
 }
 
 /// Changes the filesystem inside the disk the way a guest would: a new
-/// 8 MiB file and some files removed.
+/// 8 MiB file and some files removed. debugfs edits a raw copy; the blocks
+/// that differ are then written into the qcow2 through qemu-nbd, as a
+/// guest's writes would be, so vbackup's dirty bitmap in the image records
+/// them.
 fn change_files(ctx: &Context, work: &Path, disk: &Path, files: &[PathBuf]) -> Result<()> {
-    let raw = work.join("vm-disk.raw");
-    tool(
-        "qemu-img",
-        &[
-            "convert",
-            "-f",
-            "qcow2",
-            "-O",
-            "raw",
-            path_str(disk)?,
-            path_str(&raw)?,
-        ],
-    )?;
+    let before = work.join("before.raw");
+    let after = work.join("after.raw");
+    for copy in [&before, &after] {
+        tool(
+            "qemu-img",
+            &[
+                "convert",
+                "-f",
+                "qcow2",
+                "-O",
+                "raw",
+                path_str(disk)?,
+                path_str(copy)?,
+            ],
+        )?;
+    }
     let new_file = work.join("new-file.bin");
     let content: Vec<u8> = (0..8u32 << 20)
         .map(|i| (i.wrapping_mul(2_654_435_761) >> 13) as u8)
@@ -252,25 +263,63 @@ fn change_files(ctx: &Context, work: &Path, disk: &Path, files: &[PathBuf]) -> R
     std::fs::write(&script_path, script)?;
     tool(
         "debugfs",
-        &["-w", "-f", path_str(&script_path)?, path_str(&raw)?],
+        &["-w", "-f", path_str(&script_path)?, path_str(&after)?],
     )?;
-    tool(
-        "qemu-img",
-        &[
-            "convert",
-            "-f",
-            "raw",
-            "-O",
-            "qcow2",
-            path_str(&raw)?,
-            path_str(disk)?,
-        ],
-    )?;
-    for path in [raw, new_file, script_path] {
+    let written = write_differences(&before, &after, disk)?;
+    for path in [before, after, new_file, script_path] {
         std::fs::remove_file(path)?;
     }
-    ctx.say("4. changed the filesystem inside the disk: added an 8 MiB file, removed 20 files (and rewrote the qcow2)");
+    ctx.say(format!(
+        "4. changed the filesystem inside the disk: added an 8 MiB file, removed 20 files ({} written into the qcow2 through qemu-nbd, as a guest would)",
+        human_bytes(written)
+    ));
     Ok(())
+}
+
+/// Writes the 64 KiB blocks of `after` that differ from `before` into the
+/// qcow2 `disk` through a writable qemu-nbd; returns the bytes written.
+fn write_differences(before: &Path, after: &Path, disk: &Path) -> Result<u64> {
+    use std::io::Read;
+    const BLOCK: usize = 64 << 10;
+    let options = vbackup_qemu::QemuNbdOptions {
+        format: Some("qcow2".to_string()),
+        read_only: false,
+        ..vbackup_qemu::QemuNbdOptions::new(disk)
+    };
+    let server = vbackup_qemu::QemuNbd::start(&options)?;
+    let mut client = server.connect()?;
+    let (mut a, mut b) = (std::fs::File::open(before)?, std::fs::File::open(after)?);
+    let (mut old, mut new) = (vec![0u8; BLOCK], vec![0u8; BLOCK]);
+    let (mut offset, mut written) = (0u64, 0u64);
+    loop {
+        let n = read_full(&mut b, &mut new)?;
+        if n == 0 {
+            break;
+        }
+        a.read_exact(&mut old[..n])?;
+        if old[..n] != new[..n] {
+            client.write_at(&new[..n], offset)?;
+            written += n as u64;
+        }
+        offset += n as u64;
+    }
+    client.flush()?;
+    drop(client);
+    server.stop()?;
+    Ok(written)
+}
+
+/// Reads until `buf` is full or the file ends; returns the bytes read.
+fn read_full(file: &mut std::fs::File, buf: &mut [u8]) -> Result<usize> {
+    use std::io::Read;
+    let mut filled = 0;
+    while filled < buf.len() {
+        match file.read(&mut buf[filled..])? {
+            0 => break,
+            n => filled += n,
+        }
+    }
+    Ok(filled)
 }
 
 fn backup(
@@ -279,23 +328,25 @@ fn backup(
     disk: &Path,
     label: &str,
 ) -> Result<vbackup_core::Snapshot> {
-    let source =
-        vbackup_qemu::open_disk_with(disk, &crate::commands::disk_options(None, ctx.threads()))?;
-    let disks = [BackupDisk {
-        name: "vda".to_string(),
-        source_label: disk.display().to_string(),
-        source,
-        base: None,
-    }];
-    let options = BackupOptions {
+    let request = vbackup_vm::offline::OfflineBackup {
         vm: VM.to_string(),
-        tags: vec!["quickstart".into()],
-        host: None,
-        threads: ctx.threads(),
-        skip_unchanged: true,
+        images: vec![vbackup_vm::offline::Image {
+            name: "vda".to_string(),
+            path: disk.to_path_buf(),
+            format: None,
+        }],
+        requested: vbackup_vm::Requested::Auto,
+        options: BackupOptions {
+            vm: VM.to_string(),
+            tags: vec!["quickstart".into()],
+            host: None,
+            threads: ctx.threads(),
+            skip_unchanged: true,
+        },
+        definition: None,
     };
     let snapshot = with_progress("backup", true, &ctx.signal, |p| {
-        vbackup_core::backup(repo, &disks, &options, p)
+        vbackup_vm::offline::backup(repo, &request, p)
     })?;
     ctx.say(format!("{label}:"));
     print_backup_summary(ctx, &snapshot);

@@ -104,6 +104,59 @@ pub enum Error {
         /// What went wrong.
         error: Box<Error>,
     },
+    /// QEMU refused a QMP command; `desc` is QEMU's own explanation.
+    #[error("QMP command '{command}' failed: {desc}{}", class_suffix(.class))]
+    Qmp {
+        /// The command, e.g. `transaction`.
+        command: String,
+        /// QEMU's error class, e.g. `GenericError`, `DeviceNotFound`.
+        class: String,
+        /// QEMU's description of the error.
+        desc: String,
+    },
+    /// The guest agent refused a command; `desc` is its explanation.
+    #[error("guest agent command '{command}' failed: {desc}{}", class_suffix(.class))]
+    GuestAgent {
+        /// The command, e.g. `guest-fsfreeze-freeze`.
+        command: String,
+        /// The agent's error class, e.g. `CommandNotFound`.
+        class: String,
+        /// The agent's description of the error.
+        desc: String,
+    },
+    /// QEMU's monitor or the guest agent sent something that is not a
+    /// valid reply; the connection is not used any more.
+    #[error("unexpected message from {peer}: {reason}")]
+    BadReply {
+        /// Who sent it: `QEMU (QMP)` or `the guest agent`.
+        peer: &'static str,
+        /// What was wrong with it.
+        reason: String,
+    },
+    /// An NBD export does not offer the dirty bitmap that says what changed.
+    #[error("NBD export '{export}' does not offer dirty bitmap '{bitmap}' (metadata context qemu:dirty-bitmap:{bitmap}); without it nothing tells which blocks changed")]
+    MissingBitmap {
+        /// The export name.
+        export: String,
+        /// The bitmap name.
+        bitmap: String,
+    },
+    /// Something failed for one disk of a running VM.
+    #[error("disk {disk}: {error}")]
+    Disk {
+        /// The disk: device name, else node name.
+        disk: String,
+        /// What went wrong.
+        error: Box<Error>,
+    },
+}
+
+fn class_suffix(class: &str) -> String {
+    if class.is_empty() || class == "GenericError" {
+        String::new()
+    } else {
+        format!(" ({class})")
+    }
 }
 
 fn export_suffix(export: &Option<String>) -> String {
@@ -135,6 +188,14 @@ impl Error {
         Error::Protocol(what.into())
     }
 
+    /// Attaches the disk (of a running VM) this error is about.
+    pub(crate) fn for_disk(self, disk: impl Into<String>) -> Self {
+        Error::Disk {
+            disk: disk.into(),
+            error: Box::new(self),
+        }
+    }
+
     /// Attaches the image path this error is about.
     pub(crate) fn for_image(self, path: impl Into<PathBuf>) -> Self {
         Error::Image {
@@ -151,10 +212,14 @@ impl Error {
             Error::Server { errno, .. } => errno_kind(*errno),
             Error::Unsupported(_) => io::ErrorKind::Unsupported,
             Error::InvalidRequest(_) => io::ErrorKind::InvalidInput,
-            Error::OptionRejected { .. } | Error::Command { .. } | Error::QemuNbd { .. } => {
-                io::ErrorKind::Other
-            }
-            Error::Image { error, .. } => error.kind(),
+            Error::BadReply { .. } => io::ErrorKind::InvalidData,
+            Error::MissingBitmap { .. } => io::ErrorKind::NotFound,
+            Error::OptionRejected { .. }
+            | Error::Command { .. }
+            | Error::QemuNbd { .. }
+            | Error::Qmp { .. }
+            | Error::GuestAgent { .. } => io::ErrorKind::Other,
+            Error::Image { error, .. } | Error::Disk { error, .. } => error.kind(),
         }
     }
 }
@@ -204,6 +269,29 @@ mod tests {
             e.to_string(),
             "NBD server refused NBD_OPT_GO for export 'nope': NBD_REP_ERR_UNKNOWN (export not available)"
         );
+    }
+
+    #[test]
+    fn qmp_error_names_command_and_keeps_qemus_words() {
+        let e = Error::Qmp {
+            command: "transaction".into(),
+            class: "GenericError".into(),
+            desc: "Dirty bitmap 'b1' not found".into(),
+        };
+        assert_eq!(
+            e.to_string(),
+            "QMP command 'transaction' failed: Dirty bitmap 'b1' not found"
+        );
+        let e = Error::Qmp {
+            command: "x".into(),
+            class: "CommandNotFound".into(),
+            desc: "The command x has not been found".into(),
+        };
+        assert!(e.to_string().ends_with("(CommandNotFound)"), "{e}");
+        assert!(e
+            .for_disk("drive0")
+            .to_string()
+            .starts_with("disk drive0: QMP"));
     }
 
     #[test]

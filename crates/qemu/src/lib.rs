@@ -13,9 +13,16 @@
 //!   by a private `qemu-nbd` on a unix socket in a fresh temporary directory,
 //!   and read by our own synchronous [`nbd`] client — one connection per
 //!   worker thread, sparseness from the `base:allocation` metadata context.
-//!   The same client will later read `qemu:dirty-bitmap:NAME` contexts from a
-//!   running VM for incremental backups.
-//! - [`img`] wraps `qemu-img` (info, create, compare, convert).
+//! - [`img`] wraps `qemu-img` (info, create, compare, convert, and the
+//!   persistent dirty bitmaps of images that no VM has open).
+//! - **Running VMs**: [`qmp`] talks to QEMU or `qemu-storage-daemon`,
+//!   [`live`] freezes a point in time of all disks at once (image fleecing
+//!   plus dirty bitmap rotation in one QMP transaction) and exports it over
+//!   NBD, [`qga`] asks the guest agent to freeze file systems around that
+//!   instant. Dirty bitmaps, offline (`qemu-nbd --bitmap`) or live, are read
+//!   as the `qemu:dirty-bitmap:NAME` metadata context and answer
+//!   `DiskReader::changed`, which makes incremental backups read only what
+//!   changed.
 //!
 //! qemu is the authority on image formats, so whenever it refuses something
 //! its own words reach the user: errors carry qemu-img's / qemu-nbd's stderr
@@ -29,15 +36,24 @@ mod error;
 #[doc(hidden)]
 pub mod fuzzing;
 pub mod img;
+mod jsonline;
+pub mod live;
 pub mod nbd;
 mod process;
 mod qemu_nbd;
+pub mod qga;
+pub mod qmp;
+#[doc(hidden)]
+pub mod testing;
 
 pub use disk::{
-    create_target, create_target_with, file_identity, open_disk, open_disk_with, NbdSource,
-    NbdTarget, OpenDiskOptions, RawFileSource, RawFileTarget, DEFAULT_CONNECTIONS,
+    create_target, create_target_with, file_identity, open_disk, open_disk_with, NbdExportOptions,
+    NbdExportSource, NbdSource, NbdTarget, OpenDiskOptions, RawFileSource, RawFileTarget,
+    DEFAULT_CONNECTIONS,
 };
 pub use error::{Error, Result};
 pub use img::{image_info, ImageInfo};
 pub use nbd::{ConnectOptions, NbdClient};
 pub use qemu_nbd::{QemuNbd, QemuNbdOptions};
+pub use qga::GuestAgent;
+pub use qmp::QmpClient;

@@ -1,7 +1,10 @@
 //! Running qemu tools and turning their failures into errors that carry
 //! qemu's own explanation.
 
+use std::collections::hash_map::RandomState;
 use std::ffi::OsStr;
+use std::hash::{BuildHasher, Hasher};
+use std::io;
 use std::process::{Command, Output, Stdio};
 
 use crate::error::{Error, Result};
@@ -79,6 +82,55 @@ pub(crate) fn run(cmd: &mut Command) -> Result<Output> {
     }
 }
 
+/// Sends SIGTERM to our child process.
+#[allow(unsafe_code)]
+pub(crate) fn send_sigterm(pid: u32) -> io::Result<()> {
+    let pid =
+        libc::pid_t::try_from(pid).map_err(|_| io::Error::from(io::ErrorKind::InvalidInput))?;
+    // SAFETY: kill(2) takes plain integers and touches no memory of ours.
+    // `pid` is our own child that has not been reaped yet (try_wait saw it
+    // running), so the id cannot have been reused by another process.
+    let rc = unsafe { libc::kill(pid, libc::SIGTERM) };
+    if rc == 0 {
+        Ok(())
+    } else {
+        Err(io::Error::last_os_error())
+    }
+}
+
+/// A random number from std's per-process hash keys (no RNG crate needed:
+/// it only has to differ from ids an earlier client used).
+pub(crate) fn random_u64() -> u64 {
+    let mut hasher = RandomState::new().build_hasher();
+    hasher.write_u128(
+        std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.as_nanos()),
+    );
+    hasher.finish()
+}
+
+/// The longest unix socket path Linux accepts (`sun_path` less the NUL).
+pub(crate) const MAX_SOCKET_PATH: usize = 107;
+
+/// Refuses a socket path Linux cannot bind, saying how to fix it.
+pub(crate) fn check_socket_path(socket: &std::path::Path) -> Result<()> {
+    let len = socket.as_os_str().len();
+    if len > MAX_SOCKET_PATH {
+        return Err(Error::InvalidRequest(format!(
+            "socket path {} is {len} bytes, over the {MAX_SOCKET_PATH}-byte limit; set TMPDIR (or the work directory) to a shorter folder",
+            socket.display()
+        )));
+    }
+    Ok(())
+}
+
+/// Whether `status` is a death by `signal`.
+pub(crate) fn terminated_by(status: std::process::ExitStatus, signal: i32) -> bool {
+    use std::os::unix::process::ExitStatusExt;
+    status.signal() == Some(signal)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -100,6 +152,19 @@ mod tests {
         let err = run(&mut cmd).unwrap_err().to_string();
         assert!(err.contains("exit status: 3"), "{err}");
         assert!(err.contains("qemu-img: Could not open x"), "{err}");
+    }
+
+    #[test]
+    fn random_numbers_differ() {
+        assert_ne!(random_u64(), random_u64());
+    }
+
+    #[test]
+    fn overlong_socket_paths_are_refused() {
+        let long = std::path::PathBuf::from(format!("/{}", "x".repeat(200)));
+        let err = check_socket_path(&long).unwrap_err().to_string();
+        assert!(err.contains("107-byte limit"), "{err}");
+        assert!(check_socket_path(std::path::Path::new("/tmp/s")).is_ok());
     }
 
     #[test]

@@ -7,7 +7,6 @@
 //! and the process dies with the [`QemuNbd`] value.
 
 use std::fs::{self, File, OpenOptions};
-use std::io;
 use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, ExitStatus, Stdio};
@@ -22,8 +21,6 @@ use crate::process;
 /// How long [`QemuNbd`] waits for qemu-nbd to exit after SIGTERM before
 /// killing it.
 const STOP_TIMEOUT: Duration = Duration::from_secs(10);
-/// The longest unix socket path Linux accepts (`sun_path` less the NUL).
-const MAX_SOCKET_PATH: usize = 107;
 
 /// How to start `qemu-nbd`.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -47,6 +44,11 @@ pub struct QemuNbdOptions {
     pub unmap_zeroes: bool,
     /// How long to wait for the socket to accept connections.
     pub start_timeout: Duration,
+    /// A persistent dirty bitmap of the image to expose as the NBD
+    /// metadata context `qemu:dirty-bitmap:NAME` (`--bitmap`); readers
+    /// then answer `changed()` from it. qemu-nbd refuses a bitmap that
+    /// is missing or inconsistent, with its own message.
+    pub bitmap: Option<String>,
 }
 
 impl QemuNbdOptions {
@@ -61,6 +63,7 @@ impl QemuNbdOptions {
             aio: None,
             unmap_zeroes: false,
             start_timeout: Duration::from_secs(10),
+            bitmap: None,
         }
     }
 }
@@ -74,6 +77,7 @@ pub struct QemuNbd {
     log: PathBuf,
     path: PathBuf,
     format: String,
+    bitmap: Option<String>,
     stopped: bool,
     /// A connection held open for the server's whole life. qemu-nbd runs
     /// without `--persistent`, so it exits by itself once every negotiated
@@ -105,7 +109,7 @@ impl QemuNbd {
             .tempdir()
             .map_err(|e| Error::io("creating a directory for the qemu-nbd socket", e))?;
         let socket = dir.path().join("nbd.sock");
-        check_socket_path(&socket)?;
+        process::check_socket_path(&socket)?;
         let log = dir.path().join("qemu-nbd.log");
         let mut cmd = command(opts, &format, &socket)?;
         let child = spawn_logged(&mut cmd, &log)?;
@@ -115,6 +119,7 @@ impl QemuNbd {
             log,
             path: opts.path.clone(),
             format,
+            bitmap: opts.bitmap.clone(),
             stopped: false,
             keeper: None,
             _dir: dir,
@@ -140,6 +145,11 @@ impl QemuNbd {
     /// The image being served.
     pub fn image_path(&self) -> &Path {
         &self.path
+    }
+
+    /// The dirty bitmap exposed over NBD, if any.
+    pub fn bitmap(&self) -> Option<&str> {
+        self.bitmap.as_deref()
     }
 
     /// Opens a connection with `base:allocation` selected.
@@ -212,7 +222,7 @@ impl QemuNbd {
             return Ok(status);
         }
         // If SIGTERM cannot be sent, fall through to SIGKILL.
-        let _ = send_sigterm(self.child.id());
+        let _ = process::send_sigterm(self.child.id());
         let deadline = Instant::now() + STOP_TIMEOUT;
         while Instant::now() < deadline {
             if let Some(status) = self.child.try_wait().map_err(wait_error)? {
@@ -248,6 +258,10 @@ fn command(opts: &QemuNbdOptions, format: &str, socket: &Path) -> Result<Command
     if opts.direct_io && supports_direct_io(&opts.path, opts.read_only) {
         cmd.arg("--cache=none");
     }
+    if let Some(bitmap) = &opts.bitmap {
+        img::check_bitmap_name(bitmap)?;
+        cmd.arg(format!("--bitmap={bitmap}"));
+    }
     if let Some(aio) = &opts.aio {
         img::check_format(aio)?;
         cmd.arg(format!("--aio={aio}"));
@@ -268,17 +282,6 @@ fn spawn_logged(cmd: &mut Command, log: &Path) -> Result<Child> {
         })
 }
 
-fn check_socket_path(socket: &Path) -> Result<()> {
-    let len = socket.as_os_str().len();
-    if len > MAX_SOCKET_PATH {
-        return Err(Error::InvalidRequest(format!(
-            "socket path {} is {len} bytes, over the {MAX_SOCKET_PATH}-byte limit; set TMPDIR to a shorter directory",
-            socket.display()
-        )));
-    }
-    Ok(())
-}
-
 /// Whether the file system under `path` accepts `O_DIRECT` (tmpfs, for
 /// one, does not, and qemu-nbd would fail with `--cache=none`).
 fn supports_direct_io(path: &Path, read_only: bool) -> bool {
@@ -291,22 +294,5 @@ fn supports_direct_io(path: &Path, read_only: bool) -> bool {
 }
 
 fn terminated_by_sigterm(status: ExitStatus) -> bool {
-    use std::os::unix::process::ExitStatusExt;
-    status.signal() == Some(libc::SIGTERM)
-}
-
-/// Sends SIGTERM to our child process.
-#[allow(unsafe_code)]
-fn send_sigterm(pid: u32) -> io::Result<()> {
-    let pid =
-        libc::pid_t::try_from(pid).map_err(|_| io::Error::from(io::ErrorKind::InvalidInput))?;
-    // SAFETY: kill(2) takes plain integers and touches no memory of ours.
-    // `pid` is our own child that has not been reaped yet (try_wait saw it
-    // running), so the id cannot have been reused by another process.
-    let rc = unsafe { libc::kill(pid, libc::SIGTERM) };
-    if rc == 0 {
-        Ok(())
-    } else {
-        Err(io::Error::last_os_error())
-    }
+    process::terminated_by(status, libc::SIGTERM)
 }

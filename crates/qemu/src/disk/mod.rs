@@ -14,10 +14,13 @@ use vbackup_core::source::{DiskSource, DiskTarget, Extent, ExtentKind};
 
 use crate::error::{Error, Result};
 use crate::img;
+use crate::qemu_nbd::{QemuNbd, QemuNbdOptions};
 
+mod export;
 mod nbd;
 mod raw;
 
+pub use export::{NbdExportOptions, NbdExportSource};
 pub use nbd::{NbdSource, NbdTarget};
 pub use raw::{RawFileSource, RawFileTarget};
 
@@ -41,6 +44,12 @@ pub struct OpenDiskOptions {
     /// opened, so a disk the backup skips costs nothing. Errors about the
     /// image then come from `open_reader` instead of from opening.
     pub lazy: bool,
+    /// A persistent dirty bitmap of the image (qcow2) to serve with the
+    /// data (`qemu-nbd --bitmap`): readers then answer
+    /// [`DiskReader::changed`](vbackup_core::source::DiskReader::changed)
+    /// from it. A bitmap the image does not have, or an inconsistent one,
+    /// is an error, never "nothing changed".
+    pub bitmap: Option<String>,
 }
 
 impl Default for OpenDiskOptions {
@@ -50,6 +59,7 @@ impl Default for OpenDiskOptions {
             connections: DEFAULT_CONNECTIONS,
             check: true,
             lazy: false,
+            bitmap: None,
         }
     }
 }
@@ -88,6 +98,9 @@ pub fn open_disk_with(path: &Path, opts: &OpenDiskOptions) -> Result<Box<dyn Dis
             (info.format.clone(), Some(info))
         }
     };
+    if let Some(bitmap) = &opts.bitmap {
+        check_bitmap(path, info.as_ref(), bitmap)?;
+    }
     let Some(info) = info.filter(|_| format != "raw") else {
         let inner = Box::new(RawFileSource::open(path)?);
         return Ok(Box::new(Fingerprinted { inner, identity }));
@@ -100,12 +113,31 @@ pub fn open_disk_with(path: &Path, opts: &OpenDiskOptions) -> Result<Box<dyn Dis
         size: info.virtual_size,
         connections: opts.connections,
         check: opts.check,
+        bitmap: opts.bitmap.clone(),
         source: Mutex::new(None),
     });
     if !opts.lazy {
         inner.started()?;
     }
     Ok(Box::new(Fingerprinted { inner, identity }))
+}
+
+/// Refuses a bitmap that `qemu-img info` does not list, or lists as
+/// inconsistent, before any process is started.
+fn check_bitmap(path: &Path, info: Option<&img::ImageInfo>, bitmap: &str) -> Result<()> {
+    img::check_bitmap_name(bitmap).map_err(|e| e.for_image(path))?;
+    let found = info.and_then(|i| i.bitmap(bitmap));
+    let problem = match found {
+        None => "the image has no such persistent dirty bitmap",
+        Some(b) if !b.is_consistent() => {
+            "it is inconsistent (flag in-use: the image was not closed cleanly while it was recording)"
+        }
+        Some(_) => return Ok(()),
+    };
+    Err(
+        Error::InvalidRequest(format!("cannot read dirty bitmap '{bitmap}': {problem}"))
+            .for_image(path),
+    )
 }
 
 /// An [`NbdSource`] started on the first read: a disk that the backup
@@ -117,6 +149,7 @@ struct LazyNbdSource {
     size: u64,
     connections: u32,
     check: bool,
+    bitmap: Option<String>,
     source: Mutex<Option<Arc<NbdSource>>>,
 }
 
@@ -129,7 +162,15 @@ impl LazyNbdSource {
         if self.check {
             img::check(&self.path, &self.format)?;
         }
-        let source = Arc::new(NbdSource::open(&self.path, &self.format, self.connections)?);
+        let opts = QemuNbdOptions {
+            format: Some(self.format.clone()),
+            read_only: true,
+            shared: self.connections,
+            bitmap: self.bitmap.clone(),
+            ..QemuNbdOptions::new(&self.path)
+        };
+        let server = QemuNbd::start(&opts)?;
+        let source = Arc::new(NbdSource::from_server(server, self.connections)?);
         if source.virtual_size() != self.size {
             return Err(Error::InvalidRequest(format!(
                 "{}: qemu-img reported {} bytes but qemu-nbd serves {}; was the image changed?",
@@ -275,7 +316,7 @@ impl Slots {
             .map(|_| Slot(Arc::clone(&self.used)))
             .map_err(|_| {
                 Error::InvalidRequest(format!(
-                    "all {limit} connections to qemu-nbd are in use; open fewer readers or allow more connections"
+                    "all {limit} connections to the NBD server are in use; open fewer readers or allow more connections"
                 ))
             })
     }

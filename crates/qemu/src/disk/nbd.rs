@@ -1,5 +1,6 @@
 //! Disks behind a private `qemu-nbd`: any format qemu reads or writes.
 
+use std::any::Any;
 use std::io;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
@@ -9,12 +10,13 @@ use vbackup_core::source::{DiskReader, DiskSource, DiskTarget, DiskWriter, Exten
 use super::{push_extent, Slot, Slots};
 use crate::error::{Error, Result};
 use crate::img;
-use crate::nbd::proto::NBD_STATE_ZERO;
-use crate::nbd::{NbdClient, BASE_ALLOCATION};
+use crate::nbd::proto::{NBD_STATE_DIRTY, NBD_STATE_ZERO};
+use crate::nbd::{dirty_bitmap_context, ConnectOptions, NbdClient, BASE_ALLOCATION};
 use crate::qemu_nbd::{QemuNbd, QemuNbdOptions};
 
 /// A disk image served read-only by `qemu-nbd`; each reader is its own NBD
-/// connection.
+/// connection. With a bitmap (`qemu-nbd --bitmap`), readers answer
+/// [`DiskReader::changed`] from it.
 #[derive(Debug)]
 pub struct NbdSource {
     server: Arc<QemuNbd>,
@@ -34,11 +36,13 @@ impl NbdSource {
         Self::from_server(QemuNbd::start(&opts)?, connections)
     }
 
-    /// Wraps a running server that accepts `connections` clients.
+    /// Wraps a running server that accepts `connections` clients. If it
+    /// serves a bitmap, the bitmap's metadata context must be offered.
     pub fn from_server(server: QemuNbd, connections: u32) -> Result<Self> {
-        let size = server
+        let size = ExportSpec::of_server(&server)
             .connect()
             .map_err(|e| e.for_image(server.image_path()))?
+            .client
             .size();
         Ok(NbdSource {
             server: Arc::new(server),
@@ -64,24 +68,92 @@ impl DiskSource for NbdSource {
 
     fn open_reader(&self) -> io::Result<Box<dyn DiskReader>> {
         let slot = self.slots.take()?;
-        let client = self.server.connect()?;
-        Ok(Box::new(NbdReader {
-            allocation: client.context_id(BASE_ALLOCATION),
-            client,
-            _slot: slot,
-            _server: Arc::clone(&self.server),
-        }))
+        let connection = ExportSpec::of_server(&self.server).connect()?;
+        let keep: Arc<dyn Any + Send + Sync> = Arc::clone(&self.server) as _;
+        Ok(Box::new(ExportReader::new(connection, slot, Some(keep))))
     }
 }
 
-/// One NBD connection reading a [`NbdSource`].
-struct NbdReader {
+/// Where to find an NBD export and which bitmap to read from it.
+#[derive(Debug, Clone)]
+pub(crate) struct ExportSpec<'a> {
+    pub(crate) socket: &'a Path,
+    pub(crate) export: &'a str,
+    pub(crate) bitmap: Option<&'a str>,
+}
+
+/// A negotiated connection and the ids of its metadata contexts.
+pub(crate) struct Connection {
+    pub(crate) client: NbdClient,
+    allocation: Option<u32>,
+    dirty: Option<u32>,
+}
+
+impl<'a> ExportSpec<'a> {
+    fn of_server(server: &'a QemuNbd) -> Self {
+        ExportSpec {
+            socket: server.socket_path(),
+            export: "",
+            bitmap: server.bitmap(),
+        }
+    }
+
+    /// Connects, selecting `base:allocation` and the bitmap's context. A
+    /// bitmap the server does not offer is an error: reading "nothing
+    /// changed" from a missing bitmap would silently lose data.
+    pub(crate) fn connect(&self) -> Result<Connection> {
+        let mut meta_contexts = vec![BASE_ALLOCATION.to_owned()];
+        meta_contexts.extend(self.bitmap.map(dirty_bitmap_context));
+        let opts = ConnectOptions {
+            export_name: self.export.to_owned(),
+            meta_contexts,
+            ..ConnectOptions::default()
+        };
+        let client = NbdClient::connect_unix(self.socket, &opts)?;
+        let dirty = match self.bitmap {
+            None => None,
+            Some(name) => Some(client.context_id(&dirty_bitmap_context(name)).ok_or_else(
+                || Error::MissingBitmap {
+                    export: self.export.to_owned(),
+                    bitmap: name.to_owned(),
+                },
+            )?),
+        };
+        Ok(Connection {
+            allocation: client.context_id(BASE_ALLOCATION),
+            dirty,
+            client,
+        })
+    }
+}
+
+/// One NBD connection reading an export: data, holes from
+/// `base:allocation`, changes from a dirty bitmap.
+pub(crate) struct ExportReader {
     client: NbdClient,
     /// The `base:allocation` context id, if the server offers it.
     allocation: Option<u32>,
+    /// The dirty bitmap's context id, when reading one.
+    dirty: Option<u32>,
     _slot: Slot,
-    /// Keeps qemu-nbd alive while this reader exists.
-    _server: Arc<QemuNbd>,
+    /// Keeps whatever serves the export (a qemu-nbd) alive.
+    _keep: Option<Arc<dyn Any + Send + Sync>>,
+}
+
+impl ExportReader {
+    pub(crate) fn new(
+        connection: Connection,
+        slot: Slot,
+        keep: Option<Arc<dyn Any + Send + Sync>>,
+    ) -> Self {
+        ExportReader {
+            client: connection.client,
+            allocation: connection.allocation,
+            dirty: connection.dirty,
+            _slot: slot,
+            _keep: keep,
+        }
+    }
 }
 
 /// `base:allocation` flags → extent kind: only "reads as zeroes" may be
@@ -94,7 +166,7 @@ fn allocation_kind(flags: u32) -> ExtentKind {
     }
 }
 
-impl DiskReader for NbdReader {
+impl DiskReader for ExportReader {
     fn extents(&mut self, offset: u64, length: u64) -> io::Result<Vec<Extent>> {
         let mut out = Vec::new();
         let Some(context) = self.allocation else {
@@ -112,6 +184,21 @@ impl DiskReader for NbdReader {
 
     fn read_exact_at(&mut self, buf: &mut [u8], offset: u64) -> io::Result<()> {
         Ok(self.client.read_at(buf, offset)?)
+    }
+
+    /// Whether any extent of the bitmap in the range is dirty.
+    fn changed(&mut self, offset: u64, length: u64) -> io::Result<Option<bool>> {
+        let Some(context) = self.dirty else {
+            return Ok(None);
+        };
+        let mut dirty = false;
+        if length > 0 {
+            self.client.for_each_extent(context, offset, length, |e| {
+                dirty |= e.flags & NBD_STATE_DIRTY != 0;
+                Ok(())
+            })?;
+        }
+        Ok(Some(dirty))
     }
 }
 

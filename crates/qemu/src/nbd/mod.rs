@@ -36,6 +36,12 @@ pub use stream::Stream;
 /// The metadata context describing allocation and zeroes.
 pub const BASE_ALLOCATION: &str = "base:allocation";
 
+/// The metadata context under which QEMU exposes dirty bitmap `name`
+/// (flag [`proto::NBD_STATE_DIRTY`] marks changed extents).
+pub fn dirty_bitmap_context(name: &str) -> String {
+    format!("qemu:dirty-bitmap:{name}")
+}
+
 /// How to connect: which export and which metadata contexts.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ConnectOptions {

@@ -164,6 +164,9 @@ pub const NBD_REPLY_TYPE_ERROR_OFFSET: u16 = NBD_REPLY_TYPE_ERROR_BIT | 2;
 pub const NBD_STATE_HOLE: u32 = 1 << 0;
 /// `base:allocation` flag: the extent reads as zeroes.
 pub const NBD_STATE_ZERO: u32 = 1 << 1;
+/// `qemu:dirty-bitmap:*` flag: the extent is dirty (changed since the
+/// bitmap started recording).
+pub const NBD_STATE_DIRTY: u32 = 1 << 0;
 
 /// Error value: operation not permitted.
 pub const NBD_EPERM: u32 = 1;

@@ -1,0 +1,191 @@
+//! Backups of disk images whose VM is stopped.
+//!
+//! qcow2 images hold vbackup's persistent dirty bitmaps: after each backup
+//! an image carries exactly one `vbackup-inc-*` bitmap (changes since that
+//! snapshot) and one `vbackup-full-*` bitmap (changes since the last full),
+//! and no other vbackup bitmap. qemu-img refuses to change bitmaps of an
+//! image a running VM has open, which also stops an offline backup of a
+//! running VM (use the live path for those).
+
+use std::path::{Path, PathBuf};
+
+use vbackup_core::cbt::{self, DiskObservation, DiskPlan, ObservedBitmap, Planner, Requested};
+use vbackup_core::format::{DiskRecord, ReadScope, SnapshotManifest, VmDefinition};
+use vbackup_core::{BackupDisk, BackupOptions, Progress, Repository, Snapshot};
+use vbackup_qemu::img;
+
+use crate::{Error, Result};
+
+/// One disk image of the VM.
+#[derive(Debug, Clone)]
+pub struct Image {
+    /// The disk's name in the VM.
+    pub name: String,
+    /// The image file (or block device).
+    pub path: PathBuf,
+    /// Its format, if the user named it; detected otherwise.
+    pub format: Option<String>,
+}
+
+/// An offline backup request.
+#[derive(Debug, Clone)]
+pub struct OfflineBackup {
+    /// The VM's name.
+    pub vm: String,
+    /// Its disks.
+    pub images: Vec<Image>,
+    /// The backup type asked for.
+    pub requested: Requested,
+    /// Engine options (threads, tags, host, unchanged-file shortcut).
+    pub options: BackupOptions,
+    /// The VM's definition to store, if given.
+    pub definition: Option<VmDefinition>,
+}
+
+/// An image as inspected before the backup.
+struct Inspected {
+    image: Image,
+    format: String,
+    observation: DiskObservation,
+}
+
+/// Runs an offline backup and records its snapshot.
+pub fn backup(repo: &Repository, request: &OfflineBackup, progress: &Progress) -> Result<Snapshot> {
+    let inspected: Vec<Inspected> = request.images.iter().map(inspect).collect::<Result<_>>()?;
+    let planner = Planner::new(repo, &request.vm, "qcow2")?;
+    let plans: Vec<DiskPlan> = inspected
+        .iter()
+        .map(|i| planner.plan(request.requested, &i.observation))
+        .collect();
+    let disks = open_disks(&inspected, &plans, request.options.threads)?;
+    let mut manifest = vbackup_core::backup_prepare(repo, &disks, &request.options, progress)?;
+    drop(disks); // stops qemu-nbd: qemu-img needs the image lock
+    let previous = latest_snapshot(repo, &request.vm)?;
+    for ((record, plan), item) in manifest.disks.iter_mut().zip(&plans).zip(&inspected) {
+        finish_disk(record, plan, item, previous.as_ref())?;
+    }
+    manifest.backup_type = cbt::snapshot_type(&plans);
+    manifest.consistency = Some("offline".to_string());
+    manifest.definition = request.definition.clone();
+    let id = repo.write_snapshot(&manifest)?;
+    Ok(Snapshot { id, manifest })
+}
+
+fn inspect(image: &Image) -> Result<Inspected> {
+    let info = img::image_info(&image.path)
+        .map_err(Error::qemu(format!("inspecting disk '{}'", image.name)))?;
+    let format = image.format.clone().unwrap_or_else(|| info.format.clone());
+    let untrackable = match format.as_str() {
+        "qcow2" if info.backing_file.is_none() => None,
+        "qcow2" => Some(
+            "the qcow2 image has a backing file (vbackup tracks only standalone images)"
+                .to_string(),
+        ),
+        other => Some(format!("{other} images cannot hold dirty bitmaps")),
+    };
+    let bitmaps = info
+        .bitmaps
+        .iter()
+        .map(|b| ObservedBitmap {
+            name: b.name.clone(),
+            recording: b.is_recording(),
+            consistent: b.is_consistent(),
+        })
+        .collect();
+    let observation = DiskObservation {
+        name: image.name.clone(),
+        size: info.virtual_size,
+        bitmaps,
+        untrackable,
+    };
+    Ok(Inspected {
+        image: image.clone(),
+        format,
+        observation,
+    })
+}
+
+fn open_disks(
+    inspected: &[Inspected],
+    plans: &[DiskPlan],
+    threads: usize,
+) -> Result<Vec<BackupDisk>> {
+    inspected
+        .iter()
+        .zip(plans)
+        .map(|(item, plan)| {
+            let options = vbackup_qemu::OpenDiskOptions {
+                format: Some(item.format.clone()),
+                connections: u32::try_from(threads).unwrap_or(u32::MAX).max(1),
+                check: true,
+                lazy: true,
+                bitmap: plan.read_bitmap().map(str::to_owned),
+            };
+            let source = vbackup_qemu::open_disk_with(&item.image.path, &options)
+                .map_err(Error::qemu(format!("opening disk '{}'", item.image.name)))?;
+            Ok(BackupDisk {
+                name: item.image.name.clone(),
+                source_label: item.image.path.display().to_string(),
+                source,
+                base: plan.changes.as_ref().map(|(_, base)| base.clone()),
+            })
+        })
+        .collect()
+}
+
+fn latest_snapshot(repo: &Repository, vm: &str) -> Result<Option<Snapshot>> {
+    let (snapshots, _) = repo.list_snapshots_checked()?;
+    Ok(snapshots.into_iter().rev().find(|s| s.manifest.vm == vm))
+}
+
+/// Rotates the disk's bitmaps (unless the disk was not read at all) and
+/// completes its record.
+fn finish_disk(
+    record: &mut DiskRecord,
+    plan: &DiskPlan,
+    item: &Inspected,
+    previous: Option<&Snapshot>,
+) -> Result<()> {
+    record.fallback_reason = plan.fallback_reason.clone();
+    if record.read == ReadScope::None {
+        // The image is byte-for-byte the one of the previous snapshot:
+        // its bitmaps are still right.
+        record.tracking = previous.and_then(|p| previous_tracking(&p.manifest, &record.name));
+        return Ok(());
+    }
+    if plan.tracking.is_some() {
+        rotate_bitmaps(&item.image.path, &item.format, plan).map_err(Error::qemu(format!(
+            "updating the dirty bitmaps of disk '{}'",
+            record.name
+        )))?;
+        // The fingerprint after our own changes to the file, so an
+        // untouched image is recognized next time.
+        record.source_identity = record
+            .source_identity
+            .as_ref()
+            .and(vbackup_qemu::file_identity(&item.image.path));
+    }
+    record.tracking = plan.tracking.clone();
+    Ok(())
+}
+
+fn previous_tracking(
+    manifest: &SnapshotManifest,
+    disk: &str,
+) -> Option<vbackup_core::format::Tracking> {
+    manifest
+        .disks
+        .iter()
+        .find(|d| d.name == disk)
+        .and_then(|d| d.tracking.clone())
+}
+
+fn rotate_bitmaps(path: &Path, format: &str, plan: &DiskPlan) -> vbackup_qemu::Result<()> {
+    for name in &plan.add_bitmaps {
+        img::bitmap_add(path, format, name)?;
+    }
+    for name in &plan.remove_bitmaps {
+        img::bitmap_remove(path, format, name)?;
+    }
+    Ok(())
+}

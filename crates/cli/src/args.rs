@@ -134,9 +134,22 @@ pub struct BackupArgs {
     /// Name of the VM (snapshots are grouped by it).
     #[arg(long)]
     pub vm: String,
-    /// Disk images (raw, qcow2, vmdk, vhdx, vdi, ... anything qemu reads).
+    /// Disk images (raw, qcow2, vmdk, vhdx, vdi, ... anything qemu reads);
+    /// with --qmp, the names of the devices or nodes to back up (default: all).
     #[arg(value_name = "DISK")]
     pub disks: Vec<PathBuf>,
+    /// Back up a running VM through this QMP socket (QEMU or
+    /// qemu-storage-daemon): all its disks at one instant, while it runs.
+    #[arg(long, value_name = "SOCKET")]
+    pub qmp: Option<PathBuf>,
+    /// The guest agent's socket: freeze the guest's filesystems for the
+    /// instant (application-consistent) and thaw them right after.
+    #[arg(long, value_name = "SOCKET", requires = "qmp")]
+    pub qga: Option<PathBuf>,
+    /// The VM's own NBD server socket, if it already runs one (QEMU allows
+    /// one); otherwise vbackup starts a private one for the backup.
+    #[arg(long, value_name = "SOCKET", requires = "qmp")]
+    pub nbd_socket: Option<PathBuf>,
     /// full: read everything; incremental: what changed since the VM's
     /// previous snapshot; differential: since its last full; auto:
     /// incremental when a valid base exists, else full. Changes come from

@@ -314,6 +314,67 @@ fn definition(args: &BackupArgs) -> Result<Option<vbackup_core::format::VmDefini
     }))
 }
 
+fn backup_offline(
+    ctx: &Context,
+    repo: &Repository,
+    args: &BackupArgs,
+    options: BackupOptions,
+) -> Result<Snapshot> {
+    if args.disks.is_empty() {
+        return Err(usage_error(
+            "name the VM's disk images (or, for a running VM, use --qmp)",
+        ));
+    }
+    let request = vbackup_vm::offline::OfflineBackup {
+        vm: args.vm.clone(),
+        images: images(args)?,
+        requested: args.backup_type.into(),
+        options,
+        definition: definition(args)?,
+    };
+    let quiet = ctx.global.quiet || ctx.global.json;
+    Ok(with_progress("backup", quiet, &ctx.signal, |progress| {
+        vbackup_vm::offline::backup(repo, &request, progress)
+    })?)
+}
+
+fn backup_live(
+    ctx: &Context,
+    repo: &Repository,
+    args: &BackupArgs,
+    qmp: &Path,
+    options: BackupOptions,
+) -> Result<Snapshot> {
+    let request = vbackup_vm::live::LiveBackup {
+        vm: args.vm.clone(),
+        qmp_socket: qmp.to_path_buf(),
+        guest_agent: args.qga.clone(),
+        nbd_socket: args.nbd_socket.clone(),
+        only: args
+            .disks
+            .iter()
+            .map(|d| d.to_string_lossy().into_owned())
+            .collect(),
+        requested: args.backup_type.into(),
+        options,
+        config_file: definition(args)?.and_then(|d| d.config_file),
+    };
+    let quiet = ctx.global.quiet || ctx.global.json;
+    let outcome = with_progress("backup", quiet, &ctx.signal, |progress| {
+        vbackup_vm::live::backup(repo, &request, progress)
+    })?;
+    for removed in &outcome.leftovers_removed {
+        eprintln!("vbackup: removed from QEMU what an interrupted backup left: {removed}");
+    }
+    if let Some(error) = &outcome.freeze.thaw_error {
+        eprintln!("vbackup: WARNING: thawing the guest's filesystems failed, the guest may still be frozen: {error}");
+    }
+    for warning in &outcome.warnings {
+        eprintln!("vbackup: warning: {warning}");
+    }
+    Ok(outcome.snapshot)
+}
+
 #[derive(Serialize)]
 #[serde(rename_all = "kebab-case")]
 struct BackupOutput<'a> {
@@ -328,31 +389,17 @@ struct BackupOutput<'a> {
 
 fn backup(ctx: &Context, args: &BackupArgs) -> Result<()> {
     let repo = ctx.open()?;
-    let threads = ctx.threads();
-    if args.disks.is_empty() {
-        return Err(usage_error(
-            "name the VM's disk images (or, for a running VM, use --qmp)",
-        ));
-    }
-    let request = vbackup_vm::offline::OfflineBackup {
+    let options = BackupOptions {
         vm: args.vm.clone(),
-        images: images(args)?,
-        requested: args.backup_type.into(),
-        options: BackupOptions {
-            vm: args.vm.clone(),
-            tags: args.tags.clone(),
-            host: args.host.clone(),
-            threads,
-            skip_unchanged: !args.force_read,
-        },
-        definition: definition(args)?,
+        tags: args.tags.clone(),
+        host: args.host.clone(),
+        threads: ctx.threads(),
+        skip_unchanged: !args.force_read,
     };
-    let snapshot = with_progress(
-        "backup",
-        ctx.global.quiet || ctx.global.json,
-        &ctx.signal,
-        |progress| vbackup_vm::offline::backup(&repo, &request, progress),
-    )?;
+    let snapshot = match &args.qmp {
+        Some(qmp) => backup_live(ctx, &repo, args, qmp, options)?,
+        None => backup_offline(ctx, &repo, args, options)?,
+    };
     let m = &snapshot.manifest;
     let output = BackupOutput {
         snapshot: &snapshot.id,
@@ -594,10 +641,18 @@ fn restore_to_stdout(
     };
     let stdout = std::io::stdout();
     let mut out = std::io::BufWriter::with_capacity(1 << 20, stdout.lock());
-    with_progress("restore", true, &ctx.signal, |progress| {
+    let result = with_progress("restore", true, &ctx.signal, |progress| {
         vbackup_core::restore_disk_to_writer(repo, disk, &mut out, ctx.threads(), progress)
-    })?;
-    Ok(())
+    });
+    match result {
+        // The reader went away (`| head`): not an error, as for any Unix tool.
+        Err(vbackup_core::Error::Target { source, .. })
+            if source.kind() == std::io::ErrorKind::BrokenPipe =>
+        {
+            Ok(())
+        }
+        other => other.map(drop).map_err(Into::into),
+    }
 }
 
 #[derive(Serialize)]

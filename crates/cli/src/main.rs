@@ -50,9 +50,6 @@ fn main() -> ExitCode {
     match commands::run(cli) {
         Ok(()) => ExitCode::from(EXIT_OK),
         Err(error) => {
-            if is_broken_pipe(&error) {
-                return ExitCode::from(EXIT_OK);
-            }
             eprintln!("vbackup: error: {}", chain(&error));
             ExitCode::from(exit_code(&error))
         }
@@ -73,10 +70,14 @@ fn chain(error: &anyhow::Error) -> String {
     text
 }
 
-fn is_broken_pipe(error: &anyhow::Error) -> bool {
-    error.chain().any(|c| {
-        c.downcast_ref::<std::io::Error>()
-            .is_some_and(|e| e.kind() == std::io::ErrorKind::BrokenPipe)
+/// The core error inside one link of an error chain (also when a VM job
+/// error wraps it transparently).
+fn core_error<'a>(cause: &'a (dyn std::error::Error + 'static)) -> Option<&'a vbackup_core::Error> {
+    cause.downcast_ref::<vbackup_core::Error>().or_else(|| {
+        match cause.downcast_ref::<vbackup_vm::Error>() {
+            Some(vbackup_vm::Error::Core(core)) => Some(core),
+            _ => None,
+        }
     })
 }
 
@@ -84,10 +85,7 @@ fn exit_code(error: &anyhow::Error) -> u8 {
     if let Some(exit) = error.downcast_ref::<ExitError>() {
         return exit.code;
     }
-    let Some(core) = error
-        .chain()
-        .find_map(|c| c.downcast_ref::<vbackup_core::Error>())
-    else {
+    let Some(core) = error.chain().find_map(core_error) else {
         return EXIT_FAILURE;
     };
     match core.class() {

@@ -18,6 +18,7 @@
 #![deny(missing_docs)]
 
 mod error;
+pub mod live;
 pub mod offline;
 
 pub use error::{Error, Result};

@@ -1,0 +1,308 @@
+//! Backups of running VMs through QMP.
+//!
+//! One QMP `transaction` takes the point in time of all the VM's disks
+//! together (image fleecing) and rotates their dirty bitmaps; the guest
+//! agent, when given, freezes the guest's filesystems around that instant.
+//! The engine then reads the point-in-time view over NBD — only the chunks
+//! the exported bitmap marks, for incrementals and differentials — while the
+//! VM keeps running; its writes after the instant are in the new bitmap,
+//! hence in the next incremental. Everything the session created in QEMU is
+//! removed at the end, also on failure or interruption.
+
+use std::fs::File;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use serde_json::{json, Value};
+use vbackup_core::cbt::{self, DiskObservation, DiskPlan, ObservedBitmap, Planner, Requested};
+use vbackup_core::format::{ConfigFile, SnapshotManifest, VmDefinition};
+use vbackup_core::{BackupDisk, BackupOptions, Progress, Repository, Snapshot};
+use vbackup_qemu::live::{self, FreezeReport, LiveDisk, LiveDiskPlan, LiveOptions, LiveSession};
+use vbackup_qemu::{GuestAgent, QmpClient};
+
+use crate::{Error, Result};
+
+/// A backup of a running VM.
+#[derive(Debug, Clone)]
+pub struct LiveBackup {
+    /// The VM's name in the repository.
+    pub vm: String,
+    /// QMP socket of the QEMU or qemu-storage-daemon running it.
+    pub qmp_socket: PathBuf,
+    /// The guest agent's socket, to freeze filesystems at the instant.
+    pub guest_agent: Option<PathBuf>,
+    /// The VM's NBD server socket, when it already runs one.
+    pub nbd_socket: Option<PathBuf>,
+    /// Only these disks (device or node names); empty = all.
+    pub only: Vec<String>,
+    /// The backup type asked for.
+    pub requested: Requested,
+    /// Engine options.
+    pub options: BackupOptions,
+    /// A configuration file to store with the snapshot.
+    pub config_file: Option<ConfigFile>,
+}
+
+/// What a live backup did besides the snapshot.
+#[derive(Debug)]
+pub struct LiveOutcome {
+    /// The snapshot.
+    pub snapshot: Snapshot,
+    /// Objects an earlier, killed vbackup had left in QEMU and that were removed.
+    pub leftovers_removed: Vec<String>,
+    /// The guest agent's part.
+    pub freeze: FreezeReport,
+    /// Problems after the snapshot was safely recorded (cleanup).
+    pub warnings: Vec<String>,
+}
+
+const EVENT_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// Runs a live backup and records its snapshot.
+pub fn backup(repo: &Repository, request: &LiveBackup, progress: &Progress) -> Result<LiveOutcome> {
+    let _lock = lock_vm(&request.qmp_socket)?;
+    let mut qmp =
+        QmpClient::connect(&request.qmp_socket).map_err(Error::qemu("connecting to QMP"))?;
+    let leftovers_removed = live::cleanup_leftovers(&mut qmp, EVENT_TIMEOUT).map_err(
+        Error::qemu("removing what an interrupted vbackup left in QEMU"),
+    )?;
+    let disks = select_disks(
+        live::discover_disks(&mut qmp).map_err(Error::qemu("listing the VM's disks"))?,
+        &request.only,
+    )?;
+    let definition = definition(&mut qmp, request.config_file.clone());
+    let planner = Planner::new(repo, &request.vm, "qmp")?;
+    let plans: Vec<DiskPlan> = disks
+        .iter()
+        .map(|d| planner.plan(request.requested, &observe(d)))
+        .collect();
+    let live_plans: Vec<LiveDiskPlan> = disks
+        .iter()
+        .zip(&plans)
+        .map(|(d, p)| live_plan(d, p))
+        .collect();
+    let mut agent = match &request.guest_agent {
+        Some(socket) => Some(
+            GuestAgent::connect(socket).map_err(Error::qemu("connecting to the guest agent"))?,
+        ),
+        None => None,
+    };
+    let options = LiveOptions {
+        nbd_socket: request.nbd_socket.clone(),
+        guest_agent: agent.as_mut(),
+        connections: u32::try_from(request.options.threads)
+            .unwrap_or(u32::MAX)
+            .max(1),
+        ..LiveOptions::default()
+    };
+    let session = LiveSession::begin(&mut qmp, &live_plans, options)
+        .map_err(Error::qemu("taking the point in time of the VM's disks"))?;
+    let freeze = session.freeze_report().clone();
+    let mut manifest = match read_disks(repo, &session, &disks, &plans, &request.options, progress)
+    {
+        Ok(manifest) => manifest,
+        Err(e) => {
+            let _ = session.abort();
+            return Err(e);
+        }
+    };
+    complete_manifest(&mut manifest, &plans, &freeze, definition);
+    let id = match repo.write_snapshot(&manifest) {
+        Ok(id) => id,
+        Err(e) => {
+            let _ = session.abort();
+            return Err(e.into());
+        }
+    };
+    let warnings = session
+        .commit()
+        .err()
+        .map(|e| format!("the snapshot is safe, but cleaning up in QEMU failed: {e}"))
+        .into_iter()
+        .collect();
+    Ok(LiveOutcome {
+        snapshot: Snapshot { id, manifest },
+        leftovers_removed,
+        freeze,
+        warnings,
+    })
+}
+
+/// Reads the session's point-in-time view of every disk.
+fn read_disks(
+    repo: &Repository,
+    session: &LiveSession<'_>,
+    disks: &[LiveDisk],
+    plans: &[DiskPlan],
+    options: &BackupOptions,
+    progress: &Progress,
+) -> Result<SnapshotManifest> {
+    let backup_disks: Vec<BackupDisk> = disks
+        .iter()
+        .zip(session.sources())
+        .zip(plans)
+        .map(|((disk, source), plan)| BackupDisk {
+            name: disk.name.clone(),
+            source_label: disk.filename.clone(),
+            source,
+            base: plan.changes.as_ref().map(|(_, base)| base.clone()),
+        })
+        .collect();
+    // The unchanged-file shortcut never applies: a running VM's file is live.
+    let options = BackupOptions {
+        skip_unchanged: false,
+        ..options.clone()
+    };
+    Ok(vbackup_core::backup_prepare(
+        repo,
+        &backup_disks,
+        &options,
+        progress,
+    )?)
+}
+
+fn complete_manifest(
+    manifest: &mut SnapshotManifest,
+    plans: &[DiskPlan],
+    freeze: &FreezeReport,
+    definition: VmDefinition,
+) {
+    for (record, plan) in manifest.disks.iter_mut().zip(plans) {
+        record.tracking = plan.tracking.clone();
+        record.fallback_reason = plan.fallback_reason.clone();
+    }
+    manifest.backup_type = cbt::snapshot_type(plans);
+    let consistency = if freeze.frozen {
+        "application-consistent"
+    } else {
+        "crash-consistent"
+    };
+    manifest.consistency = Some(consistency.to_string());
+    manifest.consistency_note = freeze.reason.clone().filter(|_| !freeze.frozen);
+    manifest.definition = Some(definition);
+}
+
+/// Serializes live backups of one VM on this host: the leftovers cleanup
+/// must never remove a running session's objects.
+fn lock_vm(qmp_socket: &Path) -> Result<File> {
+    let name = qmp_socket
+        .file_name()
+        .map_or("vm".into(), |n| n.to_string_lossy().into_owned());
+    let path = qmp_socket.with_file_name(format!(".{name}.vbackup.lock"));
+    let file = File::options()
+        .create(true)
+        .truncate(false)
+        .write(true)
+        .open(&path)
+        .map_err(|e| {
+            Error::Invalid(format!(
+                "cannot create the lock file {}: {e}",
+                path.display()
+            ))
+        })?;
+    file.try_lock().map_err(|_| {
+        Error::Invalid(format!(
+            "another vbackup is backing up the VM behind {} (lock {})",
+            qmp_socket.display(),
+            path.display()
+        ))
+    })?;
+    Ok(file)
+}
+
+fn select_disks(disks: Vec<LiveDisk>, only: &[String]) -> Result<Vec<LiveDisk>> {
+    if disks.is_empty() {
+        return Err(Error::Invalid(
+            "QMP reports no disks for this VM".to_string(),
+        ));
+    }
+    if only.is_empty() {
+        return Ok(disks);
+    }
+    for wanted in only {
+        if !disks.iter().any(|d| &d.name == wanted || &d.node == wanted) {
+            let names: Vec<&str> = disks.iter().map(|d| d.name.as_str()).collect();
+            return Err(Error::Invalid(format!(
+                "the VM has no disk '{wanted}'; its disks: {}",
+                names.join(", ")
+            )));
+        }
+    }
+    Ok(disks
+        .into_iter()
+        .filter(|d| only.iter().any(|w| w == &d.name || w == &d.node))
+        .collect())
+}
+
+fn observe(disk: &LiveDisk) -> DiskObservation {
+    let untrackable = (disk.format != "qcow2").then(|| {
+        format!(
+            "{} images cannot hold persistent dirty bitmaps",
+            disk.format
+        )
+    });
+    let bitmaps = disk
+        .bitmaps
+        .iter()
+        .map(|b| ObservedBitmap {
+            name: b.name.clone(),
+            recording: b.recording && !b.busy,
+            consistent: !b.inconsistent,
+        })
+        .collect();
+    DiskObservation {
+        name: disk.name.clone(),
+        size: disk.size,
+        bitmaps,
+        untrackable,
+    }
+}
+
+fn live_plan(disk: &LiveDisk, plan: &DiskPlan) -> LiveDiskPlan {
+    let (read_bitmap, freeze_copy_of) = match plan.read_bitmap() {
+        Some(name) if plan.read_bitmap_stays => (None, Some(name.to_string())),
+        Some(name) => (Some(name.to_string()), None),
+        None => (None, None),
+    };
+    LiveDiskPlan {
+        node: disk.node.clone(),
+        read_bitmap,
+        freeze_copy_of,
+        add_bitmaps: plan.add_bitmaps.clone(),
+        remove_after: plan.remove_bitmaps.clone(),
+    }
+}
+
+/// What QMP tells about the VM (each query best effort: a
+/// qemu-storage-daemon answers fewer than a QEMU), plus the config file.
+fn definition(qmp: &mut QmpClient, config_file: Option<ConfigFile>) -> VmDefinition {
+    let queries = [
+        ("version", "query-version", Value::Null),
+        ("name", "query-name", Value::Null),
+        ("uuid", "query-uuid", Value::Null),
+        ("target", "query-target", Value::Null),
+        (
+            "machine-type",
+            "qom-get",
+            json!({"path": "/machine", "property": "type"}),
+        ),
+        ("cpus", "query-cpus-fast", Value::Null),
+        ("memory", "query-memory-size-summary", Value::Null),
+        ("block-devices", "query-block", Value::Null),
+        (
+            "block-nodes",
+            "query-named-block-nodes",
+            json!({"flat": true}),
+        ),
+    ];
+    let mut report = serde_json::Map::new();
+    for (key, command, args) in queries {
+        if let Ok(value) = qmp.execute(command, args) {
+            report.insert(key.to_string(), value);
+        }
+    }
+    VmDefinition {
+        qmp: Some(Value::Object(report)),
+        config_file,
+    }
+}

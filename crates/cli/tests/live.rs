@@ -396,3 +396,65 @@ fn count_files(dir: &Path) -> usize {
         })
         .sum()
 }
+
+#[test]
+fn writes_during_a_live_backup_are_not_in_it_but_in_the_next_incremental() {
+    let env = Env::new(&[("disk0", 320 * MIB)]);
+    let mut state = 0x9e37_79b9_u64;
+    let noise: Vec<u8> = (0..256 << 20)
+        .map(|_| {
+            state ^= state << 13;
+            state ^= state >> 7;
+            state ^= state << 17;
+            state as u8
+        })
+        .collect();
+    {
+        let mut guest = env.daemon.guest("disk0").unwrap();
+        guest.write_at(&noise, 0).unwrap();
+        guest.flush().unwrap();
+    }
+    let at_instant = env.capture();
+    let chunks = || count_files(&env.path("repo").join("chunks"));
+    let args = env.backup_args("full");
+    let mut args: Vec<&str> = args.iter().map(String::as_str).collect();
+    args.insert(1, "--threads");
+    args.insert(2, "1");
+    let mut child = env
+        .command(&args)
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
+    while chunks() == 0 && std::time::Instant::now() < deadline {
+        std::thread::sleep(std::time::Duration::from_millis(5));
+    }
+    // The instant is taken before the first chunk is stored: these writes come after it.
+    env.write("disk0", 300 * MIB, 1 << 20, 0xee);
+    env.write("disk0", 0, 64 << 10, 0xdd);
+    assert!(
+        child.try_wait().unwrap().is_none(),
+        "the writes landed while the backup ran"
+    );
+    let out = child.wait_with_output().unwrap();
+    assert!(out.status.success(), "{}", text(&out));
+    let during: Value = serde_json::from_slice(&out.stdout).unwrap();
+    let restored = env.restore(during["snapshot"].as_str().unwrap());
+    assert!(
+        restored == at_instant,
+        "the snapshot holds the disk as it was at its instant"
+    );
+    let next = env.backup("incremental");
+    assert_eq!(next["backup-type"], "incremental", "{next}");
+    assert!(
+        next["stats"]["bytes-read"].as_u64().unwrap() <= 8 * MIB,
+        "only the writes made during the backup: {next}"
+    );
+    let now = env.capture();
+    assert!(
+        env.restore(next["snapshot"].as_str().unwrap()) == now,
+        "the next incremental has them"
+    );
+    env.assert_clean(2);
+}

@@ -237,7 +237,9 @@ impl Backend for LocalBackend {
 
     fn remove_leftover(&self, name: &str) -> Result<()> {
         let path = self.root.join(name);
-        let inside = name.split('/').all(|p| !p.is_empty() && p != "." && p != "..");
+        let inside = name
+            .split('/')
+            .all(|p| !p.is_empty() && p != "." && p != "..");
         if !inside || !is_temporary(&path) {
             return Err(StorageError::new(
                 ErrorKind::InvalidKey,

@@ -5,6 +5,7 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Mutex;
 use std::time::Instant;
 
+use super::backup_guard::BackupGuard;
 use crate::format::{BackupStats, DiskIndex, DiskRecord, SnapshotManifest, SNAPSHOT_VERSION};
 use crate::source::{DiskReader, DiskSource, ExtentKind};
 use crate::{is_all_zero, ChunkId, Error, Progress, Repository, Result, Snapshot};
@@ -91,6 +92,7 @@ pub fn backup(
     progress: &Progress,
 ) -> Result<Snapshot> {
     check_disk_names(disks)?;
+    let guard = BackupGuard::start(repo)?;
     let started = Instant::now();
     let time = chrono::Utc::now().to_rfc3339_opts(chrono::SecondsFormat::Millis, true);
     let previous = if options.skip_unchanged {
@@ -98,11 +100,14 @@ pub fn backup(
     } else {
         None
     };
-    let job = Job::new(repo, disks, previous.as_ref(), progress)?;
+    let job = Job::new(repo, disks, previous.as_ref(), &guard, progress)?;
     super::run_workers(options.threads, || job.worker())?;
     if progress.is_cancelled() {
         return Err(Error::Interrupted);
     }
+    guard.before_snapshot(repo, &job.chunk_lists(), &|disk, chunk| {
+        job.store_again(disk, chunk)
+    })?;
     let records = job.write_indexes()?;
     let manifest = SnapshotManifest {
         version: SNAPSHOT_VERSION,
@@ -115,6 +120,7 @@ pub fn backup(
         program_version: env!("CARGO_PKG_VERSION").to_string(),
     };
     let id = repo.write_snapshot(&manifest)?;
+    guard.finish()?;
     Ok(Snapshot { id, manifest })
 }
 
@@ -139,10 +145,11 @@ impl<'a> Job<'a> {
         repo: &'a Repository,
         disks: &'a [BackupDisk],
         previous: Option<&Snapshot>,
+        guard: &BackupGuard,
         progress: &'a Progress,
     ) -> Result<Self> {
         let chunk_size = repo.config().chunk_size;
-        let known: HashSet<ChunkId> = repo.list_chunks()?.into_keys().collect();
+        let known = guard.known_chunks(repo)?;
         let counters = Counters::default();
         let mut starts = vec![0u64];
         let mut indexes = Vec::with_capacity(disks.len());
@@ -293,6 +300,29 @@ impl<'a> Job<'a> {
             .bytes_stored
             .fetch_add(encoded.len() as u64, Ordering::Relaxed);
         self.progress.add_stored(encoded.len() as u64);
+        Ok(id)
+    }
+
+    /// A copy of every disk's chunk list so far.
+    fn chunk_lists(&self) -> Vec<Vec<Option<ChunkId>>> {
+        (0..self.disks.len())
+            .map(|i| self.lock_index(i).clone())
+            .collect()
+    }
+
+    /// Reads chunk `chunk` of `disk` from the source again and stores it
+    /// (a concurrent prune deleted the stored copy); returns its id.
+    fn store_again(&self, disk: usize, chunk: u64) -> Result<ChunkId> {
+        let size = self.disks[disk].source.virtual_size();
+        let offset = chunk * u64::from(self.chunk_size);
+        let length = (size - offset).min(u64::from(self.chunk_size)) as usize;
+        let mut data = vec![0u8; length];
+        let mut reader = self.open_reader(disk)?;
+        read_allocated(reader.as_mut(), offset, &mut data)
+            .map_err(|e| self.source_error(disk, e))?;
+        let id = self.repo.crypto().chunk_id(&data);
+        self.repo
+            .put_chunk(&id, &self.repo.encode_chunk(&id, &data)?)?;
         Ok(id)
     }
 

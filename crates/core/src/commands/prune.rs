@@ -166,7 +166,7 @@ struct Stored<K> {
 
 impl<K: Ord + Copy> Stored<K> {
     fn new(mut items: Vec<(K, u64)>) -> Self {
-        items.sort_unstable_by(|a, b| a.0.cmp(&b.0));
+        items.sort_unstable_by_key(|a| a.0);
         let referenced = vec![0u64; items.len().div_ceil(64)];
         Self { items, referenced }
     }
@@ -536,7 +536,7 @@ impl Run<'_> {
             return Err(Error::Interrupted);
         }
         match self.lock {
-            Some(lock) if i % 256 == 0 => lock.check_fresh(),
+            Some(lock) if i & 255 == 0 => lock.check_fresh(),
             _ => Ok(()),
         }
     }

@@ -1,8 +1,11 @@
 //! The command line, defined once: parsing, help and validation.
 
 use std::path::PathBuf;
+use std::time::Duration;
 
 use clap::{Args, Parser, Subcommand, ValueEnum};
+use vbackup_core::format::lifecycle::{CalendarSpan, GroupBy, KeepRules};
+use vbackup_core::ReadData;
 
 /// Backup and disaster recovery for QEMU/KVM virtual machines.
 ///
@@ -29,7 +32,8 @@ pub const EXIT_CODES: &str = "Exit codes:
   0    success
   1    the operation failed (I/O, storage, source image)
   2    bad usage: wrong arguments, no repository, unsupported format version
-  3    damaged data found (verify) or met (restore)
+  3    damaged data found (check, verify) or met (restore); prune refused
+       because snapshots or indexes are unreadable (run repair first)
   4    wrong or missing passphrase
   130  interrupted (Ctrl-C, SIGTERM); nothing was recorded";
 
@@ -76,8 +80,23 @@ pub enum Command {
     Restore(RestoreArgs),
     /// List snapshots.
     Snapshots(SnapshotsArgs),
-    /// Read every chunk, authenticate and re-digest it; report what damage breaks.
+    /// Check the repository: structure, and with --read-data the data too.
+    Check(CheckArgs),
+    /// Read every chunk, authenticate and re-digest it (the same as `check --read-data`).
     Verify,
+    /// Remove snapshots by retention rules (UTC time buckets), per VM by default.
+    Forget(ForgetArgs),
+    /// Delete the chunks and indexes no snapshot references; safe while backups run.
+    Prune(PruneArgs),
+    /// Mark damaged snapshots, move damaged objects to quarantine/, clear healed markers.
+    Repair(RepairArgs),
+    /// Show, set or clear the retention policy stored in the repository.
+    #[command(subcommand)]
+    Policy(PolicyCommand),
+    /// List locks and running backups' leases.
+    Locks,
+    /// Remove stale locks (all stale ones, or the given ids).
+    Unlock(UnlockArgs),
     /// Show sizes, dedup and compression ratios.
     Stats,
     /// Manage the passphrases that open the repository.
@@ -87,6 +106,9 @@ pub enum Command {
     Speed,
     /// Demonstrate vbackup end to end on a sample VM disk (no arguments needed).
     Quickstart(QuickstartArgs),
+    /// Fill a repository with synthetic chunks and snapshots (benchmarks).
+    #[command(hide = true)]
+    Synth(SynthArgs),
 }
 
 /// The cipher to choose at `init`.
@@ -172,8 +194,9 @@ pub struct BackupArgs {
     /// Host name to record (default: this machine's).
     #[arg(long)]
     pub host: Option<String>,
-    /// Read every disk, even an image file unchanged (same inode, size,
-    /// mtime and ctime) since the VM's previous snapshot.
+    /// Look at every disk, even an image file whose fingerprint (inode,
+    /// size, mtime, ctime) is unchanged since the VM's previous snapshot.
+    /// Changed-block tracking still applies; `--type full` reads everything.
     #[arg(long)]
     pub force_read: bool,
 }
@@ -232,6 +255,179 @@ pub struct SnapshotsArgs {
     pub vm: Option<String>,
 }
 
+/// Retention rules, shared by `forget` and `policy set`.
+#[derive(Debug, Clone, Args)]
+pub struct KeepArgs {
+    /// Keep the newest N snapshots.
+    #[arg(long, value_name = "N")]
+    pub keep_last: Option<u32>,
+    /// Keep the newest snapshot of each of the last N hours (UTC) that have one.
+    #[arg(long, value_name = "N")]
+    pub keep_hourly: Option<u32>,
+    /// Keep the newest snapshot of each of the last N days (UTC) that have one.
+    #[arg(long, value_name = "N")]
+    pub keep_daily: Option<u32>,
+    /// Keep the newest snapshot of each of the last N ISO weeks that have one.
+    #[arg(long, value_name = "N")]
+    pub keep_weekly: Option<u32>,
+    /// Keep the newest snapshot of each of the last N months that have one.
+    #[arg(long, value_name = "N")]
+    pub keep_monthly: Option<u32>,
+    /// Keep the newest snapshot of each of the last N years that have one.
+    #[arg(long, value_name = "N")]
+    pub keep_yearly: Option<u32>,
+    /// Keep every snapshot younger than SPAN before the group's newest one
+    /// (e.g. 7d, 2w, 1y6m, 36h; m = months).
+    #[arg(long, value_name = "SPAN", value_parser = parse_calendar_span)]
+    pub keep_within: Option<CalendarSpan>,
+    /// Keep every snapshot with this tag (repeatable).
+    #[arg(long = "keep-tag", value_name = "TAG")]
+    pub keep_tags: Vec<String>,
+    /// Thin out each group on its own: any of host, vm, tags, comma-separated (default: vm).
+    #[arg(long, value_name = "host,vm,tags", value_parser = parse_group_by)]
+    pub group_by: Option<GroupBy>,
+}
+
+impl KeepArgs {
+    /// The rules given, or `None` when no --keep-* option was given.
+    pub fn rules(&self) -> Option<KeepRules> {
+        let rules = KeepRules {
+            last: self.keep_last,
+            hourly: self.keep_hourly,
+            daily: self.keep_daily,
+            weekly: self.keep_weekly,
+            monthly: self.keep_monthly,
+            yearly: self.keep_yearly,
+            within: self.keep_within,
+            tags: self.keep_tags.clone(),
+        };
+        (rules != KeepRules::default()).then_some(rules)
+    }
+}
+
+/// Garbage-collection timing, shared by `prune` and `forget --prune`.
+#[derive(Debug, Clone, Args)]
+pub struct GcArgs {
+    /// Delete only objects an earlier prune marked at least this long ago
+    /// (e.g. 30m, 2h; 0 deletes what this run marks, once no running backup
+    /// predates it).
+    #[arg(long, default_value = "30m", value_name = "DURATION", value_parser = parse_duration)]
+    pub grace: Duration,
+    /// Treat locks not refreshed for this long as stale (default: each
+    /// lock's own limit, 10m).
+    #[arg(long, value_name = "DURATION", value_parser = parse_duration)]
+    pub stale_after: Option<Duration>,
+}
+
+/// `vbackup forget`.
+#[derive(Debug, Args)]
+pub struct ForgetArgs {
+    /// The rules (without any, the policy stored with `vbackup policy set`).
+    #[command(flatten)]
+    pub keep: KeepArgs,
+    /// Print the plan (which snapshot each rule keeps), remove nothing.
+    #[arg(long, short = 'n')]
+    pub dry_run: bool,
+    /// Run `prune` afterwards.
+    #[arg(long)]
+    pub prune: bool,
+    /// Timing of the prune.
+    #[command(flatten)]
+    pub gc: GcArgs,
+}
+
+/// `vbackup prune`.
+#[derive(Debug, Args)]
+pub struct PruneArgs {
+    /// Print what would be marked and deleted, change nothing.
+    #[arg(long, short = 'n')]
+    pub dry_run: bool,
+    /// Timing.
+    #[command(flatten)]
+    pub gc: GcArgs,
+}
+
+/// `vbackup check`.
+#[derive(Debug, Args)]
+pub struct CheckArgs {
+    /// Also read, authenticate and re-digest every chunk.
+    #[arg(long)]
+    pub read_data: bool,
+    /// Read only a subset: N/M (part N of M, by chunk id) or X% (a
+    /// deterministic sample). Implies --read-data.
+    #[arg(long, value_name = "N/M|X%", value_parser = parse_read_data)]
+    pub read_data_subset: Option<ReadData>,
+    /// Treat locks not refreshed for this long as stale.
+    #[arg(long, value_name = "DURATION", value_parser = parse_duration)]
+    pub stale_after: Option<Duration>,
+}
+
+impl CheckArgs {
+    /// Which chunks to read.
+    pub fn read_data(&self) -> ReadData {
+        match (self.read_data_subset, self.read_data) {
+            (Some(subset), _) => subset,
+            (None, true) => ReadData::All,
+            (None, false) => ReadData::None,
+        }
+    }
+}
+
+/// `vbackup repair`.
+#[derive(Debug, Args)]
+pub struct RepairArgs {
+    /// Also put back quarantined indexes that are intact, and explain for
+    /// each missing index what can rebuild it.
+    #[arg(long)]
+    pub index: bool,
+    /// Print what would be done, change nothing.
+    #[arg(long, short = 'n')]
+    pub dry_run: bool,
+    /// Find damaged chunks by reading only a subset (N/M or X%).
+    #[arg(long, value_name = "N/M|X%", value_parser = parse_read_data, conflicts_with = "no_read_data")]
+    pub read_data_subset: Option<ReadData>,
+    /// Do not read chunks: handle missing objects only.
+    #[arg(long)]
+    pub no_read_data: bool,
+}
+
+/// `vbackup unlock`.
+#[derive(Debug, Args)]
+pub struct UnlockArgs {
+    /// Lock ids or unique prefixes (default: every stale lock).
+    #[arg(value_name = "ID")]
+    pub ids: Vec<String>,
+    /// Refuse to remove a lock that is not stale.
+    #[arg(long)]
+    pub stale_only: bool,
+}
+
+/// `vbackup policy ...`.
+#[derive(Debug, Subcommand)]
+pub enum PolicyCommand {
+    /// Show the stored policy.
+    Show,
+    /// Store retention rules that `forget` applies when given none.
+    Set(KeepArgs),
+    /// Remove the stored policy.
+    Clear,
+}
+
+/// `vbackup synth` (hidden): a synthetic repository for benchmarks.
+#[derive(Debug, Args)]
+pub struct SynthArgs {
+    /// Chunk objects to write (tiny synthetic chunks).
+    #[arg(long, default_value_t = 1_000_000)]
+    pub chunks: u64,
+    /// Snapshots to write; snapshot i references a window of chunks starting
+    /// at i * chunks / snapshots, twice that long.
+    #[arg(long, default_value_t = 1000)]
+    pub snapshots: u64,
+    /// VMs the snapshots are spread over (round robin).
+    #[arg(long, default_value_t = 10)]
+    pub vms: u64,
+}
+
 /// `vbackup key ...`.
 #[derive(Debug, Subcommand)]
 pub enum KeyCommand {
@@ -274,6 +470,53 @@ pub fn parse_size(text: &str) -> Result<u64, String> {
         .ok_or_else(|| format!("'{text}' is too large"))
 }
 
+/// Parses durations like `30m`, `90s`, `2h`, `1d`, `1h30m` or `0`
+/// (here `m` is minutes).
+pub fn parse_duration(text: &str) -> Result<Duration, String> {
+    let bad = || format!("'{text}' is not a duration like 30m, 90s, 2h, 1d or 0");
+    let text = text.trim();
+    if text == "0" {
+        return Ok(Duration::ZERO);
+    }
+    let mut total = 0u64;
+    let mut digits = String::new();
+    for c in text.chars() {
+        if c.is_ascii_digit() {
+            digits.push(c);
+            continue;
+        }
+        let n: u64 = digits.parse().map_err(|_| bad())?;
+        digits.clear();
+        let unit = match c {
+            's' => 1,
+            'm' => 60,
+            'h' => 3600,
+            'd' => 86400,
+            _ => return Err(bad()),
+        };
+        total = n
+            .checked_mul(unit)
+            .and_then(|v| total.checked_add(v))
+            .ok_or_else(bad)?;
+    }
+    if !digits.is_empty() || text.is_empty() {
+        return Err(bad());
+    }
+    Ok(Duration::from_secs(total))
+}
+
+fn parse_calendar_span(text: &str) -> Result<CalendarSpan, String> {
+    text.parse()
+}
+
+fn parse_group_by(text: &str) -> Result<GroupBy, String> {
+    text.parse()
+}
+
+fn parse_read_data(text: &str) -> Result<ReadData, String> {
+    text.parse()
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -290,5 +533,41 @@ mod tests {
         assert_eq!(parse_size("64k"), Ok(64 << 10));
         assert_eq!(parse_size("123"), Ok(123));
         assert!(parse_size("lots").is_err());
+    }
+
+    #[test]
+    fn durations_parse_with_units() {
+        assert_eq!(parse_duration("0"), Ok(Duration::ZERO));
+        assert_eq!(parse_duration("30m"), Ok(Duration::from_secs(1800)));
+        assert_eq!(parse_duration("1h30m"), Ok(Duration::from_secs(5400)));
+        assert_eq!(parse_duration("2d"), Ok(Duration::from_secs(172_800)));
+        for bad in ["", "10", "5x", "m"] {
+            assert!(parse_duration(bad).is_err(), "{bad:?}");
+        }
+    }
+
+    #[test]
+    fn keep_rules_come_from_the_options() {
+        let cli = Cli::parse_from([
+            "vbackup",
+            "forget",
+            "--keep-daily",
+            "7",
+            "--keep-within",
+            "2w",
+            "--keep-tag",
+            "x",
+        ]);
+        let Command::Forget(args) = cli.command else {
+            panic!("not forget");
+        };
+        let rules = args.keep.rules().unwrap();
+        assert_eq!((rules.daily, rules.within.unwrap().days), (Some(7), 14));
+        let cli = Cli::parse_from(["vbackup", "forget", "--group-by", "host,vm"]);
+        let Command::Forget(args) = cli.command else {
+            panic!("not forget");
+        };
+        assert!(args.keep.rules().is_none());
+        assert_eq!(args.gc.grace, Duration::from_secs(1800));
     }
 }

@@ -18,7 +18,7 @@ use crate::args::{
     RestoreArgs, SnapshotsArgs,
 };
 use crate::ui::{human_bytes, human_rate, with_progress};
-use crate::{ExitError, EXIT_DAMAGE, EXIT_USAGE};
+use crate::{ExitError, EXIT_USAGE};
 
 /// What every command gets: the global options and the signal flag.
 pub struct Context {
@@ -39,7 +39,15 @@ pub fn run(cli: Cli) -> Result<()> {
         Command::Backup(args) => backup(&ctx, &args),
         Command::Restore(args) => restore(&ctx, &args),
         Command::Snapshots(args) => snapshots(&ctx, &args),
-        Command::Verify => verify(&ctx),
+        Command::Check(args) => crate::lifecycle::check(&ctx, &args),
+        Command::Verify => crate::lifecycle::verify(&ctx),
+        Command::Forget(args) => crate::lifecycle::forget(&ctx, &args),
+        Command::Prune(args) => crate::lifecycle::prune(&ctx, &args),
+        Command::Repair(args) => crate::lifecycle::repair(&ctx, &args),
+        Command::Policy(command) => crate::lifecycle::policy(&ctx, &command),
+        Command::Locks => crate::lifecycle::locks(&ctx),
+        Command::Unlock(args) => crate::lifecycle::unlock(&ctx, &args),
+        Command::Synth(args) => crate::synth::run(&ctx, &args),
         Command::Stats => stats(&ctx),
         Command::Key(command) => key(&ctx, &command),
         Command::Speed => speed(&ctx),
@@ -83,7 +91,7 @@ impl Context {
     }
 
     /// The passphrase from the file, the environment, or a prompt.
-    fn passphrase(&self, prompt: &str) -> Result<Option<String>, vbackup_core::Error> {
+    pub fn passphrase(&self, prompt: &str) -> Result<Option<String>, vbackup_core::Error> {
         read_secret(
             self.global.password_file.as_deref(),
             "VBACKUP_PASSWORD",
@@ -664,6 +672,7 @@ struct SnapshotRow<'a> {
     tags: &'a [String],
     disks: &'a [DiskRecord],
     stats: &'a vbackup_core::format::BackupStats,
+    damaged: bool,
 }
 
 fn snapshots(ctx: &Context, args: &SnapshotsArgs) -> Result<()> {
@@ -676,6 +685,8 @@ fn snapshots(ctx: &Context, args: &SnapshotsArgs) -> Result<()> {
     for error in &damaged {
         eprintln!("vbackup: warning: {error}");
     }
+    let marked: std::collections::HashSet<String> =
+        vbackup_core::marked_snapshots(&repo)?.into_iter().collect();
     let rows: Vec<SnapshotRow> = list
         .iter()
         .map(|s| SnapshotRow {
@@ -686,20 +697,21 @@ fn snapshots(ctx: &Context, args: &SnapshotsArgs) -> Result<()> {
             tags: &s.manifest.tags,
             disks: &s.manifest.disks,
             stats: &s.manifest.stats,
+            damaged: marked.contains(&s.id),
         })
         .collect();
     if ctx.json(&rows)? {
         return Ok(());
     }
     println!(
-        "{:<8}  {:<19}  {:<16}  {:<12}  {:>5}  {:>10}  {:>10}  TAGS",
-        "ID", "TIME (UTC)", "VM", "HOST", "DISKS", "SIZE", "NEW"
+        "{:<8}  {:<19}  {:<16}  {:<12}  {:>5}  {:>10}  {:>10}  {:<7}  TAGS",
+        "ID", "TIME (UTC)", "VM", "HOST", "DISKS", "SIZE", "NEW", "STATUS"
     );
     for s in &list {
         let m = &s.manifest;
         let size: u64 = m.disks.iter().map(|d| d.virtual_size).sum();
         println!(
-            "{:<8}  {:<19}  {:<16}  {:<12}  {:>5}  {:>10}  {:>10}  {}",
+            "{:<8}  {:<19}  {:<16}  {:<12}  {:>5}  {:>10}  {:>10}  {:<7}  {}",
             s.short_id(),
             m.time.get(..19).unwrap_or(&m.time).replace('T', " "),
             m.vm,
@@ -707,59 +719,15 @@ fn snapshots(ctx: &Context, args: &SnapshotsArgs) -> Result<()> {
             m.disks.len(),
             human_bytes(size),
             human_bytes(m.stats.bytes_stored),
+            if marked.contains(&s.id) {
+                "DAMAGED"
+            } else {
+                "ok"
+            },
             m.tags.join(",")
         );
     }
     println!("{} snapshot(s)", list.len());
-    Ok(())
-}
-
-fn verify(ctx: &Context) -> Result<()> {
-    let repo = ctx.open()?;
-    let started = std::time::Instant::now();
-    let report = with_progress(
-        "verify",
-        ctx.global.quiet || ctx.global.json,
-        &ctx.signal,
-        |progress| vbackup_core::verify(&repo, ctx.threads(), progress),
-    )?;
-    let seconds = started.elapsed().as_secs_f64();
-    if !ctx.json(&report)? {
-        ctx.say(format!(
-            "verified {} snapshot(s), {} chunk(s), {} in {:.1} s ({})",
-            report.snapshots,
-            report.chunks_checked,
-            human_bytes(report.bytes_checked),
-            seconds,
-            human_rate(report.bytes_checked, seconds)
-        ));
-        for p in &report.problems {
-            println!("DAMAGED {}: {}", p.object, p.problem);
-        }
-        for a in &report.affected {
-            println!(
-                "AFFECTED snapshot {} (VM '{}', {}) disk '{}': {} bad chunk(s), {} unrestorable",
-                &a.snapshot[..8.min(a.snapshot.len())],
-                a.vm,
-                a.time,
-                a.disk,
-                a.bad_chunks,
-                human_bytes(a.bad_bytes)
-            );
-        }
-    }
-    if !report.is_clean() {
-        return Err(ExitError {
-            code: EXIT_DAMAGE,
-            message: format!(
-                "verify found {} damaged or missing object(s) affecting {} disk(s) of snapshots",
-                report.problems.len(),
-                report.affected.len()
-            ),
-        }
-        .into());
-    }
-    ctx.say("no damage found");
     Ok(())
 }
 

@@ -4,7 +4,9 @@
 
 mod args;
 mod commands;
+mod lifecycle;
 mod quickstart;
+mod synth;
 mod ui;
 
 use std::process::ExitCode;

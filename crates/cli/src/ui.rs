@@ -45,9 +45,37 @@ pub fn install_signal_flag() -> Arc<AtomicBool> {
     flag
 }
 
-/// Runs `work` while showing its progress; the signal flag cancels it.
+/// What a progress display counts.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Unit {
+    Bytes,
+    Items,
+}
+
+/// Runs `work` while showing its progress in bytes; the signal flag
+/// cancels it.
 pub fn with_progress<T>(
     label: &str,
+    quiet: bool,
+    signal: &Arc<AtomicBool>,
+    work: impl FnOnce(&Progress) -> T,
+) -> T {
+    run_with_progress(label, Unit::Bytes, quiet, signal, work)
+}
+
+/// Like [`with_progress`], for work counted in objects (prune, check).
+pub fn with_progress_items<T>(
+    label: &str,
+    quiet: bool,
+    signal: &Arc<AtomicBool>,
+    work: impl FnOnce(&Progress) -> T,
+) -> T {
+    run_with_progress(label, Unit::Items, quiet, signal, work)
+}
+
+fn run_with_progress<T>(
+    label: &str,
+    unit: Unit,
     quiet: bool,
     signal: &Arc<AtomicBool>,
     work: impl FnOnce(&Progress) -> T,
@@ -56,7 +84,7 @@ pub fn with_progress<T>(
     let (done_tx, done_rx) = std::sync::mpsc::channel::<()>();
     std::thread::scope(|scope| {
         let progress = &progress;
-        scope.spawn(move || watch(label, quiet, signal, progress, &done_rx));
+        scope.spawn(move || watch(label, unit, quiet, signal, progress, &done_rx));
         let result = work(progress);
         // Wakes the watcher at once: the command ends without waiting for
         // its next refresh.
@@ -70,12 +98,13 @@ pub fn with_progress<T>(
 /// otherwise.
 fn watch(
     label: &str,
+    unit: Unit,
     quiet: bool,
     signal: &AtomicBool,
     progress: &Progress,
     done: &std::sync::mpsc::Receiver<()>,
 ) {
-    let bar = (!quiet && std::io::stderr().is_terminal()).then(|| new_bar(label));
+    let bar = (!quiet && std::io::stderr().is_terminal()).then(|| new_bar(label, unit));
     let started = Instant::now();
     let mut last_log = Instant::now();
     while let Err(std::sync::mpsc::RecvTimeoutError::Timeout) =
@@ -90,7 +119,7 @@ fn watch(
             bar.set_position(progress.done());
         } else if !quiet && last_log.elapsed() >= Duration::from_secs(10) {
             last_log = Instant::now();
-            log_line(label, progress, started.elapsed().as_secs_f64());
+            log_line(label, unit, progress, started.elapsed().as_secs_f64());
         }
     }
     if let Some(bar) = bar {
@@ -98,24 +127,31 @@ fn watch(
     }
 }
 
-fn new_bar(label: &str) -> ProgressBar {
+fn new_bar(label: &str, unit: Unit) -> ProgressBar {
     let bar = ProgressBar::new(1);
-    let template = format!(
-        "{label:>9} [{{bar:30}}] {{bytes}}/{{total_bytes}} {{binary_bytes_per_sec}} ETA {{eta}}"
-    );
+    let template = match unit {
+        Unit::Bytes => format!(
+            "{label:>9} [{{bar:30}}] {{bytes}}/{{total_bytes}} {{binary_bytes_per_sec}} ETA {{eta}}"
+        ),
+        Unit::Items => format!("{label:>9} [{{bar:30}}] {{pos}}/{{len}} objects ETA {{eta}}"),
+    };
     if let Ok(style) = ProgressStyle::with_template(&template) {
         bar.set_style(style.progress_chars("=> "));
     }
     bar
 }
 
-fn log_line(label: &str, progress: &Progress, elapsed: f64) {
+fn log_line(label: &str, unit: Unit, progress: &Progress, elapsed: f64) {
     let (done, total) = (progress.done(), progress.total());
     let percent = if total == 0 {
         0.0
     } else {
         done as f64 * 100.0 / total as f64
     };
+    if unit == Unit::Items {
+        eprintln!("{label}: {percent:.1}% ({done} of {total} objects, {elapsed:.0} s)");
+        return;
+    }
     eprintln!(
         "{label}: {percent:.1}% ({} of {}, {}, {} stored)",
         human_bytes(done),

@@ -88,6 +88,15 @@ pub enum Error {
     /// An argument or option was not acceptable.
     #[error("{0}")]
     InvalidInput(String),
+    /// Another process holds a lock this operation needs, or this process
+    /// lost its own lease (it was paused for longer than the lease allows).
+    #[error("{0}")]
+    Conflict(String),
+    /// An operation refused to run because the repository is damaged in a
+    /// way that would make it lose more data (e.g. prune with unreadable
+    /// snapshots).
+    #[error("{0}")]
+    Refused(String),
     /// The operation was cancelled by the user (Ctrl-C, SIGTERM).
     #[error("interrupted; nothing was recorded for the unfinished operation")]
     Interrupted,
@@ -120,9 +129,12 @@ impl Error {
             | Error::UnsupportedVersion { .. }
             | Error::SnapshotSelection(_)
             | Error::InvalidInput(_) => ErrorClass::Usage,
-            Error::Corrupt { .. } => ErrorClass::Integrity,
+            Error::Corrupt { .. } | Error::Refused(_) => ErrorClass::Integrity,
             Error::Interrupted => ErrorClass::Interrupted,
-            Error::Storage(_) | Error::Source { .. } | Error::Target { .. } => ErrorClass::Runtime,
+            Error::Storage(_)
+            | Error::Source { .. }
+            | Error::Target { .. }
+            | Error::Conflict(_) => ErrorClass::Runtime,
         }
     }
 

@@ -12,6 +12,8 @@ use crate::crypto::{kdf::KdfParams, CipherKind, Crypto, DigestKind, SALT_LEN, TA
 use crate::error::{Error, Result};
 use crate::ChunkId;
 
+pub mod lifecycle;
+
 /// The four bytes every vbackup object starts with.
 pub const MAGIC: [u8; 4] = *b"VBAK";
 /// The envelope version this build writes and the newest it reads.
@@ -34,6 +36,14 @@ pub enum ObjectKind {
     Index = 4,
     /// A snapshot manifest.
     Snapshot = 5,
+    /// A lock or backup lease (`locks/`).
+    Lock = 6,
+    /// A prune list: pending deletions or a deletion log (`prune/`).
+    PruneList = 7,
+    /// The stored retention policy (`policy`).
+    Policy = 8,
+    /// A damage marker written by `repair` (`damaged/`).
+    DamageMarker = 9,
 }
 
 impl ObjectKind {
@@ -44,6 +54,10 @@ impl ObjectKind {
             Self::Chunk,
             Self::Index,
             Self::Snapshot,
+            Self::Lock,
+            Self::PruneList,
+            Self::Policy,
+            Self::DamageMarker,
         ]
         .into_iter()
         .find(|k| *k as u8 == code)
@@ -327,7 +341,7 @@ pub struct BackupStats {
 }
 
 /// One disk of a snapshot.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "kebab-case")]
 pub struct DiskRecord {
     /// Name of the disk within the VM (file name of the image, or device).
@@ -448,7 +462,7 @@ pub struct ConfigFile {
 }
 
 /// A snapshot manifest: one backup of one VM, all its disks.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
 #[serde(rename_all = "kebab-case")]
 pub struct SnapshotManifest {
     /// Manifest format version.

@@ -1,5 +1,6 @@
-//! vbackup's core: on-disk formats, crypto, the chunk store and the backup,
-//! restore, verify and stats commands.
+//! vbackup's core: on-disk formats, crypto, the chunk store and the
+//! commands: backup, restore, check/verify, stats, forget, prune, repair,
+//! locks and the stored retention policy.
 //!
 //! This crate has no async runtime, no network code and no CLI: storage comes
 //! in through [`vbackup_storage::Backend`], disks through the traits of
@@ -22,15 +23,26 @@ mod error;
 pub mod format;
 mod progress;
 mod repo;
+pub mod roles;
 pub mod source;
 pub mod speed;
 
 mod commands;
 
-pub use commands::backup::{backup, backup_prepare, BackupDisk, BackupOptions, BaseIndex};
+pub use commands::backup::{
+    backup, backup_prepare, BackupDisk, BackupOptions, BaseIndex, PreparedBackup,
+};
+pub use commands::check::{check, CheckOptions, CheckReport, Notice, ReadData};
+pub use commands::forget::{
+    forget, plan, render_plan, Decision, ForgetGroup, ForgetOptions, ForgetReport,
+};
+pub use commands::locks::{list_locks, read_lock, unlock, Lease, LeaseTiming, LockInfo};
+pub use commands::policy::{clear_policy, read_policy, set_policy};
+pub use commands::prune::{prune, DeferredList, PruneOptions, PruneReport};
+pub use commands::repair::{marked_snapshots, read_marker, repair, RepairOptions, RepairReport};
 pub use commands::restore::{restore_disk, restore_disk_to_writer, RestoreStats};
 pub use commands::stats::{stats, RepoStats};
-pub use commands::verify::{verify, AffectedDisk, ChunkProblem, VerifyReport};
+pub use commands::verify::{verify, AffectedDisk, ChunkProblem, ProblemKind, VerifyReport};
 pub use error::{Error, ErrorClass, Result};
 pub use progress::Progress;
 pub use repo::{InitOptions, KeyInfo, Repository, Snapshot};

@@ -29,6 +29,18 @@ pub const CHUNKS_PREFIX: &str = "chunks/";
 pub const INDEXES_PREFIX: &str = "indexes/";
 /// Folder of snapshot manifests.
 pub const SNAPSHOTS_PREFIX: &str = "snapshots/";
+/// Folder of locks and backup leases.
+pub const LOCKS_PREFIX: &str = "locks/";
+/// Folder of prune lists (pending deletions, deletion logs).
+pub const PRUNE_PREFIX: &str = "prune/";
+/// Folder where a sweep moves an object just before deleting it.
+pub const TRASH_PREFIX: &str = "trash/";
+/// Folder where `repair` moves damaged objects.
+pub const QUARANTINE_PREFIX: &str = "quarantine/";
+/// Folder of damage markers.
+pub const DAMAGED_PREFIX: &str = "damaged/";
+/// Name of the stored retention policy.
+pub const POLICY_KEY: &str = "policy";
 
 /// Largest chunk size a repository may use (also bounds decompression).
 pub const MAX_CHUNK_SIZE: u32 = 64 << 20;
@@ -405,14 +417,64 @@ impl Repository {
     }
 
     /// Stores a disk index and returns its object name.
+    ///
+    /// The index is written even when an object of that name exists: the
+    /// fresh write is what tells a concurrent prune that the index is in use
+    /// again (see ARCHITECTURE.md, garbage collection), and it replaces a
+    /// damaged copy.
     pub fn write_index(&self, index: &DiskIndex) -> Result<String> {
         let payload = index.encode();
         let key = format!("{INDEXES_PREFIX}{}", hex::encode(self.crypto.mac(&payload)));
-        if self.backend.stat(&key)?.is_none() {
-            let bytes = seal_object(&self.crypto, ObjectKind::Index, &key, &payload, Some(3))?;
-            self.backend.put(&key, &bytes)?;
-        }
+        let bytes = seal_object(&self.crypto, ObjectKind::Index, &key, &payload, Some(3))?;
+        self.backend.put(&key, &bytes)?;
         Ok(key)
+    }
+
+    /// The object name of the index with digest `digest`.
+    pub fn index_key(digest: &[u8; 32]) -> String {
+        format!("{INDEXES_PREFIX}{}", hex::encode(digest))
+    }
+
+    /// The digest in an index object name, if it is one.
+    pub fn index_digest(key: &str) -> Option<[u8; 32]> {
+        let hex = key.strip_prefix(INDEXES_PREFIX)?;
+        let mut digest = [0u8; 32];
+        hex::decode_to_slice(hex, &mut digest).ok()?;
+        Some(digest)
+    }
+
+    /// Seals `payload` as an object of `kind` named `key` and stores it.
+    pub fn put_sealed(&self, kind: ObjectKind, key: &str, payload: &[u8]) -> Result<()> {
+        let bytes = seal_object(&self.crypto, kind, key, payload, Some(3))?;
+        Ok(self.backend.put(key, &bytes)?)
+    }
+
+    /// Reads and opens a sealed object of `kind`.
+    pub fn get_sealed(&self, kind: ObjectKind, key: &str) -> Result<Vec<u8>> {
+        let bytes = self.backend.get(key)?;
+        open_object_owned(&self.crypto, kind, key, bytes, MAX_METADATA_LEN)
+    }
+
+    /// Seals `value` as JSON under `key`.
+    pub fn put_sealed_json<T: serde::Serialize>(
+        &self,
+        kind: ObjectKind,
+        key: &str,
+        value: &T,
+    ) -> Result<()> {
+        let json = serde_json::to_vec(value)
+            .map_err(|e| Error::InvalidInput(format!("cannot encode '{key}': {e}")))?;
+        self.put_sealed(kind, key, &json)
+    }
+
+    /// Reads a sealed JSON object written by [`Repository::put_sealed_json`].
+    pub fn get_sealed_json<T: serde::de::DeserializeOwned>(
+        &self,
+        kind: ObjectKind,
+        key: &str,
+    ) -> Result<T> {
+        let json = self.get_sealed(kind, key)?;
+        serde_json::from_slice(&json).map_err(|e| Error::corrupt(key, format!("invalid JSON: {e}")))
     }
 
     /// Reads and checks a disk index.

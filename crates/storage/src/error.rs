@@ -17,6 +17,8 @@ pub enum ErrorKind {
     InvalidKey,
     /// A failure that may go away when retried (timeouts, connection resets).
     Transient,
+    /// The backend does not support the operation.
+    Unsupported,
     /// Any other failure; retrying will not help.
     Other,
 }

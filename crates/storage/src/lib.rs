@@ -19,16 +19,34 @@ pub use error::{ErrorKind, StorageError};
 pub use local::LocalBackend;
 pub use memory::MemoryBackend;
 
+use std::time::SystemTime;
+
 /// Result type of every backend operation.
 pub type Result<T> = std::result::Result<T, StorageError>;
 
-/// The name and size of one stored object.
+/// The name, size and modification time of one stored object.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ObjectInfo {
     /// Full object name, e.g. `chunks/ab/ab12…`.
     pub key: String,
     /// Size in bytes.
     pub size: u64,
+    /// When the object was last written (by `put`), by the storage's clock;
+    /// `None` when the backend cannot tell. A `rename` keeps it. Garbage
+    /// collection relies on it to see that a chunk was written again after
+    /// it was marked for deletion.
+    pub modified: Option<SystemTime>,
+}
+
+impl ObjectInfo {
+    /// An object description without a modification time.
+    pub fn new(key: impl Into<String>, size: u64) -> Self {
+        Self {
+            key: key.into(),
+            size,
+            modified: None,
+        }
+    }
 }
 
 /// A place that stores a repository's objects.
@@ -52,6 +70,42 @@ pub trait Backend: Send + Sync {
     fn stat(&self, key: &str) -> Result<Option<ObjectInfo>>;
     /// Removes an object; removing a missing object is not an error.
     fn delete(&self, key: &str) -> Result<()>;
+
+    /// Moves the object `from` to the name `to` atomically, replacing any
+    /// object named `to` and keeping the modification time: at every moment
+    /// the object exists under exactly one of the two names, and a `put` of
+    /// `from` that happens after the move creates a new object that the move
+    /// does not touch. Garbage collection builds its safety on this (see
+    /// ARCHITECTURE.md). The move need not be durable: after a crash the
+    /// object may be found under either name.
+    ///
+    /// Backends that cannot offer this (plain S3 has no rename) keep the
+    /// default, which refuses with [`ErrorKind::Unsupported`]; `prune` and
+    /// `repair` then refuse too instead of deleting unsafely.
+    fn rename(&self, from: &str, to: &str) -> Result<()> {
+        let _ = to;
+        Err(StorageError::new(
+            ErrorKind::Unsupported,
+            from,
+            format!(
+                "the backend at {} cannot move objects atomically",
+                self.location()
+            ),
+        ))
+    }
+
+    /// Things in the storage that are not objects, such as temporary files
+    /// left by interrupted writes (`check` reports them). Their names are
+    /// not valid object names. The default has none.
+    fn leftovers(&self) -> Result<Vec<ObjectInfo>> {
+        Ok(Vec::new())
+    }
+
+    /// Removes one of the [`Backend::leftovers`]; the default does nothing.
+    fn remove_leftover(&self, name: &str) -> Result<()> {
+        let _ = name;
+        Ok(())
+    }
 }
 
 /// Checks that `key` is a safe object name (see the crate docs).

@@ -40,14 +40,17 @@ impl LocalBackend {
     /// Removes temporary files left behind by interrupted writes and returns
     /// how many there were.
     pub fn remove_temporary_files(&self) -> Result<usize> {
-        let mut removed = 0;
-        for path in walk(&self.root, true).map_err(|e| io_err("", "listing the repository", e))? {
+        let mut temporary = Vec::new();
+        walk(&self.root, true, &mut |path, _| {
             if is_temporary(&path) {
-                fs::remove_file(&path).map_err(|e| io_err("", "removing a temporary file", e))?;
-                removed += 1;
+                temporary.push(path);
             }
+        })
+        .map_err(|e| io_err("", "listing the repository", e))?;
+        for path in &temporary {
+            fs::remove_file(path).map_err(|e| io_err("", "removing a temporary file", e))?;
         }
-        Ok(removed)
+        Ok(temporary.len())
     }
 }
 
@@ -93,9 +96,14 @@ fn sync_dir(dir: &Path) -> io::Result<()> {
     File::open(dir)?.sync_all()
 }
 
-/// Every regular file below `dir`; with `include_hidden` also dot-files.
-fn walk(dir: &Path, include_hidden: bool) -> io::Result<Vec<PathBuf>> {
-    let mut files = Vec::new();
+/// Calls `visit` with every regular file below `dir` (with
+/// `include_hidden` also dot-files) and its metadata; files that vanish
+/// while the folder is read are skipped.
+fn walk(
+    dir: &Path,
+    include_hidden: bool,
+    visit: &mut dyn FnMut(PathBuf, fs::Metadata),
+) -> io::Result<()> {
     let mut pending = vec![dir.to_path_buf()];
     while let Some(current) = pending.pop() {
         let entries = match fs::read_dir(&current) {
@@ -105,7 +113,7 @@ fn walk(dir: &Path, include_hidden: bool) -> io::Result<Vec<PathBuf>> {
         };
         for entry in entries {
             let entry = entry?;
-            let hidden = entry.file_name().to_string_lossy().starts_with('.');
+            let hidden = entry.file_name().as_encoded_bytes().first() == Some(&b'.');
             if hidden && !include_hidden {
                 continue;
             }
@@ -113,11 +121,23 @@ fn walk(dir: &Path, include_hidden: bool) -> io::Result<Vec<PathBuf>> {
             if file_type.is_dir() {
                 pending.push(entry.path());
             } else if file_type.is_file() {
-                files.push(entry.path());
+                match entry.metadata() {
+                    Ok(meta) => visit(entry.path(), meta),
+                    Err(e) if e.kind() == io::ErrorKind::NotFound => continue,
+                    Err(e) => return Err(e),
+                }
             }
         }
     }
-    Ok(files)
+    Ok(())
+}
+
+fn info(key: String, meta: &fs::Metadata) -> ObjectInfo {
+    ObjectInfo {
+        key,
+        size: meta.len(),
+        modified: meta.modified().ok(),
+    }
 }
 
 impl Backend for LocalBackend {
@@ -161,34 +181,20 @@ impl Backend for LocalBackend {
         } else {
             self.path_of(dir_part)?
         };
-        let files = walk(&start, false).map_err(|e| io_err(prefix, "listing objects", e))?;
-        let mut objects = Vec::with_capacity(files.len());
-        for path in files {
-            let Some(key) = key_of(&self.root, &path) else {
-                continue;
-            };
-            if !key.starts_with(prefix) {
-                continue;
+        let mut objects = Vec::new();
+        walk(&start, false, &mut |path, meta| {
+            if let Some(key) = key_of(&self.root, &path).filter(|k| k.starts_with(prefix)) {
+                objects.push(info(key, &meta));
             }
-            match fs::metadata(&path) {
-                Ok(meta) => objects.push(ObjectInfo {
-                    key,
-                    size: meta.len(),
-                }),
-                Err(e) if e.kind() == io::ErrorKind::NotFound => continue,
-                Err(e) => return Err(io_err(&key, "reading object metadata", e)),
-            }
-        }
+        })
+        .map_err(|e| io_err(prefix, "listing objects", e))?;
         Ok(objects)
     }
 
     fn stat(&self, key: &str) -> Result<Option<ObjectInfo>> {
         let path = self.path_of(key)?;
         match fs::metadata(path) {
-            Ok(meta) if meta.is_file() => Ok(Some(ObjectInfo {
-                key: key.to_string(),
-                size: meta.len(),
-            })),
+            Ok(meta) if meta.is_file() => Ok(Some(info(key.to_string(), &meta))),
             Ok(_) => Err(StorageError::new(
                 ErrorKind::Other,
                 key,
@@ -205,6 +211,47 @@ impl Backend for LocalBackend {
             Ok(()) => Ok(()),
             Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(()),
             Err(e) => Err(io_err(key, "deleting the object", e)),
+        }
+    }
+
+    fn rename(&self, from: &str, to: &str) -> Result<()> {
+        let source = self.path_of(from)?;
+        let target = self.path_of(to)?;
+        let dir = target.parent().unwrap_or(&self.root);
+        fs::create_dir_all(dir).map_err(|e| io_err(to, "creating the object's folder", e))?;
+        fs::rename(&source, &target).map_err(|e| io_err(from, "moving the object", e))
+    }
+
+    fn leftovers(&self) -> Result<Vec<ObjectInfo>> {
+        let mut found = Vec::new();
+        walk(&self.root, true, &mut |path, meta| {
+            if is_temporary(&path) {
+                if let Some(key) = key_of(&self.root, &path) {
+                    found.push(info(key, &meta));
+                }
+            }
+        })
+        .map_err(|e| io_err("", "listing the repository", e))?;
+        Ok(found)
+    }
+
+    fn remove_leftover(&self, name: &str) -> Result<()> {
+        let path = self.root.join(name);
+        let inside = name
+            .split('/')
+            .all(|p| !p.is_empty() && p != "." && p != "..");
+        if !inside || !is_temporary(&path) {
+            return Err(StorageError::new(
+                ErrorKind::InvalidKey,
+                name,
+                "not a temporary file of this repository",
+            ));
+        }
+        match fs::remove_file(&path) {
+            Err(e) if e.kind() != io::ErrorKind::NotFound => {
+                Err(io_err(name, "removing a temporary file", e))
+            }
+            _ => Ok(()),
         }
     }
 }
@@ -261,8 +308,32 @@ mod tests {
         b.put("chunks/ab/abcd", b"x").unwrap();
         fs::write(b.root().join("chunks/ab/.tmp-dead"), b"partial").unwrap();
         assert_eq!(b.list("chunks/").unwrap().len(), 1);
+        let leftovers = b.leftovers().unwrap();
+        assert_eq!(leftovers.len(), 1);
+        assert_eq!(leftovers[0].key, "chunks/ab/.tmp-dead");
+        assert!(b.remove_leftover("chunks/ab/abcd").is_err());
+        assert!(b.remove_leftover("../x/.tmp-1").is_err());
+        b.remove_leftover(&leftovers[0].key).unwrap();
+        fs::write(b.root().join("chunks/ab/.tmp-dead"), b"partial").unwrap();
         assert_eq!(b.remove_temporary_files().unwrap(), 1);
         assert_eq!(b.remove_temporary_files().unwrap(), 0);
+    }
+
+    #[test]
+    fn rename_moves_atomically_and_keeps_the_modification_time() {
+        let (_dir, b) = backend();
+        b.put("chunks/ab/abcd", b"hello").unwrap();
+        let before = b.stat("chunks/ab/abcd").unwrap().unwrap();
+        assert!(before.modified.is_some());
+        b.rename("chunks/ab/abcd", "trash/ab/abcd").unwrap();
+        assert!(b.stat("chunks/ab/abcd").unwrap().is_none());
+        let moved = b.stat("trash/ab/abcd").unwrap().unwrap();
+        assert_eq!(moved.modified, before.modified);
+        assert_eq!(b.get("trash/ab/abcd").unwrap(), b"hello");
+        let err = b.rename("chunks/ab/abcd", "trash/x").unwrap_err();
+        assert!(err.is_not_found(), "{err}");
+        let listed = b.list("trash/").unwrap();
+        assert_eq!(listed[0].modified, before.modified);
     }
 
     #[test]

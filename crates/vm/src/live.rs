@@ -16,7 +16,7 @@ use std::time::Duration;
 use serde_json::{json, Value};
 use vbackup_core::cbt::{self, DiskObservation, DiskPlan, ObservedBitmap, Planner, Requested};
 use vbackup_core::format::{ConfigFile, SnapshotManifest, VmDefinition};
-use vbackup_core::{BackupDisk, BackupOptions, Progress, Repository, Snapshot};
+use vbackup_core::{BackupDisk, BackupOptions, PreparedBackup, Progress, Repository, Snapshot};
 use vbackup_qemu::live::{self, FreezeReport, LiveDisk, LiveDiskPlan, LiveOptions, LiveSession};
 use vbackup_qemu::{GuestAgent, QmpClient};
 
@@ -98,17 +98,17 @@ pub fn backup(repo: &Repository, request: &LiveBackup, progress: &Progress) -> R
     let session = LiveSession::begin(&mut qmp, &live_plans, options)
         .map_err(Error::qemu("taking the point in time of the VM's disks"))?;
     let freeze = session.freeze_report().clone();
-    let mut manifest = match read_disks(repo, &session, &disks, &plans, &request.options, progress)
-    {
-        Ok(manifest) => manifest,
+    let read = read_disks(repo, &session, &disks, &plans, &request.options, progress);
+    let mut prepared = match read {
+        Ok(prepared) => prepared,
         Err(e) => {
             let _ = session.abort();
             return Err(e);
         }
     };
-    complete_manifest(&mut manifest, &plans, &freeze, definition);
-    let id = match repo.write_snapshot(&manifest) {
-        Ok(id) => id,
+    complete_manifest(&mut prepared.manifest, &plans, &freeze, definition);
+    let snapshot = match prepared.commit(repo) {
+        Ok(snapshot) => snapshot,
         Err(e) => {
             let _ = session.abort();
             return Err(e.into());
@@ -121,7 +121,7 @@ pub fn backup(repo: &Repository, request: &LiveBackup, progress: &Progress) -> R
         .into_iter()
         .collect();
     Ok(LiveOutcome {
-        snapshot: Snapshot { id, manifest },
+        snapshot,
         leftovers_removed,
         freeze,
         warnings,
@@ -136,7 +136,7 @@ fn read_disks(
     plans: &[DiskPlan],
     options: &BackupOptions,
     progress: &Progress,
-) -> Result<SnapshotManifest> {
+) -> Result<PreparedBackup> {
     let backup_disks: Vec<BackupDisk> = disks
         .iter()
         .zip(session.sources())

@@ -58,17 +58,22 @@ pub fn backup(repo: &Repository, request: &OfflineBackup, progress: &Progress) -
         .map(|i| planner.plan(request.requested, &i.observation))
         .collect();
     let disks = open_disks(&inspected, &plans, request.options.threads)?;
-    let mut manifest = vbackup_core::backup_prepare(repo, &disks, &request.options, progress)?;
+    // A full backup reads everything, even a file whose fingerprint is unchanged.
+    let options = BackupOptions {
+        skip_unchanged: request.options.skip_unchanged && request.requested != Requested::Full,
+        ..request.options.clone()
+    };
+    let mut prepared = vbackup_core::backup_prepare(repo, &disks, &options, progress)?;
     drop(disks); // stops qemu-nbd: qemu-img needs the image lock
     let previous = latest_snapshot(repo, &request.vm)?;
+    let manifest = &mut prepared.manifest;
     for ((record, plan), item) in manifest.disks.iter_mut().zip(&plans).zip(&inspected) {
         finish_disk(record, plan, item, previous.as_ref())?;
     }
     manifest.backup_type = cbt::snapshot_type(&plans);
     manifest.consistency = Some("offline".to_string());
     manifest.definition = request.definition.clone();
-    let id = repo.write_snapshot(&manifest)?;
-    Ok(Snapshot { id, manifest })
+    Ok(prepared.commit(repo)?)
 }
 
 fn inspect(image: &Image) -> Result<Inspected> {

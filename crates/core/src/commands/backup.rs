@@ -5,6 +5,7 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Mutex;
 use std::time::Instant;
 
+use super::backup_guard::BackupGuard;
 use crate::format::{
     BackupStats, DiskIndex, DiskRecord, ReadScope, SnapshotManifest, SNAPSHOT_VERSION,
 };
@@ -108,23 +109,46 @@ pub fn backup(
     options: &BackupOptions,
     progress: &Progress,
 ) -> Result<Snapshot> {
-    let manifest = backup_prepare(repo, disks, options, progress)?;
-    let id = repo.write_snapshot(&manifest)?;
-    Ok(Snapshot { id, manifest })
+    backup_prepare(repo, disks, options, progress)?.commit(repo)
 }
 
-/// Does all of [`backup`] but writing the manifest: stores the chunks and
-/// indexes and returns the manifest, so a caller can finish its own work
-/// (rotate dirty bitmaps, record the VM definition) before committing it
-/// with [`Repository::write_snapshot`]. Until then nothing is recorded.
+/// A backup whose chunks and indexes are stored but whose snapshot is not
+/// written yet. It holds the backup's lease, so a concurrent prune keeps
+/// everything it references, until [`PreparedBackup::commit`] (or drop,
+/// which records nothing).
+pub struct PreparedBackup {
+    /// The manifest to be written; callers may complete it (tracking,
+    /// consistency, definition) before committing.
+    pub manifest: SnapshotManifest,
+    guard: BackupGuard,
+}
+
+impl PreparedBackup {
+    /// Writes the snapshot and releases the lease.
+    pub fn commit(self, repo: &Repository) -> Result<Snapshot> {
+        let id = repo.write_snapshot(&self.manifest)?;
+        self.guard.finish()?;
+        Ok(Snapshot {
+            id,
+            manifest: self.manifest,
+        })
+    }
+}
+
+/// Does all of [`backup`] but writing the snapshot: stores the chunks and
+/// indexes and returns them with the lease, so a caller can finish its own
+/// work (rotate dirty bitmaps, record the VM definition) before committing.
+/// No chunk is stored after this returns, which is what keeps the prune
+/// checks made here valid until the commit.
 pub fn backup_prepare(
     repo: &Repository,
     disks: &[BackupDisk],
     options: &BackupOptions,
     progress: &Progress,
-) -> Result<SnapshotManifest> {
+) -> Result<PreparedBackup> {
     check_disk_names(disks)?;
     check_bases(repo, disks)?;
+    let guard = BackupGuard::start(repo)?;
     let started = Instant::now();
     let time = chrono::Utc::now().to_rfc3339_opts(chrono::SecondsFormat::Millis, true);
     let previous = if options.skip_unchanged {
@@ -132,11 +156,14 @@ pub fn backup_prepare(
     } else {
         None
     };
-    let job = Job::new(repo, disks, previous.as_ref(), progress)?;
+    let job = Job::new(repo, disks, previous.as_ref(), &guard, progress)?;
     super::run_workers(options.threads, || job.worker())?;
     if progress.is_cancelled() {
         return Err(Error::Interrupted);
     }
+    guard.before_snapshot(repo, &job.chunk_lists(), &|disk, chunk| {
+        job.store_again(disk, chunk)
+    })?;
     let records = job.write_indexes()?;
     let manifest = SnapshotManifest {
         version: SNAPSHOT_VERSION,
@@ -152,7 +179,7 @@ pub fn backup_prepare(
         consistency_note: None,
         definition: None,
     };
-    Ok(manifest)
+    Ok(PreparedBackup { manifest, guard })
 }
 
 /// Refuses base indexes that do not fit their disk: trusting one would
@@ -192,10 +219,11 @@ impl<'a> Job<'a> {
         repo: &'a Repository,
         disks: &'a [BackupDisk],
         previous: Option<&Snapshot>,
+        guard: &BackupGuard,
         progress: &'a Progress,
     ) -> Result<Self> {
         let chunk_size = repo.config().chunk_size;
-        let known: HashSet<ChunkId> = repo.list_chunks()?.into_keys().collect();
+        let known = guard.known_chunks(repo)?;
         let counters = Counters::default();
         let mut starts = vec![0u64];
         let mut indexes = Vec::with_capacity(disks.len());
@@ -348,10 +376,21 @@ impl<'a> Job<'a> {
         if changed != Some(false) {
             return Ok(None);
         }
+        let entry = base.index.chunks[chunk as usize];
+        // A base chunk that a prune may be deleting is read and stored again.
+        let known = |id: &ChunkId| {
+            self.known
+                .lock()
+                .unwrap_or_else(|poisoned| poisoned.into_inner())
+                .contains(id)
+        };
+        if entry.is_some_and(|id| !known(&id)) {
+            return Ok(None);
+        }
         self.counters
             .chunks_unchanged
             .fetch_add(1, Ordering::Relaxed);
-        Ok(Some(base.index.chunks[chunk as usize]))
+        Ok(Some(entry))
     }
 
     fn store_if_new(&self, data: &[u8]) -> Result<ChunkId> {
@@ -375,6 +414,29 @@ impl<'a> Job<'a> {
             .bytes_stored
             .fetch_add(encoded.len() as u64, Ordering::Relaxed);
         self.progress.add_stored(encoded.len() as u64);
+        Ok(id)
+    }
+
+    /// A copy of every disk's chunk list so far.
+    fn chunk_lists(&self) -> Vec<Vec<Option<ChunkId>>> {
+        (0..self.disks.len())
+            .map(|i| self.lock_index(i).clone())
+            .collect()
+    }
+
+    /// Reads chunk `chunk` of `disk` from the source again and stores it
+    /// (a concurrent prune deleted the stored copy); returns its id.
+    fn store_again(&self, disk: usize, chunk: u64) -> Result<ChunkId> {
+        let size = self.disks[disk].source.virtual_size();
+        let offset = chunk * u64::from(self.chunk_size);
+        let length = (size - offset).min(u64::from(self.chunk_size)) as usize;
+        let mut data = vec![0u8; length];
+        let mut reader = self.open_reader(disk)?;
+        read_allocated(reader.as_mut(), offset, &mut data)
+            .map_err(|e| self.source_error(disk, e))?;
+        let id = self.repo.crypto().chunk_id(&data);
+        self.repo
+            .put_chunk(&id, &self.repo.encode_chunk(&id, &data)?)?;
         Ok(id)
     }
 

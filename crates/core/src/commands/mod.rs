@@ -1,6 +1,13 @@
 //! One module per operation on a repository.
 
 pub mod backup;
+pub(crate) mod backup_guard;
+pub mod check;
+pub mod forget;
+pub mod locks;
+pub mod policy;
+pub mod prune;
+pub mod repair;
 pub mod restore;
 pub mod stats;
 pub mod verify;

@@ -24,7 +24,7 @@ pub struct RestoreStats {
 
 /// Reads and checks a disk's index against its record.
 fn load_index(repo: &Repository, disk: &DiskRecord) -> Result<DiskIndex> {
-    let index = repo.read_index(&disk.index)?;
+    let index = repo.read_index(&disk.index).map_err(missing_is_damage)?;
     if index.virtual_size != disk.virtual_size || index.chunk_size != disk.chunk_size {
         return Err(Error::corrupt(
             &disk.index,
@@ -34,9 +34,20 @@ fn load_index(repo: &Repository, disk: &DiskRecord) -> Result<DiskIndex> {
     Ok(index)
 }
 
+/// A missing object that a snapshot needs is damage, not an I/O failure.
+fn missing_is_damage(error: Error) -> Error {
+    match error {
+        Error::Storage(e) if e.is_not_found() => Error::corrupt(
+            e.key(),
+            "missing from the repository (`vbackup check` names what it breaks, `vbackup repair` marks it)",
+        ),
+        other => other,
+    }
+}
+
 /// Fetches chunk `i` of `index`, checked, and of the expected length.
 fn fetch(repo: &Repository, index: &DiskIndex, i: u64, id: &ChunkId) -> Result<Vec<u8>> {
-    let data = repo.read_chunk(id)?;
+    let data = repo.read_chunk(id).map_err(missing_is_damage)?;
     let (_, length) = index.chunk_range(i);
     if data.len() != length {
         return Err(Error::corrupt(

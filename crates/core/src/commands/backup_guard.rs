@@ -1,0 +1,122 @@
+//! How a backup cooperates with a concurrent prune, kept out of `backup.rs`
+//! so the data path stays readable. The backup calls it in three places:
+//!
+//! 1. [`BackupGuard::start`] before anything else: writes the backup's lease
+//!    (`locks/<id>`), loads every prune list present (`prune/pending-*`,
+//!    `prune/deleting-*`) and records their names in the lease.
+//! 2. [`BackupGuard::known_chunks`] instead of listing the chunks directly:
+//!    chunks named in those lists are left out of the "already stored" set,
+//!    so the backup uploads them again (a fresh object with a new
+//!    modification time) instead of relying on a copy a prune may delete.
+//!    An unchanged disk's previous index is reused only if all its chunks
+//!    are in that set, so an index with pending chunks is not reused either.
+//! 3. [`BackupGuard::before_snapshot`] just before the snapshot is written:
+//!    checks that the lease never lapsed, reads the deletion logs present
+//!    now and makes sure every chunk the snapshot needs that a sweep is
+//!    deleting still exists, storing it again from the source if not.
+//!
+//! Why this is enough is argued in ARCHITECTURE.md ("Garbage collection").
+
+use std::collections::HashSet;
+
+use crate::commands::locks::{Lease, LeaseTiming};
+use crate::commands::prune::{list_prune_lists, read_prune_list};
+use crate::format::lifecycle::{LockKind, PruneListKind};
+use crate::{ChunkId, Error, Repository, Result};
+
+/// A running backup's lease and what it learnt from the prune lists.
+pub(crate) struct BackupGuard {
+    lease: Lease,
+    /// Chunk ids named by the prune lists loaded at the start, sorted.
+    pending: Vec<ChunkId>,
+}
+
+impl BackupGuard {
+    /// Writes the lease, then loads the prune lists and records their names.
+    pub(crate) fn start(repo: &Repository) -> Result<Self> {
+        let lease = Lease::start(repo, LockKind::Backup, LeaseTiming::default())?;
+        let mut pending = Vec::new();
+        let mut seen = Vec::new();
+        for list in list_prune_lists(repo)? {
+            // A list that vanished was swept meanwhile; an unreadable one is
+            // not named as seen, so prune will not sweep it while we run.
+            if let Ok(content) = read_prune_list(repo, &list.key) {
+                pending.extend(content.chunks);
+                seen.push(list.key);
+            }
+        }
+        pending.sort_unstable();
+        pending.dedup();
+        lease.set_pending_seen(seen)?;
+        Ok(Self { lease, pending })
+    }
+
+    /// The chunks stored in the repository, minus those a prune may delete.
+    pub(crate) fn known_chunks(&self, repo: &Repository) -> Result<HashSet<ChunkId>> {
+        let mut known: HashSet<ChunkId> = repo.list_chunks()?.into_keys().collect();
+        if !self.pending.is_empty() {
+            known.retain(|id| self.pending.binary_search(id).is_err());
+        }
+        Ok(known)
+    }
+
+    /// Checks the lease and the chunks that running sweeps are deleting.
+    /// `disks` are the snapshot's chunk lists; `store_again(disk, chunk)`
+    /// reads that chunk from the source again, stores it and returns its id.
+    /// Returns how many chunks were stored again.
+    pub(crate) fn before_snapshot(
+        &self,
+        repo: &Repository,
+        disks: &[Vec<Option<ChunkId>>],
+        store_again: &dyn Fn(usize, u64) -> Result<ChunkId>,
+    ) -> Result<u64> {
+        self.lease.check_fresh()?;
+        let doomed = being_deleted(repo)?;
+        if doomed.is_empty() {
+            return Ok(0);
+        }
+        let mut checked = HashSet::new();
+        let mut stored = 0;
+        for (disk, chunks) in disks.iter().enumerate() {
+            for (i, id) in chunks.iter().enumerate() {
+                let Some(id) = id.filter(|id| doomed.contains(id) && checked.insert(*id)) else {
+                    continue;
+                };
+                if repo.backend().stat(&Repository::chunk_key(&id))?.is_some() {
+                    continue;
+                }
+                let again = store_again(disk, i as u64)?;
+                if again != id {
+                    return Err(source_changed(&id));
+                }
+                stored += 1;
+            }
+        }
+        Ok(stored)
+    }
+
+    /// Removes the lease (also done, best effort, when the guard is dropped).
+    pub(crate) fn finish(self) -> Result<()> {
+        self.lease.release()
+    }
+}
+
+/// Chunk ids named by the deletion logs present now.
+fn being_deleted(repo: &Repository) -> Result<HashSet<ChunkId>> {
+    let mut doomed = HashSet::new();
+    for list in list_prune_lists(repo)? {
+        if let Ok(content) = read_prune_list(repo, &list.key) {
+            if content.kind == PruneListKind::Deleting {
+                doomed.extend(content.chunks);
+            }
+        }
+    }
+    Ok(doomed)
+}
+
+fn source_changed(id: &ChunkId) -> Error {
+    Error::Conflict(format!(
+        "chunk {} was deleted by a concurrent prune and the source no longer holds the same data (it changed during the backup); nothing was recorded — run the backup again",
+        &id.to_hex()[..16]
+    ))
+}

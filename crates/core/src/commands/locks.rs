@@ -1,0 +1,497 @@
+//! Locks and backup leases (`locks/<32 hex>`), `vbackup locks` and
+//! `vbackup unlock`.
+//!
+//! Every backup holds a *lease*: a sealed lock object of kind `backup` that
+//! a thread rewrites every refresh interval and that is removed when the
+//! backup ends. Leases never exclude anything and nobody waits for them;
+//! they tell a prune which backups are running and which prune lists each
+//! has seen. Prune and repair hold *exclusive* locks: each writes its lock,
+//! then lists the others, and refuses if another live exclusive lock
+//! exists — two of them can both refuse, but never both run.
+//!
+//! A lock whose holder stopped refreshing it for longer than the holder
+//! promised (`stale-after-secs`) is *stale*; so is a lock whose process is
+//! provably gone (same boot and pid namespace, pid no longer running). Stale
+//! locks are ignored by prune, reported by `check`, and removed by `unlock`.
+
+use std::sync::mpsc::{self, RecvTimeoutError};
+use std::sync::{Arc, Mutex};
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant, SystemTime};
+
+use serde::Serialize;
+use vbackup_storage::Backend;
+
+use crate::crypto::{random_bytes, Crypto};
+use crate::format::lifecycle::{check_version, LockFile, LockKind, LIFECYCLE_VERSION};
+use crate::format::{open_object_owned, seal_object, ObjectKind};
+use crate::repo::LOCKS_PREFIX;
+use crate::{Error, Repository, Result};
+
+/// How often a lock is rewritten and when it counts as stale.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct LeaseTiming {
+    /// Interval between rewrites.
+    pub refresh: Duration,
+    /// A lock not rewritten for longer than this is stale.
+    pub stale_after: Duration,
+}
+
+impl Default for LeaseTiming {
+    fn default() -> Self {
+        Self {
+            refresh: Duration::from_secs(60),
+            stale_after: Duration::from_secs(600),
+        }
+    }
+}
+
+/// A lock as found in the repository.
+#[derive(Debug, Clone, Serialize)]
+#[serde(rename_all = "kebab-case")]
+pub struct LockInfo {
+    /// The lock id (object name without the folder).
+    pub id: String,
+    /// The lock's content; `None` when it cannot be read.
+    pub lock: Option<LockFile>,
+    /// Why it cannot be read.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub problem: Option<String>,
+    /// Seconds since it was last refreshed.
+    pub age_secs: u64,
+    /// Why the lock is stale; `None` for a live lock.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub stale: Option<String>,
+}
+
+impl LockInfo {
+    /// The object name.
+    pub fn key(&self) -> String {
+        format!("{LOCKS_PREFIX}{}", self.id)
+    }
+
+    /// True when the lock's holder is considered alive.
+    pub fn is_live(&self) -> bool {
+        self.stale.is_none()
+    }
+
+    /// The holder's kind; unreadable locks count as backups (they block
+    /// garbage collection until they are stale or removed).
+    pub fn kind(&self) -> LockKind {
+        self.lock.as_ref().map_or(LockKind::Backup, |l| l.kind)
+    }
+
+    /// "backup by pid 123 on host h since <time>", for messages.
+    pub fn describe(&self) -> String {
+        match &self.lock {
+            Some(l) => format!(
+                "{} lock {} held by pid {} on host '{}' since {} (refreshed {} s ago)",
+                l.kind,
+                short(&self.id),
+                l.pid,
+                l.host,
+                l.started,
+                self.age_secs
+            ),
+            None => format!("unreadable lock {}", short(&self.id)),
+        }
+    }
+}
+
+fn short(id: &str) -> &str {
+    &id[..id.len().min(8)]
+}
+
+/// Every lock in the repository. `stale_after` overrides the holders' own
+/// stale limits (to treat locks as stale sooner or later).
+pub fn list_locks(repo: &Repository, stale_after: Option<Duration>) -> Result<Vec<LockInfo>> {
+    let now = SystemTime::now();
+    let mut locks = Vec::new();
+    for object in repo.backend().list(LOCKS_PREFIX)? {
+        let id = object.key.trim_start_matches(LOCKS_PREFIX).to_string();
+        let read = repo
+            .get_sealed_json::<LockFile>(ObjectKind::Lock, &object.key)
+            .and_then(|l| check_version(&object.key, l.version).map(|()| l));
+        let info = match read {
+            Ok(lock) => judge(id, lock, object.modified, now, stale_after),
+            Err(e) if is_gone(&e) => continue,
+            Err(e) => unreadable(id, &e, object.modified, now, stale_after),
+        };
+        locks.push(info);
+    }
+    locks.sort_by(|a, b| a.id.cmp(&b.id));
+    Ok(locks)
+}
+
+fn is_gone(error: &Error) -> bool {
+    matches!(error, Error::Storage(e) if e.is_not_found())
+}
+
+/// Seconds between `then` and `now` (0 when `then` is in the future).
+fn age(then: SystemTime, now: SystemTime) -> u64 {
+    now.duration_since(then).map_or(0, |d| d.as_secs())
+}
+
+fn parse_time(text: &str) -> Option<SystemTime> {
+    chrono::DateTime::parse_from_rfc3339(text)
+        .ok()
+        .map(|t| SystemTime::from(t.with_timezone(&chrono::Utc)))
+}
+
+fn judge(
+    id: String,
+    lock: LockFile,
+    modified: Option<SystemTime>,
+    now: SystemTime,
+    stale_after: Option<Duration>,
+) -> LockInfo {
+    let refreshed = [parse_time(&lock.refreshed), modified]
+        .into_iter()
+        .flatten()
+        .max()
+        .unwrap_or(SystemTime::UNIX_EPOCH);
+    let age_secs = age(refreshed, now);
+    let limit = stale_after.map_or(lock.stale_after_secs, |d| d.as_secs());
+    let stale = if holder_is_gone(&lock) {
+        Some(format!("process {} on this host is gone", lock.pid))
+    } else if age_secs > limit {
+        Some(format!("not refreshed for {age_secs} s (limit {limit} s)"))
+    } else {
+        None
+    };
+    LockInfo {
+        id,
+        lock: Some(lock),
+        problem: None,
+        age_secs,
+        stale,
+    }
+}
+
+fn unreadable(
+    id: String,
+    error: &Error,
+    modified: Option<SystemTime>,
+    now: SystemTime,
+    stale_after: Option<Duration>,
+) -> LockInfo {
+    let age_secs = modified.map_or(u64::MAX, |m| age(m, now));
+    let limit = stale_after.unwrap_or(LeaseTiming::default().stale_after);
+    LockInfo {
+        id,
+        lock: None,
+        problem: Some(error.to_string()),
+        age_secs,
+        stale: (age_secs > limit.as_secs()).then(|| "unreadable and old".to_string()),
+    }
+}
+
+/// Identifies this process's boot and pid namespace, where Linux tells.
+fn process_domain() -> Option<String> {
+    let boot = std::fs::read_to_string("/proc/sys/kernel/random/boot_id").ok()?;
+    let pid_ns = std::fs::read_link("/proc/self/ns/pid").ok()?;
+    Some(format!("{}:{}", boot.trim(), pid_ns.display()))
+}
+
+/// Start time of process `pid` in clock ticks after boot (field 22 of
+/// `/proc/<pid>/stat`); `None` when there is no such process.
+fn process_start(pid: u32) -> Option<u64> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    let after_name = &stat[stat.rfind(')')? + 1..];
+    after_name.split_whitespace().nth(19)?.parse().ok()
+}
+
+/// True when the lock was written in this boot and pid namespace and its
+/// process no longer exists (or the pid now belongs to another process).
+fn holder_is_gone(lock: &LockFile) -> bool {
+    let (Some(domain), Some(mine)) = (&lock.domain, process_domain()) else {
+        return false;
+    };
+    if *domain != mine {
+        return false;
+    }
+    match (process_start(lock.pid), lock.process_start) {
+        (None, _) => true,
+        (Some(now), Some(then)) => now != then,
+        (Some(_), None) => false,
+    }
+}
+
+/// Removes locks: the given ids (or unique id prefixes), or with no ids
+/// every stale lock. With `stale_only`, live locks among the given ids are
+/// refused. Returns the removed locks.
+pub fn unlock(repo: &Repository, ids: &[String], stale_only: bool) -> Result<Vec<LockInfo>> {
+    let locks = list_locks(repo, None)?;
+    let chosen: Vec<LockInfo> = if ids.is_empty() {
+        locks.into_iter().filter(|l| !l.is_live()).collect()
+    } else {
+        select_locks(&locks, ids)?
+    };
+    if stale_only {
+        if let Some(live) = chosen.iter().find(|l| l.is_live()) {
+            return Err(Error::Conflict(format!(
+                "refusing to remove the live {}; without --stale-only it can be removed (only do that if its holder is really gone)",
+                live.describe()
+            )));
+        }
+    }
+    for lock in &chosen {
+        repo.backend().delete(&lock.key())?;
+    }
+    Ok(chosen)
+}
+
+fn select_locks(locks: &[LockInfo], ids: &[String]) -> Result<Vec<LockInfo>> {
+    let mut chosen = Vec::new();
+    for id in ids {
+        let matching: Vec<&LockInfo> = locks.iter().filter(|l| l.id.starts_with(id)).collect();
+        match matching.as_slice() {
+            [one] => chosen.push((*one).clone()),
+            [] => {
+                return Err(Error::InvalidInput(format!(
+                    "no lock id starts with '{id}'"
+                )))
+            }
+            _ => {
+                return Err(Error::InvalidInput(format!(
+                    "'{id}' matches several locks; give more digits"
+                )))
+            }
+        }
+    }
+    Ok(chosen)
+}
+
+/// Health of a lease as seen by its holder.
+#[derive(Debug)]
+struct Health {
+    /// Last successful write, by the monotonic and the wall clock.
+    last_ok: (Instant, SystemTime),
+    /// Set when the lease was once not refreshed in time: others may have
+    /// judged this holder dead meanwhile.
+    lapsed: Option<String>,
+    /// The last refresh error, if the latest attempt failed.
+    error: Option<String>,
+}
+
+/// State shared between a lease holder and its refresh thread.
+struct Shared {
+    backend: Arc<dyn Backend>,
+    crypto: Crypto,
+    key: String,
+    file: Mutex<LockFile>,
+    health: Mutex<Health>,
+    timing: LeaseTiming,
+}
+
+impl Shared {
+    /// Rewrites the lock with a fresh `refreshed` time.
+    fn write(&self) -> Result<()> {
+        let json = {
+            let mut file = self.file.lock().unwrap_or_else(|p| p.into_inner());
+            file.refreshed = now_rfc3339();
+            serde_json::to_vec(&*file)
+                .map_err(|e| Error::InvalidInput(format!("cannot encode a lock: {e}")))?
+        };
+        let bytes = seal_object(&self.crypto, ObjectKind::Lock, &self.key, &json, None)?;
+        let result = self.backend.put(&self.key, &bytes);
+        self.record(result.as_ref().err().map(|e| e.to_string()));
+        Ok(result?)
+    }
+
+    fn record(&self, error: Option<String>) {
+        let mut health = self.health.lock().unwrap_or_else(|p| p.into_inner());
+        if error.is_none() {
+            if let Some(gap) = gap_since(health.last_ok).filter(|g| *g > self.limit()) {
+                health.lapsed.get_or_insert(format!(
+                    "the lease was not refreshed for {} s",
+                    gap.as_secs()
+                ));
+            }
+            health.last_ok = (Instant::now(), SystemTime::now());
+        }
+        health.error = error;
+    }
+
+    /// The longest silence others tolerate, minus a margin for clock skew
+    /// and the time a refresh takes.
+    fn limit(&self) -> Duration {
+        self.timing
+            .stale_after
+            .saturating_sub(self.timing.stale_after / 4)
+    }
+
+    fn check(&self) -> Result<()> {
+        let health = self.health.lock().unwrap_or_else(|p| p.into_inner());
+        let silence = gap_since(health.last_ok).unwrap_or_default();
+        let lapsed = health.lapsed.clone().or_else(|| {
+            (silence > self.limit())
+                .then(|| format!("the lease was not refreshed for {} s", silence.as_secs()))
+        });
+        match lapsed {
+            Some(reason) => Err(Error::Conflict(format!(
+                "{reason} (this process was paused or could not write to the repository: {}), so a prune may have judged it dead; nothing was recorded — run it again",
+                health.error.as_deref().unwrap_or("no error recorded")
+            ))),
+            None => Ok(()),
+        }
+    }
+}
+
+/// The longest of the monotonic and wall-clock times since `last`
+/// (the monotonic clock stops during suspend, the wall clock may jump).
+fn gap_since(last: (Instant, SystemTime)) -> Option<Duration> {
+    let wall = SystemTime::now().duration_since(last.1).unwrap_or_default();
+    Some(last.0.elapsed().max(wall))
+}
+
+fn now_rfc3339() -> String {
+    chrono::Utc::now().to_rfc3339_opts(chrono::SecondsFormat::Millis, true)
+}
+
+/// A lock held by this process, refreshed by a thread until released or
+/// dropped (dropping removes it, best effort).
+pub struct Lease {
+    shared: Arc<Shared>,
+    stop: Option<mpsc::Sender<()>>,
+    thread: Option<JoinHandle<()>>,
+}
+
+impl std::fmt::Debug for Lease {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Lease")
+            .field("key", &self.shared.key)
+            .finish()
+    }
+}
+
+impl Lease {
+    /// Writes a new lock of `kind` and starts refreshing it.
+    pub fn start(repo: &Repository, kind: LockKind, timing: LeaseTiming) -> Result<Self> {
+        let id = hex::encode(random_bytes::<16>()?);
+        let now = now_rfc3339();
+        let file = LockFile {
+            version: LIFECYCLE_VERSION,
+            kind,
+            host: crate::hostname(),
+            pid: std::process::id(),
+            started: now.clone(),
+            refreshed: now,
+            stale_after_secs: timing.stale_after.as_secs(),
+            domain: process_domain(),
+            process_start: process_start(std::process::id()),
+            pending_seen: Vec::new(),
+        };
+        let shared = Arc::new(Shared {
+            backend: Arc::clone(repo.backend()),
+            crypto: repo.crypto().clone(),
+            key: format!("{LOCKS_PREFIX}{id}"),
+            file: Mutex::new(file),
+            health: Mutex::new(Health {
+                last_ok: (Instant::now(), SystemTime::now()),
+                lapsed: None,
+                error: None,
+            }),
+            timing,
+        });
+        shared.write()?;
+        let (stop, stopped) = mpsc::channel();
+        let worker = Arc::clone(&shared);
+        let thread = std::thread::Builder::new()
+            .name("vbackup-lease".to_string())
+            .spawn(move || refresh_loop(&worker, &stopped))
+            .map_err(|e| Error::InvalidInput(format!("cannot start the lease thread: {e}")))?;
+        Ok(Self {
+            shared,
+            stop: Some(stop),
+            thread: Some(thread),
+        })
+    }
+
+    /// Takes an exclusive lock of `kind`: fails, naming the holder, when
+    /// another live exclusive lock exists.
+    pub fn exclusive(repo: &Repository, kind: LockKind, timing: LeaseTiming) -> Result<Self> {
+        let lease = Self::start(repo, kind, timing)?;
+        let others = list_locks(repo, None)?;
+        let holder = others
+            .iter()
+            .find(|l| l.id != lease.id() && l.is_live() && l.kind().is_exclusive());
+        if let Some(holder) = holder {
+            let message = format!(
+                "cannot {kind}: the repository is locked by the {}; if that process is gone, `vbackup unlock --stale-only` removes the lock once it is stale (`vbackup locks` shows it)",
+                holder.describe()
+            );
+            lease.release()?;
+            return Err(Error::Conflict(message));
+        }
+        Ok(lease)
+    }
+
+    /// The lock id.
+    pub fn id(&self) -> &str {
+        self.shared.key.trim_start_matches(LOCKS_PREFIX)
+    }
+
+    /// Records the prune lists this holder has loaded, and rewrites the lock.
+    pub fn set_pending_seen(&self, names: Vec<String>) -> Result<()> {
+        self.shared
+            .file
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .pending_seen = names;
+        self.shared.write()
+    }
+
+    /// Fails when the lease was, at any time, not refreshed for about as
+    /// long as others wait before judging it stale.
+    pub fn check_fresh(&self) -> Result<()> {
+        self.shared.check()
+    }
+
+    /// Stops refreshing and removes the lock.
+    pub fn release(mut self) -> Result<()> {
+        self.stop_thread();
+        Ok(self.shared.backend.delete(&self.shared.key)?)
+    }
+
+    fn stop_thread(&mut self) {
+        drop(self.stop.take());
+        if let Some(thread) = self.thread.take() {
+            let _ = thread.join();
+        }
+    }
+}
+
+impl Drop for Lease {
+    fn drop(&mut self) {
+        if self.thread.is_some() {
+            self.stop_thread();
+            let _ = self.shared.backend.delete(&self.shared.key);
+        }
+    }
+}
+
+/// Rewrites the lock every refresh interval until the holder hangs up.
+fn refresh_loop(shared: &Shared, stopped: &mpsc::Receiver<()>) {
+    let mut next = shared.timing.refresh;
+    loop {
+        match stopped.recv_timeout(next) {
+            Err(RecvTimeoutError::Timeout) => {}
+            _ => return,
+        }
+        // A failed refresh is retried sooner; the holder sees the failure
+        // through `check_fresh` if it lasts.
+        next = match shared.write() {
+            Ok(()) => shared.timing.refresh,
+            Err(_) => shared.timing.refresh / 4,
+        };
+    }
+}
+
+/// Reads one lock object (for tests and tools).
+pub fn read_lock(repo: &Repository, id: &str) -> Result<LockFile> {
+    let key = format!("{LOCKS_PREFIX}{id}");
+    let bytes = repo.backend().get(&key)?;
+    let json = open_object_owned(repo.crypto(), ObjectKind::Lock, &key, bytes, 1 << 20)?;
+    serde_json::from_slice(&json).map_err(|e| Error::corrupt(&key, format!("invalid JSON: {e}")))
+}

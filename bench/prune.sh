@@ -15,6 +15,7 @@
 #                    [i*C/S, i*C/S + 2*C/S), so each chunk is in two snapshots
 #   PRUNE_VMS        VMs the snapshots are spread over (default 10)
 #   PRUNE_KEEP       --keep-last per VM (default 10: 100 of 1000 kept)
+#   PRUNE_THREADS    --threads for every vbackup command (default: vbackup's)
 #   BENCH_KEEP=1     keep the repository in bench/work/prune-*
 #   BENCH_NO_BUILD=1 do not run cargo build; VBACKUP_BIN names the binary
 set -euo pipefail
@@ -40,12 +41,14 @@ cleanup() { [[ ${BENCH_KEEP:-0} == 1 ]] || rm -rf "$WORK"; }
 trap cleanup EXIT
 
 export VBACKUP_REPOSITORY=$WORK/repo VBACKUP_PASSWORD=prune-bench
-vb() { "$VBACKUP_BIN" "$@"; }
+THREADS=()
+[[ -n ${PRUNE_THREADS:-} ]] && THREADS=(--threads "$PRUNE_THREADS")
+vb() { "$VBACKUP_BIN" "${THREADS[@]}" "$@"; }
 
 # Runs vbackup under /usr/bin/time; prints "seconds peak-KiB", keeps stdout.
 measure() {
     local name=$1; shift
-    /usr/bin/time -f '%e %M' -o "$WORK/$name.time" "$VBACKUP_BIN" "$@" >"$WORK/$name.out" 2>"$WORK/$name.err" \
+    /usr/bin/time -f '%e %M' -o "$WORK/$name.time" "$VBACKUP_BIN" "${THREADS[@]}" "$@" >"$WORK/$name.out" 2>"$WORK/$name.err" \
         || { cat "$WORK/$name.err" >&2; exit 1; }
     cat "$WORK/$name.time"
 }

@@ -40,6 +40,10 @@ pub const PENDING_PREFIX: &str = "prune/pending-";
 /// Name prefix of deletion logs.
 pub const DELETING_PREFIX: &str = "prune/deleting-";
 
+/// The sweep runs at least this many workers: they wait on the storage's
+/// metadata operations (rename, stat, delete), not on the CPU.
+const SWEEP_MIN_WORKERS: usize = 8;
+
 /// How a prune runs.
 #[derive(Debug, Clone)]
 pub struct PruneOptions {
@@ -47,7 +51,8 @@ pub struct PruneOptions {
     pub grace: Duration,
     /// Report what would be marked and deleted, change nothing.
     pub dry_run: bool,
-    /// Worker threads for the sweep.
+    /// Worker threads for the sweep (at least 8 are used: they mostly wait
+    /// on the storage).
     pub threads: usize,
     /// Overrides the holders' own stale limits when judging leases.
     pub stale_after: Option<Duration>,
@@ -522,7 +527,8 @@ impl Run<'_> {
         // Deleted chunks, deleted indexes, freed bytes, rewritten, gone.
         let counts: [AtomicU64; 5] = Default::default();
         let backend = self.repo.backend().as_ref();
-        super::run_workers(self.options.threads, || loop {
+        let workers = self.options.threads.max(SWEEP_MIN_WORKERS);
+        super::run_workers(workers, || loop {
             let i = next.fetch_add(1, Ordering::Relaxed);
             let Some(candidate) = candidates.get(i) else {
                 return Ok(());

@@ -551,7 +551,13 @@ mod tests {
         }
         let me = std::process::id();
         let now = SystemTime::now();
-        let mine = judge("a".into(), lock_file(me, process_start(me)), None, now, None);
+        let mine = judge(
+            "a".into(),
+            lock_file(me, process_start(me)),
+            None,
+            now,
+            None,
+        );
         assert!(mine.is_live(), "{mine:?}");
         let reused = judge("b".into(), lock_file(me, Some(1)), None, now, None);
         assert!(!reused.is_live(), "a reused pid is not the holder");

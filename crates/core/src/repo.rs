@@ -366,14 +366,13 @@ impl Repository {
     /// Every chunk stored, with its stored size. Names that are not chunk
     /// ids are skipped.
     pub fn list_chunks(&self) -> Result<HashMap<ChunkId, u64>> {
-        let objects = self.backend.list(CHUNKS_PREFIX)?;
-        Ok(objects
-            .into_iter()
-            .filter_map(|o| {
-                let hex = o.key.rsplit('/').next()?;
-                Some((ChunkId::from_hex(hex)?, o.size))
-            })
-            .collect())
+        let mut chunks = HashMap::new();
+        self.backend.list_each(CHUNKS_PREFIX, &mut |o| {
+            if let Some(id) = o.key.rsplit('/').next().and_then(ChunkId::from_hex) {
+                chunks.insert(id, o.size);
+            }
+        })?;
+        Ok(chunks)
     }
 
     /// Encodes a chunk (compress, seal) without storing it.

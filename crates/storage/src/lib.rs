@@ -66,6 +66,14 @@ pub trait Backend: Send + Sync {
     /// Lists every object whose name starts with `prefix` (a folder such as
     /// `chunks/`), in no particular order.
     fn list(&self, prefix: &str) -> Result<Vec<ObjectInfo>>;
+    /// Calls `visit` with every object whose name starts with `prefix`, in
+    /// no particular order, without holding the whole listing in memory
+    /// where the backend can (a million chunk names take ~130 MB as a
+    /// `Vec<ObjectInfo>`). The default calls [`Backend::list`].
+    fn list_each(&self, prefix: &str, visit: &mut dyn FnMut(ObjectInfo)) -> Result<()> {
+        self.list(prefix)?.into_iter().for_each(visit);
+        Ok(())
+    }
     /// Returns the object's size, or `None` when it does not exist.
     fn stat(&self, key: &str) -> Result<Option<ObjectInfo>>;
     /// Removes an object; removing a missing object is not an error.

@@ -175,20 +175,24 @@ impl Backend for LocalBackend {
     }
 
     fn list(&self, prefix: &str) -> Result<Vec<ObjectInfo>> {
+        let mut objects = Vec::new();
+        self.list_each(prefix, &mut |object| objects.push(object))?;
+        Ok(objects)
+    }
+
+    fn list_each(&self, prefix: &str, visit: &mut dyn FnMut(ObjectInfo)) -> Result<()> {
         let dir_part = prefix.rsplit_once('/').map_or("", |(dir, _)| dir);
         let start = if dir_part.is_empty() {
             self.root.clone()
         } else {
             self.path_of(dir_part)?
         };
-        let mut objects = Vec::new();
         walk(&start, false, &mut |path, meta| {
             if let Some(key) = key_of(&self.root, &path).filter(|k| k.starts_with(prefix)) {
-                objects.push(info(key, &meta));
+                visit(info(key, &meta));
             }
         })
-        .map_err(|e| io_err(prefix, "listing objects", e))?;
-        Ok(objects)
+        .map_err(|e| io_err(prefix, "listing objects", e))
     }
 
     fn stat(&self, key: &str) -> Result<Option<ObjectInfo>> {

@@ -495,3 +495,76 @@ pub fn read_lock(repo: &Repository, id: &str) -> Result<LockFile> {
     let json = open_object_owned(repo.crypto(), ObjectKind::Lock, &key, bytes, 1 << 20)?;
     serde_json::from_slice(&json).map_err(|e| Error::corrupt(&key, format!("invalid JSON: {e}")))
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::crypto::{CipherKind, DigestKind};
+    use vbackup_storage::MemoryBackend;
+
+    fn lock_file(pid: u32, process_start: Option<u64>) -> LockFile {
+        LockFile {
+            version: LIFECYCLE_VERSION,
+            kind: LockKind::Backup,
+            host: "h".into(),
+            pid,
+            started: now_rfc3339(),
+            refreshed: now_rfc3339(),
+            stale_after_secs: 600,
+            domain: process_domain(),
+            process_start,
+            pending_seen: vec![],
+        }
+    }
+
+    #[test]
+    fn a_lease_silent_for_too_long_refuses_even_after_it_recovers() {
+        let ago = Duration::from_secs(10);
+        let shared = Shared {
+            backend: Arc::new(MemoryBackend::new()),
+            crypto: Crypto::new(CipherKind::None, DigestKind::Blake3Keyed, None),
+            key: "locks/x".into(),
+            file: Mutex::new(lock_file(1, None)),
+            health: Mutex::new(Health {
+                last_ok: (
+                    Instant::now().checked_sub(ago).unwrap_or_else(Instant::now),
+                    SystemTime::now() - ago,
+                ),
+                lapsed: None,
+                error: None,
+            }),
+            timing: LeaseTiming {
+                refresh: Duration::from_secs(1),
+                stale_after: Duration::from_secs(4),
+            },
+        };
+        assert!(shared.check().is_err());
+        shared.write().unwrap();
+        let err = shared.check().unwrap_err().to_string();
+        assert!(err.contains("not refreshed for 10 s"), "{err}");
+    }
+
+    #[test]
+    fn locks_of_gone_processes_in_this_namespace_are_stale_at_once() {
+        if process_domain().is_none() {
+            return;
+        }
+        let me = std::process::id();
+        let now = SystemTime::now();
+        let mine = judge(
+            "a".into(),
+            lock_file(me, process_start(me)),
+            None,
+            now,
+            None,
+        );
+        assert!(mine.is_live(), "{mine:?}");
+        let reused = judge("b".into(), lock_file(me, Some(1)), None, now, None);
+        assert!(!reused.is_live(), "a reused pid is not the holder");
+        let gone = judge("c".into(), lock_file(u32::MAX - 1, None), None, now, None);
+        assert!(gone.stale.unwrap().contains("gone"));
+        let mut foreign = lock_file(u32::MAX - 1, None);
+        foreign.domain = Some("other-boot:pid:[1]".into());
+        assert!(judge("d".into(), foreign, None, now, None).is_live());
+    }
+}

@@ -21,7 +21,7 @@
 //! chunks, one read of each snapshot and index, three small operations per
 //! deleted object.
 
-use std::collections::{HashMap, HashSet};
+use std::collections::HashSet;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::time::{Duration, SystemTime};
 
@@ -40,6 +40,10 @@ pub const PENDING_PREFIX: &str = "prune/pending-";
 /// Name prefix of deletion logs.
 pub const DELETING_PREFIX: &str = "prune/deleting-";
 
+/// The sweep runs at least this many workers: they wait on the storage's
+/// metadata operations (rename, stat, delete), not on the CPU.
+const SWEEP_MIN_WORKERS: usize = 8;
+
 /// How a prune runs.
 #[derive(Debug, Clone)]
 pub struct PruneOptions {
@@ -47,7 +51,8 @@ pub struct PruneOptions {
     pub grace: Duration,
     /// Report what would be marked and deleted, change nothing.
     pub dry_run: bool,
-    /// Worker threads for the sweep.
+    /// Worker threads for the sweep (at least 8 are used: they mostly wait
+    /// on the storage).
     pub threads: usize,
     /// Overrides the holders' own stale limits when judging leases.
     pub stale_after: Option<Duration>,
@@ -217,12 +222,42 @@ struct Pending {
     list: PruneList,
 }
 
-/// One object to delete: its name, size and the time it was marked.
+/// One object to delete, small (16 bytes: a sweep may have millions):
+/// its position among the stored chunks or indexes, and the pending list
+/// that marked it.
+#[derive(Clone, Copy)]
 struct Candidate {
-    key: String,
-    size: u64,
+    pos: usize,
     is_chunk: bool,
-    marked: SystemTime,
+    list: u32,
+}
+
+/// What the sweep needs to turn a [`Candidate`] into a name, a size and a
+/// marking time.
+struct Objects<'a> {
+    chunks: &'a Stored<ChunkId>,
+    indexes: &'a Stored<[u8; 32]>,
+    pending: &'a [Pending],
+}
+
+impl Objects<'_> {
+    fn key(&self, c: Candidate) -> String {
+        match c.is_chunk {
+            true => Repository::chunk_key(&self.chunks.items[c.pos].0),
+            false => Repository::index_key(&self.indexes.items[c.pos].0),
+        }
+    }
+
+    fn size(&self, c: Candidate) -> u64 {
+        match c.is_chunk {
+            true => self.chunks.items[c.pos].1,
+            false => self.indexes.items[c.pos].1,
+        }
+    }
+
+    fn marked(&self, c: Candidate) -> SystemTime {
+        self.pending[c.list as usize].marked
+    }
 }
 
 /// The state of one prune run.
@@ -250,17 +285,25 @@ impl Run<'_> {
         if let Some(new) = self.mark(&chunks, &indexes, &pending)? {
             pending.push(new);
         }
+        // Oldest first: an object named by two lists counts as marked at
+        // the earlier time (more objects count as written again: safer).
+        pending.sort_by_key(|p| p.marked);
         let sweepable = self.choose(&pending)?;
         // Snapshots written since the leases were listed are loaded now,
         // after that listing: see ARCHITECTURE.md.
         self.load_references(&mut refs, &mut chunks, &mut indexes)?;
-        let candidates = self.candidates(&pending, &sweepable, &chunks, &indexes);
+        let objects = Objects {
+            chunks: &chunks,
+            indexes: &indexes,
+            pending: &pending,
+        };
+        let candidates = self.candidates(&objects, &sweepable);
         self.count_waiting(&pending, &sweepable, &chunks, &indexes);
         let (held_chunks, held_chunk_bytes) = chunks.referenced_totals();
         let (_, held_index_bytes) = indexes.referenced_totals();
         self.report.referenced_chunks = held_chunks;
         self.report.referenced_bytes = held_chunk_bytes + held_index_bytes;
-        self.sweep(&pending, &sweepable, candidates)
+        self.sweep(&objects, &sweepable, &candidates)
     }
 
     fn load_references(
@@ -370,61 +413,50 @@ impl Run<'_> {
         ))
     }
 
-    /// The items of the sweepable lists that are stored and unreferenced.
-    fn candidates(
-        &mut self,
-        pending: &[Pending],
-        sweepable: &HashSet<String>,
-        chunks: &Stored<ChunkId>,
-        indexes: &Stored<[u8; 32]>,
-    ) -> Vec<Candidate> {
-        let mut chosen: HashMap<String, Candidate> = HashMap::new();
-        for p in pending.iter().filter(|p| sweepable.contains(&p.key)) {
+    /// The items of the sweepable lists that are stored and unreferenced,
+    /// each once.
+    fn candidates(&mut self, objects: &Objects, sweepable: &HashSet<String>) -> Vec<Candidate> {
+        let (chunks, indexes) = (objects.chunks, objects.indexes);
+        let mut taken_chunks = vec![0u64; chunks.items.len().div_ceil(64)];
+        let mut taken_indexes = vec![0u64; indexes.items.len().div_ceil(64)];
+        let mut chosen = Vec::new();
+        for (list, p) in objects.pending.iter().enumerate() {
+            if !sweepable.contains(&p.key) {
+                continue;
+            }
+            let list = u32::try_from(list).unwrap_or(u32::MAX);
             for id in &p.list.chunks {
-                let item = chunks
-                    .find(id)
-                    .map(|i| (i, chunks.is_referenced(i), chunks.items[i].1));
-                let key = Repository::chunk_key(id);
-                self.consider(&mut chosen, key, item, true, p.marked);
+                let found = chunks.find(id).map(|i| (i, chunks.is_referenced(i)));
+                self.consider(&mut chosen, &mut taken_chunks, found, true, list);
             }
             for id in &p.list.indexes {
-                let item = indexes
-                    .find(id)
-                    .map(|i| (i, indexes.is_referenced(i), indexes.items[i].1));
-                self.consider(
-                    &mut chosen,
-                    Repository::index_key(id),
-                    item,
-                    false,
-                    p.marked,
-                );
+                let found = indexes.find(id).map(|i| (i, indexes.is_referenced(i)));
+                self.consider(&mut chosen, &mut taken_indexes, found, false, list);
             }
         }
-        let mut list: Vec<Candidate> = chosen.into_values().collect();
-        list.sort_by(|a, b| a.key.cmp(&b.key));
-        list
+        chosen
     }
 
     fn consider(
         &mut self,
-        chosen: &mut HashMap<String, Candidate>,
-        key: String,
-        item: Option<(usize, bool, u64)>,
+        chosen: &mut Vec<Candidate>,
+        taken: &mut [u64],
+        found: Option<(usize, bool)>,
         is_chunk: bool,
-        marked: SystemTime,
+        list: u32,
     ) {
-        match item {
+        match found {
             None => self.report.already_gone += 1,
-            Some((_, true, _)) => self.report.kept_referenced += 1,
-            Some((_, false, size)) => {
-                let entry = chosen.entry(key.clone()).or_insert(Candidate {
-                    key,
-                    size,
+            Some((_, true)) => self.report.kept_referenced += 1,
+            Some((pos, false)) if taken[pos / 64] & (1 << (pos % 64)) == 0 => {
+                taken[pos / 64] |= 1 << (pos % 64);
+                chosen.push(Candidate {
+                    pos,
                     is_chunk,
-                    marked,
+                    list,
                 });
-                entry.marked = entry.marked.min(marked);
             }
+            Some(_) => {}
         }
     }
 
@@ -451,19 +483,15 @@ impl Run<'_> {
     /// Logs, then deletes the candidates; removes the swept lists.
     fn sweep(
         &mut self,
-        pending: &[Pending],
+        objects: &Objects,
         sweepable: &HashSet<String>,
-        candidates: Vec<Candidate>,
+        candidates: &[Candidate],
     ) -> Result<()> {
-        let mut swept: Vec<String> = pending
-            .iter()
-            .filter(|p| sweepable.contains(&p.key))
-            .map(|p| p.key.clone())
-            .collect();
+        let mut swept: Vec<String> = sweepable.iter().cloned().collect();
         swept.sort();
         if self.options.dry_run {
-            for c in &candidates {
-                self.count_deleted(c, c.size);
+            for c in candidates {
+                self.count_deleted(c.is_chunk, objects.size(*c));
             }
             self.report.swept_lists = swept;
             return Ok(());
@@ -472,8 +500,10 @@ impl Run<'_> {
             return Ok(());
         }
         let log_key = list_name(DELETING_PREFIX)?;
-        write_prune_list(self.repo, &log_key, &deletion_log(&candidates, &swept))?;
-        self.delete_all(&candidates)?;
+        let log = deletion_log(objects, candidates, &swept);
+        write_prune_list(self.repo, &log_key, &log)?;
+        drop(log);
+        self.delete_all(objects, candidates)?;
         for key in &swept {
             self.repo.backend().delete(key)?;
         }
@@ -482,8 +512,8 @@ impl Run<'_> {
         Ok(())
     }
 
-    fn count_deleted(&mut self, candidate: &Candidate, size: u64) {
-        match candidate.is_chunk {
+    fn count_deleted(&mut self, is_chunk: bool, size: u64) {
+        match is_chunk {
             true => self.report.deleted_chunks += 1,
             false => self.report.deleted_indexes += 1,
         }
@@ -491,40 +521,40 @@ impl Run<'_> {
     }
 
     /// Deletes the candidates with the sweep workers.
-    fn delete_all(&mut self, candidates: &[Candidate]) -> Result<()> {
+    fn delete_all(&mut self, objects: &Objects, candidates: &[Candidate]) -> Result<()> {
         self.progress.add_total(candidates.len() as u64);
         let next = AtomicUsize::new(0);
-        let outcomes: [AtomicU64; 3] = Default::default();
-        let deleted: Vec<AtomicU64> = candidates
-            .iter()
-            .map(|_| AtomicU64::new(u64::MAX))
-            .collect();
+        // Deleted chunks, deleted indexes, freed bytes, rewritten, gone.
+        let counts: [AtomicU64; 5] = Default::default();
         let backend = self.repo.backend().as_ref();
-        super::run_workers(self.options.threads, || loop {
+        let workers = self.options.threads.max(SWEEP_MIN_WORKERS);
+        super::run_workers(workers, || loop {
             let i = next.fetch_add(1, Ordering::Relaxed);
             let Some(candidate) = candidates.get(i) else {
                 return Ok(());
             };
             self.keep_going(i)?;
-            match sweep_one(backend, candidate)? {
-                Outcome::Deleted(size) => deleted[i].store(size, Ordering::Relaxed),
+            let key = objects.key(*candidate);
+            match sweep_one(backend, &key, objects.marked(*candidate))? {
+                Outcome::Deleted(size) => {
+                    counts[usize::from(!candidate.is_chunk)].fetch_add(1, Ordering::Relaxed);
+                    counts[2].fetch_add(size, Ordering::Relaxed);
+                }
                 Outcome::Rewritten => {
-                    outcomes[1].fetch_add(1, Ordering::Relaxed);
+                    counts[3].fetch_add(1, Ordering::Relaxed);
                 }
                 Outcome::Gone => {
-                    outcomes[2].fetch_add(1, Ordering::Relaxed);
+                    counts[4].fetch_add(1, Ordering::Relaxed);
                 }
             }
             self.progress.add_done(1);
         })?;
-        for (candidate, size) in candidates.iter().zip(&deleted) {
-            let size = size.load(Ordering::Relaxed);
-            if size != u64::MAX {
-                self.count_deleted(candidate, size);
-            }
-        }
-        self.report.kept_rewritten += outcomes[1].load(Ordering::Relaxed);
-        self.report.already_gone += outcomes[2].load(Ordering::Relaxed);
+        let [chunks, indexes, bytes, rewritten, gone] = counts.map(AtomicU64::into_inner);
+        self.report.deleted_chunks += chunks;
+        self.report.deleted_indexes += indexes;
+        self.report.freed_bytes += bytes;
+        self.report.kept_rewritten += rewritten;
+        self.report.already_gone += gone;
         Ok(())
     }
 
@@ -552,11 +582,11 @@ enum Outcome {
     Gone,
 }
 
-/// Moves `candidate` to the trash, checks it was not written after it was
+/// Moves object `key` to the trash, checks it was not written after it was
 /// marked, and deletes it (or moves it back).
-fn sweep_one(backend: &dyn Backend, candidate: &Candidate) -> Result<Outcome> {
-    let trash = format!("{TRASH_PREFIX}{}", candidate.key);
-    match backend.rename(&candidate.key, &trash) {
+fn sweep_one(backend: &dyn Backend, key: &str, marked: SystemTime) -> Result<Outcome> {
+    let trash = format!("{TRASH_PREFIX}{key}");
+    match backend.rename(key, &trash) {
         Ok(()) => {}
         Err(e) if e.is_not_found() => return Ok(Outcome::Gone),
         Err(e) => return Err(e.into()),
@@ -565,8 +595,8 @@ fn sweep_one(backend: &dyn Backend, candidate: &Candidate) -> Result<Outcome> {
         return Ok(Outcome::Gone);
     };
     // No modification time means we cannot tell: keep it.
-    if info.modified.is_none_or(|m| m >= candidate.marked) {
-        put_back(backend, &trash, &candidate.key)?;
+    if info.modified.is_none_or(|m| m >= marked) {
+        put_back(backend, &trash, key)?;
         return Ok(Outcome::Rewritten);
     }
     backend.delete(&trash)?;
@@ -609,14 +639,12 @@ fn remove_dead_logs(repo: &Repository) -> Result<()> {
     Ok(())
 }
 
-fn deletion_log(candidates: &[Candidate], sources: &[String]) -> PruneList {
+fn deletion_log(objects: &Objects, candidates: &[Candidate], sources: &[String]) -> PruneList {
     let mut list = new_list(PruneListKind::Deleting, sources.to_vec());
     for c in candidates {
-        let name = c.key.rsplit('/').next().unwrap_or_default();
-        if c.is_chunk {
-            list.chunks.extend(ChunkId::from_hex(name));
-        } else {
-            list.indexes.extend(Repository::index_digest(&c.key));
+        match c.is_chunk {
+            true => list.chunks.push(objects.chunks.items[c.pos].0),
+            false => list.indexes.push(objects.indexes.items[c.pos].0),
         }
     }
     list.chunks.sort_unstable();
@@ -704,19 +732,23 @@ fn created(list: &PruneList) -> SystemTime {
 }
 
 fn list_chunk_sizes(repo: &Repository) -> Result<Vec<(ChunkId, u64)>> {
-    let objects = repo.backend().list(CHUNKS_PREFIX)?;
-    Ok(objects
-        .into_iter()
-        .filter_map(|o| Some((ChunkId::from_hex(o.key.rsplit('/').next()?)?, o.size)))
-        .collect())
+    let mut chunks = Vec::new();
+    repo.backend().list_each(CHUNKS_PREFIX, &mut |o| {
+        if let Some(id) = o.key.rsplit('/').next().and_then(ChunkId::from_hex) {
+            chunks.push((id, o.size));
+        }
+    })?;
+    Ok(chunks)
 }
 
 fn list_index_sizes(repo: &Repository) -> Result<Vec<([u8; 32], u64)>> {
-    let objects = repo.backend().list(INDEXES_PREFIX)?;
-    Ok(objects
-        .into_iter()
-        .filter_map(|o| Some((Repository::index_digest(&o.key)?, o.size)))
-        .collect())
+    let mut indexes = Vec::new();
+    repo.backend().list_each(INDEXES_PREFIX, &mut |o| {
+        if let Some(digest) = Repository::index_digest(&o.key) {
+            indexes.push((digest, o.size));
+        }
+    })?;
+    Ok(indexes)
 }
 
 /// The snapshots and indexes loaded so far, so a second load reads only

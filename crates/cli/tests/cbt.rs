@@ -6,9 +6,12 @@
 // Test helpers panic on unexpected failures; that is how a test fails.
 #![allow(clippy::unwrap_used)]
 
+mod common;
+
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output, Stdio};
 
+use common::{s, text, tool};
 use serde_json::Value;
 
 const MIB: u64 = 1 << 20;
@@ -59,25 +62,6 @@ impl Env {
         self.ok(&["restore", snapshot, "--disk", disk, "--target", s(&out)]);
         out.join(format!("{disk}.raw"))
     }
-}
-
-fn text(out: &Output) -> String {
-    format!(
-        "{:?}\nstdout: {}\nstderr: {}",
-        out.status,
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    )
-}
-
-fn s(path: &Path) -> &str {
-    path.to_str().unwrap()
-}
-
-fn tool(program: &str, args: &[&str]) -> String {
-    let out = Command::new(program).args(args).output().unwrap();
-    assert!(out.status.success(), "{program} {args:?}: {}", text(&out));
-    String::from_utf8(out.stdout).unwrap()
 }
 
 /// Writes `len` bytes of `pattern` at `offset` into the qcow2, as a guest would.

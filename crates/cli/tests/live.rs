@@ -7,9 +7,12 @@
 // Test helpers panic on unexpected failures; that is how a test fails.
 #![allow(clippy::unwrap_used)]
 
-use std::path::{Path, PathBuf};
-use std::process::{Command, Output, Stdio};
+mod common;
 
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+
+use common::{noise, s, text, tool, walk};
 use serde_json::{json, Value};
 use vbackup_qemu::testing::StorageDaemon;
 
@@ -163,24 +166,6 @@ impl Env {
     }
 }
 
-fn text(out: &Output) -> String {
-    format!(
-        "{:?}\nstdout: {}\nstderr: {}",
-        out.status,
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    )
-}
-
-fn s(path: &Path) -> &str {
-    path.to_str().unwrap()
-}
-
-fn tool(program: &str, args: &[&str]) {
-    let out = Command::new(program).args(args).output().unwrap();
-    assert!(out.status.success(), "{program} {args:?}: {}", text(&out));
-}
-
 #[test]
 fn a_running_vm_backs_up_full_incremental_and_differential_at_one_instant() {
     let env = Env::new(&[("disk0", 32 * MIB), ("disk1", 16 * MIB)]);
@@ -325,15 +310,7 @@ fn a_cleanly_restarted_daemon_keeps_the_persistent_bitmaps() {
 #[test]
 fn an_interrupted_live_backup_leaves_nothing_behind_and_keeps_tracking_valid() {
     let env = Env::new(&[("disk0", 384 * MIB)]);
-    let mut state = 0x2545_f491_u64;
-    let noise: Vec<u8> = (0..256 << 20)
-        .map(|_| {
-            state ^= state << 13;
-            state ^= state >> 7;
-            state ^= state << 17;
-            state as u8
-        })
-        .collect();
+    let noise = noise(256 << 20, 0x2545_f491);
     {
         let mut guest = env.daemon.guest("disk0").unwrap();
         guest.write_at(&noise, 0).unwrap();
@@ -346,7 +323,7 @@ fn an_interrupted_live_backup_leaves_nothing_behind_and_keeps_tracking_valid() {
         guest.write_at(&changed, 0).unwrap();
         guest.flush().unwrap();
     }
-    let chunks = || count_files(&env.path("repo").join("chunks"));
+    let chunks = || walk(&env.path("repo").join("chunks")).len();
     let before = chunks();
     let args = env.backup_args("incremental");
     let mut args: Vec<&str> = args.iter().map(String::as_str).collect();
@@ -381,41 +358,17 @@ fn an_interrupted_live_backup_leaves_nothing_behind_and_keeps_tracking_valid() {
     assert!(env.restore(next["snapshot"].as_str().unwrap()) == now);
 }
 
-fn count_files(dir: &Path) -> usize {
-    let Ok(entries) = std::fs::read_dir(dir) else {
-        return 0;
-    };
-    entries
-        .flatten()
-        .map(|e| {
-            if e.path().is_dir() {
-                count_files(&e.path())
-            } else {
-                1
-            }
-        })
-        .sum()
-}
-
 #[test]
 fn writes_during_a_live_backup_are_not_in_it_but_in_the_next_incremental() {
     let env = Env::new(&[("disk0", 320 * MIB)]);
-    let mut state = 0x9e37_79b9_u64;
-    let noise: Vec<u8> = (0..256 << 20)
-        .map(|_| {
-            state ^= state << 13;
-            state ^= state >> 7;
-            state ^= state << 17;
-            state as u8
-        })
-        .collect();
+    let noise = noise(256 << 20, 0x2545_f491);
     {
         let mut guest = env.daemon.guest("disk0").unwrap();
         guest.write_at(&noise, 0).unwrap();
         guest.flush().unwrap();
     }
     let at_instant = env.capture();
-    let chunks = || count_files(&env.path("repo").join("chunks"));
+    let chunks = || walk(&env.path("repo").join("chunks")).len();
     let args = env.backup_args("full");
     let mut args: Vec<&str> = args.iter().map(String::as_str).collect();
     args.insert(1, "--threads");

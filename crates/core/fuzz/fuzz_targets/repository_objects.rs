@@ -1,18 +1,27 @@
 //! Feeds arbitrary bytes to every parser of repository objects: the object
 //! envelope (header, authentication, bounded decompression), disk indexes,
-//! and the plain JSON objects (config, keys, manifests). None may panic or
+//! prune lists, and the JSON objects (config, keys, manifests, locks,
+//! policies, damage markers). None may panic or
 //! allocate without bound, whatever a damaged or hostile repository holds.
 #![no_main]
 
 use libfuzzer_sys::fuzz_target;
 use vbackup_core::crypto::{CipherKind, Crypto, DigestKind, MasterSecret};
-use vbackup_core::format::{self, Config, DiskIndex, KeyFile, ObjectKind};
+use vbackup_core::format::{self, lifecycle, Config, DiskIndex, KeyFile, ObjectKind};
 
 fuzz_target!(|data: &[u8]| {
     let secret = MasterSecret::from_bytes([1u8; 32]);
     for cipher in [CipherKind::None, CipherKind::Aes256Gcm] {
         let crypto = Crypto::new(cipher, DigestKind::Blake3Keyed, Some(&secret));
-        for kind in [ObjectKind::Chunk, ObjectKind::Index, ObjectKind::Snapshot] {
+        for kind in [
+            ObjectKind::Chunk,
+            ObjectKind::Index,
+            ObjectKind::Snapshot,
+            ObjectKind::Lock,
+            ObjectKind::PruneList,
+            ObjectKind::Policy,
+            ObjectKind::DamageMarker,
+        ] {
             let _ = format::open_object(&crypto, kind, "chunks/00/00", data, 1 << 20);
         }
     }
@@ -20,4 +29,8 @@ fuzz_target!(|data: &[u8]| {
     let _ = format::parse_plain_json::<Config>(ObjectKind::Config, "config", data);
     let _ = format::parse_plain_json::<KeyFile>(ObjectKind::Key, "keys/x", data);
     let _ = format::parse_snapshot_manifest("snapshots/x", data);
+    let _ = lifecycle::PruneList::decode("prune/pending-x", data);
+    let _ = serde_json::from_slice::<lifecycle::LockFile>(data);
+    let _ = serde_json::from_slice::<lifecycle::PolicyFile>(data);
+    let _ = serde_json::from_slice::<lifecycle::DamageMarker>(data);
 });

@@ -104,6 +104,16 @@ impl Env {
         guest.flush().unwrap();
     }
 
+    /// Writes `len` incompressible bytes at the start of `node`, as the
+    /// guest, and returns them.
+    fn fill_with_noise(&self, node: &str, len: usize) -> Vec<u8> {
+        let data = noise(len, 0x2545_f491);
+        let mut guest = self.daemon.guest(node).unwrap();
+        guest.write_at(&data, 0).unwrap();
+        guest.flush().unwrap();
+        data
+    }
+
     /// The content of every disk now, read as the guest sees it.
     fn capture(&self) -> Vec<Vec<u8>> {
         self.disks
@@ -310,12 +320,7 @@ fn a_cleanly_restarted_daemon_keeps_the_persistent_bitmaps() {
 #[test]
 fn an_interrupted_live_backup_leaves_nothing_behind_and_keeps_tracking_valid() {
     let env = Env::new(&[("disk0", 384 * MIB)]);
-    let noise = noise(256 << 20, 0x2545_f491);
-    {
-        let mut guest = env.daemon.guest("disk0").unwrap();
-        guest.write_at(&noise, 0).unwrap();
-        guest.flush().unwrap();
-    }
+    let noise = env.fill_with_noise("disk0", 256 << 20);
     env.backup("full");
     let changed: Vec<u8> = noise.iter().map(|b| b ^ 0x5a).collect();
     {
@@ -361,12 +366,7 @@ fn an_interrupted_live_backup_leaves_nothing_behind_and_keeps_tracking_valid() {
 #[test]
 fn writes_during_a_live_backup_are_not_in_it_but_in_the_next_incremental() {
     let env = Env::new(&[("disk0", 320 * MIB)]);
-    let noise = noise(256 << 20, 0x2545_f491);
-    {
-        let mut guest = env.daemon.guest("disk0").unwrap();
-        guest.write_at(&noise, 0).unwrap();
-        guest.flush().unwrap();
-    }
+    env.fill_with_noise("disk0", 256 << 20);
     let at_instant = env.capture();
     let chunks = || walk(&env.path("repo").join("chunks")).len();
     let args = env.backup_args("full");

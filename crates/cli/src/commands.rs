@@ -72,6 +72,16 @@ impl Context {
             .max(1)
     }
 
+    /// Worker threads for work that mostly waits on `repo`'s backend
+    /// (backup, restore, verify): `--threads` when given, else enough to
+    /// keep the backend's preferred number of requests in flight.
+    pub fn io_threads(&self, repo: &Repository) -> usize {
+        match self.global.threads {
+            Some(threads) => threads.max(1),
+            None => self.threads().max(repo.backend().concurrency()),
+        }
+    }
+
     /// The backend named by `--repo` / `VBACKUP_REPOSITORY`.
     pub fn backend(&self) -> Result<Arc<dyn Backend>> {
         let Some(repo) = &self.global.repo else {
@@ -401,7 +411,7 @@ fn backup(ctx: &Context, args: &BackupArgs) -> Result<()> {
         vm: args.vm.clone(),
         tags: args.tags.clone(),
         host: args.host.clone(),
-        threads: ctx.threads(),
+        threads: ctx.io_threads(&repo),
         skip_unchanged: !args.force_read,
     };
     let snapshot = match &args.qmp {
@@ -612,7 +622,7 @@ fn restore_one(
         "restore",
         ctx.global.quiet || ctx.global.json,
         &ctx.signal,
-        |progress| vbackup_core::restore_disk(repo, disk, target.as_ref(), ctx.threads(), progress),
+        |progress| vbackup_core::restore_disk(repo, disk, target.as_ref(), ctx.io_threads(repo), progress),
     );
     drop(target);
     match result {
@@ -650,7 +660,7 @@ fn restore_to_stdout(
     let stdout = std::io::stdout();
     let mut out = std::io::BufWriter::with_capacity(1 << 20, stdout.lock());
     let result = with_progress("restore", true, &ctx.signal, |progress| {
-        vbackup_core::restore_disk_to_writer(repo, disk, &mut out, ctx.threads(), progress)
+        vbackup_core::restore_disk_to_writer(repo, disk, &mut out, ctx.io_threads(repo), progress)
     });
     match result {
         // The reader went away (`| head`): not an error, as for any Unix tool.

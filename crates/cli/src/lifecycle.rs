@@ -34,7 +34,7 @@ fn run_check(
     let repo = ctx.open()?;
     let options = CheckOptions {
         read_data,
-        threads: ctx.threads(),
+        threads: ctx.io_threads(&repo),
         stale_after,
     };
     let started = std::time::Instant::now();

@@ -68,6 +68,24 @@ impl StorageError {
         &self.key
     }
 
+    /// The same error, noting that it persisted through `attempts` tries.
+    pub fn after_attempts(mut self, attempts: u32) -> Self {
+        self.message = format!("{} (gave up after {attempts} attempts)", self.message);
+        self
+    }
+
+    /// The same error, no longer worth retrying (for example a listing that
+    /// failed halfway, whose repeat would report objects twice).
+    pub fn permanent(mut self) -> Self {
+        self.kind = ErrorKind::Other;
+        self
+    }
+
+    /// True when the error may go away when the operation is repeated.
+    pub fn is_transient(&self) -> bool {
+        self.kind == ErrorKind::Transient
+    }
+
     /// True when the object was not found.
     pub fn is_not_found(&self) -> bool {
         self.kind == ErrorKind::NotFound

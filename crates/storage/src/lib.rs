@@ -14,10 +14,12 @@
 mod error;
 mod local;
 mod memory;
+mod retry;
 
 pub use error::{ErrorKind, StorageError};
 pub use local::LocalBackend;
 pub use memory::MemoryBackend;
+pub use retry::{RetryBackend, RetryPolicy};
 
 use std::time::SystemTime;
 
@@ -100,6 +102,24 @@ pub trait Backend: Send + Sync {
                 self.location()
             ),
         ))
+    }
+
+    /// Of `keys`, the ones the backend may not hold, so that a writer can
+    /// skip sending objects that are already there (the backup server's
+    /// chunk-presence query: an incremental sends only new chunks, even
+    /// when another client stored some of them a moment ago). A backend
+    /// that cannot answer more cheaply than storing the object again
+    /// returns every key, which is the default.
+    fn missing(&self, keys: &[String]) -> Result<Vec<String>> {
+        Ok(keys.to_vec())
+    }
+
+    /// How many requests the backend serves well at once; callers run at
+    /// least this many workers against it. Remote stores want many
+    /// requests in flight to hide latency; 0 (the default) means no
+    /// preference beyond the machine's cores.
+    fn concurrency(&self) -> usize {
+        0
     }
 
     /// Things in the storage that are not objects, such as temporary files

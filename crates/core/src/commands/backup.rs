@@ -92,6 +92,8 @@ struct Job<'a> {
     next: AtomicU64,
     stop: AtomicBool,
     known: Mutex<HashSet<ChunkId>>,
+    /// Chunks named by prune lists at the start: never taken as present.
+    pending: &'a [ChunkId],
     indexes: Vec<Mutex<Vec<Option<ChunkId>>>>,
     /// Per disk: the snapshot whose index was reused, if the disk is skipped.
     unchanged_since: Vec<Option<String>>,
@@ -219,7 +221,7 @@ impl<'a> Job<'a> {
         repo: &'a Repository,
         disks: &'a [BackupDisk],
         previous: Option<&Snapshot>,
-        guard: &BackupGuard,
+        guard: &'a BackupGuard,
         progress: &'a Progress,
     ) -> Result<Self> {
         let chunk_size = repo.config().chunk_size;
@@ -264,6 +266,7 @@ impl<'a> Job<'a> {
             next: AtomicU64::new(0),
             stop: AtomicBool::new(false),
             known: Mutex::new(known),
+            pending: guard.pending(),
             indexes,
             unchanged_since,
             counters,
@@ -400,7 +403,7 @@ impl<'a> Job<'a> {
             .lock()
             .unwrap_or_else(|poisoned| poisoned.into_inner())
             .insert(id);
-        if !is_new {
+        if !is_new || self.stored_meanwhile(&id)? {
             self.counters.chunks_reused.fetch_add(1, Ordering::Relaxed);
             return Ok(id);
         }
@@ -415,6 +418,20 @@ impl<'a> Job<'a> {
             .fetch_add(encoded.len() as u64, Ordering::Relaxed);
         self.progress.add_stored(encoded.len() as u64);
         Ok(id)
+    }
+
+    /// Whether the backend says it holds a chunk that was not listed at the
+    /// start (another client stored it since): the chunk-presence query
+    /// that keeps a remote backup from sending it again. Backends that
+    /// cannot tell cheaply answer "missing" without a request. Chunks that
+    /// a prune may be deleting are always sent (see `backup_guard`); one
+    /// that a prune starts deleting later is caught before the snapshot.
+    fn stored_meanwhile(&self, id: &ChunkId) -> Result<bool> {
+        if self.pending.binary_search(id).is_ok() {
+            return Ok(false);
+        }
+        let key = [Repository::chunk_key(id)];
+        Ok(self.repo.backend().missing(&key)?.is_empty())
     }
 
     /// A copy of every disk's chunk list so far.

@@ -60,6 +60,12 @@ impl BackupGuard {
         Ok(known)
     }
 
+    /// Chunk ids named by the prune lists loaded at the start, sorted: a
+    /// backup must not rely on stored copies of these.
+    pub(crate) fn pending(&self) -> &[ChunkId] {
+        &self.pending
+    }
+
     /// Checks the lease and the chunks that running sweeps are deleting.
     /// `disks` are the snapshot's chunk lists; `store_again(disk, chunk)`
     /// reads that chunk from the source again, stores it and returns its id.

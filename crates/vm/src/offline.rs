@@ -46,6 +46,8 @@ pub struct OfflineBackup {
 struct Inspected {
     image: Image,
     format: String,
+    /// What `qemu-img info` said, reused to open the disk.
+    info: vbackup_qemu::ImageInfo,
     observation: DiskObservation,
 }
 
@@ -106,6 +108,7 @@ fn inspect(image: &Image) -> Result<Inspected> {
     Ok(Inspected {
         image: image.clone(),
         format,
+        info,
         observation,
     })
 }
@@ -126,7 +129,7 @@ fn open_disks(
                 lazy: true,
                 bitmap: plan.read_bitmap().map(str::to_owned),
             };
-            let source = vbackup_qemu::open_disk_with(&item.image.path, &options)
+            let source = vbackup_qemu::open_disk_inspected(&item.image.path, &options, item.info.clone())
                 .map_err(Error::qemu(format!("opening disk '{}'", item.image.name)))?;
             Ok(BackupDisk {
                 name: item.image.name.clone(),

@@ -80,23 +80,38 @@ pub fn open_disk(path: &Path, format: Option<&str>) -> Result<Box<dyn DiskSource
 
 /// [`open_disk`] with all options.
 pub fn open_disk_with(path: &Path, opts: &OpenDiskOptions) -> Result<Box<dyn DiskSource>> {
+    let info = match opts.format.as_deref() {
+        Some("raw") => None,
+        _ => Some(img::image_info(path)?),
+    };
+    open_inspected(path, opts, info)
+}
+
+/// [`open_disk_with`] for an image the caller just inspected with
+/// [`img::image_info`], saving a second `qemu-img info` run.
+pub fn open_disk_inspected(
+    path: &Path,
+    opts: &OpenDiskOptions,
+    info: img::ImageInfo,
+) -> Result<Box<dyn DiskSource>> {
+    open_inspected(path, opts, Some(info))
+}
+
+fn open_inspected(
+    path: &Path,
+    opts: &OpenDiskOptions,
+    info: Option<img::ImageInfo>,
+) -> Result<Box<dyn DiskSource>> {
     // Taken before anything is read, so a change during the backup shows
     // up as a different fingerprint next time.
     let identity = file_identity(path);
-    let (format, info) = match &opts.format {
-        Some(f) => {
+    let format = match (&opts.format, &info) {
+        (Some(f), _) => {
             img::check_format(f).map_err(|e| e.for_image(path))?;
-            let info = if f == "raw" {
-                None
-            } else {
-                Some(img::image_info(path)?)
-            };
-            (f.clone(), info)
+            f.clone()
         }
-        None => {
-            let info = img::image_info(path)?;
-            (info.format.clone(), Some(info))
-        }
+        (None, Some(info)) => info.format.clone(),
+        (None, None) => "raw".to_string(),
     };
     if let Some(bitmap) = &opts.bitmap {
         check_bitmap(path, info.as_ref(), bitmap)?;

@@ -622,7 +622,9 @@ fn restore_one(
         "restore",
         ctx.global.quiet || ctx.global.json,
         &ctx.signal,
-        |progress| vbackup_core::restore_disk(repo, disk, target.as_ref(), ctx.io_threads(repo), progress),
+        |progress| {
+            vbackup_core::restore_disk(repo, disk, target.as_ref(), ctx.io_threads(repo), progress)
+        },
     );
     drop(target);
     match result {

@@ -27,6 +27,26 @@ struct Env {
 impl Env {
     /// A repository and a daemon serving fresh qcow2 disks of the given sizes.
     fn new(disks: &[(&str, u64)]) -> Self {
+        Self::with(disks, StorageDaemon::start)
+    }
+
+    /// A repository and a real QEMU virtual machine (qemu-system-x86_64)
+    /// whose virtio-blk disks are fresh qcow2 images of the given sizes.
+    fn new_vm(disks: &[(&str, u64)]) -> Self {
+        Self::with(disks, |specs, guest| {
+            StorageDaemon::start_vm(specs, guest).map_err(|e| {
+                panic!(
+                    "cannot start {} ({e}); run `eval \"$(scripts/qemu-system.sh)\"` first or use ./scripts/test.sh",
+                    StorageDaemon::qemu_system().display()
+                )
+            })
+        })
+    }
+
+    fn with(
+        disks: &[(&str, u64)],
+        start: impl FnOnce(&[(&str, &Path)], bool) -> vbackup_qemu::Result<StorageDaemon>,
+    ) -> Self {
         let dir = tempfile::tempdir().unwrap();
         let mut specs = Vec::new();
         for (node, size) in disks {
@@ -41,7 +61,7 @@ impl Env {
             .iter()
             .map(|(n, p)| (n.as_str(), p.as_path()))
             .collect();
-        let daemon = StorageDaemon::start(&refs, true).unwrap();
+        let daemon = start(&refs, true).unwrap();
         let env = Self {
             dir,
             daemon,
@@ -178,7 +198,34 @@ impl Env {
 
 #[test]
 fn a_running_vm_backs_up_full_incremental_and_differential_at_one_instant() {
-    let env = Env::new(&[("disk0", 32 * MIB), ("disk1", 16 * MIB)]);
+    full_incremental_differential(&Env::new(&[("disk0", 32 * MIB), ("disk1", 16 * MIB)]));
+}
+
+#[test]
+fn a_real_qemu_vm_backs_up_full_incremental_and_differential_at_one_instant() {
+    let env = Env::new_vm(&[("disk0", 32 * MIB), ("disk1", 16 * MIB)]);
+    let last = full_incremental_differential(&env);
+    // The definition restored beside the disks is what the VM's QMP said.
+    let out = env.path("definition");
+    env.vbackup(&[
+        "restore",
+        last["snapshot"].as_str().unwrap(),
+        "--target",
+        s(&out),
+    ]);
+    let definition: Value =
+        serde_json::from_slice(&std::fs::read(out.join("vm-definition.json")).unwrap()).unwrap();
+    let machine = definition["qmp"]["machine-type"].as_str().unwrap_or("");
+    assert!(machine.contains("q35"), "machine type {machine:?}");
+    let devices = definition["qmp"]["block-devices"].to_string();
+    assert!(devices.contains("dev-disk0"), "devices {devices}");
+}
+
+/// Full, incremental, incremental and differential snapshots of `env`'s
+/// two disks with guest writes in between, each restored and compared
+/// with the disks at its instant.
+/// Returns the last (differential) snapshot's record.
+fn full_incremental_differential(env: &Env) -> Value {
     env.write("disk0", 0, 8 << 20, 0x11);
     env.write("disk1", 4 * MIB, 2 << 20, 0x12);
     let full = env.backup("auto");
@@ -223,12 +270,16 @@ fn a_running_vm_backs_up_full_incremental_and_differential_at_one_instant() {
             snapshot["snapshot"]
         );
     }
+    diff
 }
 
 /// A full, a guest write, `breakage`, then an incremental that must read
 /// everything, say why, restore correctly and leave valid tracking.
 fn live_fallback(breakage: impl FnOnce(&mut Env), reason: &str) {
-    let mut env = Env::new(&[("disk0", 16 * MIB)]);
+    live_fallback_in(Env::new(&[("disk0", 16 * MIB)]), breakage, reason);
+}
+
+fn live_fallback_in(mut env: Env, breakage: impl FnOnce(&mut Env), reason: &str) {
     env.write("disk0", 0, 4 << 20, 0x51);
     env.backup("full");
     env.write("disk0", 8 * MIB, 4096, 0x52);
@@ -305,8 +356,31 @@ fn a_daemon_killed_and_restarted_makes_the_next_backup_full() {
 }
 
 #[test]
+fn a_real_qemu_vm_killed_and_restarted_makes_the_next_backup_full() {
+    live_fallback_in(
+        Env::new_vm(&[("disk0", 16 * MIB)]),
+        |env| {
+            env.daemon.kill();
+            env.daemon.restart().unwrap();
+        },
+        "bitmap",
+    );
+}
+
+#[test]
 fn a_cleanly_restarted_daemon_keeps_the_persistent_bitmaps() {
-    let mut env = Env::new(&[("disk0", 16 * MIB)]);
+    restart_keeps_bitmaps(Env::new(&[("disk0", 16 * MIB)]));
+}
+
+/// Where Proxmox loses its dirty bitmaps: a VM shut down and started again
+/// keeps vbackup's (persistent, stored in the qcow2 at shutdown), so the
+/// next backup is still incremental.
+#[test]
+fn a_real_qemu_vm_restarted_keeps_the_persistent_bitmaps() {
+    restart_keeps_bitmaps(Env::new_vm(&[("disk0", 16 * MIB)]));
+}
+
+fn restart_keeps_bitmaps(mut env: Env) {
     env.write("disk0", 0, 1 << 20, 0x61);
     env.backup("full");
     env.daemon.restart().unwrap();
@@ -365,7 +439,15 @@ fn an_interrupted_live_backup_leaves_nothing_behind_and_keeps_tracking_valid() {
 
 #[test]
 fn writes_during_a_live_backup_are_not_in_it_but_in_the_next_incremental() {
-    let env = Env::new(&[("disk0", 320 * MIB)]);
+    writes_during_a_backup(Env::new(&[("disk0", 320 * MIB)]));
+}
+
+#[test]
+fn a_real_qemu_vm_written_during_its_backup_keeps_the_writes_for_the_next() {
+    writes_during_a_backup(Env::new_vm(&[("disk0", 320 * MIB)]));
+}
+
+fn writes_during_a_backup(env: Env) {
     env.fill_with_noise("disk0", 256 << 20);
     let at_instant = env.capture();
     let chunks = || walk(&env.path("repo").join("chunks")).len();

@@ -380,9 +380,21 @@ mod tests {
         let salt = b"vbackup-kdf-salt-0123456789abcdef";
         let pass = b"correct horse battery staple";
         for (memory_kib, parallelism, expected) in [
-            (1024, 1, "bf2c9dd8bee0916655cd386e19caca953cae5414b78d243513ec93df88d241cc"),
-            (1024, 4, "f27a95062fcdc6cad8086ad2494bd8fc5456d15f2f27696f2c2d2f7013d59c30"),
-            (65536, 1, "398895b8a912cc4abd1256904f7692035e5075d8ddd5c5a4d28dfd3b3ab34c8c"),
+            (
+                1024,
+                1,
+                "bf2c9dd8bee0916655cd386e19caca953cae5414b78d243513ec93df88d241cc",
+            ),
+            (
+                1024,
+                4,
+                "f27a95062fcdc6cad8086ad2494bd8fc5456d15f2f27696f2c2d2f7013d59c30",
+            ),
+            (
+                65536,
+                1,
+                "398895b8a912cc4abd1256904f7692035e5075d8ddd5c5a4d28dfd3b3ab34c8c",
+            ),
         ] {
             let params = kdf::KdfParams {
                 memory_kib,

@@ -1,10 +1,21 @@
-//! Test harness: a real `qemu-storage-daemon` standing in for a running VM.
-//! Used by this crate's and the CLI's integration tests; not a stable API.
+//! Test harness: a real `qemu-storage-daemon`, or a real QEMU virtual
+//! machine, serving qcow2 disks. Used by this crate's and the CLI's
+//! integration tests; not a stable API.
 //!
 //! Why qemu-storage-daemon: it runs QEMU's block layer — dirty bitmaps,
 //! block jobs, transactions, NBD exports, QMP — without a guest or a
 //! hypervisor, so live backups can be tested on any machine. A "guest"
 //! writes through a writable NBD export of each disk.
+//!
+//! [`StorageDaemon::start_vm`] runs `qemu-system-x86_64` instead (software
+//! emulation, a q35 machine whose disks are virtio-blk devices), so the
+//! same tests also meet what a real VM's QMP reports: attached devices,
+//! their qdev paths, a machine type. Its firmware finds nothing to boot
+//! and idles; the "guest" writes through NBD exports that QMP adds after
+//! start (the devices share their write permission for that). The binary
+//! is `VBACKUP_QEMU_SYSTEM` or `qemu-system-x86_64` on PATH, its firmware
+//! folders `VBACKUP_QEMU_FIRMWARE` (colon-separated); see
+//! `scripts/qemu-system.sh`.
 
 use std::fs::{self, File};
 use std::path::{Path, PathBuf};
@@ -27,21 +38,50 @@ const PROCESS_TIMEOUT: Duration = Duration::from_secs(10);
 /// stored) when dropped.
 #[derive(Debug)]
 pub struct StorageDaemon {
+    kind: Kind,
     child: Option<Child>,
     disks: Vec<(String, PathBuf)>,
     guest_nbd: bool,
     dir: tempfile::TempDir,
 }
 
+/// Which QEMU program serves the disks.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Kind {
+    /// `qemu-storage-daemon`.
+    Daemon,
+    /// `qemu-system-x86_64` running a virtual machine.
+    Vm,
+}
+
 impl StorageDaemon {
     /// Starts the daemon on `disks` (node name, qcow2 image) and waits
     /// until QMP answers.
     pub fn start(disks: &[(&str, &Path)], guest_nbd: bool) -> Result<Self> {
+        Self::start_kind(Kind::Daemon, disks, guest_nbd)
+    }
+
+    /// Starts a QEMU virtual machine with `disks` (node name, qcow2 image)
+    /// as virtio-blk devices, and waits until QMP answers (and, with
+    /// `guest_nbd`, until the guest exports are up).
+    pub fn start_vm(disks: &[(&str, &Path)], guest_nbd: bool) -> Result<Self> {
+        Self::start_kind(Kind::Vm, disks, guest_nbd)
+    }
+
+    /// The QEMU binary a VM runs with: `VBACKUP_QEMU_SYSTEM`, else
+    /// `qemu-system-x86_64` from PATH.
+    pub fn qemu_system() -> PathBuf {
+        std::env::var_os("VBACKUP_QEMU_SYSTEM")
+            .map_or_else(|| PathBuf::from("qemu-system-x86_64"), PathBuf::from)
+    }
+
+    fn start_kind(kind: Kind, disks: &[(&str, &Path)], guest_nbd: bool) -> Result<Self> {
         let dir = tempfile::Builder::new()
             .prefix("vbackup-qsd-")
             .tempdir()
             .map_err(|e| Error::io("creating a folder for qemu-storage-daemon", e))?;
         let mut daemon = StorageDaemon {
+            kind,
             child: None,
             disks: disks
                 .iter()
@@ -144,14 +184,87 @@ impl StorageDaemon {
             .stderr(stderr)
             .spawn()
             .map_err(|error| Error::Spawn {
-                program: "qemu-storage-daemon".into(),
+                program: self.program().display().to_string(),
                 error,
             })?;
         self.child = Some(child);
-        self.wait_ready()
+        self.wait_ready()?;
+        if self.kind == Kind::Vm {
+            self.add_guest_exports()?;
+        }
+        Ok(())
+    }
+
+    fn program(&self) -> PathBuf {
+        match self.kind {
+            Kind::Daemon => PathBuf::from("qemu-storage-daemon"),
+            Kind::Vm => Self::qemu_system(),
+        }
     }
 
     fn command(&self) -> Command {
+        match self.kind {
+            Kind::Daemon => self.daemon_command(),
+            Kind::Vm => self.vm_command(),
+        }
+    }
+
+    /// A q35 machine under software emulation, no default devices, no
+    /// display, each disk a virtio-blk device sharing its write permission
+    /// (so the guest NBD exports can write too), QMP on a unix socket.
+    fn vm_command(&self) -> Command {
+        let mut cmd = Command::new(self.program());
+        if let Some(dirs) = std::env::var_os("VBACKUP_QEMU_FIRMWARE") {
+            for dir in std::env::split_paths(&dirs) {
+                cmd.arg("-L").arg(dir);
+            }
+        }
+        let qmp = opt_path(&self.qmp_socket());
+        cmd.args(["-machine", "q35,accel=tcg", "-m", "64", "-nodefaults"])
+            .args(["-display", "none", "-serial", "none"])
+            .args([
+                "-chardev",
+                &format!("socket,path={qmp},server=on,wait=off,id=qmp0"),
+            ])
+            .args(["-mon", "chardev=qmp0,mode=control"]);
+        for (node, path) in &self.disks {
+            let file = format!(
+                "driver=file,filename={},node-name={node}-file",
+                opt_path(path)
+            );
+            cmd.args(["-blockdev", &file])
+                .args([
+                    "-blockdev",
+                    &format!("driver=qcow2,file={node}-file,node-name={node}"),
+                ])
+                .args([
+                    "-device",
+                    &format!("virtio-blk-pci,drive={node},id=dev-{node},share-rw=on"),
+                ]);
+        }
+        cmd
+    }
+
+    /// For a VM: starts the NBD server and a writable export per disk
+    /// through QMP (qemu-system has no command-line options for them).
+    fn add_guest_exports(&self) -> Result<()> {
+        let Some(guest) = self.guest_socket() else {
+            return Ok(());
+        };
+        let _ = fs::remove_file(&guest);
+        let mut qmp = self.qmp()?;
+        qmp.nbd_server_start_unix(&guest)?;
+        for (node, _) in &self.disks {
+            qmp.execute(
+                "block-export-add",
+                serde_json::json!({"type": "nbd", "id": format!("guest-{node}"),
+                    "node-name": node, "name": node, "writable": true}),
+            )?;
+        }
+        Ok(())
+    }
+
+    fn daemon_command(&self) -> Command {
         let mut cmd = Command::new("qemu-storage-daemon");
         let qmp = opt_path(&self.qmp_socket());
         cmd.args([
@@ -195,8 +308,8 @@ impl StorageDaemon {
                 }
             }
             let guest_ready = match self.guest_socket() {
-                Some(socket) => socket.exists(),
-                None => true,
+                Some(socket) if self.kind == Kind::Daemon => socket.exists(),
+                _ => true,
             };
             if self.qmp_socket().exists() && guest_ready {
                 return Ok(());
@@ -212,7 +325,8 @@ impl StorageDaemon {
     fn failed(&self, what: &str) -> Error {
         let log = fs::read(self.dir.path().join("qsd.log")).unwrap_or_default();
         Error::InvalidRequest(format!(
-            "qemu-storage-daemon {what}: {}",
+            "{} {what}: {}",
+            self.program().display(),
             process::stderr_text(&log)
         ))
     }

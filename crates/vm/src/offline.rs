@@ -129,8 +129,9 @@ fn open_disks(
                 lazy: true,
                 bitmap: plan.read_bitmap().map(str::to_owned),
             };
-            let source = vbackup_qemu::open_disk_inspected(&item.image.path, &options, item.info.clone())
-                .map_err(Error::qemu(format!("opening disk '{}'", item.image.name)))?;
+            let source =
+                vbackup_qemu::open_disk_inspected(&item.image.path, &options, item.info.clone())
+                    .map_err(Error::qemu(format!("opening disk '{}'", item.image.name)))?;
             Ok(BackupDisk {
                 name: item.image.name.clone(),
                 source_label: item.image.path.display().to_string(),

@@ -230,8 +230,10 @@ impl From<BackupTypeArg> for vbackup_vm::Requested {
 pub struct RestoreArgs {
     /// Snapshot: `latest`, an id, or a unique id prefix.
     pub snapshot: String,
-    /// Folder to write the disks into, or `-` to stream one disk to stdout.
-    #[arg(long, short = 't', value_name = "DIR|-")]
+    /// Folder to write the disks into, `-` to stream one disk to stdout,
+    /// or a block device (an LVM volume, say) to write one disk onto; the
+    /// device's old content is overwritten, holes included.
+    #[arg(long, short = 't', value_name = "DIR|-|DEVICE")]
     pub target: String,
     /// Only snapshots of this VM (with `latest`).
     #[arg(long)]

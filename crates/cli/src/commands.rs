@@ -528,6 +528,9 @@ fn restore(ctx: &Context, args: &RestoreArgs) -> Result<()> {
     if args.target == "-" {
         return restore_to_stdout(ctx, &repo, &snapshot, &disks);
     }
+    if is_block_device(Path::new(&args.target)) {
+        return restore_to_device(ctx, &repo, &snapshot, &disks, args);
+    }
     let dir = PathBuf::from(&args.target);
     std::fs::create_dir_all(&dir)
         .with_context(|| format!("cannot create the target folder {}", dir.display()))?;
@@ -644,6 +647,71 @@ fn restore_one(
             )))
         }
     }
+}
+
+fn is_block_device(path: &Path) -> bool {
+    use std::os::unix::fs::FileTypeExt;
+    std::fs::metadata(path).is_ok_and(|m| m.file_type().is_block_device())
+}
+
+/// Writes one disk onto a block device, raw, zeroing the holes so none of
+/// the device's old content shows through. On failure the device is left
+/// as it is (partly written): it is the user's, never removed.
+fn restore_to_device(
+    ctx: &Context,
+    repo: &Repository,
+    snapshot: &Snapshot,
+    disks: &[&DiskRecord],
+    args: &RestoreArgs,
+) -> Result<()> {
+    let [disk] = disks else {
+        bail!(usage_error(format!(
+            "snapshot {} has {} disks; choose one with --disk to write onto a block device",
+            snapshot.short_id(),
+            disks.len()
+        )));
+    };
+    if args.format != "raw" {
+        bail!(usage_error(
+            "a block device receives the raw disk; drop --format"
+        ));
+    }
+    let path = Path::new(&args.target);
+    let started = std::time::Instant::now();
+    let target = vbackup_qemu::create_target_with(path, "raw", disk.virtual_size, 1)
+        .with_context(|| format!("cannot use {}", path.display()))?;
+    let stats = with_progress(
+        "restore",
+        ctx.global.quiet || ctx.global.json,
+        &ctx.signal,
+        |progress| {
+            vbackup_core::restore_disk(repo, disk, target.as_ref(), ctx.io_threads(repo), progress)
+        },
+    )
+    .with_context(|| {
+        format!(
+            "restore of disk '{}' onto {} failed; the device is partly written",
+            disk.name,
+            path.display()
+        )
+    })?;
+    let restored = [RestoredDisk {
+        disk: disk.name.clone(),
+        path: path.display().to_string(),
+        format: "raw".to_string(),
+        stats,
+        seconds: started.elapsed().as_secs_f64(),
+    }];
+    if !ctx.json(&restored)? {
+        ctx.say(format!(
+            "restored disk '{}' of snapshot {} onto {} ({:.1} s)",
+            disk.name,
+            snapshot.short_id(),
+            path.display(),
+            restored[0].seconds
+        ));
+    }
+    Ok(())
 }
 
 fn restore_to_stdout(

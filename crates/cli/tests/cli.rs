@@ -540,3 +540,56 @@ rm {mnt}/filler
         "{retry}"
     );
 }
+
+/// A loop device over `file`, detached when dropped.
+struct LoopDevice(String);
+
+impl LoopDevice {
+    fn attach(file: &Path) -> Self {
+        Self(
+            tool("losetup", &["--find", "--show", s(file)])
+                .trim()
+                .to_string(),
+        )
+    }
+}
+
+impl Drop for LoopDevice {
+    fn drop(&mut self) {
+        let _ = Command::new("losetup").args(["-d", &self.0]).status();
+    }
+}
+
+#[test]
+fn a_restore_onto_a_block_device_leaves_none_of_its_old_content() {
+    let env = Env::new();
+    env.init();
+    // 24 MiB: data in the first and last 4 MiB chunk, holes between.
+    let image = env.path("disk.raw");
+    let mut content = vec![0u8; 24 << 20];
+    content[..4 << 20].copy_from_slice(&noise(4 << 20, 7));
+    content[20 << 20..].copy_from_slice(&noise(4 << 20, 8));
+    std::fs::write(&image, &content).unwrap();
+    let snapshot = env.backup_json(&["--vm", "lv", s(&image)]);
+    let id = snapshot["snapshot"].as_str().unwrap();
+
+    // The "LVM volume" still holds an older VM's data everywhere.
+    let backing = env.path("volume");
+    std::fs::write(&backing, vec![0xa5u8; 32 << 20]).unwrap();
+    let device = LoopDevice::attach(&backing);
+    env.fails(
+        &["restore", id, "--target", &device.0, "--format", "qcow2"],
+        2,
+    );
+    env.ok(&["restore", id, "--target", &device.0]);
+
+    let written = std::fs::read(&backing).unwrap();
+    assert!(
+        written[..24 << 20] == content[..],
+        "the device holds the disk, holes as zeros"
+    );
+    assert!(
+        written[24 << 20..].iter().all(|b| *b == 0xa5),
+        "nothing is written past the disk's end"
+    );
+}

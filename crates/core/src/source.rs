@@ -82,6 +82,12 @@ pub trait DiskTarget: Send + Sync {
     /// Makes everything written durable and releases the target
     /// (for example stops the `qemu-nbd` process behind it).
     fn finish(&self) -> io::Result<()>;
+    /// Whether the target may hold old data where the snapshot has holes
+    /// (a block device, unlike a freshly created image), so a restore must
+    /// write zeros there instead of skipping them.
+    fn holes_need_zeroing(&self) -> bool {
+        false
+    }
 }
 
 /// A writer of one [`DiskTarget`], owned by one worker thread.
@@ -90,4 +96,28 @@ pub trait DiskWriter: Send {
     fn write_all_at(&mut self, buf: &[u8], offset: u64) -> io::Result<()>;
     /// Makes this writer's data durable.
     fn flush(&mut self) -> io::Result<()>;
+    /// Makes `length` bytes at `offset` read as zeros. The default writes
+    /// zeros; targets with a cheaper way (a device's write-zeroes
+    /// command) override it.
+    fn write_zeroes(&mut self, offset: u64, length: u64) -> io::Result<()> {
+        write_zero_bytes(self, offset, length)
+    }
+}
+
+/// Writes `length` zero bytes at `offset` through `writer`, a MiB at a
+/// time: the fallback of [`DiskWriter::write_zeroes`].
+pub fn write_zero_bytes<W: DiskWriter + ?Sized>(
+    writer: &mut W,
+    offset: u64,
+    length: u64,
+) -> io::Result<()> {
+    const PIECE: u64 = 1 << 20;
+    let zeros = vec![0u8; PIECE.min(length) as usize];
+    let mut done = 0;
+    while done < length {
+        let n = PIECE.min(length - done);
+        writer.write_all_at(&zeros[..n as usize], offset + done)?;
+        done += n;
+    }
+    Ok(())
 }

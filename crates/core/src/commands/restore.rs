@@ -16,7 +16,8 @@ use crate::{ChunkId, Error, Progress, Repository, Result};
 pub struct RestoreStats {
     /// Virtual size of the disk.
     pub virtual_size: u64,
-    /// Bytes of data written (holes are skipped).
+    /// Bytes of data written (holes are skipped, or zeroed on targets that
+    /// may hold old data).
     pub bytes_written: u64,
     /// Chunks fetched from the repository.
     pub chunks_read: u64,
@@ -59,7 +60,8 @@ fn fetch(repo: &Repository, index: &DiskIndex, i: u64, id: &ChunkId) -> Result<V
 }
 
 /// Restores one disk into `target` with `threads` workers. Holes are not
-/// written, so a fresh sparse target stays sparse. Stops at the first
+/// written, so a fresh sparse target stays sparse; on a target that may
+/// hold old data (a block device) they are zeroed. Stops at the first
 /// damaged chunk: nothing wrong is ever written.
 pub fn restore_disk(
     repo: &Repository,
@@ -78,6 +80,7 @@ pub fn restore_disk(
         disk: disk.name.clone(),
         source,
     };
+    let zero_holes = target.holes_need_zeroing();
     let worker = || -> Result<()> {
         let mut writer = target.open_writer().map_err(target_error)?;
         loop {
@@ -94,6 +97,10 @@ pub fn restore_disk(
                 writer.write_all_at(&data, offset).map_err(target_error)?;
                 written.fetch_add(length as u64, Ordering::Relaxed);
                 chunks_read.fetch_add(1, Ordering::Relaxed);
+            } else if zero_holes {
+                writer
+                    .write_zeroes(offset, length as u64)
+                    .map_err(target_error)?;
             }
             progress.add_done(length as u64);
         }

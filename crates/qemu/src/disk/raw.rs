@@ -139,20 +139,25 @@ fn seek(file: &File, offset: u64, whence: libc::c_int) -> io::Result<Option<u64>
 #[derive(Debug)]
 pub struct RawFileTarget {
     path: PathBuf,
+    /// A block device: it may hold old data, so holes are zeroed.
+    is_device: bool,
 }
 
 impl RawFileTarget {
     /// Creates (or truncates) `path` as a sparse file of `size` bytes. A
     /// block device is used as it is, if it is large enough.
     pub fn create(path: &Path, size: u64) -> Result<Self> {
-        prepare(path, size).map_err(|e| e.for_image(path))?;
+        let is_device = prepare(path, size).map_err(|e| e.for_image(path))?;
         Ok(RawFileTarget {
             path: path.to_owned(),
+            is_device,
         })
     }
 }
 
-fn prepare(path: &Path, size: u64) -> Result<()> {
+/// Creates the file, or checks the block device's size; returns whether
+/// `path` is a block device.
+fn prepare(path: &Path, size: u64) -> Result<bool> {
     let is_device = path
         .metadata()
         .is_ok_and(|m| m.file_type().is_block_device());
@@ -169,7 +174,7 @@ fn prepare(path: &Path, size: u64) -> Result<()> {
                 "block device holds {have} bytes, {size} needed"
             )));
         }
-        return Ok(());
+        return Ok(true);
     }
     let file = OpenOptions::new()
         .write(true)
@@ -178,7 +183,8 @@ fn prepare(path: &Path, size: u64) -> Result<()> {
         .open(path)
         .map_err(|e| Error::io("creating", e))?;
     file.set_len(size)
-        .map_err(|e| Error::io("setting the size", e))
+        .map_err(|e| Error::io("setting the size", e))?;
+    Ok(false)
 }
 
 impl DiskTarget for RawFileTarget {
@@ -187,7 +193,14 @@ impl DiskTarget for RawFileTarget {
             .write(true)
             .open(&self.path)
             .map_err(|e| Error::io("opening", e).for_image(&self.path))?;
-        Ok(Box::new(RawWriter { file }))
+        Ok(Box::new(RawWriter {
+            file,
+            is_device: self.is_device,
+        }))
+    }
+
+    fn holes_need_zeroing(&self) -> bool {
+        self.is_device
     }
 
     /// Syncs the file and its directory entry.
@@ -204,6 +217,7 @@ impl DiskTarget for RawFileTarget {
 /// One open file writing a [`RawFileTarget`].
 struct RawWriter {
     file: File,
+    is_device: bool,
 }
 
 impl DiskWriter for RawWriter {
@@ -215,6 +229,33 @@ impl DiskWriter for RawWriter {
 
     fn flush(&mut self) -> io::Result<()> {
         self.file.sync_data()
+    }
+
+    /// On a block device, the kernel's write-zeroes (`BLKZEROOUT`: offloaded
+    /// or unmapped where the device can, written otherwise); elsewhere, or
+    /// if the device refuses, zeros written.
+    fn write_zeroes(&mut self, offset: u64, length: u64) -> io::Result<()> {
+        if self.is_device && zero_out(&self.file, offset, length).is_ok() {
+            return Ok(());
+        }
+        vbackup_core::source::write_zero_bytes(self, offset, length)
+    }
+}
+
+/// `ioctl(BLKZEROOUT)` on `length` bytes at `offset` of a block device.
+#[allow(unsafe_code)]
+fn zero_out(file: &File, offset: u64, length: u64) -> io::Result<()> {
+    /// `_IO(0x12, 127)` from linux/fs.h.
+    const BLKZEROOUT: libc::c_ulong = 0x127f;
+    let range: [u64; 2] = [offset, length];
+    // SAFETY: BLKZEROOUT reads two u64 (start, length) from the pointer,
+    // which points at `range`, alive for the call; the descriptor is
+    // `file`'s, open for the call.
+    let rc = unsafe { libc::ioctl(file.as_raw_fd(), BLKZEROOUT, range.as_ptr()) };
+    if rc == 0 {
+        Ok(())
+    } else {
+        Err(io::Error::last_os_error())
     }
 }
 

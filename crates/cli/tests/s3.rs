@@ -44,6 +44,25 @@ impl Env {
         }
     }
 
+    /// For fake servers: dummy credentials, one retry.
+    fn without_server() -> Self {
+        let vars = [
+            ("AWS_ACCESS_KEY_ID", "GK0000"),
+            ("AWS_SECRET_ACCESS_KEY", "secret"),
+            ("AWS_REGION", garage::REGION),
+            ("VBACKUP_RETRIES", "1"),
+        ];
+        Self {
+            dir: tempfile::tempdir().unwrap(),
+            repo: String::new(),
+            garage: None,
+            extra_env: vars
+                .iter()
+                .map(|(k, v)| (k.to_string(), v.to_string()))
+                .collect(),
+        }
+    }
+
     fn garage(&self) -> &Garage {
         self.garage.as_ref().unwrap()
     }
@@ -200,4 +219,281 @@ fn full_and_incremental_backups_restore_identical_from_garage() {
     assert!(err.contains("cannot move objects atomically"), "{err}");
     let latest = env.restore("latest", "vm");
     assert!(identical(&env.path("at-inc.raw"), &latest));
+}
+
+#[test]
+fn wrong_credentials_missing_bucket_and_no_server_fail_at_once_and_clearly() {
+    let garage = Garage::single();
+    let endpoint = garage.endpoint(0);
+    let mut env = Env::new(garage, "repos/bad");
+    env.ok(&["init"]);
+
+    env.extra_env = vec![("AWS_SECRET_ACCESS_KEY".into(), "0".repeat(64))];
+    let out = env.run(&["snapshots"]);
+    assert_eq!(out.status.code(), Some(1), "{}", text(&out));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("access denied"), "{err}");
+    assert!(err.contains("AWS_SECRET_ACCESS_KEY"), "{err}");
+    env.extra_env.clear();
+
+    env.repo = format!("s3:{endpoint}/no-such-bucket/repos/bad");
+    let err = env.fails(&["init"]);
+    assert!(
+        err.contains("the bucket 'no-such-bucket' does not exist"),
+        "{err}"
+    );
+
+    // A port nobody listens on, one retry: "could not connect", quickly.
+    env.repo = format!("s3:http://127.0.0.1:{}/vbackup-test/x", garage::free_port());
+    env.extra_env = vec![("VBACKUP_RETRIES".into(), "1".into())];
+    let err = env.fails(&["snapshots"]);
+    assert!(err.contains("could not connect"), "{err}");
+    assert!(err.contains("connection refused"), "{err}");
+    assert!(err.contains("gave up after 2 attempts"), "{err}");
+
+    env.repo = "s3:ftp://127.0.0.1/b".into();
+    let out = env.run(&["snapshots"]);
+    assert_eq!(out.status.code(), Some(2), "{}", text(&out));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("http:// or https://"));
+}
+
+/// A TCP proxy to `upstream` that lets `budget` bytes of requests through,
+/// then cuts every connection and refuses new ones (a server or network
+/// dropping out in the middle of an upload).
+fn cutting_proxy(upstream: u16, budget: u64) -> u16 {
+    let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = listener.local_addr().unwrap().port();
+    let sent = Arc::new(AtomicU64::new(0));
+    let cut = Arc::new(AtomicBool::new(false));
+    let open: Arc<Mutex<Vec<TcpStream>>> = Arc::default();
+    std::thread::spawn(move || {
+        for client in listener.incoming() {
+            let Ok(client) = client else { continue };
+            if cut.load(Ordering::SeqCst) {
+                let _ = client.shutdown(Shutdown::Both);
+                continue;
+            }
+            let server = TcpStream::connect(("127.0.0.1", upstream)).unwrap();
+            open.lock().unwrap().push(client.try_clone().unwrap());
+            open.lock().unwrap().push(server.try_clone().unwrap());
+            let (mut c_in, mut s_out) = (client.try_clone().unwrap(), server.try_clone().unwrap());
+            let (sent, cut2, open2) = (sent.clone(), cut.clone(), open.clone());
+            std::thread::spawn(move || {
+                let mut buf = vec![0u8; 64 << 10];
+                while let Ok(n) = c_in.read(&mut buf) {
+                    if n == 0 || s_out.write_all(&buf[..n]).is_err() {
+                        break;
+                    }
+                    if sent.fetch_add(n as u64, Ordering::SeqCst) + n as u64 > budget {
+                        cut2.store(true, Ordering::SeqCst);
+                        for stream in open2.lock().unwrap().drain(..) {
+                            let _ = stream.shutdown(Shutdown::Both);
+                        }
+                        break;
+                    }
+                }
+                let _ = s_out.shutdown(Shutdown::Write);
+            });
+            let (mut s_in, mut c_out) = (server, client);
+            std::thread::spawn(move || {
+                let _ = std::io::copy(&mut s_in, &mut c_out);
+                let _ = c_out.shutdown(Shutdown::Write);
+            });
+        }
+    });
+    port
+}
+
+#[test]
+fn a_connection_cut_mid_upload_fails_cleanly_and_the_retry_reuses_what_was_stored() {
+    let garage = Garage::single();
+    let direct = garage.repo("repos/cut");
+    let mut env = Env::new(garage, "repos/cut");
+    env.ok(&["init"]);
+    let image = noisy_qcow2(env.dir.path(), "vm", 64 * MIB, 48 * MIB, 7);
+
+    let proxy = cutting_proxy(env.garage().s3_port(0), 20 * MIB);
+    env.repo = format!("s3:http://127.0.0.1:{proxy}/vbackup-test/repos/cut");
+    env.extra_env = vec![("VBACKUP_RETRIES".into(), "1".into())];
+    let err = env.fails(&["backup", "--threads", "2", "--vm", "web", s(&image)]);
+    eprintln!("cut mid-upload: {err}");
+    assert!(err.contains("S3 error"), "{err}");
+    assert!(!err.contains("panicked"), "{err}");
+
+    // Through a healthy path: nothing stored was lost, no snapshot was
+    // recorded, and the next backup reuses the chunks already uploaded.
+    env.repo = direct;
+    env.extra_env.clear();
+    let check = env.ok(&["check"]);
+    assert!(check.contains("no damage found"), "{check}");
+    let snapshots: Value = serde_json::from_str(&env.ok(&["--json", "snapshots"])).unwrap();
+    assert_eq!(snapshots.as_array().map(Vec::len), Some(0), "{snapshots}");
+    let retry = env.backup("web", &image, &[]);
+    assert!(stat(&retry, "chunks-reused") >= 2, "{retry}");
+    assert!(stat(&retry, "chunks-new") >= 1, "{retry}");
+    copy_now(&image, &env.path("now.raw"));
+    assert!(identical(
+        &env.path("now.raw"),
+        &env.restore("latest", "vm")
+    ));
+    assert!(env.ok(&["verify"]).contains("no damage found"));
+}
+
+/// How the fake S3 server answers object reads.
+#[derive(Clone, Copy)]
+enum Reply {
+    /// Full-length random bytes with status 200.
+    Garbage,
+    /// A Content-Length of 5000 and 100 bytes, then the connection closes.
+    Truncated,
+    /// Random bytes with status 200 for the bucket listing too.
+    GarbageListing,
+}
+
+/// A fake S3 server on loopback that answers ListObjectsV2 with an empty
+/// bucket (unless `GarbageListing`) and every other request per `reply`.
+fn fake_s3(reply: Reply) -> u16 {
+    let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = listener.local_addr().unwrap().port();
+    std::thread::spawn(move || {
+        for stream in listener.incoming() {
+            let Ok(mut stream) = stream else { continue };
+            std::thread::spawn(move || {
+                let mut head = Vec::new();
+                let mut byte = [0u8; 1];
+                while !head.ends_with(b"\r\n\r\n") && stream.read(&mut byte).unwrap_or(0) == 1 {
+                    head.push(byte[0]);
+                }
+                let head = String::from_utf8_lossy(&head).to_string();
+                let listing = head.lines().next().unwrap_or("").contains("list-type=2");
+                let body = noise(300, 5);
+                let mut out = Vec::new();
+                match (listing, reply) {
+                    (true, Reply::Garbage | Reply::Truncated) => {
+                        let xml = "<?xml version=\"1.0\" encoding=\"UTF-8\"?>\
+                            <ListBucketResult><Name>b</Name><Prefix></Prefix><KeyCount>0</KeyCount>\
+                            <MaxKeys>1000</MaxKeys><IsTruncated>false</IsTruncated></ListBucketResult>";
+                        write!(out, "HTTP/1.1 200 OK\r\nContent-Type: application/xml\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{xml}", xml.len()).unwrap();
+                    }
+                    (_, Reply::Truncated) => {
+                        write!(
+                            out,
+                            "HTTP/1.1 200 OK\r\nContent-Length: 5000\r\nConnection: close\r\n\r\n"
+                        )
+                        .unwrap();
+                        out.extend_from_slice(&body[..100]);
+                    }
+                    _ => {
+                        write!(
+                            out,
+                            "HTTP/1.1 200 OK\r\nContent-Length: {}\r\nConnection: close\r\n\r\n",
+                            body.len()
+                        )
+                        .unwrap();
+                        out.extend_from_slice(&body);
+                    }
+                }
+                let _ = stream.write_all(&out);
+                let _ = stream.shutdown(Shutdown::Both);
+            });
+        }
+    });
+    port
+}
+
+#[test]
+fn garbage_and_truncated_replies_are_clear_errors() {
+    let mut env = Env::without_server();
+
+    env.repo = format!("s3:http://127.0.0.1:{}/b/r", fake_s3(Reply::Truncated));
+    let err = env.fails(&["snapshots"]);
+    eprintln!("truncated: {err}");
+    assert!(err.contains("S3 error while downloading"), "{err}");
+    assert!(err.contains("gave up after 2 attempts"), "{err}");
+
+    env.repo = format!("s3:http://127.0.0.1:{}/b/r", fake_s3(Reply::Garbage));
+    let out = env.run(&["snapshots"]);
+    assert!(!out.status.success(), "{}", text(&out));
+    let err = String::from_utf8_lossy(&out.stderr);
+    eprintln!("garbage: {err}");
+    assert!(err.contains("config"), "{err}");
+    assert!(!err.contains("panicked"), "{err}");
+
+    env.repo = format!("s3:http://127.0.0.1:{}/b/r", fake_s3(Reply::GarbageListing));
+    let err = env.fails(&["snapshots"]);
+    eprintln!("garbage listing: {err}");
+    assert!(err.contains("S3 error while opening the bucket"), "{err}");
+    assert!(err.contains("not valid S3 XML"), "{err}");
+    assert!(!err.contains("panicked"), "{err}");
+}
+
+/// The sum of Garage's `api_s3_request_counter` for `endpoint` (e.g.
+/// `PutObject`) from the admin API's `/metrics` on `port`.
+fn s3_requests(port: u16, endpoint: &str) -> u64 {
+    let Ok(mut stream) = TcpStream::connect(("127.0.0.1", port)) else {
+        return 0;
+    };
+    let request = "GET /metrics HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n\r\n";
+    stream.write_all(request.as_bytes()).unwrap();
+    let mut reply = String::new();
+    let _ = stream.read_to_string(&mut reply);
+    let label = format!("api_s3_request_counter{{api_endpoint=\"{endpoint}\"}} ");
+    reply
+        .lines()
+        .filter_map(|l| l.strip_prefix(&label))
+        .filter_map(|v| v.trim().parse::<f64>().ok())
+        .map(|v| v as u64)
+        .sum()
+}
+
+#[test]
+fn a_cluster_node_killed_during_a_backup_does_not_stop_it() {
+    let mut env = Env::new(Garage::cluster(3), "repos/cluster");
+    env.ok(&["init"]);
+    let image = noisy_qcow2(env.dir.path(), "vm", 320 * MIB, 256 * MIB, 11);
+    copy_now(&image, &env.path("source.raw"));
+
+    let mut backup = env
+        .command(&[
+            "--json",
+            "backup",
+            "--threads",
+            "4",
+            "--vm",
+            "db",
+            s(&image),
+        ])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    // Kill a node other than the one vbackup talks to once a few chunks
+    // are in.
+    let admin = env.garage().admin_port(0);
+    while s3_requests(admin, "PutObject") < 8 {
+        assert!(
+            backup.try_wait().unwrap().is_none(),
+            "the backup ended before any node was killed"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    assert!(
+        backup.try_wait().unwrap().is_none(),
+        "the backup ended before the node was killed: make the image bigger"
+    );
+    env.garage.as_mut().unwrap().kill(2);
+    let out = backup.wait_with_output().unwrap();
+    assert!(
+        out.status.success(),
+        "backup with a node down: {}",
+        text(&out)
+    );
+    let json: Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert!(stat(&json, "chunks-new") >= 60, "{json}");
+
+    assert!(identical(
+        &env.path("source.raw"),
+        &env.restore("latest", "vm")
+    ));
+    assert!(env.ok(&["verify"]).contains("no damage found"));
 }

@@ -80,6 +80,12 @@ impl Place {
             DalKind::PermissionDenied => (ErrorKind::PermissionDenied, self.denied(&text)),
             DalKind::RateLimited => (ErrorKind::Transient, "the server asks to slow down".into()),
             DalKind::ConfigInvalid => (ErrorKind::Other, "invalid S3 configuration".into()),
+            // OpenDAL retries replies it cannot parse, as a proxy may have
+            // garbled them; so do we, with the right words.
+            _ if text.contains("deserialize") => (
+                kind_of(err),
+                "the server's reply is not valid S3 XML (is this an S3 endpoint?)".into(),
+            ),
             _ if err.is_temporary() => (
                 ErrorKind::Transient,
                 "temporary failure (server error, timeout or broken connection)".into(),
@@ -105,6 +111,14 @@ impl Place {
              the bucket '{}'",
             self.bucket
         )
+    }
+}
+
+fn kind_of(err: &opendal::Error) -> ErrorKind {
+    if err.is_temporary() {
+        ErrorKind::Transient
+    } else {
+        ErrorKind::Other
     }
 }
 

@@ -179,3 +179,89 @@ fn one_line(err: &opendal::Error) -> String {
     }
     text.replace('\n', " ")
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn place() -> Place {
+        Place {
+            location: "s3:http://127.0.0.1:3900/b/r".into(),
+            endpoint: "http://127.0.0.1:3900".into(),
+            bucket: "b".into(),
+        }
+    }
+
+    fn classify(kind: DalKind, message: &str, temporary: bool) -> StorageError {
+        let mut err = opendal::Error::new(kind, message);
+        if temporary {
+            err = err.set_temporary();
+        }
+        place().error(Op::Get, "chunks/ab/ab12", &err)
+    }
+
+    #[test]
+    fn server_replies_map_to_storage_kinds() {
+        let cases = [
+            (
+                DalKind::NotFound,
+                "S3Error { code: \"NoSuchKey\" }",
+                false,
+                ErrorKind::NotFound,
+            ),
+            (
+                DalKind::PermissionDenied,
+                "code: \"SignatureDoesNotMatch\"",
+                false,
+                ErrorKind::PermissionDenied,
+            ),
+            (
+                DalKind::ConfigInvalid,
+                "code: \"NoSuchBucket\"",
+                false,
+                ErrorKind::Other,
+            ),
+            (
+                DalKind::RateLimited,
+                "code: \"SlowDown\"",
+                true,
+                ErrorKind::Transient,
+            ),
+            (
+                DalKind::Unexpected,
+                "code: \"InternalError\"",
+                true,
+                ErrorKind::Transient,
+            ),
+            (
+                DalKind::Unexpected,
+                "io operation timeout reached",
+                true,
+                ErrorKind::Transient,
+            ),
+            (DalKind::Unexpected, "status 400", false, ErrorKind::Other),
+        ];
+        for (kind, message, temporary, expected) in cases {
+            let err = classify(kind, message, temporary);
+            assert_eq!(err.kind(), expected, "{message}: {err}");
+            assert_eq!(err.key(), "chunks/ab/ab12");
+        }
+    }
+
+    #[test]
+    fn messages_say_what_to_fix() {
+        let err = classify(
+            DalKind::PermissionDenied,
+            "code: \"InvalidAccessKeyId\"",
+            false,
+        );
+        let text = err.to_string();
+        assert!(text.contains("refused the credentials"), "{text}");
+        assert!(text.contains("AWS_SECRET_ACCESS_KEY"), "{text}");
+        let err = classify(DalKind::ConfigInvalid, "code: \"NoSuchBucket\"", false);
+        assert!(
+            err.to_string().contains("the bucket 'b' does not exist"),
+            "{err}"
+        );
+    }
+}

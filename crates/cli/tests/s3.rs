@@ -348,6 +348,8 @@ enum Reply {
     Truncated,
     /// Random bytes with status 200 for the bucket listing too.
     GarbageListing,
+    /// Reads the request and never answers (a hung server).
+    Hang,
 }
 
 /// A fake S3 server on loopback that answers ListObjectsV2 with an empty
@@ -367,6 +369,10 @@ fn fake_s3(reply: Reply) -> u16 {
                 let head = String::from_utf8_lossy(&head).to_string();
                 let listing = head.lines().next().unwrap_or("").contains("list-type=2");
                 let body = noise(300, 5);
+                if matches!(reply, Reply::Hang) {
+                    std::thread::sleep(Duration::from_secs(60));
+                    return;
+                }
                 let mut out = Vec::new();
                 match (listing, reply) {
                     (true, Reply::Garbage | Reply::Truncated) => {
@@ -402,7 +408,7 @@ fn fake_s3(reply: Reply) -> u16 {
 }
 
 #[test]
-fn garbage_and_truncated_replies_are_clear_errors() {
+fn garbage_truncated_and_missing_replies_are_clear_errors() {
     let mut env = Env::without_server();
 
     env.repo = format!("s3:http://127.0.0.1:{}/b/r", fake_s3(Reply::Truncated));
@@ -424,6 +430,15 @@ fn garbage_and_truncated_replies_are_clear_errors() {
     eprintln!("garbage listing: {err}");
     assert!(err.contains("S3 error while opening the bucket"), "{err}");
     assert!(err.contains("not valid S3 XML"), "{err}");
+
+    // A server that never answers: each attempt ends at the timeout.
+    env.repo = format!("s3:http://127.0.0.1:{}/b/r", fake_s3(Reply::Hang));
+    env.extra_env
+        .push(("VBACKUP_S3_TIMEOUT".into(), "1".into()));
+    let err = env.fails(&["snapshots"]);
+    eprintln!("hung server: {err}");
+    assert!(err.contains("did not answer in time"), "{err}");
+    assert!(err.contains("gave up after 2 attempts"), "{err}");
     assert!(!err.contains("panicked"), "{err}");
 }
 

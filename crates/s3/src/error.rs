@@ -86,6 +86,10 @@ impl Place {
                 kind_of(err),
                 "the server's reply is not valid S3 XML (is this an S3 endpoint?)".into(),
             ),
+            _ if text.contains("timeout reached") => (
+                ErrorKind::Transient,
+                "the server did not answer in time (VBACKUP_S3_TIMEOUT, default 60 s)".into(),
+            ),
             _ if err.is_temporary() => (
                 ErrorKind::Transient,
                 "temporary failure (server error, timeout or broken connection)".into(),

@@ -225,8 +225,25 @@ fn full_and_incremental_backups_restore_identical_from_garage() {
 fn wrong_credentials_missing_bucket_and_no_server_fail_at_once_and_clearly() {
     let garage = Garage::single();
     let endpoint = garage.endpoint(0);
+    let (key_id, secret) = (garage.key_id.clone(), garage.secret.clone());
     let mut env = Env::new(garage, "repos/bad");
     env.ok(&["init"]);
+
+    // Credentials from a shared credentials file and a named profile.
+    let file = env.path("aws-credentials");
+    std::fs::write(
+        &file,
+        format!("[default]\naws_access_key_id = GKnothing\naws_secret_access_key = x\n\n[backup]\naws_access_key_id = {key_id}\naws_secret_access_key = {secret}\n"),
+    )
+    .unwrap();
+    let mut cmd = env.command(&["snapshots"]);
+    cmd.env_remove("AWS_ACCESS_KEY_ID")
+        .env_remove("AWS_SECRET_ACCESS_KEY")
+        .env("AWS_SHARED_CREDENTIALS_FILE", &file)
+        .env("AWS_CONFIG_FILE", env.path("no-config"))
+        .env("AWS_PROFILE", "backup");
+    let out = cmd.output().unwrap();
+    assert!(out.status.success(), "profile credentials: {}", text(&out));
 
     env.extra_env = vec![("AWS_SECRET_ACCESS_KEY".into(), "0".repeat(64))];
     let out = env.run(&["snapshots"]);

@@ -179,9 +179,14 @@ fn full_and_incremental_backups_restore_identical_from_garage() {
     env.ok(&["init"]);
     let image = noisy_qcow2(env.dir.path(), "vm", 64 * MIB, 40 * MIB, 1);
 
+    let admin = env.garage().admin_port(0);
+    let puts_before = s3_requests(admin, "PutObject");
     let full = env.backup("web", &image, &[]);
     assert_eq!(full["backup-type"], "full");
     assert!(stat(&full, "chunks-new") > 0, "{full}");
+    // One PUT per new chunk, plus the lease, the index and the manifest.
+    let puts = s3_requests(admin, "PutObject") - puts_before;
+    assert!(puts <= stat(&full, "chunks-new") + 4, "{puts} PUTs: {full}");
     let full_id = full["snapshot"].as_str().unwrap().to_string();
     copy_now(&image, &env.path("at-full.raw"));
 
@@ -196,8 +201,14 @@ fn full_and_incremental_backups_restore_identical_from_garage() {
     copy_now(&image, &env.path("at-inc.raw"));
 
     // The same bytes again, read in full: every chunk is already stored.
+    let puts_before = s3_requests(admin, "PutObject");
     let again = env.backup("web", &image, &["--type", "full"]);
     assert_eq!(stat(&again, "chunks-new"), 0, "{again}");
+    let puts = s3_requests(admin, "PutObject") - puts_before;
+    assert!(
+        puts <= 4,
+        "{puts} PUTs for a backup storing no chunk: {again}"
+    );
     assert!(stat(&again, "chunks-reused") > 0, "{again}");
 
     let inc_id = inc["snapshot"].as_str().unwrap();

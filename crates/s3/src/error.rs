@@ -152,6 +152,10 @@ fn connect_detail(err: &opendal::Error) -> &'static str {
     let chain = one_line(err).to_ascii_lowercase();
     if chain.contains("refused") {
         "connection refused"
+    } else if chain.contains("certificate") {
+        "the server's TLS certificate was not accepted"
+    } else if chain.contains("corrupt message") || chain.contains("invalidcontenttype") {
+        "the TLS handshake failed (does the server speak https on this port?)"
     } else if chain.contains("dns") || chain.contains("resolve") {
         "the host name does not resolve"
     } else {

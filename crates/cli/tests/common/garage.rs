@@ -260,10 +260,31 @@ api_bind_addr = "127.0.0.1:{admin_port}"
     }
 }
 
-/// Waits until the node answers on RPC; returns its full node id.
-fn wait_for_id(binary: &Path, node: &Node) -> String {
-    let out = retry_cli(binary, &node.config, &["node", "id", "-q"]);
-    out.trim().split('@').next().unwrap().to_string()
+/// Waits until the node answers on RPC; returns its full node id. Fails
+/// with the server's log if it exited.
+fn wait_for_id(binary: &Path, node: &mut Node) -> String {
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let out = Command::new(binary)
+            .args(["-c", node.config.to_str().unwrap(), "node", "id", "-q"])
+            .stdin(Stdio::null())
+            .output()
+            .unwrap();
+        if out.status.success() {
+            let id = String::from_utf8(out.stdout).unwrap();
+            return id.trim().split('@').next().unwrap().to_string();
+        }
+        let exited = node.child.as_mut().unwrap().try_wait().unwrap();
+        if exited.is_some() || Instant::now() > deadline {
+            let log = node.config.with_file_name("server.log");
+            panic!(
+                "garage server did not start ({exited:?}): {}\nserver log:\n{}",
+                text(&out),
+                std::fs::read_to_string(log).unwrap_or_default()
+            );
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
 }
 
 /// Runs a garage CLI command until it succeeds (30 s at most).

@@ -223,11 +223,16 @@ fn full_and_incremental_backups_restore_identical_from_garage() {
     let verify = env.ok(&["verify"]);
     assert!(verify.contains("no damage found"), "{verify}");
 
-    // Plain S3 has no atomic rename: prune stops at its first move rather
-    // than delete unsafely, and nothing a snapshot needs goes.
+    // Plain S3 has no atomic rename: prune refuses before writing
+    // anything, forget works, nothing a snapshot needs goes.
+    let err = env.fails(&["forget", "--keep-last", "1", "--prune"]);
+    assert!(err.contains("no atomic rename"), "{err}");
     env.ok(&["forget", "--keep-last", "1"]);
     let err = env.fails(&["prune", "--grace", "0"]);
-    assert!(err.contains("cannot move objects atomically"), "{err}");
+    assert!(err.contains("prune is not available for S3"), "{err}");
+    let check = env.ok(&["check"]);
+    assert!(!check.contains("prune/"), "prune left lists: {check}");
+    env.ok(&["prune", "--dry-run"]);
     let latest = env.restore("latest", "vm");
     assert!(identical(&env.path("at-inc.raw"), &latest));
 }

@@ -313,4 +313,7 @@ main() {
     fi
 }
 
-main "$@"
+# Sourced by bench/remote.sh for its helpers: run only when executed.
+if [[ ${BASH_SOURCE[0]} == "$0" ]]; then
+    main "$@"
+fi

@@ -7,6 +7,9 @@ if ! command -v qemu-nbd >/dev/null || ! command -v mkfs.ext4 >/dev/null || ! co
   export DEBIAN_FRONTEND=noninteractive
   apt-get update -q && apt-get install -y -q qemu-utils e2fsprogs
 fi
+# The S3 tests start real Garage servers on loopback.
+export PATH="$HOME/.cargo/bin:$PATH"
+command -v garage >/dev/null || cargo install garage --locked
 # A real QEMU for the live-VM tests (unpacked, not installed; see the script).
 eval "$(./scripts/qemu-system.sh)"
 if command -v cargo-nextest >/dev/null; then

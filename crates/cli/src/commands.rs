@@ -128,6 +128,9 @@ impl Context {
 
 /// The backend for a `--repo` value.
 pub fn backend_for(repo: &str) -> Result<Arc<dyn Backend>> {
+    if vbackup_s3::is_s3(repo) {
+        return s3_backend(repo);
+    }
     if let Some((scheme, _)) = repo
         .split_once("://")
         .or_else(|| repo.split_once(':').filter(|(s, _)| s.len() > 1))
@@ -137,6 +140,16 @@ pub fn backend_for(repo: &str) -> Result<Arc<dyn Backend>> {
         )));
     }
     Ok(Arc::new(LocalBackend::new(PathBuf::from(repo))))
+}
+
+/// The S3 backend for `s3:…`, its bucket checked; a malformed name is a
+/// usage error.
+fn s3_backend(repo: &str) -> Result<Arc<dyn Backend>> {
+    if let Err(e) = vbackup_s3::S3Location::parse(repo) {
+        return Err(usage_error(e.to_string()));
+    }
+    let backend = vbackup_s3::open(repo).map_err(vbackup_core::Error::Storage)?;
+    Ok(Arc::new(backend))
 }
 
 /// Reads a secret from `file`, else the environment variable `env`, else a

@@ -121,9 +121,25 @@ fn run_prune(ctx: &Context, repo: &Repository, options: &PruneOptions) -> Result
     )?)
 }
 
+/// Refuses a prune that would delete on an S3 repository before it writes
+/// anything: plain S3 has no atomic rename, which the sweep needs (see
+/// ARCHITECTURE.md), so it would stop at its first move anyway.
+fn refuse_prune_on_s3(repo: &Repository, dry_run: bool) -> Result<()> {
+    let location = repo.backend().location();
+    if !dry_run && vbackup_s3::is_s3(&location) {
+        anyhow::bail!(
+            "prune is not available for S3 repositories yet ({location}): plain S3 has no \
+             atomic rename, which prune needs to delete safely while backups run; nothing \
+             was changed (forget works; --dry-run shows what prune would mark)"
+        );
+    }
+    Ok(())
+}
+
 /// `vbackup prune`.
 pub fn prune(ctx: &Context, args: &PruneArgs) -> Result<()> {
     let repo = ctx.open()?;
+    refuse_prune_on_s3(&repo, args.dry_run)?;
     let started = std::time::Instant::now();
     let report = run_prune(ctx, &repo, &prune_options(ctx, &args.gc, args.dry_run))?;
     if !ctx.json(&report)? {
@@ -199,6 +215,9 @@ struct ForgetOutput {
 /// `vbackup forget`.
 pub fn forget(ctx: &Context, args: &ForgetArgs) -> Result<()> {
     let repo = ctx.open()?;
+    if args.prune {
+        refuse_prune_on_s3(&repo, args.dry_run)?;
+    }
     let options = ForgetOptions {
         keep: args.keep.rules(),
         group_by: args.keep.group_by,

@@ -52,6 +52,7 @@ pub fn run(cli: Cli) -> Result<()> {
         Command::Key(command) => key(&ctx, &command),
         Command::Speed => speed(&ctx),
         Command::Quickstart(args) => crate::quickstart::run(&ctx, &args),
+        Command::Server(args) => crate::server::run(&ctx, &args),
     }
 }
 
@@ -89,6 +90,9 @@ impl Context {
                 "no repository given: use --repo PATH or set VBACKUP_REPOSITORY",
             ));
         };
+        if repo.starts_with("https://") {
+            return crate::server::remote_backend(repo, &self.global);
+        }
         backend_for(repo)
     }
 
@@ -622,7 +626,9 @@ fn restore_one(
         "restore",
         ctx.global.quiet || ctx.global.json,
         &ctx.signal,
-        |progress| vbackup_core::restore_disk(repo, disk, target.as_ref(), ctx.io_threads(repo), progress),
+        |progress| {
+            vbackup_core::restore_disk(repo, disk, target.as_ref(), ctx.io_threads(repo), progress)
+        },
     );
     drop(target);
     match result {

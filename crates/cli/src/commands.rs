@@ -34,6 +34,7 @@ pub fn run(cli: Cli) -> Result<()> {
         global: cli.global,
         signal: crate::ui::install_signal_flag(),
     };
+    crate::server::check_role(&ctx.global, &cli.command)?;
     match cli.command {
         Command::Init(args) => init(&ctx, &args),
         Command::Backup(args) => backup(&ctx, &args),

@@ -8,13 +8,13 @@ use std::sync::Arc;
 use anyhow::{Context as _, Result};
 use clap::{Args, Subcommand, ValueEnum};
 use serde::Serialize;
-use vbackup_core::roles::Role;
+use vbackup_core::roles::{Operation, Role};
 use vbackup_remote::RemoteConfig;
 use vbackup_server::tokens::TokenEntry;
 use vbackup_server::ServerConfig;
 use vbackup_storage::Backend;
 
-use crate::args::GlobalArgs;
+use crate::args::{Command, GlobalArgs, PolicyCommand};
 use crate::commands::Context;
 use crate::{ExitError, EXIT_USAGE};
 
@@ -278,6 +278,57 @@ pub fn remote_backend(url: &str, global: &GlobalArgs) -> Result<Arc<dyn Backend>
     };
     let backend = vbackup_remote::open(&config).map_err(|e| usage(e.to_string()))?;
     Ok(Arc::new(backend))
+}
+
+/// The repository operation of a command that changes the repository.
+fn operation(command: &Command) -> Option<Operation> {
+    Some(match command {
+        Command::Backup(_) => Operation::Backup,
+        Command::Forget(_) => Operation::Forget,
+        Command::Prune(_) => Operation::Prune,
+        Command::Repair(_) => Operation::Repair,
+        Command::Unlock(_) => Operation::Unlock,
+        Command::Policy(PolicyCommand::Set(_) | PolicyCommand::Clear) => Operation::SetPolicy,
+        _ => return None,
+    })
+}
+
+/// For a repository on a server, refuses at once a command the token's
+/// role does not allow (the server would refuse its first change anyway,
+/// possibly after work was done).
+pub fn check_role(global: &GlobalArgs, command: &Command) -> Result<()> {
+    let (Some(url), Some(operation)) = (global.repo.as_deref(), operation(command)) else {
+        return Ok(());
+    };
+    if !url.starts_with("https://") {
+        return Ok(());
+    }
+    let client = vbackup_remote::RemoteBackend::new(&RemoteConfig {
+        url: url.to_string(),
+        token: read_token(global.token_file.as_deref())?,
+        fingerprint: global.server_fingerprint.clone(),
+    })
+    .map_err(|e| usage(e.to_string()))?;
+    let me = client.whoami()?;
+    let role = match me.role.as_str() {
+        "read" => Role::Read,
+        "backup" => Role::Backup,
+        _ => Role::Admin,
+    };
+    let needed = operation.required_role();
+    if role < needed {
+        return Err(usage(format!(
+            "this command needs {} token; the token {} has the role {} on the server",
+            match needed {
+                Role::Admin => "an admin",
+                Role::Backup => "a backup (or admin)",
+                Role::Read => "a read",
+            },
+            me.id,
+            me.role
+        )));
+    }
+    Ok(())
 }
 
 fn read_token(file: Option<&Path>) -> Result<String> {

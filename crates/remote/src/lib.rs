@@ -26,7 +26,8 @@ use vbackup_storage::{
 
 use protocol::{
     parse_list_line, validate_repo_name, ErrorReply, ListItem, MissingReply, MissingRequest,
-    RenameRequest, WireObject, API_PREFIX, CODE_NO_REPOSITORY, ERROR_CODE_HEADER, MAX_LIST_LINE,
+    RenameRequest, WhoAmI, WireObject, API_PREFIX, CODE_NO_REPOSITORY, ERROR_CODE_HEADER,
+    MAX_LIST_LINE,
 };
 pub use tls::{fingerprint, parse_fingerprint};
 
@@ -210,25 +211,12 @@ impl RemoteBackend {
         }
     }
 
-    /// Sends a raw request to a path of the server (tests use it to send
-    /// what the client itself never would); returns status and body text.
-    #[doc(hidden)]
-    pub fn raw_request(&self, method: &str, path: &str, body: &[u8]) -> Result<(u16, String)> {
-        let url = format!("{}{path}", self.origin);
-        let request = self.request(method, &url);
-        let result = if body.is_empty() {
-            request.call()
-        } else {
-            request.send_bytes(body)
-        };
-        let response = match result {
-            Ok(response) => response,
-            Err(ureq::Error::Status(_, response)) => response,
-            Err(e) => return Err(self.classify(path, "raw request", e)),
-        };
-        let status = response.status();
-        let body = read_body(path, "raw request", response, MAX_SMALL_REPLY)?;
-        Ok((status, String::from_utf8_lossy(&body).into_owned()))
+    /// What the server says the token is (id, repository, role).
+    pub fn whoami(&self) -> Result<WhoAmI> {
+        let url = format!("{}/whoami", self.base);
+        let what = "asking the server about the token";
+        let response = self.send("", what, self.request("GET", &url), None)?;
+        self.get_json("", what, response)
     }
 
     fn get_json<T: serde::de::DeserializeOwned>(
@@ -266,6 +254,41 @@ impl RemoteBackend {
             ));
         }
         Ok(reply.missing)
+    }
+}
+
+/// Sends `request` byte for byte over TLS to `address` (a server whose
+/// certificate has fingerprint `fingerprint`) and returns the whole reply.
+/// Tests use it to send what the client itself never would (paths with
+/// `..` or percent-encoded separators, which URL parsers normalise away).
+#[doc(hidden)]
+pub fn raw_exchange(address: &str, fingerprint: &str, request: &[u8]) -> std::io::Result<Vec<u8>> {
+    use std::io::Write;
+    let invalid = |e: String| std::io::Error::new(std::io::ErrorKind::InvalidInput, e);
+    let pin = parse_fingerprint(fingerprint).map_err(invalid)?;
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let verifier =
+        tls::Verifier::new(Some(pin), provider.clone(), Arc::default()).map_err(invalid)?;
+    let config = rustls::ClientConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()
+        .map_err(|e| invalid(e.to_string()))?
+        .dangerous()
+        .with_custom_certificate_verifier(Arc::new(verifier))
+        .with_no_client_auth();
+    let name =
+        rustls::pki_types::ServerName::try_from("localhost").map_err(|e| invalid(e.to_string()))?;
+    let connection = rustls::ClientConnection::new(Arc::new(config), name)
+        .map_err(|e| invalid(e.to_string()))?;
+    let tcp = std::net::TcpStream::connect(address)?;
+    let mut stream = rustls::StreamOwned::new(connection, tcp);
+    stream.write_all(request)?;
+    stream.flush()?;
+    let mut reply = Vec::new();
+    match stream.read_to_end(&mut reply) {
+        Ok(_) => Ok(reply),
+        // Servers may close without a TLS close_notify.
+        Err(e) if e.kind() == std::io::ErrorKind::UnexpectedEof && !reply.is_empty() => Ok(reply),
+        Err(e) => Err(e),
     }
 }
 
@@ -333,7 +356,7 @@ fn read_body(key: &str, what: &str, response: ureq::Response, max: u64) -> Resul
             StorageError::new(
                 ErrorKind::Transient,
                 key,
-                format!("{what}: the connection broke while reading the reply: {e}"),
+                format!("{what}: the reply was truncated, the connection broke before all of it arrived ({e})"),
             )
         })?;
     if data.len() as u64 > max {

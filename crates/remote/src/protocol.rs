@@ -166,6 +166,18 @@ pub fn encode_list_line(line: &ListLine) -> Vec<u8> {
     bytes
 }
 
+/// What a token is (`GET /v1/repos/NAME/whoami`), so a client can refuse
+/// an operation its role does not allow before starting it.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub struct WhoAmI {
+    /// The token's public id.
+    pub id: String,
+    /// The repository it opens, or `*`.
+    pub repo: String,
+    /// `read`, `backup` or `admin`.
+    pub role: String,
+}
+
 /// The error body every refusal carries.
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
 pub struct ErrorReply {

@@ -18,7 +18,7 @@ use serde::Deserialize;
 use vbackup_core::roles::Role;
 use vbackup_remote::protocol::{
     encode_list_line, validate_repo_name, ErrorReply, ListLine, MissingReply, MissingRequest,
-    RenameRequest, WireObject, CODE_NO_REPOSITORY, ERROR_CODE_HEADER, MAX_MISSING_BATCH,
+    RenameRequest, WhoAmI, WireObject, CODE_NO_REPOSITORY, ERROR_CODE_HEADER, MAX_MISSING_BATCH,
 };
 use vbackup_remote::OBJECT_SIZE_HEADER;
 use vbackup_storage::{validate_key, Backend, ErrorKind, LocalBackend, StorageError};
@@ -54,6 +54,7 @@ pub(crate) fn router(shared: AppState) -> Router {
         .route("/v1/repos/{repo}/list", get(list_objects))
         .route("/v1/repos/{repo}/missing", post(missing))
         .route("/v1/repos/{repo}/rename", post(rename))
+        .route("/v1/repos/{repo}/whoami", get(whoami))
         .fallback(|| async { ApiError::bad_request("unknown request path".into()) })
         .layer(DefaultBodyLimit::max(MAX_BODY))
         .with_state(shared)
@@ -450,4 +451,22 @@ async fn rename(
         Ok(StatusCode::NO_CONTENT)
     })
     .await
+}
+
+async fn whoami(
+    State(shared): State<AppState>,
+    Path(repo): Path<String>,
+    headers: HeaderMap,
+) -> ApiResult<Json<WhoAmI>> {
+    let access = authorize(&shared, &headers, &repo)?;
+    let role = match access.token.role {
+        Role::Read => "read",
+        Role::Backup => "backup",
+        Role::Admin => "admin",
+    };
+    Ok(Json(WhoAmI {
+        id: access.token.id,
+        repo: access.token.repo,
+        role: role.to_string(),
+    }))
 }

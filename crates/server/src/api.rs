@@ -29,8 +29,8 @@ use crate::tokens::{AuthError, TokenEntry, TokenStore};
 /// The largest request body (a sealed 64 MiB chunk, with room to spare).
 const MAX_BODY: usize = 80 << 20;
 
-/// Listing lines sent per network write.
-const LIST_BATCH: usize = 256;
+/// Listing bytes gathered per network write.
+const LIST_BATCH: usize = 64 << 10;
 
 /// What every request handler shares.
 #[derive(Debug)]
@@ -382,7 +382,7 @@ async fn list_objects(
             batch.extend(encode_list_line(&ListLine::Object(WireObject::from_info(
                 &info,
             ))));
-            if open && count % LIST_BATCH as u64 == 0 {
+            if open && batch.len() >= LIST_BATCH {
                 open = tx
                     .blocking_send(Ok(Bytes::from(std::mem::take(&mut batch))))
                     .is_ok();

@@ -805,3 +805,66 @@ fn an_unreachable_server_is_reported_after_retries() {
     refused(&out, "cannot talk to the server");
     assert!(stderr(&out).contains("2 attempts"), "{}", text(&out));
 }
+
+/// The server's storage fills up during a backup (a small tmpfs in a
+/// private mount namespace): the client says so (507 → no space), nothing
+/// is recorded, and once there is room the retried backup reuses what
+/// was stored.
+#[test]
+fn a_full_disk_on_the_server_fails_the_backup_cleanly() {
+    let dir = tempfile::tempdir().unwrap();
+    let image = dir.path().join("data.raw");
+    raw_image(&image, 24 << 20, 9);
+    let mnt = dir.path().join("small");
+    std::fs::create_dir_all(&mnt).unwrap();
+    let script = format!(
+        r#"set -u
+mount -t tmpfs -o size=40m tmpfs {mnt} || exit 99
+D={mnt}/data
+ADMIN=$({bin} server token add --data $D --repo '*' --role admin 2>/dev/null)
+BK=$({bin} server token add --data $D --repo r --role backup 2>/dev/null)
+{bin} server --listen 127.0.0.1:0 --data $D > {out}/banner &
+SERVER=$!
+trap 'kill $SERVER 2>/dev/null' EXIT
+for i in $(seq 200); do grep -q listening {out}/banner && break; sleep 0.05; done
+ADDR=$(sed -n 's/^listening on https:\/\///p' {out}/banner)
+export VBACKUP_SERVER_FINGERPRINT=$(sed -n 's/.*fingerprint \([0-9a-f]*\).*/\1/p' {out}/banner | head -1)
+export VBACKUP_REPOSITORY=https://$ADDR/r VBACKUP_RETRIES=1
+VBACKUP_TOKEN=$ADMIN {bin} init >/dev/null || exit 98
+head -c 28M /dev/zero > {mnt}/filler
+VBACKUP_TOKEN=$BK {bin} backup --vm full {image} 2>{out}/backup.err; echo "backup-exit=$?"
+VBACKUP_TOKEN=$BK {bin} snapshots | tail -1
+rm {mnt}/filler
+VBACKUP_TOKEN=$BK {bin} --json backup --vm full {image} >{out}/retry.json 2>{out}/retry.err; echo "retry-exit=$?"
+VBACKUP_TOKEN=$BK {bin} verify >/dev/null 2>&1; echo "verify-exit=$?"
+"#,
+        mnt = s(&mnt),
+        out = s(dir.path()),
+        bin = VBACKUP,
+        image = s(&image)
+    );
+    let out = Command::new("unshare")
+        .args(["-rm", "sh", "-c", &script])
+        .env("VBACKUP_PASSWORD", "pw")
+        .env("VBACKUP_KDF_MEMORY_KIB", "1024")
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "{}", text(&out));
+    let err = std::fs::read_to_string(dir.path().join("backup.err")).unwrap();
+    assert!(stdout.contains("backup-exit=1"), "{stdout}\n{err}");
+    assert!(err.contains("no space left"), "{err}");
+    assert!(!err.contains("attempts"), "not retried: {err}");
+    assert!(stdout.contains("0 snapshot(s)"), "{stdout}");
+    let retry = std::fs::read_to_string(dir.path().join("retry.json")).unwrap();
+    let retry_err = std::fs::read_to_string(dir.path().join("retry.err")).unwrap();
+    assert!(
+        stdout.contains("retry-exit=0") && stdout.contains("verify-exit=0"),
+        "{stdout}\n{retry}\n{retry_err}"
+    );
+    let retry: Value = serde_json::from_str(&retry).unwrap();
+    assert!(
+        retry["stats"]["chunks-reused"].as_u64().unwrap() > 0,
+        "{retry}"
+    );
+}

@@ -29,6 +29,10 @@ use crate::tokens::{AuthError, TokenEntry, TokenStore};
 /// The largest request body (a sealed 64 MiB chunk, with room to spare).
 const MAX_BODY: usize = 80 << 20;
 
+/// Header of a put answered as done while the stored bytes were kept
+/// (a content-addressed object uploaded again with another sealing).
+const KEPT_HEADER: &str = "vbackup-kept";
+
 /// Listing bytes gathered per network write.
 const LIST_BATCH: usize = 64 << 10;
 
@@ -281,7 +285,7 @@ async fn put_object(
     Path((repo, key)): Path<(String, String)>,
     headers: HeaderMap,
     body: Bytes,
-) -> ApiResult<StatusCode> {
+) -> ApiResult<Response> {
     let access = authorize(&shared, &headers, &repo)?;
     check_key(&key)?;
     blocking(move || {
@@ -301,11 +305,15 @@ async fn put_object(
                     access.record_owner(&key)?;
                 }
                 access.backend.put(&key, &body)?;
-                Ok(StatusCode::CREATED)
+                Ok(StatusCode::CREATED.into_response())
+            }
+            PutDecision::Touch if existing == Existing::Different => {
+                touch(&access, &key)?;
+                Ok((StatusCode::OK, [(KEPT_HEADER, "existing")]).into_response())
             }
             PutDecision::Touch => {
                 touch(&access, &key)?;
-                Ok(StatusCode::OK)
+                Ok(StatusCode::OK.into_response())
             }
             PutDecision::Refuse(reason) => Err(ApiError::forbidden(reason)),
         }

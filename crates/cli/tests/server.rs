@@ -643,6 +643,17 @@ fn a_server_killed_mid_upload_fails_the_backup_clearly_and_the_retry_reuses_chun
     assert!(stored > 0, "some chunks were stored before the kill");
 
     env.server = Server::start(&env.data());
+    let temporary = walk(&env.data().join("repos/r"))
+        .into_iter()
+        .filter(|p| {
+            p.file_name()
+                .unwrap()
+                .to_str()
+                .unwrap()
+                .starts_with(".tmp-")
+        })
+        .count();
+    assert_eq!(temporary, 0, "the restarted server removed cut uploads");
     let check = env.ok(&env.read, &["check"]);
     assert!(check.contains("no damage found"), "{check}");
     let again = env.backup("big", &image);

@@ -25,7 +25,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
-use hyper_util::rt::TokioIo;
+use hyper_util::rt::{TokioIo, TokioTimer};
 use hyper_util::service::TowerToHyperService;
 use tokio::net::TcpListener;
 use tokio_rustls::TlsAcceptor;
@@ -102,6 +102,7 @@ pub fn run(
             e,
         )
     })?;
+    remove_temporary_files(&config.data.join("repos"));
     let provider = Arc::new(rustls::crypto::ring::default_provider());
     let mut tls = rustls::ServerConfig::builder_with_provider(provider)
         .with_safe_default_protocol_versions()
@@ -167,6 +168,8 @@ async fn serve(
                         return;
                     };
                     let connection = hyper::server::conn::http1::Builder::new()
+                        .timer(TokioTimer::new())
+                        .header_read_timeout(Duration::from_secs(60))
                         .serve_connection(TokioIo::new(stream), service);
                     tokio::pin!(connection);
                     tokio::select! {
@@ -185,6 +188,29 @@ async fn serve(
     let _ = shutdown.send(true);
     let drain = async { while connections.join_next().await.is_some() {} };
     let _ = tokio::time::timeout(Duration::from_secs(10), drain).await;
+}
+
+/// Removes the temporary files that uploads cut by a crash or a kill left
+/// in the repositories; at start no upload is in flight, so every one of
+/// them is dead. (Clients cannot remove them: they are not objects.)
+fn remove_temporary_files(repos: &Path) {
+    let Ok(entries) = std::fs::read_dir(repos) else {
+        return;
+    };
+    for entry in entries.flatten() {
+        let backend = vbackup_storage::LocalBackend::new(entry.path());
+        match backend.remove_temporary_files() {
+            Ok(0) => {}
+            Ok(n) => eprintln!(
+                "vbackup server: removed {n} temporary file(s) of interrupted uploads in {}",
+                entry.path().display()
+            ),
+            Err(e) => eprintln!(
+                "vbackup server: cannot clean {}: {e}",
+                entry.path().display()
+            ),
+        }
+    }
 }
 
 async fn stopped(stop: &AtomicBool) {

@@ -634,6 +634,13 @@ fn a_server_killed_mid_upload_fails_the_backup_clearly_and_the_retry_reuses_chun
     while relay.forwarded.load(Ordering::SeqCst) < HOLD_AFTER {
         std::thread::sleep(Duration::from_millis(5));
     }
+    // The uploads that went through before the hold are being stored.
+    for _ in 0..1000 {
+        if env.chunk_files() > 0 {
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(10));
+    }
     env.server.kill();
     relay.cut.store(true, Ordering::SeqCst);
     let out = child.wait_with_output().unwrap();

@@ -69,6 +69,9 @@ pub struct TokenDataArgs {
 /// `vbackup server token add`; the repository the token opens is the
 /// global `--repo NAME` (`*` for all).
 #[derive(Debug, Args)]
+#[command(
+    after_help = "--repo NAME names the repository the token opens on this server (`*` for all).\nExample: vbackup server token add --data /srv/vbackup --repo web1 --role backup --label host1"
+)]
 pub struct TokenAddArgs {
     /// The server's data folder.
     #[arg(long, value_name = "DIR")]

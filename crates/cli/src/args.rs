@@ -40,7 +40,8 @@ pub const EXIT_CODES: &str = "Exit codes:
 /// Options shared by all commands.
 #[derive(Debug, Args)]
 pub struct GlobalArgs {
-    /// Repository location (a folder).
+    /// Repository location: a folder, s3:https://HOST:PORT/BUCKET/PREFIX on
+    /// S3-compatible storage, or https://HOST:PORT/NAME on a `vbackup server`.
     #[arg(
         short = 'r',
         long,
@@ -67,6 +68,19 @@ pub struct GlobalArgs {
     /// Worker threads for reading, compressing and storing (default: cores + 2).
     #[arg(long, global = true, value_name = "N")]
     pub threads: Option<usize>,
+    /// For https:// repositories: read the server token from the first
+    /// line of this file (else VBACKUP_TOKEN).
+    #[arg(long, env = "VBACKUP_TOKEN_FILE", global = true, value_name = "FILE")]
+    pub token_file: Option<PathBuf>,
+    /// For https:// repositories: trust the server certificate with this
+    /// SHA-256 fingerprint (`vbackup server` prints it), for self-signed ones.
+    #[arg(
+        long,
+        env = "VBACKUP_SERVER_FINGERPRINT",
+        global = true,
+        value_name = "HEX"
+    )]
+    pub server_fingerprint: Option<String>,
 }
 
 /// The commands.
@@ -106,6 +120,8 @@ pub enum Command {
     Speed,
     /// Demonstrate vbackup end to end on a sample VM disk (no arguments needed).
     Quickstart(QuickstartArgs),
+    /// Serve repositories over HTTPS to other hosts' vbackup (and manage its tokens).
+    Server(crate::server::ServerArgs),
     /// Fill a repository with synthetic chunks and snapshots (benchmarks).
     #[command(hide = true)]
     Synth(SynthArgs),

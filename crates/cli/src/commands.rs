@@ -34,6 +34,7 @@ pub fn run(cli: Cli) -> Result<()> {
         global: cli.global,
         signal: crate::ui::install_signal_flag(),
     };
+    crate::server::check_role(&ctx.global, &cli.command)?;
     match cli.command {
         Command::Init(args) => init(&ctx, &args),
         Command::Backup(args) => backup(&ctx, &args),
@@ -52,6 +53,7 @@ pub fn run(cli: Cli) -> Result<()> {
         Command::Key(command) => key(&ctx, &command),
         Command::Speed => speed(&ctx),
         Command::Quickstart(args) => crate::quickstart::run(&ctx, &args),
+        Command::Server(args) => crate::server::run(&ctx, &args),
     }
 }
 
@@ -89,6 +91,9 @@ impl Context {
                 "no repository given: use --repo PATH or set VBACKUP_REPOSITORY",
             ));
         };
+        if repo.starts_with("https://") {
+            return crate::server::remote_backend(repo, &self.global);
+        }
         backend_for(repo)
     }
 

@@ -6,6 +6,7 @@ mod args;
 mod commands;
 mod lifecycle;
 mod quickstart;
+mod server;
 mod synth;
 mod ui;
 

@@ -5,6 +5,9 @@
 #   local          vbackup to a repository on the local disk
 #   garage         vbackup to Garage (S3) on loopback
 #   restic-garage  restic to the same Garage, for comparison
+#   server         vbackup to its own backup server (`vbackup server`) on
+#                  loopback over HTTPS: init with an admin token, backups
+#                  with an append-only backup token, restore with a read token
 # For the S3 targets it counts the requests the server received (Garage's
 # api_s3_request_counter from its admin API /metrics) and prints them per
 # GiB of image data. Prints a markdown table and writes it to
@@ -12,20 +15,20 @@
 #
 # Each target backs up its own copy of the image (vbackup's dirty bitmaps
 # belong to one repository), changed with the same seed. A new target is a
-# case in target_init / target_backup / target_restore (e.g. "server" for
-# vbackup's own backup server) and a name in BENCH_TARGETS.
+# case in target_init / target_backup / target_restore and a name in
+# BENCH_TARGETS.
 #
 # Environment: as bench/run.sh (BENCH_SIZE_GIB, BENCH_FILL_PCT, BENCH_SRC,
 # BENCH_CHANGE_PCT, BENCH_WRITE_KIB, BENCH_SEED, BENCH_KEEP, BENCH_NO_BUILD,
 # VBACKUP_BIN), plus
-#   BENCH_TARGETS   targets to run (default "local garage restic-garage")
+#   BENCH_TARGETS   targets to run (default "local garage server restic-garage")
 #   GARAGE_BIN      the garage binary (default: on PATH or ~/.cargo/bin)
 set -euo pipefail
 
 # shellcheck source=bench/run.sh
 source "$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)/run.sh"
 
-TARGETS=${BENCH_TARGETS:-local garage restic-garage}
+TARGETS=${BENCH_TARGETS:-local garage server restic-garage}
 TOOLS="vbackup restic"
 GARAGE_BIN=${GARAGE_BIN:-$(command -v garage || echo "$HOME/.cargo/bin/garage")}
 BUCKET=vbench
@@ -82,6 +85,45 @@ stop_garage() {
     fi
 }
 
+# Starts `vbackup server` on loopback with a fresh data folder and makes an
+# admin, a backup and a read token for the repository "bench".
+start_server() {
+    SERVER_DIR=$RUN/server
+    local port i
+    port=$(free_port)
+    for role in admin backup read; do
+        "$VBACKUP_BIN" server token add --data "$SERVER_DIR" --repo bench --role "$role" \
+            2>/dev/null >"$RUN/token-$role"
+    done
+    "$VBACKUP_BIN" server --listen "127.0.0.1:$port" --data "$SERVER_DIR" \
+        >"$RUN/server.log" 2>&1 &
+    SERVER_PID=$!
+    for i in $(seq 100); do
+        grep -q 'listening on' "$RUN/server.log" && break
+        sleep 0.1
+    done
+    grep -q 'listening on' "$RUN/server.log" || die "vbackup server did not start (see $RUN/server.log)"
+    VBACKUP_SERVER_FINGERPRINT=$(grep -o 'fingerprint [0-9a-f:]*' "$RUN/server.log" | head -n1 | cut -d' ' -f2)
+    export VBACKUP_SERVER_FINGERPRINT
+    SERVER_URL=https://127.0.0.1:$port/bench
+    log "vbackup server on $SERVER_URL (pid $SERVER_PID)"
+}
+
+stop_server() {
+    if [[ -n ${SERVER_PID:-} ]]; then
+        kill "$SERVER_PID" 2>/dev/null || true
+        wait "$SERVER_PID" 2>/dev/null || true
+        SERVER_PID=
+    fi
+}
+
+# vbackup with the token of a role for the server target.
+with_token() {
+    local role=$1
+    shift
+    env VBACKUP_TOKEN="$(cat "$RUN/token-$role")" "$@"
+}
+
 # All S3 requests Garage has served so far.
 s3_requests() {
     curl -sf "$METRICS_URL" | awk '/^api_s3_request_counter\{/ { n += $2 } END { printf "%d", n }'
@@ -93,6 +135,7 @@ target_repo() {
     local) echo "$RUN/local-repo" ;;
     garage) echo "s3:$S3_URL/$BUCKET/vbackup" ;;
     restic-garage) echo "s3:$S3_URL/$BUCKET/restic" ;;
+    server) echo "$SERVER_URL" ;;
     *) die "unknown target '$1'" ;;
     esac
 }
@@ -104,6 +147,7 @@ target_init() {
     repo=$(target_repo "$1")
     case $1 in
     local | garage) "$VBACKUP_BIN" init --repo "$repo" ;;
+    server) with_token admin "$VBACKUP_BIN" init --repo "$repo" ;;
     restic-garage) restic -r "$repo" init ;;
     esac >"$RUN/$1-init.log" 2>&1 || die "$1: could not create the repository"
 }
@@ -124,6 +168,8 @@ target_backup() {
     case $target in
     local | garage) step "$target" "$scenario" "$VBACKUP_BIN" --json backup \
         --repo "$repo" --vm "$VM" "$DISK" ;;
+    server) step "$target" "$scenario" env VBACKUP_TOKEN="$(cat "$RUN/token-backup")" \
+        "$VBACKUP_BIN" --json backup --repo "$repo" --vm "$VM" "$DISK" ;;
     restic-garage) step "$target" "$scenario" restic -r "$repo" backup \
         --compression auto "$DISK" ;;
     esac
@@ -137,11 +183,14 @@ target_restore() {
     case $target in
     local | garage) step "$target" restore sh -c '"$@" && sync' sh "$VBACKUP_BIN" --json \
         restore --repo "$repo" latest --vm "$VM" --target "$out" --format raw ;;
+    server) step "$target" restore sh -c '"$@" && sync' sh env \
+        VBACKUP_TOKEN="$(cat "$RUN/token-read")" "$VBACKUP_BIN" --json \
+        restore --repo "$repo" latest --vm "$VM" --target "$out" --format raw ;;
     restic-garage) step "$target" restore sh -c '"$@" && sync' sh restic -r "$repo" \
         restore latest --target "$out" ;;
     esac
     case $target in
-    local | garage) qemu-img compare -q -f qcow2 -F raw "$DISK" "$out/disk.raw" || status=FAIL ;;
+    local | garage | server) qemu-img compare -q -f qcow2 -F raw "$DISK" "$out/disk.raw" || status=FAIL ;;
     restic-garage) cmp -s "$DISK" "$out$DISK" || status=FAIL ;;
     esac
     [[ $status == OK ]] || log "$target: restored image differs from the source"
@@ -223,6 +272,7 @@ write_remote_header() {
 
 cleanup_remote() {
     stop_garage
+    stop_server
     cleanup
 }
 
@@ -236,6 +286,9 @@ main_remote() {
     trap cleanup_remote EXIT
     if [[ " $TARGETS " == *" garage "* || " $TARGETS " == *" restic-garage "* ]]; then
         start_garage
+    fi
+    if [[ " $TARGETS " == *" server "* ]]; then
+        start_server
     fi
     local target
     for target in $TARGETS; do run_target "$target"; done

@@ -181,3 +181,43 @@ mod tests {
         assert!(cut.len() <= MAX_STDERR + 6);
     }
 }
+
+/// Waits between polls of a process we expect to change state soon
+/// (start up, exit): 1 ms at first, doubling up to 10 ms, so short waits
+/// cost about what they last instead of a whole 10 ms tick.
+#[derive(Debug)]
+pub(crate) struct PollDelay {
+    next: std::time::Duration,
+}
+
+impl PollDelay {
+    const FIRST: std::time::Duration = std::time::Duration::from_millis(1);
+    const MAX: std::time::Duration = std::time::Duration::from_millis(10);
+
+    /// A fresh sequence of delays.
+    pub(crate) fn new() -> Self {
+        Self { next: Self::FIRST }
+    }
+
+    /// Sleeps for the next delay.
+    pub(crate) fn sleep(&mut self) {
+        std::thread::sleep(self.next);
+        self.next = (self.next * 2).min(Self::MAX);
+    }
+}
+
+#[cfg(test)]
+mod poll_delay_tests {
+    use super::PollDelay;
+
+    #[test]
+    fn delays_double_up_to_ten_milliseconds() {
+        let mut delay = PollDelay::new();
+        let mut seen = Vec::new();
+        for _ in 0..6 {
+            seen.push(delay.next.as_millis());
+            delay.next = (delay.next * 2).min(PollDelay::MAX);
+        }
+        assert_eq!(seen, [1, 2, 4, 8, 10, 10]);
+    }
+}

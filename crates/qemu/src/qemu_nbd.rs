@@ -10,7 +10,6 @@ use std::fs::{self, File, OpenOptions};
 use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, ExitStatus, Stdio};
-use std::thread;
 use std::time::{Duration, Instant};
 
 use crate::error::{Error, Result};
@@ -176,6 +175,7 @@ impl QemuNbd {
     fn wait_ready(mut self, timeout: Duration) -> Result<Self> {
         let deadline = Instant::now() + timeout;
         let mut last_error = None;
+        let mut delay = process::PollDelay::new();
         loop {
             if let Some(status) = self
                 .child
@@ -200,7 +200,7 @@ impl QemuNbd {
                 let why = last_error.map_or_else(|| "no socket".to_owned(), |e| e.to_string());
                 return Err(self.failed(&format!("not ready after {timeout:?} ({why})")));
             }
-            thread::sleep(Duration::from_millis(10));
+            delay.sleep();
         }
     }
 
@@ -224,11 +224,12 @@ impl QemuNbd {
         // If SIGTERM cannot be sent, fall through to SIGKILL.
         let _ = process::send_sigterm(self.child.id());
         let deadline = Instant::now() + STOP_TIMEOUT;
+        let mut delay = process::PollDelay::new();
         while Instant::now() < deadline {
             if let Some(status) = self.child.try_wait().map_err(wait_error)? {
                 return Ok(status);
             }
-            thread::sleep(Duration::from_millis(10));
+            delay.sleep();
         }
         let _ = self.child.kill();
         self.child.wait().map_err(wait_error)

@@ -11,7 +11,7 @@ mod common;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output, Stdio};
 
-use common::{s, text, tool};
+use common::{copy_now, guest_write, identical, s, text, tool};
 use serde_json::Value;
 
 const MIB: u64 = 1 << 20;
@@ -62,28 +62,6 @@ impl Env {
         self.ok(&["restore", snapshot, "--disk", disk, "--target", s(&out)]);
         out.join(format!("{disk}.raw"))
     }
-}
-
-/// Writes `len` bytes of `pattern` at `offset` into the qcow2, as a guest would.
-fn guest_write(image: &Path, pattern: u8, offset: u64, len: u64) {
-    let cmd = format!("write -P {pattern} {offset} {len}");
-    tool("qemu-io", &["-f", "qcow2", "-c", &cmd, s(image)]);
-}
-
-/// A raw copy of the qcow2's content now, to compare restores with.
-fn copy_now(image: &Path, to: &Path) {
-    tool(
-        "qemu-img",
-        &["convert", "-f", "qcow2", "-O", "raw", s(image), s(to)],
-    );
-}
-
-fn identical(a: &Path, b: &Path) -> bool {
-    Command::new("qemu-img")
-        .args(["compare", "-q", s(a), s(b)])
-        .status()
-        .unwrap()
-        .success()
 }
 
 fn vbackup_bitmaps(image: &Path) -> Vec<String> {

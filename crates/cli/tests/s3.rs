@@ -19,7 +19,7 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use common::{noise, s, text, tool};
+use common::{copy_now, guest_write, identical, noise, s, text, tool};
 use garage::Garage;
 use serde_json::Value;
 
@@ -145,26 +145,6 @@ fn noisy_qcow2(dir: &Path, name: &str, size: u64, filled: u64, seed: u64) -> Pat
     );
     std::fs::remove_file(raw).unwrap();
     image
-}
-
-fn guest_write(image: &Path, pattern: u8, offset: u64, len: u64) {
-    let cmd = format!("write -P {pattern} {offset} {len}");
-    tool("qemu-io", &["-f", "qcow2", "-c", &cmd, s(image)]);
-}
-
-fn copy_now(image: &Path, to: &Path) {
-    tool(
-        "qemu-img",
-        &["convert", "-f", "qcow2", "-O", "raw", s(image), s(to)],
-    );
-}
-
-fn identical(a: &Path, b: &Path) -> bool {
-    Command::new("qemu-img")
-        .args(["compare", "-q", s(a), s(b)])
-        .status()
-        .unwrap()
-        .success()
 }
 
 fn stat(json: &Value, name: &str) -> u64 {

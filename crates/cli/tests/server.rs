@@ -18,7 +18,7 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
-use common::{noise, s, text, tool, walk};
+use common::{copy_now, guest_write, identical, noise, s, text, tool, walk};
 use serde_json::Value;
 use vbackup_remote::{RemoteBackend, RemoteConfig};
 use vbackup_storage::{Backend, ErrorKind};
@@ -230,26 +230,6 @@ fn refused(out: &Output, needle: &str) {
     assert!(!out.status.success(), "accepted: {}", text(out));
     assert!(stderr(out).contains(needle), "no {needle:?}: {}", text(out));
     assert!(!stderr(out).contains("panicked"), "{}", text(out));
-}
-
-fn guest_write(image: &Path, pattern: u8, offset: u64, len: u64) {
-    let cmd = format!("write -P {pattern} {offset} {len}");
-    tool("qemu-io", &["-f", "qcow2", "-c", &cmd, s(image)]);
-}
-
-fn copy_now(image: &Path, to: &Path) {
-    tool(
-        "qemu-img",
-        &["convert", "-f", "qcow2", "-O", "raw", s(image), s(to)],
-    );
-}
-
-fn identical(a: &Path, b: &Path) -> bool {
-    Command::new("qemu-img")
-        .args(["compare", "-q", s(a), s(b)])
-        .status()
-        .unwrap()
-        .success()
 }
 
 fn raw_image(path: &Path, len: usize, seed: u64) {

@@ -62,3 +62,27 @@ pub fn walk(dir: &Path) -> Vec<PathBuf> {
     }
     files
 }
+
+/// Writes `len` bytes of `pattern` at `offset` into the qcow2 `image`
+/// (with `qemu-io`), as a guest of a stopped VM's disk would have.
+pub fn guest_write(image: &Path, pattern: u8, offset: u64, len: u64) {
+    let cmd = format!("write -P {pattern} {offset} {len}");
+    tool("qemu-io", &["-f", "qcow2", "-c", &cmd, s(image)]);
+}
+
+/// A raw copy of the qcow2 `image`'s content now, to compare restores with.
+pub fn copy_now(image: &Path, to: &Path) {
+    tool(
+        "qemu-img",
+        &["convert", "-f", "qcow2", "-O", "raw", s(image), s(to)],
+    );
+}
+
+/// Whether two images hold the same content (`qemu-img compare`).
+pub fn identical(a: &Path, b: &Path) -> bool {
+    Command::new("qemu-img")
+        .args(["compare", "-q", s(a), s(b)])
+        .status()
+        .unwrap()
+        .success()
+}

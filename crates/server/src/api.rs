@@ -271,23 +271,38 @@ fn compare(access: &Access, key: &str, data: &[u8]) -> ApiResult<Existing> {
 }
 
 /// Refreshes an object's modification time without changing its bytes.
-fn touch(access: &Access, key: &str) -> ApiResult<()> {
+fn touch(access: &Access, key: &str) -> Result<(), StorageError> {
     let path = access.root().join(key);
     let result = fs::File::options()
         .write(true)
         .open(&path)
         .and_then(|f| f.set_modified(SystemTime::now()));
-    result.map_err(|e| StorageError::from_io(key, "refreshing the object's time", e).into())
+    result.map_err(|e| StorageError::from_io(key, "refreshing the object's time", e))
+}
+
+/// Refreshes an existing object's time; if it vanished since it was
+/// compared (a prune moved it to its trash), stores the upload as a new
+/// object, as a put after the move would.
+fn touch_or_write(access: &Access, key: &str, body: &[u8]) -> ApiResult<()> {
+    match touch(access, key) {
+        Err(e) if e.is_not_found() => Ok(access.backend.put(key, body)?),
+        other => Ok(other?),
+    }
 }
 
 async fn put_object(
     State(shared): State<AppState>,
     Path((repo, key)): Path<(String, String)>,
     headers: HeaderMap,
-    body: Bytes,
+    body: Body,
 ) -> ApiResult<Response> {
+    // Authenticated before the body is read, so a client without a valid
+    // token cannot make the server buffer anything.
     let access = authorize(&shared, &headers, &repo)?;
     check_key(&key)?;
+    let body = axum::body::to_bytes(body, MAX_BODY)
+        .await
+        .map_err(|e| ApiError::bad_request(format!("cannot read the request body: {e}")))?;
     blocking(move || {
         let role = access.token.role;
         if role == Role::Read {
@@ -308,11 +323,11 @@ async fn put_object(
                 Ok(StatusCode::CREATED.into_response())
             }
             PutDecision::Touch if existing == Existing::Different => {
-                touch(&access, &key)?;
+                touch_or_write(&access, &key, &body)?;
                 Ok((StatusCode::OK, [(KEPT_HEADER, "existing")]).into_response())
             }
             PutDecision::Touch => {
-                touch(&access, &key)?;
+                touch_or_write(&access, &key, &body)?;
                 Ok(StatusCode::OK.into_response())
             }
             PutDecision::Refuse(reason) => Err(ApiError::forbidden(reason)),

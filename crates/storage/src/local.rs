@@ -218,6 +218,10 @@ impl Backend for LocalBackend {
         }
     }
 
+    fn can_rename(&self) -> bool {
+        true
+    }
+
     fn rename(&self, from: &str, to: &str) -> Result<()> {
         let source = self.path_of(from)?;
         let target = self.path_of(to)?;

@@ -114,6 +114,10 @@ impl Backend for MemoryBackend {
         Ok(())
     }
 
+    fn can_rename(&self) -> bool {
+        true
+    }
+
     fn rename(&self, from: &str, to: &str) -> Result<()> {
         validate_key(to)?;
         let mut objects = self.lock();

@@ -154,6 +154,10 @@ impl<B: Backend> Backend for RetryBackend<B> {
         self.inner.rename(from, to)
     }
 
+    fn can_rename(&self) -> bool {
+        self.inner.can_rename()
+    }
+
     fn missing(&self, keys: &[String]) -> Result<Vec<String>> {
         self.retry(|| self.inner.missing(keys))
     }

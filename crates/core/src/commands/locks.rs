@@ -418,13 +418,53 @@ impl Lease {
             .find(|l| l.id != lease.id() && l.is_live() && l.kind().is_exclusive());
         if let Some(holder) = holder {
             let message = format!(
-                "cannot {kind}: the repository is locked by the {}; if that process is gone, `vbackup unlock --stale-only` removes the lock once it is stale (`vbackup locks` shows it)",
+                "cannot {}: the repository is locked by the {}; if that process is gone, `vbackup unlock --stale-only` removes the lock once it is stale (`vbackup locks` shows it)",
+                kind.verb(),
                 holder.describe()
             );
             lease.release()?;
             return Err(Error::Conflict(message));
         }
         Ok(lease)
+    }
+
+    /// Takes the repository for itself (a [`LockKind::PruneExclusive`]
+    /// lock): writes the lock, *then* lists the locks, and gives up (removing
+    /// its lock, naming the holders) when another live exclusive lock or any
+    /// live backup lease exists. Backups do the same in the other order
+    /// (lease, then listing), so of a backup and such a prune that start
+    /// together at least one sees the other. `stale_after` overrides the
+    /// leases' own stale limits when judging backups (never other exclusive
+    /// locks). Returns the lease and the locks it found.
+    pub fn stop_the_world(
+        repo: &Repository,
+        timing: LeaseTiming,
+        stale_after: Option<Duration>,
+    ) -> Result<(Self, Vec<LockInfo>)> {
+        let lease = Self::exclusive(repo, LockKind::PruneExclusive, timing)?;
+        let locks = match list_locks(repo, stale_after) {
+            Ok(locks) => locks,
+            Err(e) => {
+                lease.release()?;
+                return Err(e);
+            }
+        };
+        let backups: Vec<String> = locks
+            .iter()
+            .filter(|l| l.id != lease.id() && l.is_live() && !l.kind().is_exclusive())
+            .map(LockInfo::describe)
+            .collect();
+        if !backups.is_empty() {
+            let message = format!(
+                "cannot prune: the storage at {} cannot move objects atomically, so prune needs the repository to itself, and {} backup(s) are running: {}; nothing was changed — run prune when they have finished (a crashed backup's lease counts until it is stale; `vbackup locks` shows the leases, `vbackup unlock --stale-only` removes stale ones)",
+                repo.backend().location(),
+                backups.len(),
+                backups.join("; ")
+            );
+            lease.release()?;
+            return Err(Error::Conflict(message));
+        }
+        Ok((lease, locks))
     }
 
     /// The lock id.

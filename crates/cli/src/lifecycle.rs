@@ -425,7 +425,7 @@ pub fn locks(ctx: &Context) -> Result<()> {
         return Ok(());
     }
     println!(
-        "{:<8}  {:<7}  {:<16}  {:>8}  {:<24}  {:>7}  STATUS",
+        "{:<8}  {:<15}  {:<16}  {:>8}  {:<24}  {:>7}  STATUS",
         "ID", "KIND", "HOST", "PID", "STARTED", "AGE"
     );
     for lock in &locks {
@@ -442,7 +442,7 @@ fn print_lock(lock: &LockInfo) {
     };
     match &lock.lock {
         Some(l) => println!(
-            "{:<8}  {:<7}  {:<16}  {:>8}  {:<24}  {:>6}s  {status}",
+            "{:<8}  {:<15}  {:<16}  {:>8}  {:<24}  {:>6}s  {status}",
             short(&lock.id),
             l.kind.to_string(),
             l.host,

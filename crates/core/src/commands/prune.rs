@@ -14,7 +14,8 @@
 //!   was not written again after the list was made; else move it back.
 //!
 //! ARCHITECTURE.md ("Garbage collection") argues why no chunk that a
-//! finished or running backup needs is ever deleted.
+//! finished or running backup needs is ever deleted. Storage without
+//! atomic rename gets the exclusive prune of `prune_exclusive` instead.
 //!
 //! Memory: 40 bytes per stored chunk (id and size, sorted) plus one bit for
 //! "referenced", 32 bytes per id in pending lists; time: one listing of the

@@ -9,6 +9,11 @@
 //! the markers of snapshots that are whole again; puts back what an
 //! interrupted prune left in `trash/`; and removes old temporary files.
 //!
+//! On storage without atomic rename (plain S3) objects are put back by copy
+//! (they are named by their content), but damaged objects are not moved:
+//! when there are some, repair refuses after its check, before it changes
+//! anything (see ARCHITECTURE.md, "Check and repair").
+//!
 //! Healing: a chunk that is missing (or was moved to quarantine) is not in
 //! the repository's listing, so the next backup of a VM whose disk still
 //! holds that data stores it again under the same name — and every older

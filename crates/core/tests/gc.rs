@@ -9,6 +9,7 @@
 mod common;
 
 use std::collections::BTreeSet;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -21,7 +22,7 @@ use vbackup_core::{
     check, forget, prune, CheckOptions, Error, ErrorClass, ForgetOptions, Lease, LeaseTiming,
     Progress, PruneOptions, PruneReport, ReadData, Repository, Snapshot,
 };
-use vbackup_storage::{Backend, MemoryBackend, ObjectInfo};
+use vbackup_storage::{Backend, ErrorKind, MemoryBackend, ObjectInfo, StorageError};
 
 fn prune_with(repo: &Repository, grace: Duration) -> vbackup_core::Result<PruneReport> {
     let options = PruneOptions {
@@ -465,7 +466,9 @@ fn a_lease_is_refreshed_by_its_thread_and_removed_at_the_end() {
 
 /// The in-memory backend without `rename`, like plain S3: prune runs with
 /// the repository to itself.
-struct NoRename(Arc<MemoryBackend>);
+/// Chunk deletions fail once the count (of all deletions) is used up, as
+/// if the storage went away mid-sweep.
+struct NoRename(Arc<MemoryBackend>, AtomicUsize);
 
 impl Backend for NoRename {
     fn location(&self) -> String {
@@ -487,13 +490,26 @@ impl Backend for NoRename {
         self.0.stat(key)
     }
     fn delete(&self, key: &str) -> vbackup_storage::Result<()> {
+        let allowed = self
+            .1
+            .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |n| n.checked_sub(1))
+            .is_ok();
+        if key.starts_with("chunks/") && !allowed {
+            return Err(StorageError::new(ErrorKind::Other, key, "storage gone"));
+        }
         self.0.delete(key)
     }
 }
 
 /// The same repository opened through [`NoRename`].
 fn without_rename(backend: &Arc<MemoryBackend>) -> Repository {
-    let wrapped = Arc::new(NoRename(backend.clone()));
+    failing_after(backend, usize::MAX)
+}
+
+/// Like [`without_rename`], but chunk deletions fail after `deletes`
+/// deletions.
+fn failing_after(backend: &Arc<MemoryBackend>, deletes: usize) -> Repository {
+    let wrapped = Arc::new(NoRename(backend.clone(), AtomicUsize::new(deletes)));
     Repository::open(wrapped, || Ok(Some("pw".into()))).unwrap()
 }
 
@@ -765,4 +781,38 @@ fn without_rename_repair_refuses_to_quarantine_before_changing_anything() {
     backend.delete(&plan.quarantined[0]).unwrap();
     let repaired = vbackup_core::repair(&repo, &repair_options(), &Progress::new()).unwrap();
     assert_eq!(repaired.marked, vec![snapshots[3].id.clone()]);
+}
+
+/// An exclusive prune that stops half-way (here: the storage fails after
+/// three chunk deletions) leaves a consistent repository, no prune list,
+/// and no lock; the next prune deletes the rest.
+#[test]
+fn an_exclusive_prune_stopped_half_way_leaves_a_consistent_repository() {
+    let (backend, repo) = new_repo();
+    let (datas, snapshots) = history(&repo);
+    forget_keep_last(&repo, 1);
+    let keep = referenced(&repo);
+    let chunks_before = count(&backend, "chunks/");
+    let broken = failing_after(&backend, 3);
+    let options = PruneOptions {
+        threads: 1,
+        ..PruneOptions::default()
+    };
+    let err = prune(&broken, &options, &Progress::new()).unwrap_err();
+    assert!(err.to_string().contains("storage gone"), "{err}");
+    let deleted = chunks_before - count(&backend, "chunks/");
+    assert!((1..8).contains(&deleted), "{deleted} chunks deleted");
+    for prefix in ["prune/", "locks/", "trash/"] {
+        assert_eq!(count(&backend, prefix), 0, "{prefix} left behind");
+    }
+    assert!(keep.iter().all(|k| backend.stat(k).unwrap().is_some()));
+    let report = check_all(&repo);
+    assert!(report.is_clean(), "{report:?}");
+    let repo = without_rename(&backend);
+    backup(&repo, "c", &disk_data(2, 90));
+    let rest = prune_now(&repo);
+    assert_eq!(rest.deleted_chunks as usize, 8 - deleted, "{rest:?}");
+    for i in [2, 3] {
+        assert_eq!(restore(&repo, &snapshots[i]).unwrap(), datas[i]);
+    }
 }

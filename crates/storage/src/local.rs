@@ -330,6 +330,7 @@ mod tests {
     #[test]
     fn rename_moves_atomically_and_keeps_the_modification_time() {
         let (_dir, b) = backend();
+        assert!(b.can_rename());
         b.put("chunks/ab/abcd", b"hello").unwrap();
         let before = b.stat("chunks/ab/abcd").unwrap().unwrap();
         assert!(before.modified.is_some());

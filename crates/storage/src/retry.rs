@@ -235,6 +235,13 @@ mod tests {
     }
 
     #[test]
+    fn can_rename_is_the_inner_backends() {
+        assert!(!flaky(0, ErrorKind::Transient).can_rename());
+        let memory = RetryBackend::new(MemoryBackend::new(), RetryPolicy::default());
+        assert!(memory.can_rename());
+    }
+
+    #[test]
     fn transient_failures_are_retried_until_the_write_lands() {
         let backend = flaky(2, ErrorKind::Transient);
         backend.put("a", b"x").unwrap();

@@ -336,7 +336,7 @@ pub struct GcArgs {
     #[arg(long, default_value = "30m", value_name = "DURATION", value_parser = parse_duration)]
     pub grace: Duration,
     /// Treat locks not refreshed for this long as stale (default: each
-    /// lock's own limit, 10m).
+    /// lock's own limit, 10m). On S3 it can only lengthen the limits.
     #[arg(long, value_name = "DURATION", value_parser = parse_duration)]
     pub stale_after: Option<Duration>,
 }

@@ -634,6 +634,16 @@ fn without_rename_a_running_backup_or_another_prune_makes_prune_refuse() {
         vec![format!("locks/{}", lease.id())],
         "its lock removed"
     );
+
+    // A short --stale-after does not make a running backup look stale (the
+    // sleep makes the lease older than the override).
+    let hasty = PruneOptions {
+        stale_after: Some(Duration::ZERO),
+        ..PruneOptions::default()
+    };
+    std::thread::sleep(Duration::from_millis(1100));
+    let err = prune(&repo, &hasty, &Progress::new()).unwrap_err();
+    assert!(err.to_string().contains("1 backup(s) are running"), "{err}");
     lease.release().unwrap();
 
     let held = Lease::exclusive(&repo, LockKind::Prune, LeaseTiming::default()).unwrap();

@@ -123,6 +123,24 @@ pub fn list_locks(repo: &Repository, stale_after: Option<Duration>) -> Result<Ve
     Ok(locks)
 }
 
+/// Every lock, stale only when it is stale both by its own limit and by
+/// `stale_after` (which can therefore only lengthen the limits).
+pub(crate) fn list_locks_carefully(
+    repo: &Repository,
+    stale_after: Option<Duration>,
+) -> Result<Vec<LockInfo>> {
+    let mut locks = list_locks(repo, None)?;
+    if stale_after.is_some() {
+        let longer = list_locks(repo, stale_after)?;
+        for lock in &mut locks {
+            if longer.iter().any(|l| l.id == lock.id && l.is_live()) {
+                lock.stale = None;
+            }
+        }
+    }
+    Ok(locks)
+}
+
 fn is_gone(error: &Error) -> bool {
     matches!(error, Error::Storage(e) if e.is_not_found())
 }
@@ -433,16 +451,17 @@ impl Lease {
     /// its lock, naming the holders) when another live exclusive lock or any
     /// live backup lease exists. Backups do the same in the other order
     /// (lease, then listing), so of a backup and such a prune that start
-    /// together at least one sees the other. `stale_after` overrides the
-    /// leases' own stale limits when judging backups (never other exclusive
-    /// locks). Returns the lease and the locks it found.
+    /// together at least one sees the other. `stale_after` can only
+    /// lengthen the locks' own stale limits here: with no other line of
+    /// defence, judging a running backup stale early would let the prune
+    /// delete chunks it reuses. Returns the lease and the locks it found.
     pub fn stop_the_world(
         repo: &Repository,
         timing: LeaseTiming,
         stale_after: Option<Duration>,
     ) -> Result<(Self, Vec<LockInfo>)> {
         let lease = Self::exclusive(repo, LockKind::PruneExclusive, timing)?;
-        let locks = match list_locks(repo, stale_after) {
+        let locks = match list_locks_carefully(repo, stale_after) {
             Ok(locks) => locks,
             Err(e) => {
                 lease.release()?;

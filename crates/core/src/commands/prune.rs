@@ -55,7 +55,8 @@ pub struct PruneOptions {
     /// Worker threads for the sweep (at least 8 are used: they mostly wait
     /// on the storage).
     pub threads: usize,
-    /// Overrides the holders' own stale limits when judging leases.
+    /// Overrides the holders' own stale limits when judging leases (an
+    /// exclusive prune, on storage without rename, only lets it lengthen them).
     pub stale_after: Option<Duration>,
 }
 

@@ -8,7 +8,8 @@
 //!
 //! 1. Take a `prune-exclusive` lock: write it, *then* list the locks, and
 //!    give up (removing it, naming the holders) if another live exclusive
-//!    lock or any live backup lease exists ([`Lease::stop_the_world`]).
+//!    lock or any live backup lease exists ([`Lease::stop_the_world`];
+//!    `--stale-after` can only lengthen the leases' limits here).
 //!    Backups write their lease, *then* list the locks, and give up if they
 //!    find a live `prune-exclusive` lock (`backup_guard`). With
 //!    read-after-write and consistent listings, of a backup and a prune
@@ -34,7 +35,7 @@
 
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 
-use super::locks::{list_locks, Lease, LeaseTiming};
+use super::locks::{list_locks_carefully, Lease, LeaseTiming};
 use super::prune::{
     describe_stale, list_chunk_sizes, list_index_sizes, list_prune_lists, restore_trash,
     PruneOptions, PruneReport, References, Stored, SWEEP_MIN_WORKERS,
@@ -54,7 +55,7 @@ pub(crate) fn prune_exclusive(
         ..PruneReport::default()
     };
     if options.dry_run {
-        report.stale_locks = describe_stale(&list_locks(repo, options.stale_after)?);
+        report.stale_locks = describe_stale(&list_locks_carefully(repo, options.stale_after)?);
         Exclusive {
             repo,
             options,

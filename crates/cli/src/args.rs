@@ -30,10 +30,12 @@ pub struct Cli {
 /// The exit codes, shown under `--help`.
 pub const EXIT_CODES: &str = "Exit codes:
   0    success
-  1    the operation failed (I/O, storage, source image)
+  1    the operation failed (I/O, storage, source image, a lock held by
+       another process: e.g. a backup while a prune has an S3 repository)
   2    bad usage: wrong arguments, no repository, unsupported format version
   3    damaged data found (check, verify) or met (restore); prune refused
-       because snapshots or indexes are unreadable (run repair first)
+       because snapshots or indexes are unreadable (run repair first);
+       repair refused to quarantine on S3
   4    wrong or missing passphrase
   130  interrupted (Ctrl-C, SIGTERM); nothing was recorded";
 
@@ -100,7 +102,8 @@ pub enum Command {
     Verify,
     /// Remove snapshots by retention rules (UTC time buckets), per VM by default.
     Forget(ForgetArgs),
-    /// Delete the chunks and indexes no snapshot references; safe while backups run.
+    /// Delete the chunks and indexes no snapshot references; safe while backups run
+    /// (on S3: takes the repository to itself, refusing backups meanwhile).
     Prune(PruneArgs),
     /// Mark damaged snapshots, move damaged objects to quarantine/, clear healed markers.
     Repair(RepairArgs),
@@ -328,11 +331,12 @@ impl KeepArgs {
 pub struct GcArgs {
     /// Delete only objects an earlier prune marked at least this long ago
     /// (e.g. 30m, 2h; 0 deletes what this run marks, once no running backup
-    /// predates it).
+    /// predates it). Not used on S3, where prune has the repository to
+    /// itself and deletes at once.
     #[arg(long, default_value = "30m", value_name = "DURATION", value_parser = parse_duration)]
     pub grace: Duration,
     /// Treat locks not refreshed for this long as stale (default: each
-    /// lock's own limit, 10m).
+    /// lock's own limit, 10m). On S3 it can only lengthen the limits.
     #[arg(long, value_name = "DURATION", value_parser = parse_duration)]
     pub stale_after: Option<Duration>,
 }

@@ -121,25 +121,9 @@ fn run_prune(ctx: &Context, repo: &Repository, options: &PruneOptions) -> Result
     )?)
 }
 
-/// Refuses a prune that would delete on an S3 repository before it writes
-/// anything: plain S3 has no atomic rename, which the sweep needs (see
-/// ARCHITECTURE.md), so it would stop at its first move anyway.
-fn refuse_prune_on_s3(repo: &Repository, dry_run: bool) -> Result<()> {
-    let location = repo.backend().location();
-    if !dry_run && vbackup_s3::is_s3(&location) {
-        anyhow::bail!(
-            "prune is not available for S3 repositories yet ({location}): plain S3 has no \
-             atomic rename, which prune needs to delete safely while backups run; nothing \
-             was changed (forget works; --dry-run shows what prune would mark)"
-        );
-    }
-    Ok(())
-}
-
 /// `vbackup prune`.
 pub fn prune(ctx: &Context, args: &PruneArgs) -> Result<()> {
     let repo = ctx.open()?;
-    refuse_prune_on_s3(&repo, args.dry_run)?;
     let started = std::time::Instant::now();
     let report = run_prune(ctx, &repo, &prune_options(ctx, &args.gc, args.dry_run))?;
     if !ctx.json(&report)? {
@@ -164,6 +148,11 @@ fn print_prune(ctx: &Context, r: &PruneReport, seconds: f64) {
             "  put back {} object(s) an interrupted prune left in trash/",
             r.trash_restored
         ));
+    }
+    if r.exclusive {
+        print_exclusive(ctx, r, would);
+        ctx.say(format!("  done in {seconds:.1} s"));
+        return;
     }
     ctx.say(format!(
         "  {would}mark {} chunk(s) and {} index(es), {}, as unreferenced{}",
@@ -205,6 +194,31 @@ fn print_prune(ctx: &Context, r: &PruneReport, seconds: f64) {
     ctx.say(format!("  done in {seconds:.1} s"));
 }
 
+/// The rest of a prune's summary when it had the repository to itself
+/// (storage without atomic rename).
+fn print_exclusive(ctx: &Context, r: &PruneReport, would: &str) {
+    ctx.say(format!(
+        "  {would}delete {} unreferenced chunk(s) and {} index(es): {} {}",
+        r.deleted_chunks,
+        r.deleted_indexes,
+        human_bytes(r.freed_bytes),
+        if r.dry_run { "would be freed" } else { "freed" }
+    ));
+    ctx.say(format!(
+        "  this storage cannot move objects atomically, so prune {} the repository to itself: backups that start meanwhile are refused (no grace period applies)",
+        if r.dry_run { "would take" } else { "took" }
+    ));
+    if r.lists_removed > 0 {
+        ctx.say(format!(
+            "  removed {} pending list(s) and deletion log(s) left by an earlier prune",
+            r.lists_removed
+        ));
+    }
+    for lock in &r.stale_locks {
+        ctx.say(format!("  ignored {lock}"));
+    }
+}
+
 #[derive(Serialize)]
 struct ForgetOutput {
     forget: ForgetReport,
@@ -215,9 +229,6 @@ struct ForgetOutput {
 /// `vbackup forget`.
 pub fn forget(ctx: &Context, args: &ForgetArgs) -> Result<()> {
     let repo = ctx.open()?;
-    if args.prune {
-        refuse_prune_on_s3(&repo, args.dry_run)?;
-    }
     let options = ForgetOptions {
         keep: args.keep.rules(),
         group_by: args.keep.group_by,
@@ -414,7 +425,7 @@ pub fn locks(ctx: &Context) -> Result<()> {
         return Ok(());
     }
     println!(
-        "{:<8}  {:<7}  {:<16}  {:>8}  {:<24}  {:>7}  STATUS",
+        "{:<8}  {:<15}  {:<16}  {:>8}  {:<24}  {:>7}  STATUS",
         "ID", "KIND", "HOST", "PID", "STARTED", "AGE"
     );
     for lock in &locks {
@@ -431,7 +442,7 @@ fn print_lock(lock: &LockInfo) {
     };
     match &lock.lock {
         Some(l) => println!(
-            "{:<8}  {:<7}  {:<16}  {:>8}  {:<24}  {:>6}s  {status}",
+            "{:<8}  {:<15}  {:<16}  {:>8}  {:<24}  {:>6}s  {status}",
             short(&lock.id),
             l.kind.to_string(),
             l.host,

@@ -22,6 +22,8 @@ use std::time::Duration;
 use common::{copy_now, guest_write, identical, noise, s, text, tool};
 use garage::Garage;
 use serde_json::Value;
+use vbackup_core::format::lifecycle::LockKind;
+use vbackup_core::{Lease, LeaseTiming, Repository};
 
 const MIB: u64 = 1 << 20;
 
@@ -203,18 +205,125 @@ fn full_and_incremental_backups_restore_identical_from_garage() {
     let verify = env.ok(&["verify"]);
     assert!(verify.contains("no damage found"), "{verify}");
 
-    // Plain S3 has no atomic rename: prune refuses before writing
-    // anything, forget works, nothing a snapshot needs goes.
-    let err = env.fails(&["forget", "--keep-last", "1", "--prune"]);
-    assert!(err.contains("no atomic rename"), "{err}");
-    env.ok(&["forget", "--keep-last", "1"]);
-    let err = env.fails(&["prune", "--grace", "0"]);
-    assert!(err.contains("prune is not available for S3"), "{err}");
-    let check = env.ok(&["check"]);
-    assert!(!check.contains("prune/"), "prune left lists: {check}");
-    env.ok(&["prune", "--dry-run"]);
     let latest = env.restore("latest", "vm");
     assert!(identical(&env.path("at-inc.raw"), &latest));
+}
+
+/// The repository at `env.repo` opened in this process, to hold locks the
+/// way a running backup or prune would. nextest runs every test in its own
+/// process, so setting the credential variables touches no other test.
+fn engine(env: &Env) -> Repository {
+    let garage = env.garage();
+    std::env::set_var("AWS_ACCESS_KEY_ID", &garage.key_id);
+    std::env::set_var("AWS_SECRET_ACCESS_KEY", &garage.secret);
+    std::env::set_var("AWS_REGION", garage::REGION);
+    std::env::remove_var("AWS_PROFILE");
+    let backend = vbackup_s3::open(&env.repo).unwrap();
+    Repository::open(Arc::new(backend), || Ok(Some("pw".into()))).unwrap()
+}
+
+fn json(out: &str) -> Value {
+    serde_json::from_str(out).unwrap_or_else(|e| panic!("{e}: {out}"))
+}
+
+fn num(json: &Value, name: &str) -> u64 {
+    json[name]
+        .as_u64()
+        .unwrap_or_else(|| panic!("no {name} in {json}"))
+}
+
+/// Plain S3 cannot rename: prune takes the repository to itself. It is
+/// refused while a backup runs, refuses backups while it runs, and deletes
+/// exactly what no snapshot needs.
+#[test]
+fn prune_reclaims_space_on_s3_with_the_repository_to_itself() {
+    let env = Env::new(Garage::single(), "repos/prune");
+    env.ok(&["init"]);
+    let image = noisy_qcow2(env.dir.path(), "vm", 32 * MIB, 24 * MIB, 5);
+    env.backup("web", &image, &[]);
+    guest_write(&image, 0x31, 0, 4 * MIB);
+    env.backup("web", &image, &[]);
+    guest_write(&image, 0x32, 12 * MIB, 4 * MIB);
+    env.backup("web", &image, &[]);
+    copy_now(&image, &env.path("at-last.raw"));
+    let repo = engine(&env);
+
+    // A running backup (its lease) stops the prune before it changes anything.
+    let lease = Lease::start(&repo, LockKind::Backup, LeaseTiming::default()).unwrap();
+    let out = env.run(&["prune"]);
+    assert_eq!(out.status.code(), Some(1), "{}", text(&out));
+    let err = String::from_utf8_lossy(&out.stderr);
+    eprintln!("{err}");
+    assert!(
+        err.contains("1 backup(s) are running") && err.contains(&lease.id()[..8]),
+        "{err}"
+    );
+    lease.release().unwrap();
+    let locks = json(&env.ok(&["--json", "locks"]));
+    assert_eq!(locks.as_array().unwrap().len(), 0, "{locks}");
+
+    let admin = env.garage().admin_port(0);
+    let deletes_before = s3_requests(admin, "DeleteObject");
+    let out = json(&env.ok(&["--json", "forget", "--keep-last", "1", "--prune"]));
+    assert_eq!(out["forget"]["removed"], 2, "{out}");
+    let prune = &out["prune"];
+    assert_eq!(prune["exclusive"], true, "{prune}");
+    // The first backup's first chunk and the chunk the third overwrote
+    // (4 MiB chunks), and the two older indexes.
+    assert_eq!(num(prune, "deleted-chunks"), 2, "{prune}");
+    assert_eq!(num(prune, "deleted-indexes"), 2, "{prune}");
+    let deletes = s3_requests(admin, "DeleteObject") - deletes_before;
+    assert!(deletes >= 4, "{deletes} DeleteObject requests: {prune}");
+    let summary = env.ok(&["prune", "--dry-run"]);
+    eprintln!("{summary}");
+    assert!(
+        summary.contains("would take the repository to itself"),
+        "{summary}"
+    );
+    let after = json(&env.ok(&["--json", "prune", "--dry-run"]));
+    assert_eq!(
+        num(&after, "chunks"),
+        num(prune, "chunks") - 2,
+        "chunk objects left: {after}"
+    );
+    assert_eq!(num(&after, "deleted-chunks"), 0, "{after}");
+    assert!(identical(
+        &env.path("at-last.raw"),
+        &env.restore("latest", "vm")
+    ));
+    let check = env.ok(&["check", "--read-data"]);
+    assert!(check.contains("no damage found"), "{check}");
+    assert!(
+        !check.contains("prune/") && !check.contains("locks/"),
+        "{check}"
+    );
+
+    // While a prune holds the repository, a backup is refused and leaves
+    // nothing behind.
+    let (lock, _) = Lease::stop_the_world(&repo, LeaseTiming::default(), None).unwrap();
+    guest_write(&image, 0x33, 20 * MIB, 4 * MIB);
+    let out = env.run(&["backup", "--vm", "web", s(&image)]);
+    assert_eq!(out.status.code(), Some(1), "{}", text(&out));
+    let err = String::from_utf8_lossy(&out.stderr);
+    eprintln!("{err}");
+    assert!(
+        err.contains("needs the repository to itself") && err.contains("retry when it ends"),
+        "{err}"
+    );
+    let locks = json(&env.ok(&["--json", "locks"]));
+    let ids: Vec<&str> = locks
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|l| l["id"].as_str().unwrap())
+        .collect();
+    assert_eq!(ids, vec![lock.id()], "the backup's lease is gone: {locks}");
+    let stats = json(&env.ok(&["--json", "stats"]));
+    assert_eq!(num(&stats, "snapshots"), 1, "{stats}");
+    assert_eq!(num(&stats, "unreferenced-chunks"), 0, "{stats}");
+    lock.release().unwrap();
+    let done = env.backup("web", &image, &[]);
+    assert!(stat(&done, "chunks-new") >= 1, "{done}");
 }
 
 #[test]

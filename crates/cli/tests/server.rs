@@ -339,7 +339,12 @@ fn backup_tokens_are_append_only_and_read_tokens_read() {
         &env.admin,
         &["forget", "--keep-last", "1", "--prune", "--grace", "0"],
     );
-    env.ok(&env.admin, &["prune", "--grace", "0"]);
+    let prune = env.ok(&env.admin, &["--json", "prune", "--grace", "0"]);
+    let prune: Value = serde_json::from_str(&prune).unwrap();
+    assert_eq!(
+        prune["exclusive"], false,
+        "the server renames, so prune runs alongside backups: {prune}"
+    );
     env.ok(&env.read, &["verify"]);
 }
 

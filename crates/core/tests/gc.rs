@@ -8,6 +8,9 @@
 
 mod common;
 
+use std::collections::BTreeSet;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Arc;
 use std::time::Duration;
 
 use common::{backup, backup_disk, disk_data, new_repo, restore, MemDisk};
@@ -19,7 +22,7 @@ use vbackup_core::{
     check, forget, prune, CheckOptions, Error, ErrorClass, ForgetOptions, Lease, LeaseTiming,
     Progress, PruneOptions, PruneReport, ReadData, Repository, Snapshot,
 };
-use vbackup_storage::{Backend, MemoryBackend};
+use vbackup_storage::{Backend, ErrorKind, MemoryBackend, ObjectInfo, StorageError};
 
 fn prune_with(repo: &Repository, grace: Duration) -> vbackup_core::Result<PruneReport> {
     let options = PruneOptions {
@@ -459,4 +462,367 @@ fn a_lease_is_refreshed_by_its_thread_and_removed_at_the_end() {
     lease.check_fresh().unwrap();
     drop(lease);
     assert!(backend.stat(&key).unwrap().is_none());
+}
+
+/// The in-memory backend without `rename`, like plain S3: prune runs with
+/// the repository to itself.
+/// Chunk deletions fail once the count (of all deletions) is used up, as
+/// if the storage went away mid-sweep.
+struct NoRename(Arc<MemoryBackend>, AtomicUsize);
+
+impl Backend for NoRename {
+    fn location(&self) -> String {
+        "memory-without-rename".into()
+    }
+    fn put(&self, key: &str, data: &[u8]) -> vbackup_storage::Result<()> {
+        self.0.put(key, data)
+    }
+    fn get(&self, key: &str) -> vbackup_storage::Result<Vec<u8>> {
+        self.0.get(key)
+    }
+    fn get_range(&self, key: &str, offset: u64, length: u64) -> vbackup_storage::Result<Vec<u8>> {
+        self.0.get_range(key, offset, length)
+    }
+    fn list(&self, prefix: &str) -> vbackup_storage::Result<Vec<ObjectInfo>> {
+        self.0.list(prefix)
+    }
+    fn stat(&self, key: &str) -> vbackup_storage::Result<Option<ObjectInfo>> {
+        self.0.stat(key)
+    }
+    fn delete(&self, key: &str) -> vbackup_storage::Result<()> {
+        let allowed = self
+            .1
+            .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |n| n.checked_sub(1))
+            .is_ok();
+        if key.starts_with("chunks/") && !allowed {
+            return Err(StorageError::new(ErrorKind::Other, key, "storage gone"));
+        }
+        self.0.delete(key)
+    }
+}
+
+/// The same repository opened through [`NoRename`].
+fn without_rename(backend: &Arc<MemoryBackend>) -> Repository {
+    failing_after(backend, usize::MAX)
+}
+
+/// Like [`without_rename`], but chunk deletions fail after `deletes`
+/// deletions.
+fn failing_after(backend: &Arc<MemoryBackend>, deletes: usize) -> Repository {
+    let wrapped = Arc::new(NoRename(backend.clone(), AtomicUsize::new(deletes)));
+    Repository::open(wrapped, || Ok(Some("pw".into()))).unwrap()
+}
+
+fn keys(backend: &MemoryBackend, prefix: &str) -> BTreeSet<String> {
+    backend
+        .list(prefix)
+        .unwrap()
+        .into_iter()
+        .map(|o| o.key)
+        .collect()
+}
+
+/// The chunk and index names the snapshots in the repository reference.
+fn referenced(repo: &Repository) -> BTreeSet<String> {
+    let mut names = BTreeSet::new();
+    for object in repo.backend().list("snapshots/").unwrap() {
+        let snapshot = repo
+            .read_snapshot(&object.key["snapshots/".len()..])
+            .unwrap();
+        for disk in &snapshot.manifest.disks {
+            names.insert(disk.index.clone());
+            let index = repo.read_index(&disk.index).unwrap();
+            names.extend(index.chunks.iter().flatten().map(Repository::chunk_key));
+        }
+    }
+    names
+}
+
+fn stale_lock(kind: LockKind) -> LockFile {
+    LockFile {
+        version: 1,
+        kind,
+        host: "crashed-host".into(),
+        pid: 4242,
+        started: "2020-01-01T00:00:00Z".into(),
+        refreshed: "2020-01-01T00:00:00Z".into(),
+        stale_after_secs: 600,
+        domain: None,
+        process_start: None,
+        pending_seen: vec![],
+    }
+}
+
+#[test]
+fn without_rename_prune_deletes_exactly_the_unreferenced_objects_at_once() {
+    let (backend, repo) = new_repo();
+    let (datas, snapshots) = history(&repo);
+    forget_keep_last(&repo, 1);
+    let repo = without_rename(&backend);
+    let keep = referenced(&repo);
+    let stored: BTreeSet<String> = keys(&backend, "chunks/")
+        .into_iter()
+        .chain(keys(&backend, "indexes/"))
+        .collect();
+
+    let before = backend.list("").unwrap();
+    let dry = PruneOptions {
+        dry_run: true,
+        ..PruneOptions::default()
+    };
+    let plan = prune(&repo, &dry, &Progress::new()).unwrap();
+    assert!(plan.exclusive);
+    assert_eq!(
+        (plan.deleted_chunks, plan.deleted_indexes),
+        (8, 2),
+        "{plan:?}"
+    );
+    assert_eq!(
+        backend.list("").unwrap(),
+        before,
+        "a dry run changes nothing"
+    );
+
+    // The default grace period does not hold anything back: no backup can
+    // run meanwhile.
+    let report = prune(&repo, &PruneOptions::default(), &Progress::new()).unwrap();
+    assert!(report.exclusive);
+    assert_eq!((report.marked_chunks, report.deleted_chunks), (8, 8));
+    assert_eq!(report.deleted_indexes, 2);
+    assert_eq!(report.freed_bytes, plan.freed_bytes);
+    assert_eq!(report.referenced_chunks, 8 + 6);
+    assert!(report.pending_list.is_none() && report.swept_lists.is_empty());
+    let left: BTreeSet<String> = keys(&backend, "chunks/")
+        .into_iter()
+        .chain(keys(&backend, "indexes/"))
+        .collect();
+    assert_eq!(left, keep, "exactly the referenced objects stay");
+    assert_eq!(stored.difference(&left).count(), 10);
+    for prefix in ["prune/", "locks/", "trash/"] {
+        assert_eq!(count(&backend, prefix), 0, "{prefix} left behind");
+    }
+    for i in [2, 3] {
+        assert_eq!(restore(&repo, &snapshots[i]).unwrap(), datas[i]);
+    }
+    assert!(check_all(&repo).is_clean());
+    let again = prune(&repo, &PruneOptions::default(), &Progress::new()).unwrap();
+    assert_eq!((again.marked_chunks, again.deleted_chunks), (0, 0));
+}
+
+#[test]
+fn without_rename_a_running_backup_or_another_prune_makes_prune_refuse() {
+    let (backend, repo) = new_repo();
+    history(&repo);
+    forget_keep_last(&repo, 1);
+    let repo = without_rename(&backend);
+    let chunks = keys(&backend, "chunks/");
+
+    let lease = Lease::start(&repo, LockKind::Backup, LeaseTiming::default()).unwrap();
+    let err = prune_with(&repo, Duration::ZERO).unwrap_err();
+    assert!(matches!(err, Error::Conflict(_)), "{err}");
+    let text = err.to_string();
+    assert!(
+        text.contains("1 backup(s) are running")
+            && text.contains(&lease.id()[..8])
+            && text.contains("to itself"),
+        "{text}"
+    );
+    assert_eq!(keys(&backend, "chunks/"), chunks, "nothing deleted");
+    let locks: Vec<String> = keys(&backend, "locks/").into_iter().collect();
+    assert_eq!(
+        locks,
+        vec![format!("locks/{}", lease.id())],
+        "its lock removed"
+    );
+
+    // A short --stale-after does not make a running backup look stale (the
+    // sleep makes the lease older than the override).
+    let hasty = PruneOptions {
+        stale_after: Some(Duration::ZERO),
+        ..PruneOptions::default()
+    };
+    std::thread::sleep(Duration::from_millis(1100));
+    let err = prune(&repo, &hasty, &Progress::new()).unwrap_err();
+    assert!(err.to_string().contains("1 backup(s) are running"), "{err}");
+    lease.release().unwrap();
+
+    let held = Lease::exclusive(&repo, LockKind::Prune, LeaseTiming::default()).unwrap();
+    let err = prune_with(&repo, Duration::ZERO).unwrap_err();
+    assert!(err.to_string().contains("prune lock"), "{err}");
+    held.release().unwrap();
+
+    assert_eq!(prune_now(&repo).deleted_chunks, 8);
+}
+
+#[test]
+fn a_backup_refuses_while_a_prune_has_the_repository_to_itself_and_leaves_nothing() {
+    let (backend, repo) = new_repo();
+    history(&repo);
+    let repo = without_rename(&backend);
+    let (lock, _) = Lease::stop_the_world(&repo, LeaseTiming::default(), None).unwrap();
+    let before = keys(&backend, "");
+    let err = backup_disk(&repo, "a", MemDisk::new(disk_data(3, 77))).unwrap_err();
+    assert!(matches!(err, Error::Conflict(_)), "{err}");
+    let text = err.to_string();
+    assert!(
+        text.contains("needs the repository to itself")
+            && text.contains("retry when it ends")
+            && text.contains(&format!("pid {}", std::process::id())),
+        "{text}"
+    );
+    assert_eq!(keys(&backend, ""), before, "the backup left nothing");
+    // A second exclusive prune is refused too.
+    let err = prune_now_err(&repo);
+    assert!(err.contains("prune-exclusive lock"), "{err}");
+    lock.release().unwrap();
+    backup(&repo, "a", &disk_data(3, 77));
+}
+
+fn prune_now_err(repo: &Repository) -> String {
+    prune_with(repo, Duration::ZERO).unwrap_err().to_string()
+}
+
+#[test]
+fn stale_locks_neither_stop_an_exclusive_prune_nor_the_backups_after_it() {
+    let (backend, repo) = new_repo();
+    history(&repo);
+    forget_keep_last(&repo, 1);
+    let repo = without_rename(&backend);
+    for (i, kind) in [LockKind::Backup, LockKind::PruneExclusive]
+        .into_iter()
+        .enumerate()
+    {
+        let key = format!("locks/{}{i}", "0".repeat(31));
+        repo.put_sealed_json(ObjectKind::Lock, &key, &stale_lock(kind))
+            .unwrap();
+        backend.set_modified(&key, std::time::UNIX_EPOCH);
+    }
+    let report = prune_now(&repo);
+    assert_eq!(report.deleted_chunks, 8);
+    assert_eq!(report.stale_locks.len(), 2, "{report:?}");
+    assert!(
+        report.stale_locks[1].contains("prune-exclusive lock"),
+        "{report:?}"
+    );
+    backup(&repo, "a", &disk_data(3, 78));
+    assert_eq!(vbackup_core::unlock(&repo, &[], true).unwrap().len(), 2);
+}
+
+/// What a concurrent prune elsewhere left (a pending list, a deletion log,
+/// objects in `trash/`, e.g. in a repository copied to S3) is put back or
+/// removed, so later backups load nothing.
+#[test]
+fn an_exclusive_prune_cleans_up_what_a_concurrent_prune_left() {
+    let (backend, repo) = new_repo();
+    let (datas, snapshots) = history(&repo);
+    forget_keep_last(&repo, 1);
+    let marked = prune_with(&repo, Duration::from_secs(3600)).unwrap();
+    let list = marked.pending_list.unwrap();
+    let content = PruneList::decode(
+        &list,
+        &repo.get_sealed(ObjectKind::PruneList, &list).unwrap(),
+    )
+    .unwrap();
+    let mut log = content.clone();
+    log.kind = PruneListKind::Deleting;
+    repo.put_sealed(
+        ObjectKind::PruneList,
+        "prune/deleting-20260101T000000Z-00000001",
+        &log.encode().unwrap(),
+    )
+    .unwrap();
+    // One referenced chunk sits in the trash, as a sweep killed between
+    // its rename and its move back would leave it.
+    let kept = Repository::chunk_key(
+        &repo
+            .read_index(&snapshots[2].manifest.disks[0].index)
+            .unwrap()
+            .chunks[0]
+            .unwrap(),
+    );
+    backend.rename(&kept, &format!("trash/{kept}")).unwrap();
+    let trashed = Repository::chunk_key(&content.chunks[0]);
+    backend
+        .rename(&trashed, &format!("trash/{trashed}"))
+        .unwrap();
+
+    let repo = without_rename(&backend);
+    let report = prune_now(&repo);
+    assert_eq!((report.trash_restored, report.lists_removed), (2, 2));
+    assert_eq!(report.deleted_chunks, 8, "{report:?}");
+    for prefix in ["prune/", "trash/", "locks/"] {
+        assert_eq!(count(&backend, prefix), 0, "{prefix}");
+    }
+    assert!(backend.stat(&kept).unwrap().is_some());
+    for i in [2, 3] {
+        assert_eq!(restore(&repo, &snapshots[i]).unwrap(), datas[i]);
+    }
+    assert!(check_all(&repo).is_clean());
+}
+
+#[test]
+fn without_rename_repair_refuses_to_quarantine_before_changing_anything() {
+    let (backend, repo) = new_repo();
+    let (_, snapshots) = history(&repo);
+    let index = repo
+        .read_index(&snapshots[3].manifest.disks[0].index)
+        .unwrap();
+    let chunk = Repository::chunk_key(&index.chunks[1].unwrap());
+    let mut bytes = backend.get(&chunk).unwrap();
+    bytes[30] ^= 1;
+    backend.corrupt(&chunk, bytes);
+    let repo = without_rename(&backend);
+    let before = backend.list("").unwrap();
+    let err = vbackup_core::repair(&repo, &repair_options(), &Progress::new()).unwrap_err();
+    assert!(matches!(err, Error::Refused(_)), "{err}");
+    let text = err.to_string();
+    assert!(
+        text.contains(&chunk) && text.contains("cannot move objects atomically"),
+        "{text}"
+    );
+    assert_eq!(backend.list("").unwrap(), before, "nothing changed");
+    let dry = vbackup_core::RepairOptions {
+        dry_run: true,
+        ..repair_options()
+    };
+    let plan = vbackup_core::repair(&repo, &dry, &Progress::new()).unwrap();
+    assert_eq!(plan.quarantined, vec![chunk]);
+    // Without damage to move, repair runs (it writes markers only).
+    backend.delete(&plan.quarantined[0]).unwrap();
+    let repaired = vbackup_core::repair(&repo, &repair_options(), &Progress::new()).unwrap();
+    assert_eq!(repaired.marked, vec![snapshots[3].id.clone()]);
+}
+
+/// An exclusive prune that stops half-way (here: the storage fails after
+/// three chunk deletions) leaves a consistent repository, no prune list,
+/// and no lock; the next prune deletes the rest.
+#[test]
+fn an_exclusive_prune_stopped_half_way_leaves_a_consistent_repository() {
+    let (backend, repo) = new_repo();
+    let (datas, snapshots) = history(&repo);
+    forget_keep_last(&repo, 1);
+    let keep = referenced(&repo);
+    let chunks_before = count(&backend, "chunks/");
+    let broken = failing_after(&backend, 3);
+    let options = PruneOptions {
+        threads: 1,
+        ..PruneOptions::default()
+    };
+    let err = prune(&broken, &options, &Progress::new()).unwrap_err();
+    assert!(err.to_string().contains("storage gone"), "{err}");
+    let deleted = chunks_before - count(&backend, "chunks/");
+    assert!((1..8).contains(&deleted), "{deleted} chunks deleted");
+    for prefix in ["prune/", "locks/", "trash/"] {
+        assert_eq!(count(&backend, prefix), 0, "{prefix} left behind");
+    }
+    assert!(keep.iter().all(|k| backend.stat(k).unwrap().is_some()));
+    let report = check_all(&repo);
+    assert!(report.is_clean(), "{report:?}");
+    let repo = without_rename(&backend);
+    backup(&repo, "c", &disk_data(2, 90));
+    let rest = prune_now(&repo);
+    assert_eq!(rest.deleted_chunks as usize, 8 - deleted, "{rest:?}");
+    for i in [2, 3] {
+        assert_eq!(restore(&repo, &snapshots[i]).unwrap(), datas[i]);
+    }
 }

@@ -566,6 +566,10 @@ impl Backend for RemoteBackend {
         }
     }
 
+    fn can_rename(&self) -> bool {
+        true
+    }
+
     fn rename(&self, from: &str, to: &str) -> Result<()> {
         validate_key(from)?;
         validate_key(to)?;

@@ -17,7 +17,8 @@
 //! blocking [`Backend`](vbackup_storage::Backend) interface over a private
 //! tokio runtime, the error classification, and the presence check at open.
 //! Plain S3 has no atomic rename, so `rename` keeps the trait's refusal and
-//! `prune` refuses on S3 repositories.
+//! `can_rename` is false: `prune` runs with the repository to itself on S3
+//! repositories (backups are refused meanwhile).
 #![deny(missing_docs)]
 
 mod backend;

@@ -90,8 +90,9 @@ pub trait Backend: Send + Sync {
     /// object may be found under either name.
     ///
     /// Backends that cannot offer this (plain S3 has no rename) keep the
-    /// default, which refuses with [`ErrorKind::Unsupported`]; `prune` and
-    /// `repair` then refuse too instead of deleting unsafely.
+    /// default, which refuses with [`ErrorKind::Unsupported`], and report
+    /// `false` from [`Backend::can_rename`]: `prune` then runs with the
+    /// repository to itself, and `repair` refuses to quarantine.
     fn rename(&self, from: &str, to: &str) -> Result<()> {
         let _ = to;
         Err(StorageError::new(
@@ -102,6 +103,14 @@ pub trait Backend: Send + Sync {
                 self.location()
             ),
         ))
+    }
+
+    /// Whether [`Backend::rename`] works as documented. Backends that
+    /// implement `rename` return true; the default is false. Garbage
+    /// collection asks this before it starts, to choose between the
+    /// concurrent sweep and the exclusive one (see ARCHITECTURE.md).
+    fn can_rename(&self) -> bool {
+        false
     }
 
     /// Of `keys`, the ones the backend may not hold, so that a writer can

@@ -218,6 +218,10 @@ impl Backend for LocalBackend {
         }
     }
 
+    fn can_rename(&self) -> bool {
+        true
+    }
+
     fn rename(&self, from: &str, to: &str) -> Result<()> {
         let source = self.path_of(from)?;
         let target = self.path_of(to)?;
@@ -326,6 +330,7 @@ mod tests {
     #[test]
     fn rename_moves_atomically_and_keeps_the_modification_time() {
         let (_dir, b) = backend();
+        assert!(b.can_rename());
         b.put("chunks/ab/abcd", b"hello").unwrap();
         let before = b.stat("chunks/ab/abcd").unwrap().unwrap();
         assert!(before.modified.is_some());

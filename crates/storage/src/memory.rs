@@ -114,6 +114,10 @@ impl Backend for MemoryBackend {
         Ok(())
     }
 
+    fn can_rename(&self) -> bool {
+        true
+    }
+
     fn rename(&self, from: &str, to: &str) -> Result<()> {
         validate_key(to)?;
         let mut objects = self.lock();
@@ -130,6 +134,7 @@ mod tests {
     #[test]
     fn rename_keeps_bytes_and_time() {
         let b = MemoryBackend::new();
+        assert!(b.can_rename());
         b.put("a/x", b"1").unwrap();
         let old = SystemTime::UNIX_EPOCH;
         assert!(b.set_modified("a/x", old));

@@ -154,6 +154,10 @@ impl<B: Backend> Backend for RetryBackend<B> {
         self.inner.rename(from, to)
     }
 
+    fn can_rename(&self) -> bool {
+        self.inner.can_rename()
+    }
+
     fn missing(&self, keys: &[String]) -> Result<Vec<String>> {
         self.retry(|| self.inner.missing(keys))
     }
@@ -228,6 +232,13 @@ mod tests {
             calls: AtomicU32::new(0),
         };
         RetryBackend::new(inner, policy)
+    }
+
+    #[test]
+    fn can_rename_is_the_inner_backends() {
+        assert!(!flaky(0, ErrorKind::Transient).can_rename());
+        let memory = RetryBackend::new(MemoryBackend::new(), RetryPolicy::default());
+        assert!(memory.can_rename());
     }
 
     #[test]

@@ -2,8 +2,11 @@
 //! so the data path stays readable. The backup calls it in three places:
 //!
 //! 1. [`BackupGuard::start`] before anything else: writes the backup's lease
-//!    (`locks/<id>`), loads every prune list present (`prune/pending-*`,
-//!    `prune/deleting-*`) and records their names in the lease.
+//!    (`locks/<id>`), *then* lists the locks and gives up (removing the
+//!    lease) if a prune that needs the repository to itself is running
+//!    (storage without atomic rename, see `prune_exclusive`); loads every
+//!    prune list present (`prune/pending-*`, `prune/deleting-*`) and records
+//!    their names in the lease.
 //! 2. [`BackupGuard::known_chunks`] instead of listing the chunks directly:
 //!    chunks named in those lists are left out of the "already stored" set,
 //!    so the backup uploads them again (a fresh object with a new
@@ -19,7 +22,7 @@
 
 use std::collections::HashSet;
 
-use crate::commands::locks::{Lease, LeaseTiming};
+use crate::commands::locks::{list_locks, Lease, LeaseTiming};
 use crate::commands::prune::{list_prune_lists, read_prune_list};
 use crate::format::lifecycle::{LockKind, PruneListKind};
 use crate::{ChunkId, Error, Repository, Result};
@@ -32,9 +35,14 @@ pub(crate) struct BackupGuard {
 }
 
 impl BackupGuard {
-    /// Writes the lease, then loads the prune lists and records their names.
+    /// Writes the lease, checks that no exclusive prune runs, then loads the
+    /// prune lists and records their names.
     pub(crate) fn start(repo: &Repository) -> Result<Self> {
         let lease = Lease::start(repo, LockKind::Backup, LeaseTiming::default())?;
+        if let Err(e) = refuse_during_exclusive_prune(repo) {
+            lease.release()?;
+            return Err(e);
+        }
         let mut pending = Vec::new();
         let mut seen = Vec::new();
         for list in list_prune_lists(repo)? {
@@ -105,6 +113,29 @@ impl BackupGuard {
     pub(crate) fn finish(self) -> Result<()> {
         self.lease.release()
     }
+}
+
+/// Fails when a live lock that excludes backups (an exclusive prune) is in
+/// the repository. Called after the lease is written: an exclusive prune
+/// writes its lock before it lists the leases, so either it sees this
+/// backup's lease and gives up, or this listing sees its lock.
+fn refuse_during_exclusive_prune(repo: &Repository) -> Result<()> {
+    let locks = list_locks(repo, None)?;
+    let Some(holder) = locks
+        .iter()
+        .find(|l| l.is_live() && l.kind().excludes_backups())
+    else {
+        return Ok(());
+    };
+    let (since, host, pid) = holder
+        .lock
+        .as_ref()
+        .map(|l| (l.started.as_str(), l.host.as_str(), l.pid))
+        .unwrap_or_default();
+    Err(Error::Conflict(format!(
+        "a prune that needs the repository to itself is running (since {since}, host '{host}', pid {pid}, lock {}): the storage cannot move objects atomically, so no backup can run until it ends; nothing was recorded — retry when it ends (if that prune is gone, `vbackup unlock --stale-only` removes its lock once it is stale; `vbackup locks` shows it)",
+        &holder.id[..holder.id.len().min(8)]
+    )))
 }
 
 /// Chunk ids named by the deletion logs present now.

@@ -123,6 +123,24 @@ pub fn list_locks(repo: &Repository, stale_after: Option<Duration>) -> Result<Ve
     Ok(locks)
 }
 
+/// Every lock, stale only when it is stale both by its own limit and by
+/// `stale_after` (which can therefore only lengthen the limits).
+pub(crate) fn list_locks_carefully(
+    repo: &Repository,
+    stale_after: Option<Duration>,
+) -> Result<Vec<LockInfo>> {
+    let mut locks = list_locks(repo, None)?;
+    if stale_after.is_some() {
+        let longer = list_locks(repo, stale_after)?;
+        for lock in &mut locks {
+            if longer.iter().any(|l| l.id == lock.id && l.is_live()) {
+                lock.stale = None;
+            }
+        }
+    }
+    Ok(locks)
+}
+
 fn is_gone(error: &Error) -> bool {
     matches!(error, Error::Storage(e) if e.is_not_found())
 }
@@ -418,13 +436,54 @@ impl Lease {
             .find(|l| l.id != lease.id() && l.is_live() && l.kind().is_exclusive());
         if let Some(holder) = holder {
             let message = format!(
-                "cannot {kind}: the repository is locked by the {}; if that process is gone, `vbackup unlock --stale-only` removes the lock once it is stale (`vbackup locks` shows it)",
+                "cannot {}: the repository is locked by the {}; if that process is gone, `vbackup unlock --stale-only` removes the lock once it is stale (`vbackup locks` shows it)",
+                kind.verb(),
                 holder.describe()
             );
             lease.release()?;
             return Err(Error::Conflict(message));
         }
         Ok(lease)
+    }
+
+    /// Takes the repository for itself (a [`LockKind::PruneExclusive`]
+    /// lock): writes the lock, *then* lists the locks, and gives up (removing
+    /// its lock, naming the holders) when another live exclusive lock or any
+    /// live backup lease exists. Backups do the same in the other order
+    /// (lease, then listing), so of a backup and such a prune that start
+    /// together at least one sees the other. `stale_after` can only
+    /// lengthen the locks' own stale limits here: with no other line of
+    /// defence, judging a running backup stale early would let the prune
+    /// delete chunks it reuses. Returns the lease and the locks it found.
+    pub fn stop_the_world(
+        repo: &Repository,
+        timing: LeaseTiming,
+        stale_after: Option<Duration>,
+    ) -> Result<(Self, Vec<LockInfo>)> {
+        let lease = Self::exclusive(repo, LockKind::PruneExclusive, timing)?;
+        let locks = match list_locks_carefully(repo, stale_after) {
+            Ok(locks) => locks,
+            Err(e) => {
+                lease.release()?;
+                return Err(e);
+            }
+        };
+        let backups: Vec<String> = locks
+            .iter()
+            .filter(|l| l.id != lease.id() && l.is_live() && !l.kind().is_exclusive())
+            .map(LockInfo::describe)
+            .collect();
+        if !backups.is_empty() {
+            let message = format!(
+                "cannot prune: the storage at {} cannot move objects atomically, so prune needs the repository to itself, and {} backup(s) are running: {}; nothing was changed — run prune when they have finished (a crashed backup's lease counts until it is stale; `vbackup locks` shows the leases, `vbackup unlock --stale-only` removes stale ones)",
+                repo.backend().location(),
+                backups.len(),
+                backups.join("; ")
+            );
+            lease.release()?;
+            return Err(Error::Conflict(message));
+        }
+        Ok((lease, locks))
     }
 
     /// The lock id.

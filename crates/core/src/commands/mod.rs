@@ -7,6 +7,7 @@ pub mod forget;
 pub mod locks;
 pub mod policy;
 pub mod prune;
+pub(crate) mod prune_exclusive;
 pub mod repair;
 pub mod restore;
 pub mod stats;

@@ -14,7 +14,8 @@
 //!   was not written again after the list was made; else move it back.
 //!
 //! ARCHITECTURE.md ("Garbage collection") argues why no chunk that a
-//! finished or running backup needs is ever deleted.
+//! finished or running backup needs is ever deleted. Storage without
+//! atomic rename gets the exclusive prune of `prune_exclusive` instead.
 //!
 //! Memory: 40 bytes per stored chunk (id and size, sorted) plus one bit for
 //! "referenced", 32 bytes per id in pending lists; time: one listing of the
@@ -42,7 +43,7 @@ pub const DELETING_PREFIX: &str = "prune/deleting-";
 
 /// The sweep runs at least this many workers: they wait on the storage's
 /// metadata operations (rename, stat, delete), not on the CPU.
-const SWEEP_MIN_WORKERS: usize = 8;
+pub(super) const SWEEP_MIN_WORKERS: usize = 8;
 
 /// How a prune runs.
 #[derive(Debug, Clone)]
@@ -54,7 +55,8 @@ pub struct PruneOptions {
     /// Worker threads for the sweep (at least 8 are used: they mostly wait
     /// on the storage).
     pub threads: usize,
-    /// Overrides the holders' own stale limits when judging leases.
+    /// Overrides the holders' own stale limits when judging leases (an
+    /// exclusive prune, on storage without rename, only lets it lengthen them).
     pub stale_after: Option<Duration>,
 }
 
@@ -129,14 +131,29 @@ pub struct PruneReport {
     pub trash_restored: u64,
     /// Stale locks found (ignored; `vbackup unlock` removes them).
     pub stale_locks: Vec<String>,
+    /// The prune ran with the repository to itself (storage without atomic
+    /// rename): unreferenced objects were deleted at once, with no pending
+    /// list and no grace period, while no backup could run.
+    pub exclusive: bool,
+    /// Pending lists and deletion logs removed by an exclusive prune (left
+    /// by a prune that ran elsewhere before; meaningless once everything
+    /// unreferenced is deleted).
+    pub lists_removed: u64,
 }
 
 /// Runs a prune: mark, then sweep what is old enough.
+///
+/// On storage that cannot move objects atomically ([`Backend::can_rename`]
+/// is false, e.g. plain S3) the prune runs with the repository to itself
+/// instead: see [`super::prune_exclusive`].
 pub fn prune(
     repo: &Repository,
     options: &PruneOptions,
     progress: &Progress,
 ) -> Result<PruneReport> {
+    if !repo.backend().can_rename() {
+        return super::prune_exclusive::prune_exclusive(repo, options, progress);
+    }
     let lock = match options.dry_run {
         true => None,
         false => Some(Lease::exclusive(
@@ -164,13 +181,13 @@ pub fn prune(
 }
 
 /// Stored objects of one kind, sorted by id, with a "referenced" bit each.
-struct Stored<K> {
-    items: Vec<(K, u64)>,
+pub(super) struct Stored<K> {
+    pub(super) items: Vec<(K, u64)>,
     referenced: Vec<u64>,
 }
 
 impl<K: Ord + Copy> Stored<K> {
-    fn new(mut items: Vec<(K, u64)>) -> Self {
+    pub(super) fn new(mut items: Vec<(K, u64)>) -> Self {
         items.sort_unstable_by_key(|a| a.0);
         let referenced = vec![0u64; items.len().div_ceil(64)];
         Self { items, referenced }
@@ -191,7 +208,7 @@ impl<K: Ord + Copy> Stored<K> {
         }
     }
 
-    fn is_referenced(&self, i: usize) -> bool {
+    pub(super) fn is_referenced(&self, i: usize) -> bool {
         self.referenced[i / 64] & (1 << (i % 64)) != 0
     }
 
@@ -203,7 +220,7 @@ impl<K: Ord + Copy> Stored<K> {
             .map(|(_, item)| item)
     }
 
-    fn referenced_totals(&self) -> (u64, u64) {
+    pub(super) fn referenced_totals(&self) -> (u64, u64) {
         let mut totals = (0, 0);
         for (i, (_, size)) in self.items.iter().enumerate() {
             if self.is_referenced(i) {
@@ -362,17 +379,7 @@ impl Run<'_> {
     /// backup lease. The others are reported as deferred.
     fn choose(&mut self, pending: &[Pending]) -> Result<HashSet<String>> {
         let locks = list_locks(self.repo, self.options.stale_after)?;
-        self.report.stale_locks = locks
-            .iter()
-            .filter(|l| !l.is_live())
-            .map(|l| {
-                format!(
-                    "{} — stale: {}",
-                    l.describe(),
-                    l.stale.as_deref().unwrap_or("")
-                )
-            })
-            .collect();
+        self.report.stale_locks = describe_stale(&locks);
         let now = SystemTime::now();
         let mut sweepable = HashSet::new();
         for p in pending {
@@ -572,6 +579,21 @@ impl Run<'_> {
     }
 }
 
+/// The stale locks among `locks`, described for the report.
+pub(super) fn describe_stale(locks: &[LockInfo]) -> Vec<String> {
+    locks
+        .iter()
+        .filter(|l| !l.is_live())
+        .map(|l| {
+            format!(
+                "{} — stale: {}",
+                l.describe(),
+                l.stale.as_deref().unwrap_or("")
+            )
+        })
+        .collect()
+}
+
 /// What happened to one candidate.
 enum Outcome {
     /// Deleted; its size.
@@ -604,11 +626,19 @@ fn sweep_one(backend: &dyn Backend, key: &str, marked: SystemTime) -> Result<Out
 }
 
 /// Moves a trashed object back to its name, unless a new copy is there.
+/// Storage that cannot rename gets a copy and a delete instead: trashed
+/// objects are chunks and indexes, named by their content, so any copy
+/// under the name is as good as another, and the caller holds an exclusive
+/// lock, so no sweep moves the object meanwhile.
 fn put_back(backend: &dyn Backend, trash: &str, key: &str) -> Result<()> {
     if backend.stat(key)?.is_some() {
         backend.delete(trash)?;
-    } else {
+    } else if backend.can_rename() {
         backend.rename(trash, key)?;
+    } else {
+        let bytes = backend.get(trash)?;
+        backend.put(key, &bytes)?;
+        backend.delete(trash)?;
     }
     Ok(())
 }
@@ -731,7 +761,7 @@ fn created(list: &PruneList) -> SystemTime {
     })
 }
 
-fn list_chunk_sizes(repo: &Repository) -> Result<Vec<(ChunkId, u64)>> {
+pub(super) fn list_chunk_sizes(repo: &Repository) -> Result<Vec<(ChunkId, u64)>> {
     let mut chunks = Vec::new();
     repo.backend().list_each(CHUNKS_PREFIX, &mut |o| {
         if let Some(id) = o.key.rsplit('/').next().and_then(ChunkId::from_hex) {
@@ -741,7 +771,7 @@ fn list_chunk_sizes(repo: &Repository) -> Result<Vec<(ChunkId, u64)>> {
     Ok(chunks)
 }
 
-fn list_index_sizes(repo: &Repository) -> Result<Vec<([u8; 32], u64)>> {
+pub(super) fn list_index_sizes(repo: &Repository) -> Result<Vec<([u8; 32], u64)>> {
     let mut indexes = Vec::new();
     repo.backend().list_each(INDEXES_PREFIX, &mut |o| {
         if let Some(digest) = Repository::index_digest(&o.key) {
@@ -753,16 +783,16 @@ fn list_index_sizes(repo: &Repository) -> Result<Vec<([u8; 32], u64)>> {
 
 /// The snapshots and indexes loaded so far, so a second load reads only
 /// what is new.
-struct References<'a> {
+pub(super) struct References<'a> {
     repo: &'a Repository,
-    snapshots: HashSet<String>,
+    pub(super) snapshots: HashSet<String>,
     indexes: HashSet<String>,
     damaged: HashSet<String>,
-    missing_chunks: u64,
+    pub(super) missing_chunks: u64,
 }
 
 impl<'a> References<'a> {
-    fn new(repo: &'a Repository) -> Result<Self> {
+    pub(super) fn new(repo: &'a Repository) -> Result<Self> {
         Ok(Self {
             repo,
             snapshots: HashSet::new(),
@@ -773,7 +803,7 @@ impl<'a> References<'a> {
     }
 
     /// Reads the snapshots not read yet and marks what they reference.
-    fn load(
+    pub(super) fn load(
         &mut self,
         progress: &Progress,
         chunks: &mut Stored<ChunkId>,

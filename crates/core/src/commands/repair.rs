@@ -9,6 +9,11 @@
 //! the markers of snapshots that are whole again; puts back what an
 //! interrupted prune left in `trash/`; and removes old temporary files.
 //!
+//! On storage without atomic rename (plain S3) objects are put back by copy
+//! (they are named by their content), but damaged objects are not moved:
+//! when there are some, repair refuses after its check, before it changes
+//! anything (see ARCHITECTURE.md, "Check and repair").
+//!
 //! Healing: a chunk that is missing (or was moved to quarantine) is not in
 //! the repository's listing, so the next backup of a VM whose disk still
 //! holds that data stores it again under the same name — and every older
@@ -34,7 +39,7 @@ use crate::format::lifecycle::{
 };
 use crate::format::{open_object_owned, ObjectKind};
 use crate::repo::{DAMAGED_PREFIX, INDEXES_PREFIX, QUARANTINE_PREFIX};
-use crate::{Progress, Repository, Result};
+use crate::{Error, Progress, Repository, Result};
 
 /// Temporary files older than this are removed by repair (a write in
 /// progress renames its file within seconds).
@@ -109,6 +114,9 @@ pub fn repair(
         stale_after: None,
     };
     report.check = check(repo, &check_options, progress)?;
+    if !options.dry_run {
+        refuse_without_rename(repo, &report)?;
+    }
     quarantine(repo, options.dry_run, &mut report)?;
     update_markers(repo, options.dry_run, &mut report)?;
     report.leftovers_removed = remove_leftovers(repo, options.dry_run)?;
@@ -121,23 +129,65 @@ pub fn repair(
     Ok(report)
 }
 
+/// The damaged (not missing) objects the check found: what repair moves
+/// to `quarantine/`.
+fn damaged_objects(report: &RepairReport) -> impl Iterator<Item = &str> {
+    report
+        .check
+        .problems
+        .iter()
+        .filter(|p| {
+            matches!(
+                p.kind,
+                ProblemKind::DamagedChunk
+                    | ProblemKind::DamagedIndex
+                    | ProblemKind::DamagedSnapshot
+            )
+        })
+        .map(|p| p.object.as_str())
+}
+
+/// Refuses, before anything is written, a repair that would have to move
+/// damaged objects on storage that cannot rename atomically (plain S3):
+/// moving them by copy and delete while backups run could delete a good
+/// copy a backup has just stored under the same name.
+fn refuse_without_rename(repo: &Repository, report: &RepairReport) -> Result<()> {
+    if repo.backend().can_rename() {
+        return Ok(());
+    }
+    let damaged: Vec<&str> = damaged_objects(report).collect();
+    if damaged.is_empty() {
+        return Ok(());
+    }
+    let shown = damaged
+        .iter()
+        .take(10)
+        .copied()
+        .collect::<Vec<_>>()
+        .join(", ");
+    let more = match damaged.len() {
+        n if n > 10 => format!(" and {} more", n - 10),
+        _ => String::new(),
+    };
+    Err(Error::Refused(format!(
+        "repair would move {} damaged object(s) to quarantine/ ({shown}{more}), but the storage at {} cannot move objects atomically; nothing was changed. Delete those objects with your storage's own tools while no backup runs (the next backup of each affected VM stores missing chunks again), then run `vbackup repair` again to mark what stays damaged; `vbackup repair --dry-run` shows the full plan",
+        damaged.len(),
+        repo.backend().location()
+    )))
+}
+
 /// Moves damaged (not missing) objects to `quarantine/`.
 fn quarantine(repo: &Repository, dry_run: bool, report: &mut RepairReport) -> Result<()> {
-    let damaged = report.check.problems.iter().filter(|p| {
-        matches!(
-            p.kind,
-            ProblemKind::DamagedChunk | ProblemKind::DamagedIndex | ProblemKind::DamagedSnapshot
-        )
-    });
-    for problem in damaged {
-        if repo.backend().stat(&problem.object)?.is_none() {
+    let damaged: Vec<String> = damaged_objects(report).map(str::to_string).collect();
+    for object in damaged {
+        if repo.backend().stat(&object)?.is_none() {
             continue;
         }
         if !dry_run {
-            let target = format!("{QUARANTINE_PREFIX}{}", problem.object);
-            repo.backend().rename(&problem.object, &target)?;
+            let target = format!("{QUARANTINE_PREFIX}{object}");
+            repo.backend().rename(&object, &target)?;
         }
-        report.quarantined.push(problem.object.clone());
+        report.quarantined.push(object);
     }
     Ok(())
 }
@@ -259,10 +309,19 @@ fn restore_quarantined_indexes(repo: &Repository) -> Result<Vec<String>> {
             continue;
         }
         let bytes = repo.backend().get(&object.key)?;
+        let copy = (!repo.backend().can_rename()).then(|| bytes.clone());
         let opened = open_object_owned(repo.crypto(), ObjectKind::Index, original, bytes, 1 << 30)
             .and_then(|payload| crate::format::DiskIndex::decode(original, &payload));
         if opened.is_ok() {
-            repo.backend().rename(&object.key, original)?;
+            // Without rename, a copy: indexes are named by their content,
+            // so any copy under the name is as good as another.
+            match copy {
+                None => repo.backend().rename(&object.key, original)?,
+                Some(bytes) => {
+                    repo.backend().put(original, &bytes)?;
+                    repo.backend().delete(&object.key)?;
+                }
+            }
             restored.push(original.to_string());
         }
     }

@@ -26,12 +26,30 @@ pub enum LockKind {
     Prune,
     /// A running repair: exclusive against prunes and other repairs.
     Repair,
+    /// A running prune on storage without atomic rename (plain S3): it
+    /// needs the repository to itself, so it excludes backups too. Backups
+    /// that find a live one refuse to start (serialized `prune-exclusive`).
+    PruneExclusive,
 }
 
 impl LockKind {
     /// Whether two holders of this kind exclude each other.
     pub fn is_exclusive(self) -> bool {
         !matches!(self, LockKind::Backup)
+    }
+
+    /// The command that holds it, for messages ("cannot prune: ...").
+    pub fn verb(self) -> &'static str {
+        match self {
+            LockKind::Backup => "back up",
+            LockKind::Prune | LockKind::PruneExclusive => "prune",
+            LockKind::Repair => "repair",
+        }
+    }
+
+    /// Whether backups must not run while a live lock of this kind exists.
+    pub fn excludes_backups(self) -> bool {
+        matches!(self, LockKind::PruneExclusive)
     }
 }
 
@@ -41,6 +59,7 @@ impl fmt::Display for LockKind {
             LockKind::Backup => "backup",
             LockKind::Prune => "prune",
             LockKind::Repair => "repair",
+            LockKind::PruneExclusive => "prune-exclusive",
         })
     }
 }

@@ -1,0 +1,207 @@
+//! `vbackup prune` on storage that cannot move objects atomically (plain
+//! S3): a "stop-the-world" prune that has the repository to itself.
+//!
+//! The concurrent prune (`prune.rs`) keeps backups running by moving each
+//! doomed object to `trash/` atomically and checking its modification time;
+//! without an atomic rename that argument does not hold, so this prune
+//! excludes backups instead:
+//!
+//! 1. Take a `prune-exclusive` lock: write it, *then* list the locks, and
+//!    give up (removing it, naming the holders) if another live exclusive
+//!    lock or any live backup lease exists ([`Lease::stop_the_world`];
+//!    `--stale-after` can only lengthen the leases' limits here).
+//!    Backups write their lease, *then* list the locks, and give up if they
+//!    find a live `prune-exclusive` lock (`backup_guard`). With
+//!    read-after-write and consistent listings, of a backup and a prune
+//!    that start together at least one sees the other.
+//! 2. Put back what an interrupted concurrent sweep left in `trash/` (by
+//!    copy) and remove the pending lists and deletion logs a prune elsewhere
+//!    left (they mean nothing once everything unreferenced is deleted, and
+//!    backups would keep loading them).
+//! 3. Mark: list the chunks and indexes, read every snapshot and each of
+//!    their indexes once (the same code as the concurrent prune; unreadable
+//!    snapshots or indexes make it refuse).
+//! 4. Delete every unreferenced index and chunk at once: no trash, no
+//!    pending list, no grace period, since nothing can start referencing
+//!    them. Before each deletion the lock must still be fresh: a prune that
+//!    was paused past its lock's stale limit may have lost the repository
+//!    to a backup that judged the lock stale, and stops.
+//! 5. Remove the lock.
+//!
+//! Killed at any point, it has deleted some objects that no snapshot
+//! referenced and left the others: the repository stays consistent and no
+//! prune list is left behind; its lock goes stale (at once for processes of
+//! the same host, else after its limit) or is removed by `vbackup unlock`.
+
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+
+use super::locks::{list_locks_carefully, Lease, LeaseTiming};
+use super::prune::{
+    describe_stale, list_chunk_sizes, list_index_sizes, list_prune_lists, restore_trash,
+    PruneOptions, PruneReport, References, Stored, SWEEP_MIN_WORKERS,
+};
+use crate::{ChunkId, Error, Progress, Repository, Result};
+
+/// Runs a prune with the repository to itself; see the module docs.
+/// `--dry-run` takes no lock and changes nothing.
+pub(crate) fn prune_exclusive(
+    repo: &Repository,
+    options: &PruneOptions,
+    progress: &Progress,
+) -> Result<PruneReport> {
+    let mut report = PruneReport {
+        dry_run: options.dry_run,
+        exclusive: true,
+        ..PruneReport::default()
+    };
+    if options.dry_run {
+        report.stale_locks = describe_stale(&list_locks_carefully(repo, options.stale_after)?);
+        Exclusive {
+            repo,
+            options,
+            progress,
+            lock: None,
+            report: &mut report,
+        }
+        .run()?;
+        return Ok(report);
+    }
+    let (lock, locks) = Lease::stop_the_world(repo, LeaseTiming::default(), options.stale_after)?;
+    report.stale_locks = describe_stale(&locks);
+    // On failure the lease is dropped, which removes the lock.
+    Exclusive {
+        repo,
+        options,
+        progress,
+        lock: Some(&lock),
+        report: &mut report,
+    }
+    .run()?;
+    lock.release()?;
+    Ok(report)
+}
+
+/// One object to delete: its position among the stored chunks or indexes
+/// (16 bytes: a prune may delete millions).
+#[derive(Clone, Copy)]
+struct Victim {
+    pos: usize,
+    is_chunk: bool,
+}
+
+/// The state of one exclusive prune.
+struct Exclusive<'a> {
+    repo: &'a Repository,
+    options: &'a PruneOptions,
+    progress: &'a Progress,
+    /// `None` for a dry run.
+    lock: Option<&'a Lease>,
+    report: &'a mut PruneReport,
+}
+
+impl Exclusive<'_> {
+    fn run(&mut self) -> Result<()> {
+        if self.lock.is_some() {
+            self.clean_up()?;
+        }
+        let mut chunks = Stored::new(list_chunk_sizes(self.repo)?);
+        let mut indexes = Stored::new(list_index_sizes(self.repo)?);
+        self.report.chunks = chunks.items.len() as u64;
+        self.report.indexes = indexes.items.len() as u64;
+        let mut refs = References::new(self.repo)?;
+        refs.load(self.progress, &mut chunks, &mut indexes)?;
+        self.report.snapshots = refs.snapshots.len();
+        self.report.missing_chunks = refs.missing_chunks;
+        let (held_chunks, held_chunk_bytes) = chunks.referenced_totals();
+        let (_, held_index_bytes) = indexes.referenced_totals();
+        self.report.referenced_chunks = held_chunks;
+        self.report.referenced_bytes = held_chunk_bytes + held_index_bytes;
+
+        // Indexes first: they are few, and an index without its chunks is
+        // no more use than chunks without their index.
+        let mut victims = Vec::new();
+        for i in (0..indexes.items.len()).filter(|i| !indexes.is_referenced(*i)) {
+            victims.push(Victim {
+                pos: i,
+                is_chunk: false,
+            });
+            self.report.marked_indexes += 1;
+            self.report.marked_bytes += indexes.items[i].1;
+        }
+        for i in (0..chunks.items.len()).filter(|i| !chunks.is_referenced(*i)) {
+            victims.push(Victim {
+                pos: i,
+                is_chunk: true,
+            });
+            self.report.marked_chunks += 1;
+            self.report.marked_bytes += chunks.items[i].1;
+        }
+        match self.lock {
+            None => {
+                self.report.deleted_chunks = self.report.marked_chunks;
+                self.report.deleted_indexes = self.report.marked_indexes;
+                self.report.freed_bytes = self.report.marked_bytes;
+                Ok(())
+            }
+            Some(lock) => self.delete_all(lock, &victims, &chunks, &indexes),
+        }
+    }
+
+    /// Puts back what an interrupted concurrent sweep left in `trash/` and
+    /// removes every pending list and deletion log.
+    fn clean_up(&mut self) -> Result<()> {
+        let backend = self.repo.backend().as_ref();
+        self.report.trash_restored = restore_trash(backend)?;
+        for list in list_prune_lists(self.repo)? {
+            backend.delete(&list.key)?;
+            self.report.lists_removed += 1;
+        }
+        Ok(())
+    }
+
+    /// Deletes the victims with the sweep workers, checking before each
+    /// deletion that the prune was not cancelled and still holds its lock.
+    fn delete_all(
+        &mut self,
+        lock: &Lease,
+        victims: &[Victim],
+        chunks: &Stored<ChunkId>,
+        indexes: &Stored<[u8; 32]>,
+    ) -> Result<()> {
+        self.progress.add_total(victims.len() as u64);
+        let next = AtomicUsize::new(0);
+        // Deleted chunks, deleted indexes, freed bytes.
+        let counts: [AtomicU64; 3] = Default::default();
+        let backend = self.repo.backend().as_ref();
+        let progress = self.progress;
+        let workers = self.options.threads.max(SWEEP_MIN_WORKERS);
+        let result = super::run_workers(workers, || loop {
+            let Some(victim) = victims.get(next.fetch_add(1, Ordering::Relaxed)) else {
+                return Ok(());
+            };
+            if progress.is_cancelled() {
+                return Err(Error::Interrupted);
+            }
+            lock.check_fresh()?;
+            let (key, size) = match victim.is_chunk {
+                true => {
+                    let (id, size) = &chunks.items[victim.pos];
+                    (Repository::chunk_key(id), *size)
+                }
+                false => {
+                    let (digest, size) = &indexes.items[victim.pos];
+                    (Repository::index_key(digest), *size)
+                }
+            };
+            backend.delete(&key)?;
+            counts[usize::from(!victim.is_chunk)].fetch_add(1, Ordering::Relaxed);
+            counts[2].fetch_add(size, Ordering::Relaxed);
+            progress.add_done(1);
+        });
+        let [deleted_chunks, deleted_indexes, freed] = counts.map(AtomicU64::into_inner);
+        self.report.deleted_chunks = deleted_chunks;
+        self.report.deleted_indexes = deleted_indexes;
+        self.report.freed_bytes = freed;
+        result
+    }
+}

@@ -210,15 +210,15 @@ fn full_and_incremental_backups_restore_identical_from_garage() {
 }
 
 /// The repository at `env.repo` opened in this process, to hold locks the
-/// way a running backup or prune would. nextest runs every test in its own
-/// process, so setting the credential variables touches no other test.
+/// way a running backup or prune would.
 fn engine(env: &Env) -> Repository {
     let garage = env.garage();
-    std::env::set_var("AWS_ACCESS_KEY_ID", &garage.key_id);
-    std::env::set_var("AWS_SECRET_ACCESS_KEY", &garage.secret);
-    std::env::set_var("AWS_REGION", garage::REGION);
-    std::env::remove_var("AWS_PROFILE");
-    let backend = vbackup_s3::open(&env.repo).unwrap();
+    let credentials = vbackup_s3::S3Credentials {
+        access_key_id: garage.key_id.clone(),
+        secret_access_key: garage.secret.clone(),
+        region: garage::REGION.to_string(),
+    };
+    let backend = vbackup_s3::open_with(&env.repo, Some(&credentials)).unwrap();
     Repository::open(Arc::new(backend), || Ok(Some("pw".into()))).unwrap()
 }
 

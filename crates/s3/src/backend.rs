@@ -39,10 +39,41 @@ pub struct S3Backend {
     place: Place,
 }
 
+/// An access key, its secret and the region, given explicitly rather than
+/// through the environment or the AWS files.
+#[derive(Clone)]
+pub struct S3Credentials {
+    /// The access key id (`AWS_ACCESS_KEY_ID`).
+    pub access_key_id: String,
+    /// The secret access key (`AWS_SECRET_ACCESS_KEY`).
+    pub secret_access_key: String,
+    /// The region (`AWS_REGION`).
+    pub region: String,
+}
+
+impl std::fmt::Debug for S3Credentials {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("S3Credentials")
+            .field("access_key_id", &self.access_key_id)
+            .field("region", &self.region)
+            .finish_non_exhaustive()
+    }
+}
+
 impl S3Backend {
     /// Builds a backend for `location` with credentials and region from
     /// the environment (see the crate docs). Sends no request.
     pub fn new(location: &S3Location) -> Result<Self> {
+        Self::build(location, None)
+    }
+
+    /// Builds a backend for `location` with the given credentials and
+    /// region; the environment's are ignored. Sends no request.
+    pub fn with_credentials(location: &S3Location, credentials: &S3Credentials) -> Result<Self> {
+        Self::build(location, Some(credentials))
+    }
+
+    fn build(location: &S3Location, credentials: Option<&S3Credentials>) -> Result<Self> {
         let place = Place {
             location: location.display(),
             endpoint: location.endpoint.clone(),
@@ -66,11 +97,17 @@ impl S3Backend {
             .endpoint(&location.endpoint)
             .bucket(&location.bucket)
             .root(&format!("/{}", location.prefix))
-            .region(&region())
             .disable_ec2_metadata();
-        let builder = match std::env::var("AWS_PROFILE") {
-            Ok(profile) if !profile.is_empty() => builder.profile(&profile),
-            _ => builder,
+        let builder = match credentials {
+            Some(c) => builder
+                .region(&c.region)
+                .access_key_id(&c.access_key_id)
+                .secret_access_key(&c.secret_access_key)
+                .disable_config_load(),
+            None => match std::env::var("AWS_PROFILE") {
+                Ok(profile) if !profile.is_empty() => builder.region(&region()).profile(&profile),
+                _ => builder.region(&region()),
+            },
         };
         let timeout = timeout();
         let operator = Operator::new(builder)

@@ -25,7 +25,7 @@ mod backend;
 mod error;
 mod url;
 
-pub use backend::S3Backend;
+pub use backend::{S3Backend, S3Credentials};
 pub use url::S3Location;
 
 use vbackup_storage::{Result, RetryBackend, RetryPolicy};
@@ -39,21 +39,21 @@ pub fn is_s3(repo: &str) -> bool {
 /// [`RetryPolicy::from_env`], after checking that its bucket answers (with
 /// the same retries, so a server that is restarting gets its chance).
 pub fn open(repo: &str) -> Result<RetryBackend<S3Backend>> {
+    open_with(repo, None)
+}
+
+/// [`open`] with explicit credentials instead of the environment's (for
+/// programs that hold several S3 identities at once, and tests).
+pub fn open_with(
+    repo: &str,
+    credentials: Option<&S3Credentials>,
+) -> Result<RetryBackend<S3Backend>> {
     let location = S3Location::parse(repo)?;
-    let backend = S3Backend::new(&location)?;
-    let policy = RetryPolicy::from_env();
-    let mut delay = policy.initial_delay;
-    let mut attempt = 1;
-    loop {
-        match backend.check() {
-            Err(e) if e.is_transient() && attempt < policy.attempts => {
-                std::thread::sleep(delay);
-                delay = (delay * 2).min(policy.max_delay);
-                attempt += 1;
-            }
-            Err(e) if e.is_transient() && attempt > 1 => return Err(e.after_attempts(attempt)),
-            Err(e) => return Err(e),
-            Ok(()) => return Ok(RetryBackend::new(backend, policy)),
-        }
-    }
+    let backend = match credentials {
+        Some(credentials) => S3Backend::with_credentials(&location, credentials)?,
+        None => S3Backend::new(&location)?,
+    };
+    let backend = RetryBackend::new(backend, RetryPolicy::from_env());
+    backend.retrying(S3Backend::check)?;
+    Ok(backend)
 }

@@ -86,6 +86,13 @@ impl<B: Backend> RetryBackend<B> {
         &self.inner
     }
 
+    /// Runs `operation` on the wrapped backend with this wrapper's retries,
+    /// for idempotent calls outside the [`Backend`] trait (a backend's own
+    /// start-up check, say).
+    pub fn retrying<T>(&self, mut operation: impl FnMut(&B) -> Result<T>) -> Result<T> {
+        self.retry(|| operation(&self.inner))
+    }
+
     fn retry<T>(&self, mut operation: impl FnMut() -> Result<T>) -> Result<T> {
         let mut attempt = 1;
         loop {

@@ -4,6 +4,8 @@
 # restore (checked against the source), with
 #   local          vbackup to a repository on the local disk
 #   garage         vbackup to Garage (S3) on loopback
+#   garage-16m     the same with 16 MiB chunks (`init --chunk-size 16M`):
+#                  a quarter of the requests, coarser dedup and tracking
 #   restic-garage  restic to the same Garage, for comparison
 #   server         vbackup to its own backup server (`vbackup server`) on
 #                  loopback over HTTPS: init with an admin token, backups
@@ -134,19 +136,21 @@ target_repo() {
     case $1 in
     local) echo "$RUN/local-repo" ;;
     garage) echo "s3:$S3_URL/$BUCKET/vbackup" ;;
+    garage-16m) echo "s3:$S3_URL/$BUCKET/vbackup16m" ;;
     restic-garage) echo "s3:$S3_URL/$BUCKET/restic" ;;
     server) echo "$SERVER_URL" ;;
     *) die "unknown target '$1'" ;;
     esac
 }
 
-is_s3() { [[ $1 == garage || $1 == restic-garage ]]; }
+is_s3() { [[ $1 == garage || $1 == garage-16m || $1 == restic-garage ]]; }
 
 target_init() {
     local repo
     repo=$(target_repo "$1")
     case $1 in
     local | garage) "$VBACKUP_BIN" init --repo "$repo" ;;
+    garage-16m) "$VBACKUP_BIN" init --repo "$repo" --chunk-size 16M ;;
     server) with_token admin "$VBACKUP_BIN" init --repo "$repo" ;;
     restic-garage) restic -r "$repo" init ;;
     esac >"$RUN/$1-init.log" 2>&1 || die "$1: could not create the repository"
@@ -166,7 +170,7 @@ target_backup() {
     local target=$1 scenario=$2 repo
     repo=$(target_repo "$target")
     case $target in
-    local | garage) step "$target" "$scenario" "$VBACKUP_BIN" --json backup \
+    local | garage | garage-16m) step "$target" "$scenario" "$VBACKUP_BIN" --json backup \
         --repo "$repo" --vm "$VM" "$DISK" ;;
     server) step "$target" "$scenario" env VBACKUP_TOKEN="$(cat "$RUN/token-backup")" \
         "$VBACKUP_BIN" --json backup --repo "$repo" --vm "$VM" "$DISK" ;;
@@ -181,7 +185,7 @@ target_restore() {
     out=$RUN/restore-$target
     mkdir -p "$out"
     case $target in
-    local | garage) step "$target" restore sh -c '"$@" && sync' sh "$VBACKUP_BIN" --json \
+    local | garage | garage-16m) step "$target" restore sh -c '"$@" && sync' sh "$VBACKUP_BIN" --json \
         restore --repo "$repo" latest --vm "$VM" --target "$out" --format raw ;;
     server) step "$target" restore sh -c '"$@" && sync' sh env \
         VBACKUP_TOKEN="$(cat "$RUN/token-read")" "$VBACKUP_BIN" --json \
@@ -190,7 +194,7 @@ target_restore() {
         restore latest --target "$out" ;;
     esac
     case $target in
-    local | garage | server) qemu-img compare -q -f qcow2 -F raw "$DISK" "$out/disk.raw" || status=FAIL ;;
+    local | garage | garage-16m | server) qemu-img compare -q -f qcow2 -F raw "$DISK" "$out/disk.raw" || status=FAIL ;;
     restic-garage) cmp -s "$DISK" "$out$DISK" || status=FAIL ;;
     esac
     [[ $status == OK ]] || log "$target: restored image differs from the source"
@@ -284,7 +288,7 @@ main_remote() {
     ensure_images
     prepare_run
     trap cleanup_remote EXIT
-    if [[ " $TARGETS " == *" garage "* || " $TARGETS " == *" restic-garage "* ]]; then
+    if [[ " $TARGETS " == *" garage"* || " $TARGETS " == *" restic-garage "* ]]; then
         start_garage
     fi
     if [[ " $TARGETS " == *" server "* ]]; then

@@ -65,6 +65,14 @@ fn usage_error(message: impl Into<String>) -> anyhow::Error {
     .into()
 }
 
+/// Memory the extra workers for a remote backend may take (see
+/// [`Context::io_threads`]): with 4 MiB chunks, 12 workers.
+const IO_MEMORY_BUDGET: u64 = 192 << 20;
+
+/// Copies of a chunk a backup or restore worker holds at once (read,
+/// compressed, sealed, and the request body).
+const WORKER_CHUNK_COPIES: u64 = 4;
+
 impl Context {
     /// Worker threads to use.
     pub fn threads(&self) -> usize {
@@ -76,12 +84,17 @@ impl Context {
 
     /// Worker threads for work that mostly waits on `repo`'s backend
     /// (backup, restore, verify): `--threads` when given, else enough to
-    /// keep the backend's preferred number of requests in flight.
+    /// keep the backend's preferred number of requests in flight — but
+    /// beyond the machine's cores only as many as fit in
+    /// [`IO_MEMORY_BUDGET`], since each holds a few copies of a chunk.
     pub fn io_threads(&self, repo: &Repository) -> usize {
-        match self.global.threads {
-            Some(threads) => threads.max(1),
-            None => self.threads().max(repo.backend().concurrency()),
+        if let Some(threads) = self.global.threads {
+            return threads.max(1);
         }
+        let per_worker = WORKER_CHUNK_COPIES * u64::from(repo.config().chunk_size);
+        let affordable = usize::try_from(IO_MEMORY_BUDGET / per_worker.max(1)).unwrap_or(1);
+        let wanted = repo.backend().concurrency().min(affordable);
+        self.threads().max(wanted)
     }
 
     /// The backend named by `--repo` / `VBACKUP_REPOSITORY`.

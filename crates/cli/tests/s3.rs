@@ -585,7 +585,23 @@ fn s3_requests(port: u16, endpoint: &str) -> u64 {
 
 #[test]
 fn a_cluster_node_killed_during_a_backup_does_not_stop_it() {
-    let mut env = Env::new(Garage::cluster(3), "repos/cluster");
+    node_killed_during_a_backup(Env::new(Garage::cluster(3), "repos/cluster"), 2);
+}
+
+/// The node vbackup talks to dies: with every node's endpoint in the
+/// repository name, requests move to the next node and the backup, its
+/// restore and verify go on there.
+#[test]
+fn the_node_vbackup_talks_to_killed_during_a_backup_fails_over_to_another() {
+    let garage = Garage::cluster(3);
+    let mut env = Env::new(garage, "repos/failover");
+    env.repo = env.garage().repo_on_all_nodes("repos/failover");
+    node_killed_during_a_backup(env, 0);
+}
+
+/// Kills node `victim` of the cluster once a backup of a 256 MiB image is
+/// under way; the backup completes, restores identical and verifies.
+fn node_killed_during_a_backup(mut env: Env, victim: usize) {
     env.ok(&["init"]);
     let image = noisy_qcow2(env.dir.path(), "vm", 320 * MIB, 256 * MIB, 11);
     copy_now(&image, &env.path("source.raw"));
@@ -604,8 +620,7 @@ fn a_cluster_node_killed_during_a_backup_does_not_stop_it() {
         .stderr(Stdio::piped())
         .spawn()
         .unwrap();
-    // Kill a node other than the one vbackup talks to once a few chunks
-    // are in.
+    // Kill the node once a few chunks are in.
     let admin = env.garage().admin_port(0);
     while s3_requests(admin, "PutObject") < 8 {
         assert!(
@@ -618,7 +633,7 @@ fn a_cluster_node_killed_during_a_backup_does_not_stop_it() {
         backup.try_wait().unwrap().is_none(),
         "the backup ended before the node was killed: make the image bigger"
     );
-    env.garage.as_mut().unwrap().kill(2);
+    env.garage.as_mut().unwrap().kill(victim);
     let out = backup.wait_with_output().unwrap();
     assert!(
         out.status.success(),

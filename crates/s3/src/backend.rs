@@ -1,6 +1,7 @@
 //! [`S3Backend`]: the synchronous [`Backend`] over an OpenDAL operator.
 
 use std::future::IntoFuture;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::{Duration, SystemTime};
 
 use futures::TryStreamExt;
@@ -32,11 +33,32 @@ const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
 /// may call at once (the runtime multiplexes their connections). It
 /// retries nothing itself: wrap it in [`vbackup_storage::RetryBackend`],
 /// as [`open`](crate::open) does.
+///
+/// A repository name may list several endpoints of one cluster
+/// (`s3:http://node1:3900,node2:3900/BUCKET`): requests go to one of them,
+/// and a transient failure (a node down, a refused connection, a timeout)
+/// moves every later request to the next, so a retried request reaches a
+/// node that still answers.
 #[derive(Debug)]
 pub struct S3Backend {
     runtime: tokio::runtime::Runtime,
+    endpoints: Vec<Endpoint>,
+    /// Index into `endpoints` of the one requests go to now.
+    current: AtomicUsize,
+}
+
+/// One endpoint of the store: its client and how errors name it.
+#[derive(Debug)]
+struct Endpoint {
     operator: Operator,
     place: Place,
+}
+
+impl Endpoint {
+    fn err(&self, op: Op, key: &str) -> impl Fn(opendal::Error) -> StorageError + '_ {
+        let key = key.to_string();
+        move |e| self.place.error(op, &key, &e)
+    }
 }
 
 /// An access key, its secret and the region, given explicitly rather than
@@ -74,15 +96,10 @@ impl S3Backend {
     }
 
     fn build(location: &S3Location, credentials: Option<&S3Credentials>) -> Result<Self> {
-        let place = Place {
-            location: location.display(),
-            endpoint: location.endpoint.clone(),
-            bucket: location.bucket.clone(),
-        };
         let config_error = |what: &str, e: &dyn std::fmt::Display| {
             StorageError::new(
                 ErrorKind::Other,
-                &place.location,
+                &location.display(),
                 format!("cannot set up the S3 client: {what}: {e}"),
             )
         };
@@ -93,78 +110,117 @@ impl S3Backend {
             .build()
             .map_err(|e| config_error("starting the I/O runtime", &e))?;
         let client = http_client().map_err(|e| config_error("building the HTTP client", &e))?;
-        let builder = S3::default()
-            .endpoint(&location.endpoint)
-            .bucket(&location.bucket)
-            .root(&format!("/{}", location.prefix))
-            .disable_ec2_metadata();
-        let builder = match credentials {
-            Some(c) => builder
-                .region(&c.region)
-                .access_key_id(&c.access_key_id)
-                .secret_access_key(&c.secret_access_key)
-                .disable_config_load(),
-            None => match std::env::var("AWS_PROFILE") {
-                Ok(profile) if !profile.is_empty() => builder.region(&region()).profile(&profile),
-                _ => builder.region(&region()),
-            },
-        };
-        let timeout = timeout();
-        let operator = Operator::new(builder)
-            .map_err(|e| config_error("invalid S3 settings", &e))?
-            .with_context(
-                OperationContext::new()
-                    .with_http_transport(HttpTransporter::new(ReqwestTransport::new(client))),
-            )
-            .layer(
-                TimeoutLayer::new()
-                    .with_timeout(timeout)
-                    .with_io_timeout(timeout),
-            );
+        let endpoints = location
+            .endpoints
+            .iter()
+            .map(|endpoint| {
+                let operator = operator(location, endpoint, credentials, &client)
+                    .map_err(|e| config_error("invalid S3 settings", &e))?;
+                let place = Place {
+                    location: location.display(),
+                    endpoint: endpoint.to_string(),
+                    bucket: location.bucket.clone(),
+                };
+                Ok(Endpoint { operator, place })
+            })
+            .collect::<Result<Vec<_>>>()?;
         Ok(Self {
             runtime,
-            operator,
-            place,
+            endpoints,
+            current: AtomicUsize::new(0),
         })
     }
 
     /// Checks that the bucket exists and the credentials may list it, so a
     /// wrong endpoint, bucket or key fails at once with a clear message.
     pub fn check(&self) -> Result<()> {
-        self.run(self.operator.check())
-            .map_err(|e| self.place.error(Op::Check, &self.place.bucket, &e))
+        self.on_endpoint(|ep| {
+            self.run(ep.operator.check())
+                .map_err(|e| ep.place.error(Op::Check, &ep.place.bucket, &e))
+        })
     }
 
     fn run<F: IntoFuture>(&self, future: F) -> F::Output {
         self.runtime.block_on(future.into_future())
     }
 
-    fn err(&self, op: Op, key: &str) -> impl Fn(opendal::Error) -> StorageError + '_ {
-        let key = key.to_string();
-        move |e| self.place.error(op, &key, &e)
+    /// Runs `request` against the current endpoint; after a transient
+    /// failure, later requests go to the next endpoint (once per failure,
+    /// even when many workers fail at the same moment).
+    fn on_endpoint<T>(&self, request: impl FnOnce(&Endpoint) -> Result<T>) -> Result<T> {
+        let index = self.current.load(Ordering::Relaxed) % self.endpoints.len();
+        let result = request(&self.endpoints[index]);
+        if matches!(&result, Err(e) if e.is_transient()) && self.endpoints.len() > 1 {
+            let next = (index + 1) % self.endpoints.len();
+            let _ =
+                self.current
+                    .compare_exchange(index, next, Ordering::Relaxed, Ordering::Relaxed);
+        }
+        result
     }
+}
+
+/// An OpenDAL operator for the bucket and prefix of `location` at
+/// `endpoint`, with the given credentials or the environment's.
+fn operator(
+    location: &S3Location,
+    endpoint: &str,
+    credentials: Option<&S3Credentials>,
+    client: &reqwest::Client,
+) -> opendal::Result<Operator> {
+    let builder = S3::default()
+        .endpoint(endpoint)
+        .bucket(&location.bucket)
+        .root(&format!("/{}", location.prefix))
+        .disable_ec2_metadata();
+    let builder = match credentials {
+        Some(c) => builder
+            .region(&c.region)
+            .access_key_id(&c.access_key_id)
+            .secret_access_key(&c.secret_access_key)
+            .disable_config_load(),
+        None => match std::env::var("AWS_PROFILE") {
+            Ok(profile) if !profile.is_empty() => builder.region(&region()).profile(&profile),
+            _ => builder.region(&region()),
+        },
+    };
+    let timeout = timeout();
+    Ok(Operator::new(builder)?
+        .with_context(
+            OperationContext::new()
+                .with_http_transport(HttpTransporter::new(ReqwestTransport::new(client.clone()))),
+        )
+        .layer(
+            TimeoutLayer::new()
+                .with_timeout(timeout)
+                .with_io_timeout(timeout),
+        ))
 }
 
 impl Backend for S3Backend {
     fn location(&self) -> String {
-        self.place.location.clone()
+        self.endpoints[0].place.location.clone()
     }
 
     fn put(&self, key: &str, data: &[u8]) -> Result<()> {
         validate_key(key)?;
         // One PutObject: S3 stores it whole or not at all.
-        self.run(self.operator.write(key, data.to_vec()))
-            .map_err(self.err(Op::Put, key))?;
-        Ok(())
+        self.on_endpoint(|ep| {
+            self.run(ep.operator.write(key, data.to_vec()))
+                .map_err(ep.err(Op::Put, key))?;
+            Ok(())
+        })
     }
 
     fn get(&self, key: &str) -> Result<Vec<u8>> {
         validate_key(key)?;
         // The HTTP layer fails a body shorter than its Content-Length.
-        let buffer = self
-            .run(self.operator.read(key))
-            .map_err(self.err(Op::Get, key))?;
-        Ok(buffer.to_vec())
+        self.on_endpoint(|ep| {
+            let buffer = self
+                .run(ep.operator.read(key))
+                .map_err(ep.err(Op::Get, key))?;
+            Ok(buffer.to_vec())
+        })
     }
 
     fn get_range(&self, key: &str, offset: u64, length: u64) -> Result<Vec<u8>> {
@@ -175,23 +231,25 @@ impl Backend for S3Backend {
         let end = offset
             .checked_add(length)
             .ok_or_else(|| StorageError::new(ErrorKind::Other, key, "the byte range overflows"))?;
-        let buffer = self
-            .run(self.operator.read_with(key).range(offset..end))
-            .map_err(self.err(Op::Get, key))?;
-        // A server may end a range early only at the end of the object (as
-        // a file read does); more bytes than asked is a broken reply.
-        if buffer.len() as u64 > length {
-            return Err(StorageError::new(
-                ErrorKind::Other,
-                key,
-                format!(
-                    "the S3 server at {} sent {} bytes for a range of {length}",
-                    self.place.endpoint,
-                    buffer.len()
-                ),
-            ));
-        }
-        Ok(buffer.to_vec())
+        self.on_endpoint(|ep| {
+            let buffer = self
+                .run(ep.operator.read_with(key).range(offset..end))
+                .map_err(ep.err(Op::Get, key))?;
+            // A server may end a range early only at the end of the object
+            // (as a file read does); more bytes than asked is a broken reply.
+            if buffer.len() as u64 > length {
+                return Err(StorageError::new(
+                    ErrorKind::Other,
+                    key,
+                    format!(
+                        "the S3 server at {} sent {} bytes for a range of {length}",
+                        ep.place.endpoint,
+                        buffer.len()
+                    ),
+                ));
+            }
+            Ok(buffer.to_vec())
+        })
     }
 
     fn list(&self, prefix: &str) -> Result<Vec<ObjectInfo>> {
@@ -209,9 +267,44 @@ impl Backend for S3Backend {
         } else {
             format!("{folder}/")
         };
-        let to_err = self.err(Op::List, prefix);
+        self.on_endpoint(|ep| self.list_on(ep, prefix, &path, visit))
+    }
+
+    fn stat(&self, key: &str) -> Result<Option<ObjectInfo>> {
+        validate_key(key)?;
+        self.on_endpoint(|ep| match self.run(ep.operator.stat(key)) {
+            Ok(meta) => Ok(Some(info(key, &meta))),
+            Err(e) if e.kind() == opendal::ErrorKind::NotFound => Ok(None),
+            Err(e) => Err(ep.place.error(Op::Stat, key, &e)),
+        })
+    }
+
+    fn delete(&self, key: &str) -> Result<()> {
+        validate_key(key)?;
+        self.on_endpoint(|ep| {
+            self.run(ep.operator.delete(key))
+                .map_err(ep.err(Op::Delete, key))
+        })
+    }
+
+    fn concurrency(&self) -> usize {
+        CONCURRENCY
+    }
+}
+
+impl S3Backend {
+    /// Streams the objects under `path` whose names start with `prefix` to
+    /// `visit`, from one endpoint.
+    fn list_on(
+        &self,
+        ep: &Endpoint,
+        prefix: &str,
+        path: &str,
+        visit: &mut dyn FnMut(ObjectInfo),
+    ) -> Result<()> {
+        let to_err = ep.err(Op::List, prefix);
         self.run(async {
-            let mut lister = self.operator.lister_with(&path).recursive(true).await?;
+            let mut lister = ep.operator.lister_with(path).recursive(true).await?;
             while let Some(entry) = lister.try_next().await? {
                 let key = entry.path();
                 if !entry.metadata().is_file()
@@ -231,25 +324,6 @@ impl Backend for S3Backend {
                 Err(to_err(e))
             }
         })
-    }
-
-    fn stat(&self, key: &str) -> Result<Option<ObjectInfo>> {
-        validate_key(key)?;
-        match self.run(self.operator.stat(key)) {
-            Ok(meta) => Ok(Some(info(key, &meta))),
-            Err(e) if e.kind() == opendal::ErrorKind::NotFound => Ok(None),
-            Err(e) => Err(self.place.error(Op::Stat, key, &e)),
-        }
-    }
-
-    fn delete(&self, key: &str) -> Result<()> {
-        validate_key(key)?;
-        self.run(self.operator.delete(key))
-            .map_err(self.err(Op::Delete, key))
-    }
-
-    fn concurrency(&self) -> usize {
-        CONCURRENCY
     }
 }
 

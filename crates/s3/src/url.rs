@@ -1,12 +1,17 @@
-//! Parsing of `s3:http(s)://HOST[:PORT]/BUCKET[/PREFIX]` repository names.
+//! Parsing of `s3:http(s)://HOST[:PORT][,HOST[:PORT]...]/BUCKET[/PREFIX]`
+//! repository names.
 
 use vbackup_storage::{ErrorKind, Result, StorageError};
 
 /// Where an S3 repository lives: endpoint, bucket and key prefix.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct S3Location {
-    /// `http://HOST:PORT` or `https://HOST[:PORT]`, without a path.
+    /// `http://HOST:PORT` or `https://HOST[:PORT]`, without a path: the
+    /// first (or only) endpoint.
     pub endpoint: String,
+    /// Every endpoint named, the first one included: nodes of one cluster
+    /// serving the same buckets, tried in turn when one fails.
+    pub endpoints: Vec<String>,
     /// The bucket name.
     pub bucket: String,
     /// Folder inside the bucket holding the repository, without leading or
@@ -15,7 +20,9 @@ pub struct S3Location {
 }
 
 impl S3Location {
-    /// Parses `s3:https://HOST[:PORT]/BUCKET[/PREFIX]` (or `s3:http://…`).
+    /// Parses `s3:https://HOST[:PORT]/BUCKET[/PREFIX]` (or `s3:http://…`);
+    /// several endpoints of one cluster are separated by commas:
+    /// `s3:http://node1:3900,node2:3900/BUCKET`.
     pub fn parse(repo: &str) -> Result<Self> {
         let bad = |why: &str| {
             StorageError::new(
@@ -34,7 +41,11 @@ impl S3Location {
             .filter(|(s, _)| *s == "http" || *s == "https")
             .ok_or_else(|| bad("the endpoint must start with http:// or https://"))?;
         let (host, path) = rest.split_once('/').unwrap_or((rest, ""));
-        if host.is_empty() || host.contains(['@', '?', '#']) {
+        let hosts: Vec<&str> = host.split(',').collect();
+        if hosts
+            .iter()
+            .any(|h| h.is_empty() || h.contains(['@', '?', '#']))
+        {
             return Err(bad("no host, or a host with user, query or fragment"));
         }
         let path = path.trim_matches('/');
@@ -49,8 +60,10 @@ impl S3Location {
         {
             return Err(bad("the prefix has an empty, '.' or '..' part"));
         }
+        let endpoints: Vec<String> = hosts.iter().map(|h| format!("{scheme}://{h}")).collect();
         Ok(Self {
-            endpoint: format!("{scheme}://{host}"),
+            endpoint: endpoints[0].clone(),
+            endpoints,
             bucket: bucket.to_string(),
             prefix: prefix.to_string(),
         })
@@ -58,10 +71,17 @@ impl S3Location {
 
     /// The repository name back, for messages.
     pub fn display(&self) -> String {
+        let scheme_end = self.endpoint.find("://").map_or(0, |i| i + 3);
+        let hosts: Vec<&str> = self
+            .endpoints
+            .iter()
+            .map(|e| e.get(scheme_end..).unwrap_or(e))
+            .collect();
+        let endpoint = format!("{}{}", &self.endpoint[..scheme_end], hosts.join(","));
         if self.prefix.is_empty() {
-            format!("s3:{}/{}", self.endpoint, self.bucket)
+            format!("s3:{endpoint}/{}", self.bucket)
         } else {
-            format!("s3:{}/{}/{}", self.endpoint, self.bucket, self.prefix)
+            format!("s3:{endpoint}/{}/{}", self.bucket, self.prefix)
         }
     }
 }
@@ -70,6 +90,21 @@ impl S3Location {
 mod tests {
     #![allow(clippy::unwrap_used)]
     use super::*;
+
+    #[test]
+    fn several_endpoints_of_one_cluster_are_kept_in_order() {
+        let name = "s3:http://10.0.0.1:3900,10.0.0.2:3900/vm/prod";
+        let l = S3Location::parse(name).unwrap();
+        assert_eq!(
+            l.endpoints,
+            ["http://10.0.0.1:3900", "http://10.0.0.2:3900"]
+        );
+        assert_eq!(l.endpoint, "http://10.0.0.1:3900");
+        assert_eq!(l.bucket, "vm");
+        assert_eq!(l.display(), name);
+        assert!(S3Location::parse("s3:http://a:1,,b:2/vm").is_err());
+        assert!(S3Location::parse("s3:http://a:1,/vm").is_err());
+    }
 
     #[test]
     fn endpoint_bucket_and_prefix_are_split() {

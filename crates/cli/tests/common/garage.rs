@@ -182,6 +182,15 @@ impl Garage {
         format!("s3:{}/{}/{prefix}", self.endpoint(0), self.bucket)
     }
 
+    /// A repository name listing every node's endpoint,
+    /// `s3:http://127.0.0.1:P0,127.0.0.1:P1,…/BUCKET/PREFIX`.
+    pub fn repo_on_all_nodes(&self, prefix: &str) -> String {
+        let hosts: Vec<String> = (0..self.nodes.len())
+            .map(|i| format!("127.0.0.1:{}", self.nodes[i].s3_port))
+            .collect();
+        format!("s3:http://{}/{}/{prefix}", hosts.join(","), self.bucket)
+    }
+
     /// Sets the credentials and region of the test key on `cmd` (and
     /// removes any AWS settings of the caller's environment).
     pub fn credentials(&self, cmd: &mut Command) {

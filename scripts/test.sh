@@ -9,7 +9,7 @@ if ! command -v qemu-nbd >/dev/null || ! command -v mkfs.ext4 >/dev/null || ! co
 fi
 # The S3 tests start real Garage servers on loopback.
 export PATH="$HOME/.cargo/bin:$PATH"
-command -v garage >/dev/null || cargo install garage --locked
+command -v garage >/dev/null || cargo install garage --locked --version 2.5.0  # the version the tests were written against
 # A real QEMU for the live-VM tests (unpacked, not installed; see the script).
 eval "$(./scripts/qemu-system.sh)"
 if command -v cargo-nextest >/dev/null; then

@@ -84,7 +84,7 @@ pub struct Planner<'a> {
     repo: &'a Repository,
     /// Snapshots of this VM, oldest first.
     snapshots: Vec<Snapshot>,
-    known: HashSet<ChunkId>,
+    known: std::borrow::Cow<'a, HashSet<ChunkId>>,
     method: String,
     token: String,
 }
@@ -93,9 +93,30 @@ impl<'a> Planner<'a> {
     /// Prepares planning for `vm`, whose bitmaps live where `method` says
     /// (`qcow2` or `qmp`).
     pub fn new(repo: &'a Repository, vm: &str, method: &str) -> crate::Result<Self> {
+        let known = repo.list_chunks()?.into_keys().collect();
+        Self::build(repo, vm, method, std::borrow::Cow::Owned(known))
+    }
+
+    /// [`Planner::new`] checking base snapshots against the chunks a
+    /// started backup listed ([`crate::BackupStart::known`]), instead of
+    /// listing them again.
+    pub fn with_known(
+        repo: &'a Repository,
+        vm: &str,
+        method: &str,
+        known: &'a HashSet<ChunkId>,
+    ) -> crate::Result<Self> {
+        Self::build(repo, vm, method, std::borrow::Cow::Borrowed(known))
+    }
+
+    fn build(
+        repo: &'a Repository,
+        vm: &str,
+        method: &str,
+        known: std::borrow::Cow<'a, HashSet<ChunkId>>,
+    ) -> crate::Result<Self> {
         let (all, _) = repo.list_snapshots_checked()?;
         let snapshots = all.into_iter().filter(|s| s.manifest.vm == vm).collect();
-        let known = repo.list_chunks()?.into_keys().collect();
         let token = hex::encode(crate::crypto::random_bytes::<6>()?);
         Ok(Self {
             repo,

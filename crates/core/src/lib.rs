@@ -30,7 +30,8 @@ pub mod speed;
 mod commands;
 
 pub use commands::backup::{
-    backup, backup_prepare, BackupDisk, BackupOptions, BaseIndex, PreparedBackup,
+    backup, backup_prepare, backup_prepare_started, BackupDisk, BackupOptions, BackupStart,
+    BaseIndex, PreparedBackup,
 };
 pub use commands::check::{check, CheckOptions, CheckReport, Notice, ReadData};
 pub use commands::forget::{

@@ -71,11 +71,15 @@ pub fn backup(repo: &Repository, request: &LiveBackup, progress: &Progress) -> R
         &request.only,
     )?;
     let definition = definition(&mut qmp, request.config_file.clone());
-    let planner = Planner::new(repo, &request.vm, "qmp")?;
+    // The lease first: planning checks base snapshots against the chunk
+    // listing the backup itself then trusts.
+    let start = vbackup_core::BackupStart::begin(repo)?;
+    let planner = Planner::with_known(repo, &request.vm, "qmp", start.stored())?;
     let plans: Vec<DiskPlan> = disks
         .iter()
         .map(|d| planner.plan(request.requested, &observe(d)))
         .collect();
+    drop(planner);
     let live_plans: Vec<LiveDiskPlan> = disks
         .iter()
         .zip(&plans)
@@ -98,7 +102,15 @@ pub fn backup(repo: &Repository, request: &LiveBackup, progress: &Progress) -> R
     let session = LiveSession::begin(&mut qmp, &live_plans, options)
         .map_err(Error::qemu("taking the point in time of the VM's disks"))?;
     let freeze = session.freeze_report().clone();
-    let read = read_disks(repo, &session, &disks, &plans, &request.options, progress);
+    let read = read_disks(
+        repo,
+        start,
+        &session,
+        &disks,
+        &plans,
+        &request.options,
+        progress,
+    );
     let mut prepared = match read {
         Ok(prepared) => prepared,
         Err(e) => {
@@ -131,6 +143,7 @@ pub fn backup(repo: &Repository, request: &LiveBackup, progress: &Progress) -> R
 /// Reads the session's point-in-time view of every disk.
 fn read_disks(
     repo: &Repository,
+    start: vbackup_core::BackupStart,
     session: &LiveSession<'_>,
     disks: &[LiveDisk],
     plans: &[DiskPlan],
@@ -153,8 +166,9 @@ fn read_disks(
         skip_unchanged: false,
         ..options.clone()
     };
-    Ok(vbackup_core::backup_prepare(
+    Ok(vbackup_core::backup_prepare_started(
         repo,
+        start,
         &backup_disks,
         &options,
         progress,

@@ -54,18 +54,23 @@ struct Inspected {
 /// Runs an offline backup and records its snapshot.
 pub fn backup(repo: &Repository, request: &OfflineBackup, progress: &Progress) -> Result<Snapshot> {
     let inspected: Vec<Inspected> = request.images.iter().map(inspect).collect::<Result<_>>()?;
-    let planner = Planner::new(repo, &request.vm, "qcow2")?;
+    // The lease first: planning checks base snapshots against the chunk
+    // listing the backup itself then trusts.
+    let start = vbackup_core::BackupStart::begin(repo)?;
+    let planner = Planner::with_known(repo, &request.vm, "qcow2", start.stored())?;
     let plans: Vec<DiskPlan> = inspected
         .iter()
         .map(|i| planner.plan(request.requested, &i.observation))
         .collect();
+    drop(planner);
     let disks = open_disks(&inspected, &plans, request.options.threads)?;
     // A full backup reads everything, even a file whose fingerprint is unchanged.
     let options = BackupOptions {
         skip_unchanged: request.options.skip_unchanged && request.requested != Requested::Full,
         ..request.options.clone()
     };
-    let mut prepared = vbackup_core::backup_prepare(repo, &disks, &options, progress)?;
+    let mut prepared =
+        vbackup_core::backup_prepare_started(repo, start, &disks, &options, progress)?;
     drop(disks); // stops qemu-nbd: qemu-img needs the image lock
     let previous = latest_snapshot(repo, &request.vm)?;
     let manifest = &mut prepared.manifest;

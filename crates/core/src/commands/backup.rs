@@ -137,6 +137,33 @@ impl PreparedBackup {
     }
 }
 
+/// The first step of a backup, taken before planning it: the backup's
+/// lease is written (so a concurrent prune keeps what the backup may
+/// reuse) and the stored chunks are listed once. Changed-block tracking
+/// checks its base snapshots against [`BackupStart::stored`] — the same
+/// listing the backup then works from, instead of a second one of a
+/// repository that may hold millions of chunks. Dropping it removes the
+/// lease.
+pub struct BackupStart {
+    guard: BackupGuard,
+    stored: HashSet<ChunkId>,
+}
+
+impl BackupStart {
+    /// Writes the lease, loads the prune lists, lists the stored chunks.
+    pub fn begin(repo: &Repository) -> Result<Self> {
+        let guard = BackupGuard::start(repo)?;
+        let stored = repo.list_chunks()?.into_keys().collect();
+        Ok(Self { guard, stored })
+    }
+
+    /// Every chunk stored when the backup began (also those a prune may be
+    /// deleting, which the backup stores again rather than reuse).
+    pub fn stored(&self) -> &HashSet<ChunkId> {
+        &self.stored
+    }
+}
+
 /// Does all of [`backup`] but writing the snapshot: stores the chunks and
 /// indexes and returns them with the lease, so a caller can finish its own
 /// work (rotate dirty bitmaps, record the VM definition) before committing.
@@ -148,9 +175,22 @@ pub fn backup_prepare(
     options: &BackupOptions,
     progress: &Progress,
 ) -> Result<PreparedBackup> {
+    backup_prepare_started(repo, BackupStart::begin(repo)?, disks, options, progress)
+}
+
+/// [`backup_prepare`] for a backup whose lease was taken (and chunks
+/// listed) by [`BackupStart::begin`] before it was planned.
+pub fn backup_prepare_started(
+    repo: &Repository,
+    start: BackupStart,
+    disks: &[BackupDisk],
+    options: &BackupOptions,
+    progress: &Progress,
+) -> Result<PreparedBackup> {
     check_disk_names(disks)?;
     check_bases(repo, disks)?;
-    let guard = BackupGuard::start(repo)?;
+    let BackupStart { guard, stored } = start;
+    let known = guard.reusable(stored);
     let started = Instant::now();
     let time = chrono::Utc::now().to_rfc3339_opts(chrono::SecondsFormat::Millis, true);
     let previous = if options.skip_unchanged {
@@ -158,7 +198,7 @@ pub fn backup_prepare(
     } else {
         None
     };
-    let job = Job::new(repo, disks, previous.as_ref(), &guard, progress)?;
+    let job = Job::new(repo, disks, previous.as_ref(), &guard, known, progress)?;
     super::run_workers(options.threads, || job.worker())?;
     if progress.is_cancelled() {
         return Err(Error::Interrupted);
@@ -222,10 +262,10 @@ impl<'a> Job<'a> {
         disks: &'a [BackupDisk],
         previous: Option<&Snapshot>,
         guard: &'a BackupGuard,
+        known: HashSet<ChunkId>,
         progress: &'a Progress,
     ) -> Result<Self> {
         let chunk_size = repo.config().chunk_size;
-        let known = guard.known_chunks(repo)?;
         let counters = Counters::default();
         let mut starts = vec![0u64];
         let mut indexes = Vec::with_capacity(disks.len());

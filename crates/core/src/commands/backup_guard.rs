@@ -7,8 +7,9 @@
 //!    (storage without atomic rename, see `prune_exclusive`); loads every
 //!    prune list present (`prune/pending-*`, `prune/deleting-*`) and records
 //!    their names in the lease.
-//! 2. [`BackupGuard::known_chunks`] instead of listing the chunks directly:
-//!    chunks named in those lists are left out of the "already stored" set,
+//! 2. [`BackupGuard::reusable`] on the chunk listing made after the lease
+//!    was written: chunks named in those lists are left out of the "already
+//!    stored" set,
 //!    so the backup uploads them again (a fresh object with a new
 //!    modification time) instead of relying on a copy a prune may delete.
 //!    An unchanged disk's previous index is reused only if all its chunks
@@ -59,13 +60,13 @@ impl BackupGuard {
         Ok(Self { lease, pending })
     }
 
-    /// The chunks stored in the repository, minus those a prune may delete.
-    pub(crate) fn known_chunks(&self, repo: &Repository) -> Result<HashSet<ChunkId>> {
-        let mut known: HashSet<ChunkId> = repo.list_chunks()?.into_keys().collect();
+    /// Of the chunks listed after the lease was written, those a backup may
+    /// reuse: all but the ones a prune may delete.
+    pub(crate) fn reusable(&self, mut stored: HashSet<ChunkId>) -> HashSet<ChunkId> {
         if !self.pending.is_empty() {
-            known.retain(|id| self.pending.binary_search(id).is_err());
+            stored.retain(|id| self.pending.binary_search(id).is_err());
         }
-        Ok(known)
+        stored
     }
 
     /// Chunk ids named by the prune lists loaded at the start, sorted: a

@@ -108,6 +108,10 @@ impl Snapshot {
     }
 }
 
+/// Snapshot manifests read at once when listing, at the least (remote
+/// backends ask for more through `Backend::concurrency`).
+const SNAPSHOT_READERS: usize = 4;
+
 /// An open repository.
 pub struct Repository {
     backend: Arc<dyn Backend>,
@@ -522,11 +526,16 @@ impl Repository {
     /// Every snapshot that can be read, oldest first, and the errors of those
     /// that cannot.
     pub fn list_snapshots_checked(&self) -> Result<(Vec<Snapshot>, Vec<Error>)> {
+        let ids: Vec<String> = self
+            .backend
+            .list(SNAPSHOTS_PREFIX)?
+            .into_iter()
+            .map(|o| o.key.trim_start_matches(SNAPSHOTS_PREFIX).to_string())
+            .collect();
         let mut good = Vec::new();
         let mut bad = Vec::new();
-        for object in self.backend.list(SNAPSHOTS_PREFIX)? {
-            let id = object.key.trim_start_matches(SNAPSHOTS_PREFIX);
-            match self.read_snapshot(id) {
+        for result in self.read_snapshots(&ids) {
+            match result {
                 Ok(snapshot) => good.push(snapshot),
                 Err(e) => bad.push(e),
             }
@@ -538,6 +547,36 @@ impl Repository {
                 .then_with(|| a.id.cmp(&b.id))
         });
         Ok((good, bad))
+    }
+
+    /// Reads the snapshots `ids`, several at a time: on remote storage each
+    /// is a request, and a repository may hold thousands.
+    fn read_snapshots(&self, ids: &[String]) -> Vec<Result<Snapshot>> {
+        let workers = self
+            .backend
+            .concurrency()
+            .max(SNAPSHOT_READERS)
+            .min(ids.len());
+        if workers <= 1 {
+            return ids.iter().map(|id| self.read_snapshot(id)).collect();
+        }
+        let next = std::sync::atomic::AtomicUsize::new(0);
+        let results: Vec<std::sync::Mutex<Option<Result<Snapshot>>>> =
+            ids.iter().map(|_| std::sync::Mutex::new(None)).collect();
+        std::thread::scope(|scope| {
+            for _ in 0..workers {
+                scope.spawn(|| loop {
+                    let i = next.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                    let Some(id) = ids.get(i) else { return };
+                    let read = self.read_snapshot(id);
+                    *results[i].lock().unwrap_or_else(|p| p.into_inner()) = Some(read);
+                });
+            }
+        });
+        results
+            .into_iter()
+            .filter_map(|slot| slot.into_inner().unwrap_or_else(|p| p.into_inner()))
+            .collect()
     }
 
     /// Every snapshot, oldest first; fails if any manifest is damaged.

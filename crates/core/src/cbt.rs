@@ -97,16 +97,27 @@ impl<'a> Planner<'a> {
         Self::build(repo, vm, method, std::borrow::Cow::Owned(known))
     }
 
-    /// [`Planner::new`] checking base snapshots against the chunks a
-    /// started backup listed ([`crate::BackupStart::known`]), instead of
-    /// listing them again.
-    pub fn with_known(
+    /// [`Planner::new`] for a started backup: base snapshots are checked
+    /// against the chunks and snapshots it read when it began
+    /// ([`crate::BackupStart`]), instead of reading them again.
+    pub fn for_backup(
         repo: &'a Repository,
         vm: &str,
         method: &str,
-        known: &'a HashSet<ChunkId>,
+        start: &'a crate::BackupStart,
     ) -> crate::Result<Self> {
-        Self::build(repo, vm, method, std::borrow::Cow::Borrowed(known))
+        let snapshots = start
+            .snapshots()
+            .iter()
+            .filter(|s| s.manifest.vm == vm)
+            .cloned()
+            .collect();
+        Self::with_parts(
+            repo,
+            method,
+            snapshots,
+            std::borrow::Cow::Borrowed(start.stored()),
+        )
     }
 
     fn build(
@@ -117,6 +128,15 @@ impl<'a> Planner<'a> {
     ) -> crate::Result<Self> {
         let (all, _) = repo.list_snapshots_checked()?;
         let snapshots = all.into_iter().filter(|s| s.manifest.vm == vm).collect();
+        Self::with_parts(repo, method, snapshots, known)
+    }
+
+    fn with_parts(
+        repo: &'a Repository,
+        method: &str,
+        snapshots: Vec<Snapshot>,
+        known: std::borrow::Cow<'a, HashSet<ChunkId>>,
+    ) -> crate::Result<Self> {
         let token = hex::encode(crate::crypto::random_bytes::<6>()?);
         Ok(Self {
             repo,

@@ -74,7 +74,7 @@ pub fn backup(repo: &Repository, request: &LiveBackup, progress: &Progress) -> R
     // The lease first: planning checks base snapshots against the chunk
     // listing the backup itself then trusts.
     let start = vbackup_core::BackupStart::begin(repo)?;
-    let planner = Planner::with_known(repo, &request.vm, "qmp", start.stored())?;
+    let planner = Planner::for_backup(repo, &request.vm, "qmp", &start)?;
     let plans: Vec<DiskPlan> = disks
         .iter()
         .map(|d| planner.plan(request.requested, &observe(d)))

@@ -57,12 +57,13 @@ pub fn backup(repo: &Repository, request: &OfflineBackup, progress: &Progress) -
     // The lease first: planning checks base snapshots against the chunk
     // listing the backup itself then trusts.
     let start = vbackup_core::BackupStart::begin(repo)?;
-    let planner = Planner::with_known(repo, &request.vm, "qcow2", start.stored())?;
+    let planner = Planner::for_backup(repo, &request.vm, "qcow2", &start)?;
     let plans: Vec<DiskPlan> = inspected
         .iter()
         .map(|i| planner.plan(request.requested, &i.observation))
         .collect();
     drop(planner);
+    let previous = start.latest_of(&request.vm).cloned();
     let disks = open_disks(&inspected, &plans, request.options.threads)?;
     // A full backup reads everything, even a file whose fingerprint is unchanged.
     let options = BackupOptions {
@@ -72,7 +73,6 @@ pub fn backup(repo: &Repository, request: &OfflineBackup, progress: &Progress) -
     let mut prepared =
         vbackup_core::backup_prepare_started(repo, start, &disks, &options, progress)?;
     drop(disks); // stops qemu-nbd: qemu-img needs the image lock
-    let previous = latest_snapshot(repo, &request.vm)?;
     let manifest = &mut prepared.manifest;
     for ((record, plan), item) in manifest.disks.iter_mut().zip(&plans).zip(&inspected) {
         finish_disk(record, plan, item, previous.as_ref())?;
@@ -145,11 +145,6 @@ fn open_disks(
             })
         })
         .collect()
-}
-
-fn latest_snapshot(repo: &Repository, vm: &str) -> Result<Option<Snapshot>> {
-    let (snapshots, _) = repo.list_snapshots_checked()?;
-    Ok(snapshots.into_iter().rev().find(|s| s.manifest.vm == vm))
 }
 
 /// Rotates the disk's bitmaps (unless the disk was not read at all) and

@@ -147,14 +147,33 @@ impl PreparedBackup {
 pub struct BackupStart {
     guard: BackupGuard,
     stored: HashSet<ChunkId>,
+    /// Every readable snapshot, oldest first, read once for planning, the
+    /// unchanged-file shortcut and the caller's own use.
+    snapshots: Vec<Snapshot>,
 }
 
 impl BackupStart {
-    /// Writes the lease, loads the prune lists, lists the stored chunks.
+    /// Writes the lease, loads the prune lists, lists the stored chunks
+    /// and reads the snapshots.
     pub fn begin(repo: &Repository) -> Result<Self> {
         let guard = BackupGuard::start(repo)?;
         let stored = repo.list_chunks()?.into_keys().collect();
-        Ok(Self { guard, stored })
+        let (snapshots, _) = repo.list_snapshots_checked()?;
+        Ok(Self {
+            guard,
+            stored,
+            snapshots,
+        })
+    }
+
+    /// Every readable snapshot when the backup began, oldest first.
+    pub fn snapshots(&self) -> &[Snapshot] {
+        &self.snapshots
+    }
+
+    /// The newest snapshot of `vm` when the backup began.
+    pub fn latest_of(&self, vm: &str) -> Option<&Snapshot> {
+        self.snapshots.iter().rev().find(|s| s.manifest.vm == vm)
     }
 
     /// Every chunk stored when the backup began (also those a prune may be
@@ -189,15 +208,15 @@ pub fn backup_prepare_started(
 ) -> Result<PreparedBackup> {
     check_disk_names(disks)?;
     check_bases(repo, disks)?;
-    let BackupStart { guard, stored } = start;
-    let known = guard.reusable(stored);
-    let started = Instant::now();
-    let time = chrono::Utc::now().to_rfc3339_opts(chrono::SecondsFormat::Millis, true);
     let previous = if options.skip_unchanged {
-        latest_snapshot_of(repo, &options.vm)?
+        start.latest_of(&options.vm).cloned()
     } else {
         None
     };
+    let BackupStart { guard, stored, .. } = start;
+    let known = guard.reusable(stored);
+    let started = Instant::now();
+    let time = chrono::Utc::now().to_rfc3339_opts(chrono::SecondsFormat::Millis, true);
     let job = Job::new(repo, disks, previous.as_ref(), &guard, known, progress)?;
     super::run_workers(options.threads, || job.worker())?;
     if progress.is_cancelled() {
@@ -532,11 +551,6 @@ impl<'a> Job<'a> {
 }
 
 /// The newest readable snapshot of `vm`, if any.
-fn latest_snapshot_of(repo: &Repository, vm: &str) -> Result<Option<Snapshot>> {
-    let (snapshots, _) = repo.list_snapshots_checked()?;
-    Ok(snapshots.into_iter().rev().find(|s| s.manifest.vm == vm))
-}
-
 /// The previous snapshot's index for `disk`, if the disk's source is
 /// provably unchanged since then and every chunk of that index is stored.
 fn reusable_index(

@@ -378,20 +378,18 @@ fn exclusive_locks_exclude_each_other_and_name_the_holder() {
     assert!(vbackup_core::list_locks(&repo, None).unwrap().is_empty());
 }
 
-#[test]
-fn an_interrupted_sweep_is_finished_by_the_next_prune() {
-    let (backend, repo) = new_repo();
-    let (datas, snapshots) = history(&repo);
-    forget_keep_last(&repo, 1);
-    let marked = prune_with(&repo, Duration::from_secs(3600)).unwrap();
+/// Forgets all but the newest snapshot, marks with a long grace and writes
+/// the deletion log of the resulting pending list, as a sweep does first;
+/// returns the list's content.
+fn forget_mark_and_start_sweep(repo: &Repository) -> PruneList {
+    forget_keep_last(repo, 1);
+    let marked = prune_with(repo, Duration::from_secs(3600)).unwrap();
     let list = marked.pending_list.unwrap();
     let content = PruneList::decode(
         &list,
         &repo.get_sealed(ObjectKind::PruneList, &list).unwrap(),
     )
     .unwrap();
-    // What a sweep killed half-way leaves: a deletion log, objects moved to
-    // the trash, some deleted.
     let mut log = content.clone();
     log.kind = PruneListKind::Deleting;
     repo.put_sealed(
@@ -400,6 +398,16 @@ fn an_interrupted_sweep_is_finished_by_the_next_prune() {
         &log.encode().unwrap(),
     )
     .unwrap();
+    content
+}
+
+#[test]
+fn an_interrupted_sweep_is_finished_by_the_next_prune() {
+    let (backend, repo) = new_repo();
+    let (datas, snapshots) = history(&repo);
+    // What a sweep killed half-way leaves: a deletion log, objects moved to
+    // the trash, some deleted.
+    let content = forget_mark_and_start_sweep(&repo);
     for (i, id) in content.chunks.iter().enumerate().take(5) {
         let key = Repository::chunk_key(id);
         match i % 2 {
@@ -715,22 +723,7 @@ fn stale_locks_neither_stop_an_exclusive_prune_nor_the_backups_after_it() {
 fn an_exclusive_prune_cleans_up_what_a_concurrent_prune_left() {
     let (backend, repo) = new_repo();
     let (datas, snapshots) = history(&repo);
-    forget_keep_last(&repo, 1);
-    let marked = prune_with(&repo, Duration::from_secs(3600)).unwrap();
-    let list = marked.pending_list.unwrap();
-    let content = PruneList::decode(
-        &list,
-        &repo.get_sealed(ObjectKind::PruneList, &list).unwrap(),
-    )
-    .unwrap();
-    let mut log = content.clone();
-    log.kind = PruneListKind::Deleting;
-    repo.put_sealed(
-        ObjectKind::PruneList,
-        "prune/deleting-20260101T000000Z-00000001",
-        &log.encode().unwrap(),
-    )
-    .unwrap();
+    let content = forget_mark_and_start_sweep(&repo);
     // One referenced chunk sits in the trash, as a sweep killed between
     // its rename and its move back would leave it.
     let kept = Repository::chunk_key(

@@ -3,9 +3,12 @@
 # incremental backup after rewriting 1% of the data (bench/mutate.py), and
 # restore (checked against the source), with
 #   local          vbackup to a repository on the local disk
-#   garage         vbackup to Garage (S3) on loopback
-#   garage-16m     the same with 16 MiB chunks (`init --chunk-size 16M`):
-#                  a quarter of the requests, coarser dedup and tracking
+#   garage         vbackup to Garage (S3) on loopback (chunks in 16 MiB packs,
+#                  the default on S3)
+#   garage-loose   the same with one object per 4 MiB chunk
+#                  (`init --pack-size 0`, the layout before packs)
+#   garage-16m     one object per 16 MiB chunk (`init --chunk-size 16M
+#                  --pack-size 0`): a quarter of the requests, coarser dedup
 #   restic-garage  restic to the same Garage, for comparison
 #   server         vbackup to its own backup server (`vbackup server`) on
 #                  loopback over HTTPS: init with an admin token, backups
@@ -23,14 +26,14 @@
 # Environment: as bench/run.sh (BENCH_SIZE_GIB, BENCH_FILL_PCT, BENCH_SRC,
 # BENCH_CHANGE_PCT, BENCH_WRITE_KIB, BENCH_SEED, BENCH_KEEP, BENCH_NO_BUILD,
 # VBACKUP_BIN), plus
-#   BENCH_TARGETS   targets to run (default "local garage server restic-garage")
+#   BENCH_TARGETS   targets to run (default "local garage garage-loose server restic-garage")
 #   GARAGE_BIN      the garage binary (default: on PATH or ~/.cargo/bin)
 set -euo pipefail
 
 # shellcheck source=bench/run.sh
 source "$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)/run.sh"
 
-TARGETS=${BENCH_TARGETS:-local garage server restic-garage}
+TARGETS=${BENCH_TARGETS:-local garage garage-loose server restic-garage}
 TOOLS="vbackup restic"
 GARAGE_BIN=${GARAGE_BIN:-$(command -v garage || echo "$HOME/.cargo/bin/garage")}
 BUCKET=vbench
@@ -137,20 +140,22 @@ target_repo() {
     local) echo "$RUN/local-repo" ;;
     garage) echo "s3:$S3_URL/$BUCKET/vbackup" ;;
     garage-16m) echo "s3:$S3_URL/$BUCKET/vbackup16m" ;;
+    garage-loose) echo "s3:$S3_URL/$BUCKET/vbackuploose" ;;
     restic-garage) echo "s3:$S3_URL/$BUCKET/restic" ;;
     server) echo "$SERVER_URL" ;;
     *) die "unknown target '$1'" ;;
     esac
 }
 
-is_s3() { [[ $1 == garage || $1 == garage-16m || $1 == restic-garage ]]; }
+is_s3() { [[ $1 == garage || $1 == garage-16m || $1 == garage-loose || $1 == restic-garage ]]; }
 
 target_init() {
     local repo
     repo=$(target_repo "$1")
     case $1 in
     local | garage) "$VBACKUP_BIN" init --repo "$repo" ;;
-    garage-16m) "$VBACKUP_BIN" init --repo "$repo" --chunk-size 16M ;;
+    garage-16m) "$VBACKUP_BIN" init --repo "$repo" --chunk-size 16M --pack-size 0 ;;
+    garage-loose) "$VBACKUP_BIN" init --repo "$repo" --pack-size 0 ;;
     server) with_token admin "$VBACKUP_BIN" init --repo "$repo" ;;
     restic-garage) restic -r "$repo" init ;;
     esac >"$RUN/$1-init.log" 2>&1 || die "$1: could not create the repository"
@@ -170,7 +175,7 @@ target_backup() {
     local target=$1 scenario=$2 repo
     repo=$(target_repo "$target")
     case $target in
-    local | garage | garage-16m) step "$target" "$scenario" "$VBACKUP_BIN" --json backup \
+    local | garage | garage-16m | garage-loose) step "$target" "$scenario" "$VBACKUP_BIN" --json backup \
         --repo "$repo" --vm "$VM" "$DISK" ;;
     server) step "$target" "$scenario" env VBACKUP_TOKEN="$(cat "$RUN/token-backup")" \
         "$VBACKUP_BIN" --json backup --repo "$repo" --vm "$VM" "$DISK" ;;
@@ -185,7 +190,7 @@ target_restore() {
     out=$RUN/restore-$target
     mkdir -p "$out"
     case $target in
-    local | garage | garage-16m) step "$target" restore sh -c '"$@" && sync' sh "$VBACKUP_BIN" --json \
+    local | garage | garage-16m | garage-loose) step "$target" restore sh -c '"$@" && sync' sh "$VBACKUP_BIN" --json \
         restore --repo "$repo" latest --vm "$VM" --target "$out" --format raw ;;
     server) step "$target" restore sh -c '"$@" && sync' sh env \
         VBACKUP_TOKEN="$(cat "$RUN/token-read")" "$VBACKUP_BIN" --json \
@@ -194,7 +199,7 @@ target_restore() {
         restore latest --target "$out" ;;
     esac
     case $target in
-    local | garage | garage-16m | server) qemu-img compare -q -f qcow2 -F raw "$DISK" "$out/disk.raw" || status=FAIL ;;
+    local | garage | garage-16m | garage-loose | server) qemu-img compare -q -f qcow2 -F raw "$DISK" "$out/disk.raw" || status=FAIL ;;
     restic-garage) cmp -s "$DISK" "$out$DISK" || status=FAIL ;;
     esac
     [[ $status == OK ]] || log "$target: restored image differs from the source"

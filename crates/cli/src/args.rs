@@ -167,6 +167,11 @@ pub struct InitArgs {
     /// zstd compression level for chunks (1 = fastest, 19 = smallest).
     #[arg(long, default_value_t = 3)]
     pub compression_level: i32,
+    /// Store new chunks in pack objects of about this size (1M to 512M), or
+    /// 0 for one object per chunk. Default: 16M on S3, where every object
+    /// costs requests; one object per chunk on local disks and servers.
+    #[arg(long, value_parser = parse_size)]
+    pub pack_size: Option<u64>,
 }
 
 /// `vbackup backup`.

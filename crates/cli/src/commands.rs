@@ -91,7 +91,10 @@ impl Context {
         if let Some(threads) = self.global.threads {
             return threads.max(1);
         }
-        let per_worker = WORKER_CHUNK_COPIES * u64::from(repo.config().chunk_size);
+        // A worker also holds the pack it fills and uploads, or the range
+        // of a pack it reads.
+        let per_worker = WORKER_CHUNK_COPIES * u64::from(repo.config().chunk_size)
+            + u64::from(repo.config().pack_size);
         let affordable = usize::try_from(IO_MEMORY_BUDGET / per_worker.max(1)).unwrap_or(1);
         let wanted = repo.backend().concurrency().min(affordable);
         self.threads().max(wanted)
@@ -229,6 +232,10 @@ fn init_options(args: &InitArgs) -> Result<InitOptions> {
         digest,
         compression_level: args.compression_level,
         kdf: kdf_params(),
+        pack_size: args
+            .pack_size
+            .map(|size| u32::try_from(size).map_err(|_| usage_error("pack size too large")))
+            .transpose()?,
     })
 }
 
@@ -250,6 +257,7 @@ struct InitOutput<'a> {
     repository: String,
     id: &'a str,
     chunk_size: u32,
+    pack_size: u32,
     cipher: CipherKind,
     digest: DigestKind,
 }
@@ -279,6 +287,7 @@ fn init(ctx: &Context, args: &InitArgs) -> Result<()> {
         repository: repo.location(),
         id: &config.id,
         chunk_size: config.chunk_size,
+        pack_size: config.pack_size,
         cipher: config.cipher,
         digest: config.digest,
     };
@@ -292,6 +301,13 @@ fn init(ctx: &Context, args: &InitArgs) -> Result<()> {
             config.cipher,
             config.compression_level
         ));
+        ctx.say(match config.pack_size {
+            0 => "  storage: one object per chunk".to_string(),
+            size => format!(
+                "  storage: chunks gathered in packs of about {} (few requests on object storage)",
+                human_bytes(u64::from(size))
+            ),
+        });
         if config.cipher != CipherKind::None {
             ctx.say("  keep the passphrase safe: without it the backups cannot be read");
         }

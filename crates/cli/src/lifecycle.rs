@@ -204,8 +204,25 @@ fn print_exclusive(ctx: &Context, r: &PruneReport, would: &str) {
         human_bytes(r.freed_bytes),
         if r.dry_run { "would be freed" } else { "freed" }
     ));
+    if r.packs > 0 || r.pack_indexes_removed > 0 {
+        ctx.say(format!(
+            "  packs: {} stored; {would}delete {} unused, repack {} into {} new ({}); pack indexes: {} written, {} removed",
+            r.packs,
+            r.deleted_packs,
+            r.repacked_packs,
+            r.written_packs,
+            human_bytes(r.repacked_bytes),
+            r.pack_indexes_written,
+            r.pack_indexes_removed
+        ));
+    }
+    for pack in &r.packs_kept_damaged {
+        ctx.say(format!(
+            "  kept (a referenced chunk in it fails its check; see `vbackup check`): {pack}"
+        ));
+    }
     ctx.say(format!(
-        "  this storage cannot move objects atomically, so prune {} the repository to itself: backups that start meanwhile are refused (no grace period applies)",
+        "  this storage cannot move objects atomically (or the repository keeps chunks in packs), so prune {} the repository to itself: backups that start meanwhile are refused (no grace period applies)",
         if r.dry_run { "would take" } else { "took" }
     ));
     if r.lists_removed > 0 {
@@ -328,6 +345,11 @@ fn print_repair(ctx: &Context, r: &RepairReport) {
     }
     for key in &r.quarantined {
         ctx.say(format!("{would}move {key} to quarantine/"));
+    }
+    for blob in &r.dropped_from_packs {
+        ctx.say(format!(
+            "{would}take {blob} out of the pack indexes (the next backup stores it again)"
+        ));
     }
     for id in &r.marked {
         let disks: Vec<String> = r

@@ -138,6 +138,11 @@ impl Env {
     /// A server with admin, backup and read tokens for repository `r`,
     /// which is initialised.
     fn new() -> Self {
+        Self::with_init(&["init"])
+    }
+
+    /// [`Env::new`], initialising `r` with `init` (the command and its options).
+    fn with_init(init: &[&str]) -> Self {
         let dir = tempfile::tempdir().unwrap();
         let data = dir.path().join("data");
         let admin = add_token(&data, "*", "admin");
@@ -152,7 +157,7 @@ impl Env {
             read,
         };
         let admin = env.admin.clone();
-        env.ok(&admin, &["init"]);
+        env.ok(&admin, init);
         env
     }
 
@@ -346,6 +351,55 @@ fn backup_tokens_are_append_only_and_read_tokens_read() {
         "the server renames, so prune runs alongside backups: {prune}"
     );
     env.ok(&env.read, &["verify"]);
+}
+
+/// A repository with packs on the server: a backup token adds packs and
+/// pack indexes (append-only), and the admin's prune repacks them.
+#[test]
+fn a_repository_with_packs_backs_up_restores_and_prunes_through_the_server() {
+    let env = Env::with_init(&["init", "--pack-size", "4M"]);
+    let image = env.path("a.raw");
+    raw_image(&image, 12 * MIB as usize, 2);
+    let first = env.backup("a", &image);
+    std::fs::copy(&image, env.path("first.raw")).unwrap();
+    assert_eq!(env.chunk_files(), 0, "no loose chunks");
+    let packs = walk(&env.data().join("repos/r/packs")).len();
+    assert!(
+        (2..=4).contains(&packs),
+        "{packs} packs for 3 chunks of 4 MiB"
+    );
+    let mut changed = std::fs::read(&image).unwrap();
+    changed[..4 * MIB as usize].copy_from_slice(&noise(4 * MIB as usize, 40));
+    std::fs::write(&image, &changed).unwrap();
+    let second = env.backup("a", &image);
+    assert_eq!(second["stats"]["chunks-new"], 1, "{second}");
+
+    // A backup token cannot delete or replace a pack.
+    let client = env.client(&env.backup);
+    let pack = client.list("packs/").unwrap()[0].key.clone();
+    let stored = client.get(&pack).unwrap();
+    assert!(client.delete(&pack).is_err());
+    client.put(&pack, b"other bytes").unwrap();
+    assert_eq!(client.get(&pack).unwrap(), stored);
+
+    let restored = env.restore(&snapshot_id(&first), "a");
+    assert!(identical(&restored, &env.path("first.raw")));
+    let prune = env.ok(
+        &env.admin,
+        &["--json", "forget", "--keep-last", "1", "--prune"],
+    );
+    let prune: Value = serde_json::from_str(&prune).unwrap();
+    let prune = &prune["prune"];
+    assert_eq!(
+        prune["exclusive"], true,
+        "packs are pruned exclusively: {prune}"
+    );
+    assert_eq!(prune["deleted-chunks"], 1, "{prune}");
+    assert_eq!(prune["pack-indexes-written"], 1, "{prune}");
+    let restored = env.restore(&snapshot_id(&second), "a");
+    assert!(identical(&restored, &image));
+    let verify = env.ok(&env.read, &["verify"]);
+    assert!(verify.contains("no damage found"), "{verify}");
 }
 
 #[test]

@@ -13,13 +13,19 @@ use crate::error::{Error, Result};
 use crate::ChunkId;
 
 pub mod lifecycle;
+pub mod pack;
 
 /// The four bytes every vbackup object starts with.
 pub const MAGIC: [u8; 4] = *b"VBAK";
 /// The envelope version this build writes and the newest it reads.
 pub const ENVELOPE_VERSION: u8 = 1;
-/// The repository format version this build writes and the newest it reads.
-pub const REPOSITORY_VERSION: u32 = 1;
+/// The newest repository format version this build reads and writes:
+/// 2 for repositories that store chunks in packs, 1 for those that store
+/// each chunk as its own object (written as 1, so older builds keep
+/// reading them).
+pub const REPOSITORY_VERSION: u32 = 2;
+/// The repository format version of repositories without packs.
+pub const LOOSE_REPOSITORY_VERSION: u32 = 1;
 /// Length of the object header.
 pub const HEADER_LEN: usize = 8;
 
@@ -44,6 +50,10 @@ pub enum ObjectKind {
     Policy = 8,
     /// A damage marker written by `repair` (`damaged/`).
     DamageMarker = 9,
+    /// The entry list at the end of a pack (`packs/`).
+    PackTrailer = 10,
+    /// A pack index: which chunks which packs hold (`packindex/`).
+    PackIndex = 11,
 }
 
 impl ObjectKind {
@@ -58,6 +68,8 @@ impl ObjectKind {
             Self::PruneList,
             Self::Policy,
             Self::DamageMarker,
+            Self::PackTrailer,
+            Self::PackIndex,
         ]
         .into_iter()
         .find(|k| *k as u8 == code)
@@ -270,6 +282,10 @@ pub struct Config {
     pub cipher: CipherKind,
     /// zstd level for chunks.
     pub compression_level: i32,
+    /// Target size of pack objects in bytes; 0 (absent) stores each chunk
+    /// as its own object. Set only in version 2 repositories.
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub pack_size: u32,
     /// Keyed digest of the fields above under the config key (hex); empty
     /// without encryption. Stops someone without the key from changing them.
     #[serde(default)]
@@ -279,7 +295,7 @@ pub struct Config {
 impl Config {
     /// The bytes the MAC covers: every field but the MAC itself.
     pub fn mac_input(&self) -> Vec<u8> {
-        format!(
+        let mut input = format!(
             "{}|{}|{}|{:?}|{:?}|{}",
             self.version,
             self.id,
@@ -287,9 +303,21 @@ impl Config {
             self.digest,
             self.cipher,
             self.compression_level
-        )
-        .into_bytes()
+        );
+        if self.version >= 2 {
+            input.push_str(&format!("|{}", self.pack_size));
+        }
+        input.into_bytes()
     }
+
+    /// Whether new chunks go into packs.
+    pub fn packs(&self) -> bool {
+        self.pack_size > 0
+    }
+}
+
+fn is_zero(n: &u32) -> bool {
+    *n == 0
 }
 
 /// A key object: the master secret wrapped under a passphrase.

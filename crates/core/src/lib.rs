@@ -11,7 +11,9 @@
 //! The data path of a backup: a worker takes the next chunk number, asks its
 //! reader which parts of the chunk hold data, reads only those, skips
 //! all-zero chunks (holes), names the chunk by its keyed digest, and — only
-//! if the repository does not have it yet — compresses, seals and stores it.
+//! if the repository does not have it yet — compresses, seals and stores it
+//! (as its own object, or appended to a pack that is uploaded when full: see
+//! [`packs`]).
 //! The snapshot (indexes, then manifest) is written last, so an interrupted
 //! backup records nothing but leaves its chunks for the next run to reuse.
 #![deny(missing_docs)]
@@ -21,6 +23,7 @@ mod compress;
 pub mod crypto;
 mod error;
 pub mod format;
+pub mod packs;
 mod progress;
 mod repo;
 pub mod roles;

@@ -15,8 +15,9 @@ use crate::crypto::{kdf, random_bytes, CipherKind, Crypto, DigestKind, MasterSec
 use crate::error::{Error, Result};
 use crate::format::{
     self, open_object_owned, seal_object, Config, DiskIndex, KeyFile, ObjectKind, SnapshotManifest,
-    REPOSITORY_VERSION,
+    LOOSE_REPOSITORY_VERSION, REPOSITORY_VERSION,
 };
+use crate::packs::{ChunkMap, DEFAULT_PACK_SIZE, MAX_PACK_SIZE, MIN_PACK_SIZE};
 use crate::ChunkId;
 
 /// Name of the config object.
@@ -62,6 +63,11 @@ pub struct InitOptions {
     pub compression_level: i32,
     /// Argon2id cost of the first key.
     pub kdf: kdf::KdfParams,
+    /// Target size of pack objects: `Some(0)` stores each chunk as its own
+    /// object, `None` chooses: packs of [`crate::packs::DEFAULT_PACK_SIZE`]
+    /// on storage without atomic rename (object stores, where every object
+    /// costs requests), loose chunks elsewhere.
+    pub pack_size: Option<u32>,
 }
 
 impl Default for InitOptions {
@@ -72,6 +78,7 @@ impl Default for InitOptions {
             digest: DigestKind::Blake3Keyed,
             compression_level: 3,
             kdf: kdf::KdfParams::default(),
+            pack_size: None,
         }
     }
 }
@@ -142,7 +149,23 @@ fn validate_init(options: &InitOptions) -> Result<()> {
             "compression level must be between 1 and 19".to_string(),
         ));
     }
+    if let Some(size) = options.pack_size.filter(|s| *s != 0) {
+        if !(MIN_PACK_SIZE..=MAX_PACK_SIZE).contains(&size) {
+            return Err(Error::InvalidInput(format!(
+                "pack size {size} is not between {MIN_PACK_SIZE} and {MAX_PACK_SIZE} bytes (0 stores chunks unpacked)"
+            )));
+        }
+    }
     Ok(())
+}
+
+/// The pack size a new repository on `backend` gets.
+fn chosen_pack_size(backend: &dyn Backend, options: &InitOptions) -> u32 {
+    match options.pack_size {
+        Some(size) => size,
+        None if backend.can_rename() => 0,
+        None => DEFAULT_PACK_SIZE,
+    }
 }
 
 impl Repository {
@@ -169,8 +192,13 @@ impl Repository {
             }
         };
         let crypto = Crypto::new(options.cipher, options.digest, secret.as_ref());
+        let pack_size = chosen_pack_size(backend.as_ref(), options);
         let mut config = Config {
-            version: REPOSITORY_VERSION,
+            version: match pack_size {
+                0 => LOOSE_REPOSITORY_VERSION,
+                _ => REPOSITORY_VERSION,
+            },
+            pack_size,
             id: hex::encode(random_bytes::<16>()?),
             chunk_size: options.chunk_size,
             digest: options.digest,
@@ -367,16 +395,14 @@ impl Repository {
         format!("{CHUNKS_PREFIX}{}/{hex}", &hex[..2])
     }
 
-    /// Every chunk stored, with its stored size. Names that are not chunk
-    /// ids are skipped.
+    /// Every chunk stored, loose or in a pack, with its stored size.
     pub fn list_chunks(&self) -> Result<HashMap<ChunkId, u64>> {
-        let mut chunks = HashMap::new();
-        self.backend.list_each(CHUNKS_PREFIX, &mut |o| {
-            if let Some(id) = o.key.rsplit('/').next().and_then(ChunkId::from_hex) {
-                chunks.insert(id, o.size);
-            }
-        })?;
-        Ok(chunks)
+        Ok(self.chunk_map()?.sizes())
+    }
+
+    /// Where every stored chunk is (see [`ChunkMap::load`]).
+    pub fn chunk_map(&self) -> Result<ChunkMap> {
+        ChunkMap::load(self)
     }
 
     /// Encodes a chunk (compress, seal) without storing it.
@@ -395,8 +421,9 @@ impl Repository {
         Ok(self.backend.put(&Self::chunk_key(id), encoded)?)
     }
 
-    /// Reads a chunk, authenticates it, and checks that its plaintext has the
-    /// digest it is named by.
+    /// Reads a loose chunk, authenticates it, and checks that its plaintext
+    /// has the digest it is named by (chunks in packs are read through
+    /// [`crate::packs::read_unit`]).
     pub fn read_chunk(&self, id: &ChunkId) -> Result<Vec<u8>> {
         let key = Self::chunk_key(id);
         let bytes = self.backend.get(&key)?;

@@ -288,7 +288,7 @@ fn missing_config_and_newer_versions_are_refused_by_name() {
             err,
             Error::UnsupportedVersion {
                 found: 7,
-                supported: 1,
+                supported: 2,
                 ..
             }
         ),

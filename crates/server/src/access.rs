@@ -8,7 +8,7 @@
 //!   never changes its bytes: identical bytes refresh its modification time
 //!   (garbage collection reads a re-put as "in use again"); different bytes
 //!   are refused, except for content-addressed objects (`chunks/`,
-//!   `indexes/`), whose name is a keyed digest of their plaintext: any
+//!   `indexes/`, `packs/`, `packindex/`), whose name is a keyed digest of their plaintext: any
 //!   sealing under that name holds the same content (each seal has a fresh
 //!   random salt, so a backup's re-upload never has the same bytes), so the
 //!   stored copy is kept, its time refreshed, and the put answered as done.
@@ -18,10 +18,18 @@
 use vbackup_core::roles::Role;
 
 /// Object folders a backup token may add to.
-pub const BACKUP_PREFIXES: [&str; 4] = ["chunks/", "indexes/", "snapshots/", "locks/"];
+pub const BACKUP_PREFIXES: [&str; 6] = [
+    "chunks/",
+    "indexes/",
+    "packs/",
+    "packindex/",
+    "snapshots/",
+    "locks/",
+];
 
-/// Content-addressed folders: a name fixes the plaintext.
-pub const CONTENT_ADDRESSED: [&str; 2] = ["chunks/", "indexes/"];
+/// Content-addressed folders: a name fixes the plaintext (packs are named
+/// by the hash of their bytes, pack indexes by the MAC of their payload).
+pub const CONTENT_ADDRESSED: [&str; 4] = ["chunks/", "indexes/", "packs/", "packindex/"];
 
 /// What is stored under a name a client wants to write.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

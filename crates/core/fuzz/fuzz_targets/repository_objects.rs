@@ -1,13 +1,13 @@
 //! Feeds arbitrary bytes to every parser of repository objects: the object
 //! envelope (header, authentication, bounded decompression), disk indexes,
-//! prune lists, and the JSON objects (config, keys, manifests, locks,
+//! prune lists, pack trailers, footers and pack indexes, and the JSON objects (config, keys, manifests, locks,
 //! policies, damage markers). None may panic or
 //! allocate without bound, whatever a damaged or hostile repository holds.
 #![no_main]
 
 use libfuzzer_sys::fuzz_target;
 use vbackup_core::crypto::{CipherKind, Crypto, DigestKind, MasterSecret};
-use vbackup_core::format::{self, lifecycle, Config, DiskIndex, KeyFile, ObjectKind};
+use vbackup_core::format::{self, lifecycle, pack, Config, DiskIndex, KeyFile, ObjectKind};
 
 fuzz_target!(|data: &[u8]| {
     let secret = MasterSecret::from_bytes([1u8; 32]);
@@ -21,11 +21,18 @@ fuzz_target!(|data: &[u8]| {
             ObjectKind::PruneList,
             ObjectKind::Policy,
             ObjectKind::DamageMarker,
+            ObjectKind::PackTrailer,
+            ObjectKind::PackIndex,
         ] {
             let _ = format::open_object(&crypto, kind, "chunks/00/00", data, 1 << 20);
         }
     }
     let _ = DiskIndex::decode("indexes/x", data);
+    let _ = pack::decode_trailer("packs/x", data, data.len() as u64);
+    let _ = pack::decode_pack_index("packindex/x", data);
+    if data.len() >= pack::FOOTER_LEN {
+        let _ = pack::decode_footer("packs/x", &data[..pack::FOOTER_LEN], data.len() as u64);
+    }
     let _ = format::parse_plain_json::<Config>(ObjectKind::Config, "config", data);
     let _ = format::parse_plain_json::<KeyFile>(ObjectKind::Key, "keys/x", data);
     let _ = format::parse_snapshot_manifest("snapshots/x", data);

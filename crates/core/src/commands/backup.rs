@@ -9,6 +9,7 @@ use super::backup_guard::BackupGuard;
 use crate::format::{
     BackupStats, DiskIndex, DiskRecord, ReadScope, SnapshotManifest, SNAPSHOT_VERSION,
 };
+use crate::packs::{write_pack_indexes, PackWriter};
 use crate::source::{DiskReader, DiskSource, ExtentKind};
 use crate::{is_all_zero, ChunkId, Error, Progress, Repository, Result, Snapshot};
 
@@ -99,6 +100,8 @@ struct Job<'a> {
     unchanged_since: Vec<Option<String>>,
     counters: Counters,
     progress: &'a Progress,
+    /// Gathers new chunks into packs, in repositories that use them.
+    packer: Option<PackWriter<'a>>,
 }
 
 /// Backs up `disks` as one snapshot of `options.vm` and returns it.
@@ -218,13 +221,14 @@ pub fn backup_prepare_started(
     let started = Instant::now();
     let time = chrono::Utc::now().to_rfc3339_opts(chrono::SecondsFormat::Millis, true);
     let job = Job::new(repo, disks, previous.as_ref(), &guard, known, progress)?;
-    super::run_workers(options.threads, || job.worker())?;
+    super::run_workers(options.threads, || job.worker()).inspect_err(|_| job.index_uploaded())?;
     if progress.is_cancelled() {
         return Err(Error::Interrupted);
     }
     guard.before_snapshot(repo, &job.chunk_lists(), &|disk, chunk| {
         job.store_again(disk, chunk)
     })?;
+    job.finish_packs()?;
     let records = job.write_indexes()?;
     let manifest = SnapshotManifest {
         version: SNAPSHOT_VERSION,
@@ -330,7 +334,36 @@ impl<'a> Job<'a> {
             unchanged_since,
             counters,
             progress,
+            packer: repo.config().packs().then(|| PackWriter::new(repo)),
         })
+    }
+
+    /// Uploads the last pack and writes the index of this backup's packs:
+    /// after it, every chunk the backup stored can be found, and the disk
+    /// indexes may name them.
+    fn finish_packs(&self) -> Result<()> {
+        let Some(packer) = &self.packer else {
+            return Ok(());
+        };
+        let packs = packer.finish()?;
+        write_pack_indexes(self.repo, &packs)?;
+        Ok(())
+    }
+
+    /// After a failure: indexes the packs uploaded so far, best effort, so
+    /// the next backup finds their chunks without reading their trailers.
+    fn index_uploaded(&self) {
+        if let Some(packer) = &self.packer {
+            let _ = write_pack_indexes(self.repo, &packer.take_uploaded());
+        }
+    }
+
+    /// Stores an encoded chunk: into the current pack, or as its own object.
+    fn put_encoded(&self, id: &ChunkId, encoded: &[u8]) -> Result<()> {
+        match &self.packer {
+            Some(packer) => packer.add(id, encoded),
+            None => self.repo.put_chunk(id, encoded),
+        }
     }
 
     /// Maps a global chunk number to (disk, chunk within disk).
@@ -467,7 +500,7 @@ impl<'a> Job<'a> {
             return Ok(id);
         }
         let encoded = self.repo.encode_chunk(&id, data)?;
-        self.repo.put_chunk(&id, &encoded)?;
+        self.put_encoded(&id, &encoded)?;
         self.counters.chunks_new.fetch_add(1, Ordering::Relaxed);
         self.counters
             .bytes_new
@@ -486,7 +519,8 @@ impl<'a> Job<'a> {
     /// a prune may be deleting are always sent (see `backup_guard`); one
     /// that a prune starts deleting later is caught before the snapshot.
     fn stored_meanwhile(&self, id: &ChunkId) -> Result<bool> {
-        if self.pending.binary_search(id).is_ok() {
+        // Chunks in packs have no object of their own to ask about.
+        if self.packer.is_some() || self.pending.binary_search(id).is_ok() {
             return Ok(false);
         }
         let key = [Repository::chunk_key(id)];
@@ -511,8 +545,7 @@ impl<'a> Job<'a> {
         read_allocated(reader.as_mut(), offset, &mut data)
             .map_err(|e| self.source_error(disk, e))?;
         let id = self.repo.crypto().chunk_id(&data);
-        self.repo
-            .put_chunk(&id, &self.repo.encode_chunk(&id, &data)?)?;
+        self.put_encoded(&id, &self.repo.encode_chunk(&id, &data)?)?;
         Ok(id)
     }
 

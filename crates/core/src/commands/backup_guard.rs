@@ -134,7 +134,7 @@ fn refuse_during_exclusive_prune(repo: &Repository) -> Result<()> {
         .map(|l| (l.started.as_str(), l.host.as_str(), l.pid))
         .unwrap_or_default();
     Err(Error::Conflict(format!(
-        "a prune that needs the repository to itself is running (since {since}, host '{host}', pid {pid}, lock {}): the storage cannot move objects atomically, so no backup can run until it ends; nothing was recorded — retry when it ends (if that prune is gone, `vbackup unlock --stale-only` removes its lock once it is stale; `vbackup locks` shows it)",
+        "a prune that needs the repository to itself is running (since {since}, host '{host}', pid {pid}, lock {}): the storage cannot move objects atomically or the repository keeps chunks in packs, so no backup can run until it ends; nothing was recorded — retry when it ends (if that prune is gone, `vbackup unlock --stale-only` removes its lock once it is stale; `vbackup locks` shows it)",
         &holder.id[..holder.id.len().min(8)]
     )))
 }

@@ -19,6 +19,7 @@ use serde::Serialize;
 use super::locks::list_locks;
 use super::verify::{read_chunks, AffectedDisk, ChunkProblem, ProblemKind};
 use crate::format::DiskRecord;
+use crate::packs::{ChunkMap, Location};
 use crate::repo::{
     INDEXES_PREFIX, PRUNE_PREFIX, QUARANTINE_PREFIX, SNAPSHOTS_PREFIX, TRASH_PREFIX,
 };
@@ -184,9 +185,11 @@ pub fn check(
             object: object_of(&error),
             problem: error.to_string(),
             kind: ProblemKind::DamagedSnapshot,
+            packed_chunk: None,
         });
     }
-    let stored = repo.list_chunks()?;
+    let map = repo.chunk_map()?;
+    let stored = map.sizes();
     let stored_indexes: HashMap<String, u64> = repo
         .backend()
         .list(INDEXES_PREFIX)?
@@ -205,7 +208,7 @@ pub fn check(
     read_data(
         repo,
         options,
-        &stored,
+        &map,
         &referenced,
         progress,
         &mut report,
@@ -213,15 +216,18 @@ pub fn check(
     )?;
     for (id, problem) in &bad {
         report.problems.push(ChunkProblem {
-            object: Repository::chunk_key(id),
+            object: map.object_of(id),
             problem: problem.clone(),
             kind: match stored.contains_key(id) {
                 true => ProblemKind::DamagedChunk,
                 false => ProblemKind::MissingChunk,
             },
+            packed_chunk: matches!(map.chunks.get(id), Some(Location::Packed { .. }))
+                .then(|| id.to_hex()),
         });
     }
-    chunk_damage(repo, &snapshots, &states, &bad, &mut report)?;
+    chunk_damage(repo, &map, &snapshots, &states, &bad, &mut report)?;
+    pack_notices(&map, &mut report);
     count_unreferenced(&stored, &referenced, &stored_indexes, &states, &mut report);
     notices(repo, options, &snapshots, &mut report)?;
     report.problems.sort_by(|a, b| a.object.cmp(&b.object));
@@ -305,6 +311,7 @@ fn index_problems(
                 object: disk.index.clone(),
                 problem,
                 kind,
+                packed_chunk: None,
             });
             report.affected.push(affected(
                 snapshot,
@@ -361,11 +368,32 @@ fn affected(
     }
 }
 
+/// Pack indexes and trailers that could not be read. Not damage by
+/// themselves: the packs of a damaged index are read from their trailers,
+/// and chunks lost with a damaged trailer show as missing where used.
+fn pack_notices(map: &ChunkMap, report: &mut CheckReport) {
+    for problem in &map.problems {
+        report.notices.push(Notice {
+            object: object_of(problem),
+            note: format!("pack metadata unreadable: {problem}"),
+        });
+    }
+    let orphans = map.packs.iter().filter(|p| !p.indexed).count();
+    if orphans > 0 {
+        report.notices.push(Notice {
+            object: crate::packs::PACKS_PREFIX.to_string(),
+            note: format!(
+                "{orphans} pack(s) named by no pack index (a backup was stopped, or one is running); their chunks were read from their trailers, and the next prune indexes or removes them"
+            ),
+        });
+    }
+}
+
 /// Reads the chunks the options select; failures go to `bad`.
 fn read_data(
     repo: &Repository,
     options: &CheckOptions,
-    stored: &HashMap<ChunkId, u64>,
+    map: &ChunkMap,
     referenced: &HashSet<ChunkId>,
     progress: &Progress,
     report: &mut CheckReport,
@@ -375,7 +403,7 @@ fn read_data(
         return Ok(());
     }
     let select = |id: &ChunkId| options.read_data.selects(id);
-    let outcome = read_chunks(repo, stored, &select, options.threads, progress)?;
+    let outcome = read_chunks(repo, map, &select, options.threads, progress)?;
     report.chunks_checked = outcome.chunks;
     report.bytes_checked = outcome.bytes;
     for (id, error) in outcome.failed {
@@ -397,6 +425,7 @@ fn read_data(
 /// Finds the disks that need a bad chunk, reading each index again.
 fn chunk_damage(
     repo: &Repository,
+    map: &ChunkMap,
     snapshots: &[Snapshot],
     states: &HashMap<String, IndexState>,
     bad: &HashMap<ChunkId, String>,
@@ -422,7 +451,7 @@ fn chunk_damage(
         let mut bad_bytes = 0;
         for (i, id) in index.chunks.iter().enumerate() {
             if let Some(id) = id.filter(|id| bad.contains_key(id)) {
-                objects.push(Repository::chunk_key(&id));
+                objects.push(map.object_of(&id));
                 bad_bytes += index.chunk_range(i as u64).1 as u64;
             }
         }

@@ -8,6 +8,7 @@ pub mod locks;
 pub mod policy;
 pub mod prune;
 pub(crate) mod prune_exclusive;
+mod prune_packs;
 pub mod repair;
 pub mod restore;
 pub mod stats;

@@ -139,19 +139,37 @@ pub struct PruneReport {
     /// by a prune that ran elsewhere before; meaningless once everything
     /// unreferenced is deleted).
     pub lists_removed: u64,
+    /// Packs stored (repositories with packs).
+    pub packs: u64,
+    /// Packs deleted because none of their chunks is referenced.
+    pub deleted_packs: u64,
+    /// Packs whose referenced chunks were copied into new packs, then deleted.
+    pub repacked_packs: u64,
+    /// New packs written by repacking.
+    pub written_packs: u64,
+    /// Their bytes.
+    pub repacked_bytes: u64,
+    /// Pack indexes written (the consolidated description of all packs).
+    pub pack_indexes_written: u64,
+    /// Old pack indexes removed after that.
+    pub pack_indexes_removed: u64,
+    /// Packs that were to be repacked but kept, because a referenced chunk
+    /// in them could not be read or checked (`vbackup check` tells more).
+    pub packs_kept_damaged: Vec<String>,
 }
 
 /// Runs a prune: mark, then sweep what is old enough.
 ///
 /// On storage that cannot move objects atomically ([`Backend::can_rename`]
-/// is false, e.g. plain S3) the prune runs with the repository to itself
-/// instead: see [`super::prune_exclusive`].
+/// is false, e.g. plain S3), and in repositories with packs (whose chunks
+/// cannot be moved one by one), the prune runs with the repository to
+/// itself instead: see [`super::prune_exclusive`].
 pub fn prune(
     repo: &Repository,
     options: &PruneOptions,
     progress: &Progress,
 ) -> Result<PruneReport> {
-    if !repo.backend().can_rename() {
+    if !repo.backend().can_rename() || repo.config().packs() {
         return super::prune_exclusive::prune_exclusive(repo, options, progress);
     }
     let lock = match options.dry_run {
@@ -193,7 +211,7 @@ impl<K: Ord + Copy> Stored<K> {
         Self { items, referenced }
     }
 
-    fn find(&self, id: &K) -> Option<usize> {
+    pub(super) fn find(&self, id: &K) -> Option<usize> {
         self.items.binary_search_by(|(k, _)| k.cmp(id)).ok()
     }
 

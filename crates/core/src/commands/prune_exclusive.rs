@@ -1,5 +1,6 @@
 //! `vbackup prune` on storage that cannot move objects atomically (plain
-//! S3): a "stop-the-world" prune that has the repository to itself.
+//! S3), and in repositories with packs: a "stop-the-world" prune that has
+//! the repository to itself.
 //!
 //! The concurrent prune (`prune.rs`) keeps backups running by moving each
 //! doomed object to `trash/` atomically and checking its modification time;
@@ -21,9 +22,10 @@
 //! 3. Mark: list the chunks and indexes, read every snapshot and each of
 //!    their indexes once (the same code as the concurrent prune; unreadable
 //!    snapshots or indexes make it refuse).
-//! 4. Delete every unreferenced index and chunk at once: no trash, no
-//!    pending list, no grace period, since nothing can start referencing
-//!    them. Before each deletion the lock must still be fresh: a prune that
+//! 4. In a repository with packs, repack and rewrite the pack indexes
+//!    (`prune_packs`), then delete every unreferenced index, loose chunk
+//!    and dropped pack at once: no trash, no pending list, no grace period,
+//!    since nothing can start referencing them. Before each deletion the lock must still be fresh: a prune that
 //!    was paused past its lock's stale limit may have lost the repository
 //!    to a backup that judged the lock stale, and stops.
 //! 5. Remove the lock.
@@ -37,9 +39,11 @@ use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 
 use super::locks::{list_locks_carefully, Lease, LeaseTiming};
 use super::prune::{
-    describe_stale, list_chunk_sizes, list_index_sizes, list_prune_lists, restore_trash,
-    PruneOptions, PruneReport, References, Stored, SWEEP_MIN_WORKERS,
+    describe_stale, list_index_sizes, list_prune_lists, restore_trash, PruneOptions, PruneReport,
+    References, Stored, SWEEP_MIN_WORKERS,
 };
+use super::prune_packs::PackPlan;
+use crate::packs::Location;
 use crate::{ChunkId, Error, Progress, Repository, Result};
 
 /// Runs a prune with the repository to itself; see the module docs.
@@ -89,6 +93,10 @@ struct Victim {
     is_chunk: bool,
 }
 
+fn loose_victims(victims: &[Victim]) -> u64 {
+    victims.iter().filter(|v| v.is_chunk).count() as u64
+}
+
 /// The state of one exclusive prune.
 struct Exclusive<'a> {
     repo: &'a Repository,
@@ -104,7 +112,8 @@ impl Exclusive<'_> {
         if self.lock.is_some() {
             self.clean_up()?;
         }
-        let mut chunks = Stored::new(list_chunk_sizes(self.repo)?);
+        let map = self.repo.chunk_map()?;
+        let mut chunks = Stored::new(map.sizes().into_iter().collect());
         let mut indexes = Stored::new(list_index_sizes(self.repo)?);
         self.report.chunks = chunks.items.len() as u64;
         self.report.indexes = indexes.items.len() as u64;
@@ -128,7 +137,11 @@ impl Exclusive<'_> {
             self.report.marked_indexes += 1;
             self.report.marked_bytes += indexes.items[i].1;
         }
+        let is_loose = |id: &ChunkId| matches!(map.chunks.get(id), Some(Location::Loose { .. }));
         for i in (0..chunks.items.len()).filter(|i| !chunks.is_referenced(*i)) {
+            if !is_loose(&chunks.items[i].0) {
+                continue;
+            }
             victims.push(Victim {
                 pos: i,
                 is_chunk: true,
@@ -136,6 +149,7 @@ impl Exclusive<'_> {
             self.report.marked_chunks += 1;
             self.report.marked_bytes += chunks.items[i].1;
         }
+        let packs = PackPlan::new(self.repo, &map, &chunks, self.report);
         match self.lock {
             None => {
                 self.report.deleted_chunks = self.report.marked_chunks;
@@ -143,7 +157,15 @@ impl Exclusive<'_> {
                 self.report.freed_bytes = self.report.marked_bytes;
                 Ok(())
             }
-            Some(lock) => self.delete_all(lock, &victims, &chunks, &indexes),
+            Some(lock) => {
+                // New packs and their index first, then deletions.
+                let threads = self.options.threads.max(1);
+                packs.carry_out(self.repo, &map, lock, threads, self.progress, self.report)?;
+                let dropped_blobs = self.report.marked_chunks - loose_victims(&victims);
+                self.delete_all(lock, &victims, &chunks, &indexes)?;
+                self.report.deleted_chunks += dropped_blobs;
+                Ok(())
+            }
         }
     }
 
@@ -199,9 +221,9 @@ impl Exclusive<'_> {
             progress.add_done(1);
         });
         let [deleted_chunks, deleted_indexes, freed] = counts.map(AtomicU64::into_inner);
-        self.report.deleted_chunks = deleted_chunks;
-        self.report.deleted_indexes = deleted_indexes;
-        self.report.freed_bytes = freed;
+        self.report.deleted_chunks += deleted_chunks;
+        self.report.deleted_indexes += deleted_indexes;
+        self.report.freed_bytes += freed;
         result
     }
 }

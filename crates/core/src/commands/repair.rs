@@ -9,6 +9,10 @@
 //! the markers of snapshots that are whole again; puts back what an
 //! interrupted prune left in `trash/`; and removes old temporary files.
 //!
+//! Damaged chunks inside packs cannot be moved alone: they are taken out of
+//! the pack indexes instead (the pack keeps their bytes until a prune
+//! repacks it), which needs no rename.
+//!
 //! On storage without atomic rename (plain S3) objects are put back by copy
 //! (they are named by their content), but damaged objects are not moved:
 //! when there are some, repair refuses after its check, before it changes
@@ -26,7 +30,7 @@
 //! rebuilt from the repository (chunks do not record where they belong)
 //! and which backup would rebuild it.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashSet};
 use std::time::{Duration, SystemTime};
 
 use serde::Serialize;
@@ -39,7 +43,7 @@ use crate::format::lifecycle::{
 };
 use crate::format::{open_object_owned, ObjectKind};
 use crate::repo::{DAMAGED_PREFIX, INDEXES_PREFIX, QUARANTINE_PREFIX};
-use crate::{Error, Progress, Repository, Result};
+use crate::{ChunkId, Error, Progress, Repository, Result};
 
 /// Temporary files older than this are removed by repair (a write in
 /// progress renames its file within seconds).
@@ -68,6 +72,9 @@ pub struct RepairReport {
     pub check: CheckReport,
     /// Damaged objects moved to `quarantine/`.
     pub quarantined: Vec<String>,
+    /// Damaged chunks in packs taken out of the pack indexes
+    /// (`packs/… (chunk …)`): their bytes stay until a prune repacks them.
+    pub dropped_from_packs: Vec<String>,
     /// Snapshots marked damaged (new or updated markers).
     pub marked: Vec<String>,
     /// Snapshots whose marker was still right.
@@ -118,6 +125,7 @@ pub fn repair(
         refuse_without_rename(repo, &report)?;
     }
     quarantine(repo, options.dry_run, &mut report)?;
+    drop_packed(repo, options.dry_run, &mut report)?;
     update_markers(repo, options.dry_run, &mut report)?;
     report.leftovers_removed = remove_leftovers(repo, options.dry_run)?;
     if options.index {
@@ -137,14 +145,33 @@ fn damaged_objects(report: &RepairReport) -> impl Iterator<Item = &str> {
         .problems
         .iter()
         .filter(|p| {
-            matches!(
-                p.kind,
-                ProblemKind::DamagedChunk
-                    | ProblemKind::DamagedIndex
-                    | ProblemKind::DamagedSnapshot
-            )
+            p.packed_chunk.is_none()
+                && matches!(
+                    p.kind,
+                    ProblemKind::DamagedChunk
+                        | ProblemKind::DamagedIndex
+                        | ProblemKind::DamagedSnapshot
+                )
         })
         .map(|p| p.object.as_str())
+}
+
+/// Takes damaged chunks stored in packs out of the pack indexes (see
+/// [`crate::packs::drop_damaged_blobs`]); no rename is needed.
+fn drop_packed(repo: &Repository, dry_run: bool, report: &mut RepairReport) -> Result<()> {
+    let damaged: HashSet<ChunkId> = report
+        .check
+        .problems
+        .iter()
+        .filter(|p| p.kind == ProblemKind::DamagedChunk)
+        .filter_map(|p| p.packed_chunk.as_deref().and_then(ChunkId::from_hex))
+        .collect();
+    if damaged.is_empty() {
+        return Ok(());
+    }
+    let map = repo.chunk_map()?;
+    report.dropped_from_packs = crate::packs::drop_damaged_blobs(repo, &map, &damaged, dry_run)?;
+    Ok(())
 }
 
 /// Refuses, before anything is written, a repair that would have to move

@@ -2,11 +2,12 @@
 
 use std::collections::BTreeMap;
 use std::io::Write;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 
 use crossbeam_channel::{bounded, Receiver, Sender};
 
 use crate::format::{DiskIndex, DiskRecord};
+use crate::packs::{plan_reads, read_unit, sort_by_location, ChunkMap, Location, ReadUnit};
 use crate::source::DiskTarget;
 use crate::{ChunkId, Error, Progress, Repository, Result};
 
@@ -46,9 +47,105 @@ fn missing_is_damage(error: Error) -> Error {
     }
 }
 
-/// Fetches chunk `i` of `index`, checked, and of the expected length.
-fn fetch(repo: &Repository, index: &DiskIndex, i: u64, id: &ChunkId) -> Result<Vec<u8>> {
-    let data = repo.read_chunk(id).map_err(missing_is_damage)?;
+/// Where a restore finds chunks: loose objects are read by name; in a
+/// repository with packs the chunk map says which range of which pack.
+struct Chunks<'a> {
+    repo: &'a Repository,
+    map: Option<ChunkMap>,
+}
+
+impl<'a> Chunks<'a> {
+    fn new(repo: &'a Repository) -> Result<Self> {
+        let map = match repo.config().packs() {
+            true => Some(repo.chunk_map()?),
+            false => None,
+        };
+        Ok(Self { repo, map })
+    }
+
+    /// Fetches chunk `i` of `index` alone, checked, and of the expected length.
+    fn fetch(&self, index: &DiskIndex, i: u64, id: &ChunkId) -> Result<Vec<u8>> {
+        let data = match &self.map {
+            None => self.repo.read_chunk(id).map_err(missing_is_damage)?,
+            Some(map) => {
+                let mut data = Err(missing(id));
+                let (units, _) = plan_reads(map, [(i, *id)], 0);
+                for unit in &units {
+                    read_unit(self.repo, map, unit, &mut |_, _, read| {
+                        data = read;
+                        Ok(())
+                    })?;
+                }
+                data.map_err(missing_is_damage)?
+            }
+        };
+        check_length(index, i, id, &data)?;
+        Ok(data)
+    }
+
+    /// The work of restoring `index`: its data chunks grouped into reads
+    /// (neighbouring blobs of a pack are fetched with one request), then,
+    /// when `zero_holes`, its holes.
+    fn plan(&self, index: &DiskIndex, zero_holes: bool) -> Result<Vec<Work>> {
+        let data = index
+            .chunks
+            .iter()
+            .enumerate()
+            .filter_map(|(i, id)| id.map(|id| (i as u64, id)));
+        let mut work: Vec<Work> = match &self.map {
+            None => data
+                .map(|(i, id)| {
+                    Work::Read(ReadUnit {
+                        pack: None,
+                        start: 0,
+                        end: 0,
+                        items: vec![(i, id, Location::Loose { size: 0 })],
+                    })
+                })
+                .collect(),
+            Some(map) => {
+                // Pack order, not disk order: a backup's workers append
+                // neighbouring chunks to packs in the order they finish, so
+                // disk order would hop between packs.
+                let mut data: Vec<(u64, ChunkId)> = data.collect();
+                sort_by_location(map, &mut data);
+                // A pack's blobs fill up to its size plus one chunk.
+                let config = self.repo.config();
+                let span = u64::from(config.pack_size) + u64::from(config.chunk_size);
+                let (units, missing_chunks) = plan_reads(map, data, span);
+                if let Some((_, id)) = missing_chunks.first() {
+                    return Err(missing_is_damage(missing(id)));
+                }
+                units.into_iter().map(Work::Read).collect()
+            }
+        };
+        if zero_holes {
+            let holes = index.chunks.iter().enumerate().filter(|(_, c)| c.is_none());
+            work.extend(holes.map(|(i, _)| Work::Hole(i as u64)));
+        }
+        Ok(work)
+    }
+}
+
+/// One piece of a restore's work.
+enum Work {
+    /// Chunks read with one request, tagged with their position in the index.
+    Read(ReadUnit<u64>),
+    /// A hole to zero.
+    Hole(u64),
+}
+
+/// A chunk the repository does not have, as a storage error on its name.
+fn missing(id: &ChunkId) -> Error {
+    Error::Storage(vbackup_storage::StorageError::new(
+        vbackup_storage::ErrorKind::NotFound,
+        &Repository::chunk_key(id),
+        "not stored",
+    ))
+}
+
+/// Checks that chunk `i` has the length the disk needs there.
+fn check_length(index: &DiskIndex, i: u64, id: &ChunkId, data: &[u8]) -> Result<()> {
     let (_, length) = index.chunk_range(i);
     if data.len() != length {
         return Err(Error::corrupt(
@@ -56,13 +153,14 @@ fn fetch(repo: &Repository, index: &DiskIndex, i: u64, id: &ChunkId) -> Result<V
             format!("holds {} bytes where the disk needs {length}", data.len()),
         ));
     }
-    Ok(data)
+    Ok(())
 }
 
 /// Restores one disk into `target` with `threads` workers. Holes are not
 /// written, so a fresh sparse target stays sparse; on a target that may
 /// hold old data (a block device) they are zeroed. Stops at the first
-/// damaged chunk: nothing wrong is ever written.
+/// damaged chunk: nothing wrong is ever written. In a repository with
+/// packs, neighbouring chunks of a pack are fetched with one ranged read.
 pub fn restore_disk(
     repo: &Repository,
     disk: &DiskRecord,
@@ -71,8 +169,15 @@ pub fn restore_disk(
     progress: &Progress,
 ) -> Result<RestoreStats> {
     let index = load_index(repo, disk)?;
+    let chunks = Chunks::new(repo)?;
+    let zero_holes = target.holes_need_zeroing();
+    let work = chunks.plan(&index, zero_holes)?;
     progress.add_total(index.virtual_size);
-    let next = AtomicU64::new(0);
+    if !zero_holes {
+        let holes = (0..index.chunks.len() as u64).filter(|i| index.chunks[*i as usize].is_none());
+        progress.add_done(holes.map(|i| index.chunk_range(i).1 as u64).sum());
+    }
+    let next = AtomicUsize::new(0);
     let stop = AtomicBool::new(false);
     let written = AtomicU64::new(0);
     let chunks_read = AtomicU64::new(0);
@@ -80,29 +185,44 @@ pub fn restore_disk(
         disk: disk.name.clone(),
         source,
     };
-    let zero_holes = target.holes_need_zeroing();
     let worker = || -> Result<()> {
         let mut writer = target.open_writer().map_err(target_error)?;
         loop {
-            let i = next.fetch_add(1, Ordering::Relaxed);
-            if i >= index.chunks.len() as u64
-                || stop.load(Ordering::Relaxed)
-                || progress.is_cancelled()
-            {
+            if stop.load(Ordering::Relaxed) || progress.is_cancelled() {
                 break;
             }
-            let (offset, length) = index.chunk_range(i);
-            if let Some(id) = &index.chunks[i as usize] {
-                let data = fetch(repo, &index, i, id)?;
-                writer.write_all_at(&data, offset).map_err(target_error)?;
-                written.fetch_add(length as u64, Ordering::Relaxed);
-                chunks_read.fetch_add(1, Ordering::Relaxed);
-            } else if zero_holes {
-                writer
-                    .write_zeroes(offset, length as u64)
-                    .map_err(target_error)?;
+            let Some(item) = work.get(next.fetch_add(1, Ordering::Relaxed)) else {
+                break;
+            };
+            match item {
+                Work::Hole(i) => {
+                    let (offset, length) = index.chunk_range(*i);
+                    writer
+                        .write_zeroes(offset, length as u64)
+                        .map_err(target_error)?;
+                    progress.add_done(length as u64);
+                }
+                Work::Read(unit) => {
+                    let mut write = |i: &u64, id: &ChunkId, data: Result<Vec<u8>>| {
+                        let data = data.map_err(missing_is_damage)?;
+                        check_length(&index, *i, id, &data)?;
+                        let (offset, length) = index.chunk_range(*i);
+                        writer.write_all_at(&data, offset).map_err(target_error)?;
+                        written.fetch_add(length as u64, Ordering::Relaxed);
+                        chunks_read.fetch_add(1, Ordering::Relaxed);
+                        progress.add_done(length as u64);
+                        Ok(())
+                    };
+                    match &chunks.map {
+                        Some(map) => read_unit(repo, map, unit, &mut write)?,
+                        None => {
+                            for (i, id, _) in &unit.items {
+                                write(i, id, repo.read_chunk(id))?;
+                            }
+                        }
+                    }
+                }
             }
-            progress.add_done(length as u64);
         }
         writer.flush().map_err(target_error)
     };
@@ -130,6 +250,7 @@ pub fn restore_disk_to_writer(
     progress: &Progress,
 ) -> Result<RestoreStats> {
     let index = load_index(repo, disk)?;
+    let chunks = Chunks::new(repo)?;
     progress.add_total(index.virtual_size);
     let window = threads.max(1) * 2;
     let (ticket_tx, ticket_rx) = bounded::<()>(window);
@@ -138,8 +259,8 @@ pub fn restore_disk_to_writer(
     std::thread::scope(|scope| {
         for _ in 0..threads.max(1) {
             let (tickets, results) = (ticket_rx.clone(), result_tx.clone());
-            let (index, next) = (&index, &next);
-            scope.spawn(move || fetch_worker(repo, index, next, &tickets, &results));
+            let (index, next, chunks) = (&index, &next, &chunks);
+            scope.spawn(move || fetch_worker(chunks, index, next, &tickets, &results));
         }
         drop(result_tx);
         drop(ticket_rx);
@@ -150,7 +271,7 @@ pub fn restore_disk_to_writer(
 }
 
 fn fetch_worker(
-    repo: &Repository,
+    chunks: &Chunks<'_>,
     index: &DiskIndex,
     next: &AtomicU64,
     tickets: &Receiver<()>,
@@ -162,7 +283,7 @@ fn fetch_worker(
             return;
         }
         let data = match &index.chunks[i as usize] {
-            Some(id) => fetch(repo, index, i, id),
+            Some(id) => chunks.fetch(index, i, id),
             None => Ok(Vec::new()),
         };
         if results.send((i, data)).is_err() {

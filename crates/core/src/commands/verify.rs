@@ -2,13 +2,13 @@
 //! say which snapshots and disks any damage breaks. `vbackup verify` is
 //! `vbackup check --read-data`: [`verify`] is kept as that alias.
 
-use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::Mutex;
 
 use serde::Serialize;
 
 use super::check::{check, CheckOptions, CheckReport, ReadData};
+use crate::packs::{plan_reads, read_unit, sort_by_location, ChunkMap, Location};
 use crate::{ChunkId, Error, Progress, Repository, Result};
 
 /// What kind of damage a [`ChunkProblem`] is.
@@ -39,6 +39,9 @@ pub struct ChunkProblem {
     pub problem: String,
     /// The kind of damage.
     pub kind: ProblemKind,
+    /// For a chunk stored in a pack: the chunk's id (the object is the pack).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub packed_chunk: Option<String>,
 }
 
 /// A disk of a snapshot that cannot be restored completely.
@@ -88,39 +91,57 @@ pub(crate) struct ReadOutcome {
     pub failed: Vec<(ChunkId, Error)>,
 }
 
-/// Reads, authenticates and re-digests the chunks of `stored` that
-/// `select` picks, with `threads` readers.
+/// Reads, authenticates and re-digests the chunks of `map` that `select`
+/// picks, with `threads` readers. Chunks in packs are read in pack order,
+/// neighbouring blobs with one ranged request.
 pub(crate) fn read_chunks(
     repo: &Repository,
-    stored: &HashMap<ChunkId, u64>,
+    map: &ChunkMap,
     select: &(dyn Fn(&ChunkId) -> bool + Sync),
     threads: usize,
     progress: &Progress,
 ) -> Result<ReadOutcome> {
-    let ids: Vec<(&ChunkId, &u64)> = stored.iter().filter(|(id, _)| select(id)).collect();
-    progress.add_total(ids.iter().map(|(_, size)| **size).sum());
+    let mut wanted: Vec<(Location, ChunkId)> = map
+        .chunks
+        .iter()
+        .filter(|(id, _)| select(id))
+        .map(|(id, location)| (*location, *id))
+        .collect();
+    sort_by_location(map, &mut wanted);
+    progress.add_total(wanted.iter().map(|(l, _)| l.stored_size()).sum());
+    let config = repo.config();
+    let span = u64::from(config.pack_size.max(MIN_READ_SPAN)) + u64::from(config.chunk_size);
+    let chunks = wanted.len() as u64;
+    let (units, _) = plan_reads(map, wanted, span);
     let next = AtomicUsize::new(0);
     let bytes = AtomicU64::new(0);
     let failed = Mutex::new(Vec::new());
     super::run_workers(threads, || {
-        while let Some((id, size)) = ids.get(next.fetch_add(1, Ordering::Relaxed)) {
+        while let Some(unit) = units.get(next.fetch_add(1, Ordering::Relaxed)) {
             if progress.is_cancelled() {
                 return Err(Error::Interrupted);
             }
-            if let Err(error) = repo.read_chunk(id) {
-                failed
-                    .lock()
-                    .unwrap_or_else(|p| p.into_inner())
-                    .push((**id, error));
-            }
-            bytes.fetch_add(**size, Ordering::Relaxed);
-            progress.add_done(**size);
+            read_unit(repo, map, unit, &mut |location, id, read| {
+                if let Err(error) = read {
+                    failed
+                        .lock()
+                        .unwrap_or_else(|p| p.into_inner())
+                        .push((*id, error));
+                }
+                bytes.fetch_add(location.stored_size(), Ordering::Relaxed);
+                progress.add_done(location.stored_size());
+                Ok(())
+            })?;
         }
         Ok(())
     })?;
     Ok(ReadOutcome {
-        chunks: ids.len() as u64,
+        chunks,
         bytes: bytes.into_inner(),
         failed: failed.into_inner().unwrap_or_else(|p| p.into_inner()),
     })
 }
+
+/// Range size for reading loose chunks' repositories (unused there) and
+/// the least for packed ones.
+const MIN_READ_SPAN: u32 = 1 << 20;

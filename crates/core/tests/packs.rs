@@ -464,3 +464,23 @@ fn a_failed_backup_indexes_the_packs_it_uploaded_and_the_retry_reuses_them() {
     assert_eq!(retry.manifest.stats.chunks_new, 48 - stored);
     assert_eq!(restore(&repo, &retry).unwrap(), data);
 }
+
+#[test]
+fn prune_refuses_pack_indexes_of_a_newer_format() {
+    let (backend, repo) = packed_repo();
+    backup(&repo, "vm", &disk_data(4, 11));
+    let mut payload = 2u32.to_le_bytes().to_vec();
+    payload.extend_from_slice(&0u32.to_le_bytes());
+    let key = format!("{PACK_INDEXES_PREFIX}{}", "ab".repeat(32));
+    repo.put_sealed(vbackup_core::format::ObjectKind::PackIndex, &key, &payload)
+        .unwrap();
+    let options = PruneOptions {
+        threads: 2,
+        ..PruneOptions::default()
+    };
+    let error = prune(&repo, &options, &Progress::new()).unwrap_err();
+    assert!(matches!(error, Error::Refused(_)), "{error}");
+    assert!(error.to_string().contains("upgrade vbackup"), "{error}");
+    assert!(backend.stat(&key).unwrap().is_some(), "nothing was deleted");
+    assert!(keys(&backend, "locks/").is_empty());
+}

@@ -113,6 +113,17 @@ impl Exclusive<'_> {
             self.clean_up()?;
         }
         let map = self.repo.chunk_map()?;
+        // Pack metadata of a newer format is not damage: its packs would be
+        // misjudged. (Damaged pack indexes are replaced by the rewrite.)
+        if let Some(newer) = map
+            .problems
+            .iter()
+            .find(|e| matches!(e, Error::UnsupportedVersion { .. }))
+        {
+            return Err(Error::Refused(format!(
+                "{newer}; this prune would misjudge what it describes, so it changes nothing"
+            )));
+        }
         let mut chunks = Stored::new(map.sizes().into_iter().collect());
         let mut indexes = Stored::new(list_index_sizes(self.repo)?);
         self.report.chunks = chunks.items.len() as u64;

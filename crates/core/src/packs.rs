@@ -115,6 +115,9 @@ pub struct ChunkMap {
     pub packs: Vec<StoredPack>,
     /// The pack indexes read.
     pub pack_indexes: Vec<ObjectInfo>,
+    /// Whether this map was loaded again after a pack went missing (reads
+    /// through it do not look a third time).
+    pub reloaded: bool,
     /// Pack indexes and orphan trailers that could not be read (damage; the
     /// packs an unreadable index names are recovered from their trailers),
     /// and packs whose size differs from their index's.
@@ -154,6 +157,9 @@ impl ChunkMap {
         for read in parallel(&keys, |k| read_pack_index(repo, k)) {
             match read {
                 Ok(packs) => map.add_indexed(&positions, packs),
+                // Replaced since the listing (prune, repair): the packs it
+                // named are in a newer index, or found as orphans.
+                Err(e) if is_gone(&e) => {}
                 Err(e) if is_damage(&e) => map.problems.push(e),
                 Err(e) => return Err(e),
             }
@@ -168,6 +174,8 @@ impl ChunkMap {
         for (i, read) in orphans.into_iter().zip(trailers) {
             match read {
                 Ok(entries) => map.add_entries(i, &entries),
+                // Deleted since the listing by a prune: nothing to find.
+                Err(e) if is_gone(&e) => {}
                 Err(e) if is_damage(&e) => map.problems.push(e),
                 Err(e) => return Err(e),
             }
@@ -260,6 +268,11 @@ impl ChunkMap {
         }
         by_pack
     }
+}
+
+/// Whether an object was not found (deleted since it was listed).
+fn is_gone(error: &Error) -> bool {
+    matches!(error, Error::Storage(e) if e.is_not_found())
 }
 
 /// Whether an error is damage of the object read (as opposed to the
@@ -598,6 +611,12 @@ pub fn read_unit<T>(
     let key = pack_key(&map.packs[pack as usize].digest);
     let range = match get_exact(repo, &key, unit.start, unit.end - unit.start) {
         Ok(range) => range,
+        // A prune may have moved the chunks to new packs since the map was
+        // loaded (it writes them and their index before deleting the old
+        // pack): look again, once.
+        Err(error) if is_gone(&error) && !map.reloaded => {
+            return read_moved(repo, unit, each);
+        }
         Err(error) => {
             for (tag, id, _) in &unit.items {
                 each(tag, id, Err(clone_error(&error)))?;
@@ -615,6 +634,27 @@ pub fn read_unit<T>(
             .decode_chunk(id, blob)
             .map_err(|e| Error::corrupt(&key, format!("chunk {}: {e}", id.to_hex())));
         each(tag, id, decoded)?;
+    }
+    Ok(())
+}
+
+/// Reads the chunks of `unit` through a freshly loaded map, each alone.
+fn read_moved<T>(repo: &Repository, unit: &ReadUnit<T>, each: &mut ChunkSink<'_, T>) -> Result<()> {
+    let mut fresh = ChunkMap::load(repo)?;
+    fresh.reloaded = true;
+    for (tag, id, _) in &unit.items {
+        let (units, missing) = plan_reads(&fresh, [(0u8, *id)], 0);
+        if !missing.is_empty() {
+            let gone = vbackup_storage::StorageError::new(
+                vbackup_storage::ErrorKind::NotFound,
+                &Repository::chunk_key(id),
+                "not stored (no longer in any pack)",
+            );
+            each(tag, id, Err(Error::Storage(gone)))?;
+        }
+        for single in &units {
+            read_unit(repo, &fresh, single, &mut |_, id, read| each(tag, id, read))?;
+        }
     }
     Ok(())
 }

@@ -484,3 +484,38 @@ fn prune_refuses_pack_indexes_of_a_newer_format() {
     assert!(backend.stat(&key).unwrap().is_some(), "nothing was deleted");
     assert!(keys(&backend, "locks/").is_empty());
 }
+
+#[test]
+fn a_reader_whose_pack_was_repacked_meanwhile_finds_the_chunks_again() {
+    let (backend, repo) = packed_repo();
+    let data = disk_data(32, 12);
+    let old = backup(&repo, "vm", &data);
+    let newer = changed(&data, 0..20, 120);
+    let kept = backup(&repo, "vm", &newer);
+    // A restore that loaded the chunk map before a prune repacked.
+    let stale_map = repo.chunk_map().unwrap();
+    forget_snapshot(&backend, &old);
+    let report = prune_now(&repo);
+    assert!(
+        report.repacked_packs + report.deleted_packs > 0,
+        "{report:?}"
+    );
+    let index = repo.read_index(&kept.manifest.disks[0].index).unwrap();
+    let wanted = index
+        .chunks
+        .iter()
+        .enumerate()
+        .map(|(i, id)| (i, id.unwrap()));
+    let (units, missing) = vbackup_core::packs::plan_reads(&stale_map, wanted, u64::from(PACK));
+    assert!(missing.is_empty());
+    let mut restored = vec![0u8; newer.len()];
+    for unit in &units {
+        vbackup_core::packs::read_unit(&repo, &stale_map, unit, &mut |i, _, read| {
+            let start = i * CHUNK as usize;
+            restored[start..start + CHUNK as usize].copy_from_slice(&read?);
+            Ok(())
+        })
+        .unwrap();
+    }
+    assert_eq!(restored, newer);
+}

@@ -101,3 +101,34 @@ pub fn is_all_zero(data: &[u8]) -> bool {
     let wide = words.all(|w| w.iter().fold(0u8, |acc, b| acc | b) == 0);
     wide && words.remainder().iter().all(|b| *b == 0)
 }
+
+/// Runs `f` over `items` on up to `workers` scoped threads and returns the
+/// results in the order of `items` (for metadata reads, where each item is
+/// one request to remote storage).
+pub(crate) fn parallel_map<T: Sync, R: Send>(
+    items: &[T],
+    workers: usize,
+    f: impl Fn(&T) -> R + Sync,
+) -> Vec<R> {
+    let workers = workers.min(items.len());
+    if workers <= 1 {
+        return items.iter().map(&f).collect();
+    }
+    let next = std::sync::atomic::AtomicUsize::new(0);
+    let slots: Vec<std::sync::Mutex<Option<R>>> =
+        items.iter().map(|_| std::sync::Mutex::new(None)).collect();
+    std::thread::scope(|scope| {
+        for _ in 0..workers {
+            scope.spawn(|| loop {
+                let i = next.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                let Some(item) = items.get(i) else { return };
+                let result = f(item);
+                *slots[i].lock().unwrap_or_else(|p| p.into_inner()) = Some(result);
+            });
+        }
+    });
+    slots
+        .into_iter()
+        .filter_map(|s| s.into_inner().unwrap_or_else(|p| p.into_inner()))
+        .collect()
+}

@@ -154,7 +154,7 @@ impl ChunkMap {
             }
         })?;
         let keys: Vec<String> = map.pack_indexes.iter().map(|o| o.key.clone()).collect();
-        for read in parallel(&keys, |k| read_pack_index(repo, k)) {
+        for read in crate::parallel_map(&keys, METADATA_READERS, |k| read_pack_index(repo, k)) {
             match read {
                 Ok(packs) => map.add_indexed(&positions, packs),
                 // Replaced since the listing (prune, repair): the packs it
@@ -167,7 +167,7 @@ impl ChunkMap {
         let orphans: Vec<usize> = (0..map.packs.len())
             .filter(|i| !map.packs[*i].indexed)
             .collect();
-        let trailers = parallel(&orphans, |i| {
+        let trailers = crate::parallel_map(&orphans, METADATA_READERS, |i| {
             let pack = &map.packs[*i];
             read_trailer(repo, &pack.digest, pack.size)
         });
@@ -282,30 +282,6 @@ fn is_damage(error: &Error) -> bool {
         error,
         Error::Corrupt { .. } | Error::UnsupportedVersion { .. }
     )
-}
-
-/// Runs `f` over `items` on a few threads, keeping the order of results.
-fn parallel<T: Sync, R: Send>(items: &[T], f: impl Fn(&T) -> R + Sync) -> Vec<R> {
-    let workers = METADATA_READERS.min(items.len());
-    if workers <= 1 {
-        return items.iter().map(&f).collect();
-    }
-    let next = std::sync::atomic::AtomicUsize::new(0);
-    let slots: Vec<Mutex<Option<R>>> = items.iter().map(|_| Mutex::new(None)).collect();
-    std::thread::scope(|scope| {
-        for _ in 0..workers {
-            scope.spawn(|| loop {
-                let i = next.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-                let Some(item) = items.get(i) else { return };
-                let result = f(item);
-                *slots[i].lock().unwrap_or_else(|p| p.into_inner()) = Some(result);
-            });
-        }
-    });
-    slots
-        .into_iter()
-        .filter_map(|s| s.into_inner().unwrap_or_else(|p| p.into_inner()))
-        .collect()
 }
 
 /// Reads and decodes one pack index.

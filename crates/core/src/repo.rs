@@ -579,31 +579,8 @@ impl Repository {
     /// Reads the snapshots `ids`, several at a time: on remote storage each
     /// is a request, and a repository may hold thousands.
     fn read_snapshots(&self, ids: &[String]) -> Vec<Result<Snapshot>> {
-        let workers = self
-            .backend
-            .concurrency()
-            .max(SNAPSHOT_READERS)
-            .min(ids.len());
-        if workers <= 1 {
-            return ids.iter().map(|id| self.read_snapshot(id)).collect();
-        }
-        let next = std::sync::atomic::AtomicUsize::new(0);
-        let results: Vec<std::sync::Mutex<Option<Result<Snapshot>>>> =
-            ids.iter().map(|_| std::sync::Mutex::new(None)).collect();
-        std::thread::scope(|scope| {
-            for _ in 0..workers {
-                scope.spawn(|| loop {
-                    let i = next.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-                    let Some(id) = ids.get(i) else { return };
-                    let read = self.read_snapshot(id);
-                    *results[i].lock().unwrap_or_else(|p| p.into_inner()) = Some(read);
-                });
-            }
-        });
-        results
-            .into_iter()
-            .filter_map(|slot| slot.into_inner().unwrap_or_else(|p| p.into_inner()))
-            .collect()
+        let workers = self.backend.concurrency().max(SNAPSHOT_READERS);
+        crate::parallel_map(ids, workers, |id| self.read_snapshot(id))
     }
 
     /// Every snapshot, oldest first; fails if any manifest is damaged.

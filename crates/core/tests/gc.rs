@@ -13,14 +13,14 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
-use common::{backup, backup_disk, disk_data, new_repo, restore, MemDisk};
+use common::{backup, backup_disk, check_all, disk_data, new_repo, restore, MemDisk};
 use vbackup_core::format::lifecycle::{
     GroupBy, KeepRules, LockFile, LockKind, PruneList, PruneListHeader, PruneListKind,
 };
 use vbackup_core::format::ObjectKind;
 use vbackup_core::{
-    check, forget, prune, CheckOptions, Error, ErrorClass, ForgetOptions, Lease, LeaseTiming,
-    Progress, PruneOptions, PruneReport, ReadData, Repository, Snapshot,
+    forget, prune, Error, ErrorClass, ForgetOptions, Lease, LeaseTiming, Progress, PruneOptions,
+    PruneReport, ReadData, Repository, Snapshot,
 };
 use vbackup_storage::{Backend, ErrorKind, MemoryBackend, ObjectInfo, StorageError};
 
@@ -46,15 +46,6 @@ fn forget_keep_last(repo: &Repository, n: u32) -> vbackup_core::ForgetReport {
         ..ForgetOptions::default()
     };
     forget(repo, &options).unwrap()
-}
-
-fn check_all(repo: &Repository) -> vbackup_core::CheckReport {
-    let options = CheckOptions {
-        read_data: ReadData::All,
-        threads: 2,
-        stale_after: None,
-    };
-    check(repo, &options, &Progress::new()).unwrap()
 }
 
 fn count(backend: &MemoryBackend, prefix: &str) -> usize {

@@ -9,33 +9,18 @@ mod common;
 
 use std::sync::Arc;
 
-use common::{backup, restore, CHUNK};
-use vbackup_core::crypto::kdf::KdfParams;
+use common::{backup, check_all, new_repo_with, restore, CHUNK};
 use vbackup_core::crypto::CipherKind;
 use vbackup_core::packs::{PACKS_PREFIX, PACK_INDEXES_PREFIX};
 use vbackup_core::{
-    check, prune, CheckOptions, CheckReport, Error, InitOptions, Progress, PruneOptions,
-    PruneReport, ReadData, Repository, Snapshot,
+    prune, Error, InitOptions, Progress, PruneOptions, PruneReport, ReadData, Repository, Snapshot,
 };
 use vbackup_storage::{Backend, MemoryBackend};
 
 const PACK: u32 = 1 << 20;
 
 fn packed_repo() -> (Arc<MemoryBackend>, Repository) {
-    let backend = Arc::new(MemoryBackend::new());
-    let options = InitOptions {
-        chunk_size: CHUNK,
-        cipher: CipherKind::Aes256Gcm,
-        kdf: KdfParams {
-            memory_kib: 1024,
-            iterations: 1,
-            parallelism: 1,
-        },
-        pack_size: Some(PACK),
-        ..InitOptions::default()
-    };
-    let repo = Repository::init(backend.clone(), Some("pw"), &options).unwrap();
-    (backend, repo)
+    new_repo_with(Some(PACK))
 }
 
 /// `chunks` chunks of incompressible bytes that differ per `seed`.
@@ -62,15 +47,6 @@ fn keys(backend: &MemoryBackend, prefix: &str) -> Vec<String> {
         .into_iter()
         .map(|o| o.key)
         .collect()
-}
-
-fn check_all(repo: &Repository) -> CheckReport {
-    let options = CheckOptions {
-        read_data: ReadData::All,
-        threads: 3,
-        stale_after: None,
-    };
-    check(repo, &options, &Progress::new()).unwrap()
 }
 
 fn prune_now(repo: &Repository) -> PruneReport {

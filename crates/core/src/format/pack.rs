@@ -136,6 +136,19 @@ impl<'a> Cursor<'a> {
         Ok(count)
     }
 
+    /// Reads a version number; refuses any but `supported` (naming `what`).
+    fn version(&mut self, supported: u32, what: impl FnOnce() -> String) -> Result<()> {
+        let found = self.u32()?;
+        match found == supported {
+            true => Ok(()),
+            false => Err(Error::UnsupportedVersion {
+                what: what(),
+                found,
+                supported,
+            }),
+        }
+    }
+
     fn finish(&self) -> Result<()> {
         match self.pos == self.bytes.len() {
             true => Ok(()),
@@ -192,14 +205,7 @@ pub fn encode_trailer(entries: &[PackEntry]) -> Vec<u8> {
 /// `blobs_end` (where the trailer starts).
 pub fn decode_trailer(key: &str, payload: &[u8], blobs_end: u64) -> Result<Vec<PackEntry>> {
     let mut cursor = Cursor::new(key, payload);
-    let version = cursor.u32()?;
-    if version != TRAILER_VERSION {
-        return Err(Error::UnsupportedVersion {
-            what: format!("the trailer of pack '{key}'"),
-            found: version,
-            supported: TRAILER_VERSION,
-        });
-    }
+    cursor.version(TRAILER_VERSION, || format!("the trailer of pack '{key}'"))?;
     let entries = take_entries(&mut cursor, blobs_end)?;
     cursor.finish()?;
     Ok(entries)
@@ -245,14 +251,7 @@ pub fn encode_pack_index(packs: &[PackInfo]) -> Vec<u8> {
 /// Decodes the payload of the pack index `key`.
 pub fn decode_pack_index(key: &str, payload: &[u8]) -> Result<Vec<PackInfo>> {
     let mut cursor = Cursor::new(key, payload);
-    let version = cursor.u32()?;
-    if version != PACK_INDEX_VERSION {
-        return Err(Error::UnsupportedVersion {
-            what: format!("pack index '{key}'"),
-            found: version,
-            supported: PACK_INDEX_VERSION,
-        });
-    }
+    cursor.version(PACK_INDEX_VERSION, || format!("pack index '{key}'"))?;
     let count = cursor.count(32 + 8 + 4)?;
     let mut packs = Vec::with_capacity(count);
     for _ in 0..count {

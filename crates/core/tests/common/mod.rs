@@ -97,6 +97,12 @@ impl DiskWriter for MemTarget {
 
 /// A new encrypted repository over a fresh in-memory backend.
 pub fn new_repo() -> (Arc<MemoryBackend>, Repository) {
+    new_repo_with(None)
+}
+
+/// [`new_repo`] with a pack size (`None`: the default for the backend,
+/// which for the in-memory one is one object per chunk).
+pub fn new_repo_with(pack_size: Option<u32>) -> (Arc<MemoryBackend>, Repository) {
     let backend = Arc::new(MemoryBackend::new());
     let options = InitOptions {
         chunk_size: CHUNK,
@@ -106,10 +112,21 @@ pub fn new_repo() -> (Arc<MemoryBackend>, Repository) {
             iterations: 1,
             parallelism: 1,
         },
+        pack_size,
         ..InitOptions::default()
     };
     let repo = Repository::init(backend.clone(), Some("pw"), &options).unwrap();
     (backend, repo)
+}
+
+/// A check that reads every chunk.
+pub fn check_all(repo: &Repository) -> vbackup_core::CheckReport {
+    let options = vbackup_core::CheckOptions {
+        read_data: vbackup_core::ReadData::All,
+        threads: 2,
+        stale_after: None,
+    };
+    vbackup_core::check(repo, &options, &Progress::new()).unwrap()
 }
 
 /// `chunks` chunks of data that differ per `seed` (no holes).

@@ -400,6 +400,20 @@ fn a_repository_with_packs_backs_up_restores_and_prunes_through_the_server() {
     assert!(identical(&restored, &image));
     let verify = env.ok(&env.read, &["verify"]);
     assert!(verify.contains("no damage found"), "{verify}");
+
+    // Packs larger than the server's object limit are refused at init.
+    let client = RemoteBackend::new(&RemoteConfig {
+        url: env.server.url("big"),
+        token: env.admin.clone(),
+        fingerprint: Some(env.server.fingerprint.clone()),
+    })
+    .unwrap();
+    let options = vbackup_core::InitOptions {
+        pack_size: Some(128 << 20),
+        ..vbackup_core::InitOptions::default()
+    };
+    let error = vbackup_core::Repository::init(Arc::new(client), Some("pw"), &options).unwrap_err();
+    assert!(error.to_string().contains("too large for"), "{error}");
 }
 
 #[test]

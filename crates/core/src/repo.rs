@@ -159,6 +159,19 @@ fn validate_init(options: &InitOptions) -> Result<()> {
     Ok(())
 }
 
+/// Refuses a pack size whose packs (up to the size plus a chunk and its
+/// trailer) the backend would not accept.
+fn check_pack_fits(backend: &dyn Backend, pack_size: u32, chunk_size: u32) -> Result<()> {
+    let largest = u64::from(pack_size) + u64::from(chunk_size) + (1 << 20);
+    match backend.max_object_size() {
+        Some(limit) if pack_size > 0 && largest > limit => Err(Error::InvalidInput(format!(
+            "pack size {pack_size} is too large for {}, which accepts objects up to {limit} bytes (a pack may reach its size plus one chunk)",
+            backend.location()
+        ))),
+        _ => Ok(()),
+    }
+}
+
 /// The pack size a new repository on `backend` gets.
 fn chosen_pack_size(backend: &dyn Backend, options: &InitOptions) -> u32 {
     match options.pack_size {
@@ -193,6 +206,7 @@ impl Repository {
         };
         let crypto = Crypto::new(options.cipher, options.digest, secret.as_ref());
         let pack_size = chosen_pack_size(backend.as_ref(), options);
+        check_pack_fits(backend.as_ref(), pack_size, options.chunk_size)?;
         let mut config = Config {
             version: match pack_size {
                 0 => LOOSE_REPOSITORY_VERSION,

@@ -600,6 +600,10 @@ impl Backend for RemoteBackend {
     fn concurrency(&self) -> usize {
         8
     }
+
+    fn max_object_size(&self) -> Option<u64> {
+        Some(MAX_OBJECT)
+    }
 }
 
 #[cfg(test)]

@@ -131,6 +131,12 @@ pub trait Backend: Send + Sync {
         0
     }
 
+    /// The largest object the backend accepts, if it has a limit (the
+    /// backup server's); `init` refuses pack sizes that would exceed it.
+    fn max_object_size(&self) -> Option<u64> {
+        None
+    }
+
     /// Things in the storage that are not objects, such as temporary files
     /// left by interrupted writes (`check` reports them). Their names are
     /// not valid object names. The default has none.

@@ -173,6 +173,10 @@ impl<B: Backend> Backend for RetryBackend<B> {
         self.inner.concurrency()
     }
 
+    fn max_object_size(&self) -> Option<u64> {
+        self.inner.max_object_size()
+    }
+
     fn leftovers(&self) -> Result<Vec<ObjectInfo>> {
         self.retry(|| self.inner.leftovers())
     }

@@ -409,7 +409,12 @@ pub struct PackWriter<'a> {
     target: usize,
     open: Mutex<OpenPack>,
     written: Mutex<Vec<PackInfo>>,
+    /// Buffers of uploaded packs, kept for the next packs.
+    spare: Mutex<Vec<Vec<u8>>>,
 }
+
+/// Buffers of uploaded packs kept for reuse.
+const SPARE_BUFFERS: usize = 2;
 
 impl<'a> PackWriter<'a> {
     /// A writer for the repository's pack size.
@@ -424,6 +429,7 @@ impl<'a> PackWriter<'a> {
             target: target.max(1),
             open: Mutex::new(OpenPack::default()),
             written: Mutex::new(Vec::new()),
+            spare: Mutex::new(Vec::new()),
         }
     }
 
@@ -434,10 +440,15 @@ impl<'a> PackWriter<'a> {
             let length = u32::try_from(encoded.len())
                 .map_err(|_| Error::InvalidInput("an encoded chunk is too large".to_string()))?;
             if open.bytes.capacity() == 0 {
-                // Room for the pack, its last chunk and the trailer: no
-                // doubling of a 16 MiB buffer to 32 MiB.
-                open.bytes
-                    .reserve_exact(self.target + encoded.len() + (64 << 10));
+                // A buffer an uploaded pack left, or room for the pack, its
+                // last chunk and the trailer: no doubling of a 16 MiB
+                // buffer to 32 MiB, and no new large allocation per pack
+                // (the allocator would keep the old ones).
+                let reused = self.spare.lock().unwrap_or_else(|p| p.into_inner()).pop();
+                let mut bytes = reused.unwrap_or_default();
+                let room = self.target + encoded.len() + (64 << 10);
+                bytes.reserve_exact(room);
+                open.bytes = bytes;
             }
             let offset = open.bytes.len() as u64;
             open.entries.push(PackEntry {
@@ -458,12 +469,17 @@ impl<'a> PackWriter<'a> {
     }
 
     fn upload(&self, pack: OpenPack) -> Result<()> {
-        let (info, bytes) = pack.finish(self.repo)?;
+        let (info, mut bytes) = pack.finish(self.repo)?;
         self.repo.backend().put(&pack_key(&info.digest), &bytes)?;
         self.written
             .lock()
             .unwrap_or_else(|p| p.into_inner())
             .push(info);
+        bytes.clear();
+        let mut spare = self.spare.lock().unwrap_or_else(|p| p.into_inner());
+        if spare.len() < SPARE_BUFFERS {
+            spare.push(bytes);
+        }
         Ok(())
     }
 

@@ -91,10 +91,10 @@ impl Context {
         if let Some(threads) = self.global.threads {
             return threads.max(1);
         }
-        // A worker also holds the pack it fills and uploads, or the range
-        // of a pack it reads.
+        // A worker also holds the pack it uploads, or the range of a pack it
+        // reads, twice: the S3 client copies what it sends and receives.
         let per_worker = WORKER_CHUNK_COPIES * u64::from(repo.config().chunk_size)
-            + u64::from(repo.config().pack_size);
+            + 2 * u64::from(repo.config().pack_size);
         let affordable = usize::try_from(IO_MEMORY_BUDGET / per_worker.max(1)).unwrap_or(1);
         let wanted = repo.backend().concurrency().min(affordable);
         self.threads().max(wanted)

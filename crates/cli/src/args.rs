@@ -83,6 +83,12 @@ pub struct GlobalArgs {
         value_name = "HEX"
     )]
     pub server_fingerprint: Option<String>,
+    /// For remote repositories: do not keep a local copy of snapshot
+    /// manifests and indexes (kept by default in VBACKUP_CACHE_DIR, else
+    /// $XDG_CACHE_HOME/vbackup or ~/.cache/vbackup, so a backup does not
+    /// fetch every manifest again). check, verify and repair never use it.
+    #[arg(long, env = "VBACKUP_NO_CACHE", global = true)]
+    pub no_cache: bool,
 }
 
 /// The commands.

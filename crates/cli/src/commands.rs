@@ -11,7 +11,7 @@ use serde::Serialize;
 use vbackup_core::crypto::{kdf::KdfParams, CipherKind, DigestKind};
 use vbackup_core::format::DiskRecord;
 use vbackup_core::{BackupOptions, InitOptions, Repository, Snapshot};
-use vbackup_storage::{Backend, LocalBackend};
+use vbackup_storage::{Backend, CachedBackend, LocalBackend};
 
 use crate::args::{
     BackupArgs, Cli, Command, DigestArg, EncryptionArg, GlobalArgs, InitArgs, KeyCommand,
@@ -100,8 +100,24 @@ impl Context {
         self.threads().max(wanted)
     }
 
-    /// The backend named by `--repo` / `VBACKUP_REPOSITORY`.
+    /// The backend named by `--repo` / `VBACKUP_REPOSITORY`; remote ones
+    /// with the local metadata cache unless `--no-cache`.
     pub fn backend(&self) -> Result<Arc<dyn Backend>> {
+        let backend = self.backend_uncached()?;
+        let remote = self
+            .global
+            .repo
+            .as_deref()
+            .is_some_and(|r| r.starts_with("https://") || vbackup_s3::is_s3(r));
+        match cache_root().filter(|_| remote && !self.global.no_cache) {
+            Some(root) => Ok(Arc::new(CachedBackend::new(backend, &root))),
+            None => Ok(backend),
+        }
+    }
+
+    /// The backend without the metadata cache: for the commands that judge
+    /// what the storage itself holds (check, verify, repair).
+    pub fn backend_uncached(&self) -> Result<Arc<dyn Backend>> {
         let Some(repo) = &self.global.repo else {
             return Err(usage_error(
                 "no repository given: use --repo PATH or set VBACKUP_REPOSITORY",
@@ -115,7 +131,16 @@ impl Context {
 
     /// Opens the repository, asking for the passphrase only if needed.
     pub fn open(&self) -> Result<Repository> {
-        let backend = self.backend()?;
+        self.open_on(self.backend()?)
+    }
+
+    /// Opens the repository without the metadata cache (see
+    /// [`Context::backend_uncached`]).
+    pub fn open_uncached(&self) -> Result<Repository> {
+        self.open_on(self.backend_uncached()?)
+    }
+
+    fn open_on(&self, backend: Arc<dyn Backend>) -> Result<Repository> {
         Ok(Repository::open(backend, || {
             self.passphrase("Passphrase: ")
         })?)
@@ -171,6 +196,19 @@ fn s3_backend(repo: &str) -> Result<Arc<dyn Backend>> {
     }
     let backend = vbackup_s3::open(repo).map_err(vbackup_core::Error::Storage)?;
     Ok(Arc::new(backend))
+}
+
+/// Where remote repositories' metadata caches live: `VBACKUP_CACHE_DIR`,
+/// else `$XDG_CACHE_HOME/vbackup`, else `~/.cache/vbackup`.
+fn cache_root() -> Option<PathBuf> {
+    let non_empty = |name: &str| std::env::var_os(name).filter(|v| !v.is_empty());
+    if let Some(dir) = non_empty("VBACKUP_CACHE_DIR") {
+        return Some(PathBuf::from(dir));
+    }
+    if let Some(dir) = non_empty("XDG_CACHE_HOME") {
+        return Some(PathBuf::from(dir).join("vbackup"));
+    }
+    non_empty("HOME").map(|home| PathBuf::from(home).join(".cache/vbackup"))
 }
 
 /// Reads a secret from `file`, else the environment variable `env`, else a

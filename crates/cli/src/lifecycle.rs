@@ -31,7 +31,8 @@ fn run_check(
     read_data: ReadData,
     stale_after: Option<std::time::Duration>,
 ) -> Result<()> {
-    let repo = ctx.open()?;
+    // What the storage holds, not local copies of it.
+    let repo = ctx.open_uncached()?;
     let options = CheckOptions {
         read_data,
         threads: ctx.io_threads(&repo),
@@ -305,7 +306,7 @@ fn print_forget(ctx: &Context, report: &ForgetReport) {
 
 /// `vbackup repair`.
 pub fn repair(ctx: &Context, args: &RepairArgs) -> Result<()> {
-    let repo = ctx.open()?;
+    let repo = ctx.open_uncached()?;
     let read_data = match (args.no_read_data, args.read_data_subset) {
         (true, _) => ReadData::None,
         (false, Some(subset)) => subset,

@@ -80,6 +80,8 @@ impl Env {
             .env("VBACKUP_PASSWORD", "pw")
             .env("VBACKUP_KDF_MEMORY_KIB", "1024")
             .env("VBACKUP_RETRIES", "3")
+            .env("VBACKUP_CACHE_DIR", self.dir.path().join("cache"))
+            .env_remove("VBACKUP_NO_CACHE")
             .env_remove("VBACKUP_PASSWORD_FILE")
             .stdin(Stdio::null());
         if let Some(garage) = &self.garage {
@@ -221,6 +223,55 @@ fn full_and_incremental_backups_restore_identical_from_garage() {
 
     let latest = env.restore("latest", "vm");
     assert!(identical(&env.path("at-inc.raw"), &latest));
+}
+
+/// Snapshot manifests and indexes are kept in a local cache, so a backup
+/// does not fetch them again; check reads the storage itself.
+#[test]
+fn metadata_is_cached_locally_and_check_still_reads_the_storage() {
+    let env = Env::new(Garage::single(), "repos/cache");
+    env.ok(&["init"]);
+    let image = noisy_qcow2(env.dir.path(), "vm", 32 * MIB, 16 * MIB, 21);
+    let first = env.backup("web", &image, &[]);
+    for _ in 0..3 {
+        env.backup("web", &image, &["--type", "full"]);
+    }
+    let cached = common::walk(&env.path("cache"));
+    let count = |folder: &str| {
+        cached
+            .iter()
+            .filter(|p| p.to_string_lossy().contains(folder))
+            .count()
+    };
+    assert_eq!(count("/snapshots/"), 4, "{cached:?}");
+    assert!(
+        count("/packindex/") >= 1 && count("/indexes/") >= 1,
+        "{cached:?}"
+    );
+
+    let admin = env.garage().admin_port(0);
+    let gets = |extra: &[&str]| {
+        let before = s3_requests(admin, "GetObject");
+        let mut args = extra.to_vec();
+        args.extend(["snapshots"]);
+        env.ok(&args);
+        s3_requests(admin, "GetObject") - before
+    };
+    let with_cache = gets(&[]);
+    let without = gets(&["--no-cache"]);
+    // Config and key either way; the 4 manifests only without the cache.
+    assert!(
+        with_cache + 4 <= without,
+        "{with_cache} GETs cached, {without} without"
+    );
+
+    // An index damaged on the storage is found by check, though the cache
+    // holds a good copy.
+    let index = first["disks"][0]["index"].as_str().unwrap().to_string();
+    engine(&env).backend().put(&index, b"damaged").unwrap();
+    let out = env.run(&["check"]);
+    assert!(!out.status.success(), "{}", text(&out));
+    assert!(text(&out).contains(&index), "{}", text(&out));
 }
 
 /// The repository at `env.repo` opened in this process, to hold locks the

@@ -181,6 +181,8 @@ impl Env {
             .env("VBACKUP_PASSWORD", "pw")
             .env("VBACKUP_KDF_MEMORY_KIB", "1024")
             .env("VBACKUP_RETRIES", "1")
+            .env("VBACKUP_CACHE_DIR", self.dir.path().join("cache"))
+            .env_remove("VBACKUP_NO_CACHE")
             .stdin(Stdio::null());
         cmd
     }

@@ -11,11 +11,13 @@
 //! be tricked into writing outside its root.
 #![deny(missing_docs)]
 
+mod cache;
 mod error;
 mod local;
 mod memory;
 mod retry;
 
+pub use cache::{CachedBackend, CACHED_PREFIXES};
 pub use error::{ErrorKind, StorageError};
 pub use local::LocalBackend;
 pub use memory::MemoryBackend;

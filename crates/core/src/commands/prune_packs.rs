@@ -47,6 +47,8 @@ enum Fate {
 /// The packs' part of a prune: decided from the map and the marks.
 pub(super) struct PackPlan {
     fates: Vec<Fate>,
+    /// Every blob the map locates in each pack, in pack order.
+    entries: Vec<Vec<PackEntry>>,
     /// Live blobs per pack, in pack order.
     live: Vec<Vec<PackEntry>>,
     /// Whether the pack indexes are rewritten.
@@ -62,16 +64,17 @@ impl PackPlan {
         report: &mut PruneReport,
     ) -> Self {
         let target = u64::from(repo.config().pack_size);
-        let by_pack = map.entries_by_pack();
-        let mut live: Vec<Vec<PackEntry>> = Vec::with_capacity(by_pack.len());
-        for entries in by_pack {
-            live.push(
-                entries
-                    .into_iter()
+        let entries = map.entries_by_pack();
+        let live: Vec<Vec<PackEntry>> = entries
+            .iter()
+            .map(|blobs| {
+                blobs
+                    .iter()
                     .filter(|e| chunks.find(&e.id).is_some_and(|i| chunks.is_referenced(i)))
-                    .collect(),
-            );
-        }
+                    .copied()
+                    .collect()
+            })
+            .collect();
         let live_bytes = |i: usize| live[i].iter().map(|e| u64::from(e.length)).sum::<u64>();
         let small = |i: usize| map.packs[i].size < target / 2;
         let small_with_live = (0..map.packs.len())
@@ -117,6 +120,7 @@ impl PackPlan {
             || (map.pack_indexes.len() == 1 && map.packs.is_empty());
         Self {
             fates,
+            entries,
             live,
             rewrite_indexes,
         }
@@ -141,12 +145,10 @@ impl PackPlan {
         let mut described: Vec<PackInfo> = Vec::new();
         for (i, pack) in map.packs.iter().enumerate() {
             if self.fates[i] == Fate::Keep {
-                let mut entries = map.entries_by_pack_one(i);
-                entries.sort_unstable_by_key(|e| e.offset);
                 described.push(PackInfo {
                     digest: pack.digest,
                     size: pack.size,
-                    entries,
+                    entries: std::mem::take(&mut self.entries[i]),
                 });
             }
         }
@@ -233,27 +235,6 @@ impl PackPlan {
         let written = writer.finish()?;
         report.repacked_bytes = written.iter().map(|p| p.size).sum();
         Ok(written)
-    }
-}
-
-impl ChunkMap {
-    /// The blobs of one pack known to the map.
-    fn entries_by_pack_one(&self, pack: usize) -> Vec<PackEntry> {
-        self.chunks
-            .iter()
-            .filter_map(|(id, location)| match *location {
-                crate::packs::Location::Packed {
-                    pack: p,
-                    offset,
-                    length,
-                } if p as usize == pack => Some(PackEntry {
-                    id: *id,
-                    offset,
-                    length,
-                }),
-                _ => None,
-            })
-            .collect()
     }
 }
 

@@ -89,6 +89,12 @@ pub struct GlobalArgs {
     /// fetch every manifest again). check, verify and repair never use it.
     #[arg(long, env = "VBACKUP_NO_CACHE", global = true)]
     pub no_cache: bool,
+    /// Accept a repository without encryption (anyone with access to its
+    /// storage can read and change it). Needed once per host and location:
+    /// without it, an unencrypted config is refused, so storage cannot
+    /// switch encryption off behind your back.
+    #[arg(long, env = "VBACKUP_ALLOW_UNENCRYPTED", global = true)]
+    pub allow_unencrypted: bool,
 }
 
 /// The commands.

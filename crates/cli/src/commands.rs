@@ -10,7 +10,7 @@ use anyhow::{bail, Context as _, Result};
 use serde::Serialize;
 use vbackup_core::crypto::{kdf::KdfParams, CipherKind, DigestKind};
 use vbackup_core::format::DiskRecord;
-use vbackup_core::{BackupOptions, InitOptions, Repository, Snapshot};
+use vbackup_core::{BackupOptions, InitOptions, OpenOptions, Repository, Snapshot};
 use vbackup_storage::{Backend, CachedBackend, LocalBackend};
 
 use crate::args::{
@@ -141,9 +141,21 @@ impl Context {
     }
 
     fn open_on(&self, backend: Arc<dyn Backend>) -> Result<Repository> {
-        Ok(Repository::open(backend, || {
+        let options = OpenOptions {
+            allow_unencrypted: self.global.allow_unencrypted,
+            passphrase_given: self.passphrase_given(),
+            state_dir: cache_root(),
+        };
+        Ok(Repository::open_with(backend, &options, || {
             self.passphrase("Passphrase: ")
         })?)
+    }
+
+    /// Whether a passphrase was supplied without a prompt (file or
+    /// environment): the user expects an encrypted repository.
+    fn passphrase_given(&self) -> bool {
+        self.global.password_file.is_some()
+            || std::env::var_os("VBACKUP_PASSWORD").is_some_and(|v| !v.is_empty())
     }
 
     /// The passphrase from the file, the environment, or a prompt.
@@ -274,6 +286,7 @@ fn init_options(args: &InitArgs) -> Result<InitOptions> {
             .pack_size
             .map(|size| u32::try_from(size).map_err(|_| usage_error("pack size too large")))
             .transpose()?,
+        state_dir: cache_root(),
     })
 }
 
@@ -838,6 +851,8 @@ struct SnapshotRow<'a> {
     disks: &'a [DiskRecord],
     stats: &'a vbackup_core::format::BackupStats,
     damaged: bool,
+    /// Dated later than this host's clock allows: not counted by retention.
+    future_dated: bool,
 }
 
 fn snapshots(ctx: &Context, args: &SnapshotsArgs) -> Result<()> {
@@ -852,6 +867,7 @@ fn snapshots(ctx: &Context, args: &SnapshotsArgs) -> Result<()> {
     }
     let marked: std::collections::HashSet<String> =
         vbackup_core::marked_snapshots(&repo)?.into_iter().collect();
+    let now = chrono::Utc::now();
     let rows: Vec<SnapshotRow> = list
         .iter()
         .map(|s| SnapshotRow {
@@ -863,8 +879,15 @@ fn snapshots(ctx: &Context, args: &SnapshotsArgs) -> Result<()> {
             disks: &s.manifest.disks,
             stats: &s.manifest.stats,
             damaged: marked.contains(&s.id),
+            future_dated: s.is_future_dated(now),
         })
         .collect();
+    let future = rows.iter().filter(|r| r.future_dated).count();
+    if future > 0 {
+        eprintln!(
+            "vbackup: warning: {future} snapshot(s) dated later than this host's clock allows (forged, or a host with a wrong clock): marked FUTURE, never counted by retention rules nor used as a base"
+        );
+    }
     if ctx.json(&rows)? {
         return Ok(());
     }
@@ -886,6 +909,8 @@ fn snapshots(ctx: &Context, args: &SnapshotsArgs) -> Result<()> {
             human_bytes(m.stats.bytes_stored),
             if marked.contains(&s.id) {
                 "DAMAGED"
+            } else if s.is_future_dated(now) {
+                "FUTURE"
             } else {
                 "ok"
             },

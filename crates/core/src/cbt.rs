@@ -127,7 +127,11 @@ impl<'a> Planner<'a> {
         known: std::borrow::Cow<'a, HashSet<ChunkId>>,
     ) -> crate::Result<Self> {
         let (all, _) = repo.list_snapshots_checked()?;
-        let snapshots = all.into_iter().filter(|s| s.manifest.vm == vm).collect();
+        let now = chrono::Utc::now();
+        let snapshots = all
+            .into_iter()
+            .filter(|s| s.manifest.vm == vm && !s.is_future_dated(now))
+            .collect();
         Self::with_parts(repo, method, snapshots, known)
     }
 
@@ -237,6 +241,9 @@ impl<'a> Planner<'a> {
             .ok_or_else(|| format!("no earlier snapshot of disk '{}'", disk.name))?;
         let tracking = self.tracking_of(snapshot, record)?;
         self.check_bitmap(disk, &tracking.incremental_bitmap)?;
+        self.check_sole_starter(disk, &tracking.incremental_bitmap, snapshot, |_, t| {
+            t.incremental_bitmap == tracking.incremental_bitmap
+        })?;
         let base = self.check_base(snapshot, record, disk)?;
         Ok(Found {
             read_bitmap: tracking.incremental_bitmap.clone(),
@@ -282,6 +289,10 @@ impl<'a> Planner<'a> {
                 )
             })?;
         self.check_bitmap(disk, &tracking.full_bitmap)?;
+        self.check_sole_starter(disk, &tracking.full_bitmap, full, |s, t| {
+            t.full_bitmap == tracking.full_bitmap
+                && t.full_snapshot.as_ref().is_none_or(|f| *f == s.id)
+        })?;
         let base = self.check_base(full, full_record, disk)?;
         Ok(Found {
             read_bitmap: tracking.full_bitmap.clone(),
@@ -312,6 +323,41 @@ impl<'a> Planner<'a> {
             ));
         }
         Ok(tracking)
+    }
+
+    /// A base is only the snapshot that started the bitmap to be read: if
+    /// another snapshot of this VM claims to have started it too (a forged
+    /// or replayed manifest copying the real one's tracking), neither is
+    /// trusted, and everything is read.
+    fn check_sole_starter(
+        &self,
+        disk: &DiskObservation,
+        bitmap: &str,
+        base: &Snapshot,
+        started: impl Fn(&Snapshot, &Tracking) -> bool,
+    ) -> Result<(), String> {
+        let others: Vec<&str> = self
+            .snapshots
+            .iter()
+            .filter(|s| s.id != base.id)
+            .filter(|s| {
+                s.manifest
+                    .disks
+                    .iter()
+                    .filter(|d| d.name == disk.name)
+                    .filter_map(|d| d.tracking.as_ref())
+                    .any(|t| started(s, t))
+            })
+            .map(|s| short(&s.id))
+            .collect();
+        match others.as_slice() {
+            [] => Ok(()),
+            _ => Err(format!(
+                "snapshots {} and {} both claim to have started dirty bitmap '{bitmap}' (a forged or replayed manifest?); neither is trusted as a base",
+                short(&base.id),
+                others.join(", ")
+            )),
+        }
     }
 
     fn check_bitmap(&self, disk: &DiskObservation, name: &str) -> Result<(), String> {

@@ -97,6 +97,20 @@ pub enum Error {
     /// snapshots).
     #[error("{0}")]
     Refused(String),
+    /// The storage presents the repository as unencrypted although there
+    /// are signs it is not (key files, a passphrase given, a record of it
+    /// encrypted): someone without the key rewrote its config.
+    #[error("refusing the repository at {location}: {reason}")]
+    Downgrade {
+        /// Repository location.
+        location: String,
+        /// What gave the downgrade away.
+        reason: String,
+    },
+    /// vbackup itself went wrong (a broken invariant, not the user's input
+    /// nor the storage): worth a bug report.
+    #[error("internal error: {0}")]
+    Internal(String),
     /// The operation was cancelled by the user (Ctrl-C, SIGTERM).
     #[error("interrupted; nothing was recorded for the unfinished operation")]
     Interrupted,
@@ -129,12 +143,15 @@ impl Error {
             | Error::UnsupportedVersion { .. }
             | Error::SnapshotSelection(_)
             | Error::InvalidInput(_) => ErrorClass::Usage,
-            Error::Corrupt { .. } | Error::Refused(_) => ErrorClass::Integrity,
+            Error::Corrupt { .. } | Error::Refused(_) | Error::Downgrade { .. } => {
+                ErrorClass::Integrity
+            }
             Error::Interrupted => ErrorClass::Interrupted,
             Error::Storage(_)
             | Error::Source { .. }
             | Error::Target { .. }
-            | Error::Conflict(_) => ErrorClass::Runtime,
+            | Error::Conflict(_)
+            | Error::Internal(_) => ErrorClass::Runtime,
         }
     }
 

@@ -268,7 +268,7 @@ pub fn parse_plain_json<T: for<'de> Deserialize<'de>>(
 
 /// The repository config: fixed at `init`, readable without a key.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(rename_all = "kebab-case")]
+#[serde(rename_all = "kebab-case", deny_unknown_fields)]
 pub struct Config {
     /// Repository format version ([`REPOSITORY_VERSION`]).
     pub version: u32,

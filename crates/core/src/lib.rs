@@ -29,6 +29,7 @@ mod repo;
 pub mod roles;
 pub mod source;
 pub mod speed;
+pub mod trust;
 
 mod commands;
 
@@ -38,7 +39,7 @@ pub use commands::backup::{
 };
 pub use commands::check::{check, CheckOptions, CheckReport, Notice, ReadData};
 pub use commands::forget::{
-    forget, plan, render_plan, Decision, ForgetGroup, ForgetOptions, ForgetReport,
+    forget, plan, plan_at, render_plan, Decision, ForgetGroup, ForgetOptions, ForgetReport,
 };
 pub use commands::locks::{list_locks, read_lock, unlock, Lease, LeaseTiming, LockInfo};
 pub use commands::policy::{clear_policy, read_policy, set_policy};
@@ -49,7 +50,8 @@ pub use commands::stats::{stats, RepoStats};
 pub use commands::verify::{verify, AffectedDisk, ChunkProblem, ProblemKind, VerifyReport};
 pub use error::{Error, ErrorClass, Result};
 pub use progress::Progress;
-pub use repo::{InitOptions, KeyInfo, Repository, Snapshot};
+pub use trust::OpenOptions;
+pub use repo::{FUTURE_SKEW_MINUTES, InitOptions, KeyInfo, Repository, Snapshot};
 pub use source::{DiskReader, DiskSource, DiskTarget, DiskWriter, Extent, ExtentKind};
 
 /// The name of a chunk: the keyed digest of its plaintext.

@@ -122,6 +122,16 @@ pub struct ChunkMap {
     /// packs an unreadable index names are recovered from their trailers),
     /// and packs whose size differs from their index's.
     pub problems: Vec<Error>,
+    /// In a repository with packs: loose chunk objects, which no vbackup
+    /// writes there. They are never read nor taken as stored (a backup
+    /// token could otherwise shadow packed chunks with junk), and prune
+    /// deletes them.
+    pub stray_loose: Vec<ObjectInfo>,
+    /// Second copies of chunks located elsewhere: blobs of other packs
+    /// naming a chunk already in the map. Prune deletes or repacks the pack
+    /// of such a copy only after the copy it keeps has authenticated
+    /// ([`ChunkMap::settle_duplicates`]).
+    pub duplicates: Vec<(ChunkId, Location)>,
 }
 
 impl ChunkMap {
@@ -132,12 +142,15 @@ impl ChunkMap {
     /// in [`ChunkMap::problems`].
     pub fn load(repo: &Repository) -> Result<Self> {
         let mut map = ChunkMap::default();
+        let packed = repo.config().packs();
         repo.backend().list_each(CHUNKS_PREFIX, &mut |o| {
-            if let Some(id) = o.key.rsplit('/').next().and_then(ChunkId::from_hex) {
+            if packed {
+                map.stray_loose.push(o.clone());
+            } else if let Some(id) = o.key.rsplit('/').next().and_then(ChunkId::from_hex) {
                 map.chunks.insert(id, Location::Loose { size: o.size });
             }
         })?;
-        if !repo.config().packs() {
+        if !packed {
             return Ok(map);
         }
         map.pack_indexes = repo.backend().list(PACK_INDEXES_PREFIX)?;
@@ -208,19 +221,88 @@ impl ChunkMap {
 
     fn add_entries(&mut self, pack: usize, entries: &[PackEntry]) {
         for e in entries {
-            if self.chunks.contains_key(&e.id) {
+            let location = Location::Packed {
+                pack: pack as u32,
+                offset: e.offset,
+                length: e.length,
+            };
+            match self.chunks.get(&e.id) {
+                Some(existing) if *existing == location => {}
+                Some(_) => self.duplicates.push((e.id, location)),
+                None => {
+                    self.chunks.insert(e.id, location);
+                    self.packs[pack].blobs += 1;
+                }
+            }
+        }
+    }
+
+    /// Makes sure that, for every chunk `wanted` says must be kept and that
+    /// has a second copy, the copy the map locates authenticates; if it
+    /// does not and the second one does, the map locates the good one
+    /// instead. Prune calls this before deciding which packs to delete, so
+    /// it never drops a good copy in favour of a bad one. Returns how many
+    /// chunks moved to their other copy.
+    pub fn settle_duplicates(
+        &mut self,
+        repo: &Repository,
+        wanted: impl Fn(&ChunkId) -> bool,
+    ) -> Result<usize> {
+        let doubtful: Vec<(ChunkId, Location)> = self
+            .duplicates
+            .iter()
+            .filter(|(id, _)| wanted(id))
+            .copied()
+            .collect();
+        let mut moved = 0;
+        for (id, other) in doubtful {
+            let Some(current) = self.chunks.get(&id).copied() else {
+                continue;
+            };
+            if self.authenticates(repo, &id, current)? {
                 continue;
             }
-            self.chunks.insert(
-                e.id,
-                Location::Packed {
-                    pack: pack as u32,
-                    offset: e.offset,
-                    length: e.length,
-                },
-            );
-            self.packs[pack].blobs += 1;
+            if self.authenticates(repo, &id, other)? {
+                self.relocate(id, current, other);
+                moved += 1;
+            }
         }
+        Ok(moved)
+    }
+
+    /// Whether the copy of `id` at `location` reads and authenticates.
+    /// Storage failures other than a missing object stop the caller.
+    fn authenticates(&self, repo: &Repository, id: &ChunkId, location: Location) -> Result<bool> {
+        let read = match location {
+            Location::Loose { .. } => repo.read_chunk(id).map(drop),
+            Location::Packed {
+                pack,
+                offset,
+                length,
+            } => {
+                let key = pack_key(&self.packs[pack as usize].digest);
+                get_exact(repo, &key, offset, u64::from(length))
+                    .and_then(|bytes| repo.decode_chunk(id, bytes))
+                    .map(drop)
+            }
+        };
+        match read {
+            Ok(()) => Ok(true),
+            Err(e) if is_gone(&e) || is_damage(&e) => Ok(false),
+            Err(e) => Err(e),
+        }
+    }
+
+    fn relocate(&mut self, id: ChunkId, from: Location, to: Location) {
+        if let Location::Packed { pack, .. } = from {
+            self.packs[pack as usize].blobs -= 1;
+        }
+        if let Location::Packed { pack, .. } = to {
+            self.packs[pack as usize].blobs += 1;
+        }
+        self.chunks.insert(id, to);
+        self.duplicates.retain(|(d, l)| !(*d == id && *l == to));
+        self.duplicates.push((id, from));
     }
 
     /// Stored size of every chunk.

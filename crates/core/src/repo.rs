@@ -17,6 +17,7 @@ use crate::format::{
     self, open_object_owned, seal_object, Config, DiskIndex, KeyFile, ObjectKind, SnapshotManifest,
     LOOSE_REPOSITORY_VERSION, REPOSITORY_VERSION,
 };
+use crate::trust::{check_unencrypted, KnownRepositories, OpenOptions};
 use crate::packs::{ChunkMap, DEFAULT_PACK_SIZE, MAX_PACK_SIZE, MIN_PACK_SIZE};
 use crate::ChunkId;
 
@@ -68,6 +69,9 @@ pub struct InitOptions {
     /// on storage without atomic rename (object stores, where every object
     /// costs requests), loose chunks elsewhere.
     pub pack_size: Option<u32>,
+    /// The client's record of known repositories (`crate::trust`): the new
+    /// repository is recorded there, encrypted or explicitly not.
+    pub state_dir: Option<std::path::PathBuf>,
 }
 
 impl Default for InitOptions {
@@ -79,6 +83,7 @@ impl Default for InitOptions {
             compression_level: 3,
             kdf: kdf::KdfParams::default(),
             pack_size: None,
+            state_dir: None,
         }
     }
 }
@@ -108,10 +113,29 @@ pub struct Snapshot {
     pub manifest: SnapshotManifest,
 }
 
+/// How far past this host's clock a snapshot may be dated and still be
+/// taken at its word: hosts' clocks differ a little, but a snapshot from
+/// further ahead is forged or from a badly wrong clock. Such snapshots are
+/// flagged, never counted by retention rules and never used as a base.
+pub const FUTURE_SKEW_MINUTES: i64 = 15;
+
 impl Snapshot {
     /// The first 8 hex digits, as shown in tables.
     pub fn short_id(&self) -> &str {
         &self.id[..self.id.len().min(8)]
+    }
+
+    /// Its time, if readable.
+    pub fn time(&self) -> Option<chrono::DateTime<chrono::Utc>> {
+        chrono::DateTime::parse_from_rfc3339(&self.manifest.time)
+            .ok()
+            .map(|t| t.with_timezone(&chrono::Utc))
+    }
+
+    /// Whether it is dated later than `now` plus [`FUTURE_SKEW_MINUTES`].
+    pub fn is_future_dated(&self, now: chrono::DateTime<chrono::Utc>) -> bool {
+        self.time()
+            .is_some_and(|t| t > now + chrono::Duration::minutes(FUTURE_SKEW_MINUTES))
     }
 }
 
@@ -157,6 +181,49 @@ fn validate_init(options: &InitOptions) -> Result<()> {
         }
     }
     Ok(())
+}
+
+/// Range-checks every field of a stored config before anything uses it.
+/// The config is readable (and, without the key, writable) by the storage:
+/// a value outside what `init` writes is tampering or damage, never a
+/// setting to follow. A version 1 config has no packs, and its MAC does not
+/// cover `pack-size`, so a pack size there is refused rather than obeyed.
+fn check_config_values(config: &Config) -> Result<()> {
+    let bad = |reason: String| Err(Error::corrupt(CONFIG_KEY, reason));
+    let cs = config.chunk_size;
+    if !cs.is_power_of_two() || !(MIN_CHUNK_SIZE..=MAX_CHUNK_SIZE).contains(&cs) {
+        return bad(format!("chunk size {cs} is outside what any vbackup writes"));
+    }
+    if !(1..=19).contains(&config.compression_level) {
+        return bad(format!(
+            "compression level {} is outside 1..=19",
+            config.compression_level
+        ));
+    }
+    if config.id.len() != 32 || !config.id.bytes().all(|b| b.is_ascii_hexdigit()) {
+        return bad("the repository id is not 32 hex digits".to_string());
+    }
+    match (config.version, config.pack_size) {
+        (LOOSE_REPOSITORY_VERSION, 0) => {}
+        (LOOSE_REPOSITORY_VERSION, size) => {
+            return bad(format!(
+                "a version 1 repository has no packs, but the config says pack size {size} (added without the key?)"
+            ))
+        }
+        (_, 0) => return bad("a version 2 repository must have a pack size".to_string()),
+        (_, size) if !(MIN_PACK_SIZE..=MAX_PACK_SIZE).contains(&size) => {
+            return bad(format!(
+                "pack size {size} is outside {MIN_PACK_SIZE}..={MAX_PACK_SIZE}"
+            ))
+        }
+        _ => {}
+    }
+    match (config.cipher, config.mac.is_empty()) {
+        (CipherKind::None, false) => bad("an unencrypted config carries a MAC".to_string()),
+        (CipherKind::None, true) => Ok(()),
+        (_, true) => bad("an encrypted config has no MAC".to_string()),
+        (_, false) => Ok(()),
+    }
 }
 
 /// Refuses a pack size whose packs (up to the size plus a chunk and its
@@ -236,6 +303,9 @@ impl Repository {
         // The config goes last: until it exists the folder is not a repository.
         let config_bytes = format::plain_json_object(ObjectKind::Config, &repo.config)?;
         repo.backend.put(CONFIG_KEY, &config_bytes)?;
+        if let Some(dir) = &options.state_dir {
+            KnownRepositories::new(dir).record(&repo.location(), &repo.config);
+        }
         Ok(repo)
     }
 
@@ -258,26 +328,60 @@ impl Repository {
                 supported: REPOSITORY_VERSION,
             });
         }
+        check_config_values(&config)?;
         Ok(config)
     }
 
-    /// Opens a repository; `passphrase` is asked for only when the
-    /// repository is encrypted.
+    /// Opens an encrypted repository; `passphrase` is asked for only when
+    /// needed. An unencrypted one is refused (see [`Repository::open_with`]).
     pub fn open(
         backend: Arc<dyn Backend>,
         passphrase: impl FnOnce() -> Result<Option<String>>,
     ) -> Result<Self> {
+        Self::open_with(backend, &OpenOptions::default(), passphrase)
+    }
+
+    /// Opens a repository as `options` say. An unencrypted config is
+    /// accepted only by the user's explicit choice and when nothing
+    /// suggests the repository was encrypted (`crate::trust`); an encrypted
+    /// one must pass its MAC check. What was opened is recorded in
+    /// `options.state_dir`.
+    pub fn open_with(
+        backend: Arc<dyn Backend>,
+        options: &OpenOptions,
+        passphrase: impl FnOnce() -> Result<Option<String>>,
+    ) -> Result<Self> {
         let config = Self::read_config(backend.as_ref())?;
-        if config.cipher == CipherKind::None {
-            let crypto = Crypto::new(config.cipher, config.digest, None);
-            return Ok(Self {
-                backend,
-                config,
-                crypto,
-                secret: None,
-                key_id: None,
-            });
+        let location = backend.location();
+        let known = options.state_dir.as_deref().map(KnownRepositories::new);
+        let repo = match config.cipher {
+            CipherKind::None => {
+                let keys = backend.list(KEYS_PREFIX)?.len();
+                let seen = known.as_ref().and_then(|k| k.get(&location));
+                check_unencrypted(&location, keys, options, seen.as_ref())?;
+                let crypto = Crypto::new(config.cipher, config.digest, None);
+                Self {
+                    backend,
+                    config,
+                    crypto,
+                    secret: None,
+                    key_id: None,
+                }
+            }
+            _ => Self::unlock_encrypted(backend, config, passphrase)?,
+        };
+        if let Some(known) = known {
+            known.record(&location, &repo.config);
         }
+        Ok(repo)
+    }
+
+    /// Unlocks an encrypted repository and checks its config's MAC.
+    fn unlock_encrypted(
+        backend: Arc<dyn Backend>,
+        config: Config,
+        passphrase: impl FnOnce() -> Result<Option<String>>,
+    ) -> Result<Self> {
         let passphrase = passphrase()?.ok_or_else(|| Error::PassphraseRequired {
             location: backend.location(),
         })?;
@@ -430,8 +534,15 @@ impl Repository {
         )
     }
 
-    /// Stores an encoded chunk.
+    /// Stores an encoded chunk as its own object. Refused in a repository
+    /// with packs, whose readers never look at loose chunks.
     pub fn put_chunk(&self, id: &ChunkId, encoded: &[u8]) -> Result<()> {
+        if self.config.packs() {
+            return Err(Error::Internal(format!(
+                "chunk {id} was to be stored loose in {}, a repository with packs",
+                self.location()
+            )));
+        }
         Ok(self.backend.put(&Self::chunk_key(id), encoded)?)
     }
 

@@ -93,6 +93,12 @@ struct Job<'a> {
     next: AtomicU64,
     stop: AtomicBool,
     known: Mutex<HashSet<ChunkId>>,
+    /// Chunks whose stored copy may be reused without reading it: those
+    /// the base indexes (authenticated) reference, and those this backup
+    /// stored or authenticated itself. Any other stored copy is read and
+    /// authenticated once before its first reuse (see
+    /// [`Job::authenticate_stored`]).
+    vouched: Mutex<HashSet<ChunkId>>,
     /// Chunks named by prune lists at the start: never taken as present.
     pending: &'a [ChunkId],
     indexes: Vec<Mutex<Vec<Option<ChunkId>>>>,
@@ -150,8 +156,9 @@ impl PreparedBackup {
 pub struct BackupStart {
     guard: BackupGuard,
     stored: HashSet<ChunkId>,
-    /// Every readable snapshot, oldest first, read once for planning, the
-    /// unchanged-file shortcut and the caller's own use.
+    /// Every readable snapshot not dated in the future, oldest first, read
+    /// once for planning, the unchanged-file shortcut and the caller's own
+    /// use.
     snapshots: Vec<Snapshot>,
 }
 
@@ -161,7 +168,11 @@ impl BackupStart {
     pub fn begin(repo: &Repository) -> Result<Self> {
         let guard = BackupGuard::start(repo)?;
         let stored = repo.list_chunks()?.into_keys().collect();
-        let (snapshots, _) = repo.list_snapshots_checked()?;
+        let (mut snapshots, _) = repo.list_snapshots_checked()?;
+        // Never a base: a snapshot dated ahead of this clock would be
+        // "the latest" for as long as its date lies in the future.
+        let now = chrono::Utc::now();
+        snapshots.retain(|s| !s.is_future_dated(now));
         Ok(Self {
             guard,
             stored,
@@ -169,7 +180,8 @@ impl BackupStart {
         })
     }
 
-    /// Every readable snapshot when the backup began, oldest first.
+    /// Every readable snapshot when the backup began, oldest first, less
+    /// those dated in the future (see [`crate::FUTURE_SKEW_MINUTES`]).
     pub fn snapshots(&self) -> &[Snapshot] {
         &self.snapshots
     }
@@ -211,16 +223,20 @@ pub fn backup_prepare_started(
 ) -> Result<PreparedBackup> {
     check_disk_names(disks)?;
     check_bases(repo, disks)?;
-    let previous = if options.skip_unchanged {
-        start.latest_of(&options.vm).cloned()
-    } else {
-        None
+    let history: Vec<Snapshot> = match options.skip_unchanged {
+        true => start
+            .snapshots
+            .iter()
+            .filter(|s| s.manifest.vm == options.vm)
+            .cloned()
+            .collect(),
+        false => Vec::new(),
     };
     let BackupStart { guard, stored, .. } = start;
     let known = guard.reusable(stored);
     let started = Instant::now();
     let time = chrono::Utc::now().to_rfc3339_opts(chrono::SecondsFormat::Millis, true);
-    let job = Job::new(repo, disks, previous.as_ref(), &guard, known, progress)?;
+    let job = Job::new(repo, disks, &history, &guard, known, progress)?;
     super::run_workers(options.threads, || job.worker()).inspect_err(|_| job.index_uploaded())?;
     if progress.is_cancelled() {
         return Err(Error::Interrupted);
@@ -283,7 +299,7 @@ impl<'a> Job<'a> {
     fn new(
         repo: &'a Repository,
         disks: &'a [BackupDisk],
-        previous: Option<&Snapshot>,
+        history: &[Snapshot],
         guard: &'a BackupGuard,
         known: HashSet<ChunkId>,
         progress: &'a Progress,
@@ -293,10 +309,14 @@ impl<'a> Job<'a> {
         let mut starts = vec![0u64];
         let mut indexes = Vec::with_capacity(disks.len());
         let mut unchanged_since = Vec::with_capacity(disks.len());
+        let mut indexes_reused = Vec::new();
         for disk in disks {
             let size = disk.source.virtual_size();
             progress.add_total(size);
-            let reused = previous.and_then(|p| reusable_index(repo, p, disk, chunk_size, &known));
+            let previous = history.last();
+            let reused = previous.and_then(|p| {
+                reusable_index(repo, p, history, disk, chunk_size, &known)
+            });
             let (count, index) = match reused {
                 Some(index) => {
                     counters.disks_unchanged.fetch_add(1, Ordering::Relaxed);
@@ -319,6 +339,9 @@ impl<'a> Job<'a> {
                 }
             };
             starts.push(starts[starts.len() - 1] + count);
+            if count == 0 {
+                indexes_reused.extend(index.iter().flatten().copied());
+            }
             indexes.push(Mutex::new(index));
         }
         Ok(Self {
@@ -329,6 +352,7 @@ impl<'a> Job<'a> {
             next: AtomicU64::new(0),
             stop: AtomicBool::new(false),
             known: Mutex::new(known),
+            vouched: Mutex::new(vouched_by_bases(disks, &indexes_reused)),
             pending: guard.pending(),
             indexes,
             unchanged_since,
@@ -495,12 +519,73 @@ impl<'a> Job<'a> {
             .lock()
             .unwrap_or_else(|poisoned| poisoned.into_inner())
             .insert(id);
-        if !is_new || self.stored_meanwhile(&id)? {
+        // Vouched for at once: workers meeting it later reuse this upload.
+        let first_to_vouch = is_new && self.vouch(id);
+        let stored_elsewhere = first_to_vouch && self.stored_meanwhile(&id)?;
+        if !is_new || stored_elsewhere {
+            let check = stored_elsewhere || self.vouch(id);
+            if check && self.authenticate_stored(&id, data)? {
+                return Ok(id);
+            }
             self.counters.chunks_reused.fetch_add(1, Ordering::Relaxed);
             return Ok(id);
         }
-        let encoded = self.repo.encode_chunk(&id, data)?;
-        self.put_encoded(&id, &encoded)?;
+        self.store_new(&id, data)?;
+        Ok(id)
+    }
+
+    /// Marks `id` as vouched for; true if it was not yet (the caller is the
+    /// one to store or authenticate it).
+    fn vouch(&self, id: ChunkId) -> bool {
+        self.vouched
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
+            .insert(id)
+    }
+
+    /// Before a stored copy that nothing vouches for is reused: reads and
+    /// authenticates it. Someone without the key (a backup token on the
+    /// server, the storage) may have stored junk under a chunk's name after
+    /// a prune deleted the real one; reusing it would save a snapshot that
+    /// does not restore. A copy that fails is replaced by this backup's
+    /// data and read again; if the storage keeps the bad copy (the backup
+    /// server never lets a backup token overwrite an object), the backup
+    /// fails, naming the object. Returns true when it stored the chunk
+    /// itself (counted as new). Repositories with packs need none of this:
+    /// their chunks are located through sealed pack indexes and trailers,
+    /// which no one without the key can forge.
+    fn authenticate_stored(&self, id: &ChunkId, data: &[u8]) -> Result<bool> {
+        if self.packer.is_some() || self.stored_copy_is_good(id)? {
+            return Ok(false);
+        }
+        self.store_new(id, data)?;
+        if self.stored_copy_is_good(id)? {
+            return Ok(true);
+        }
+        Err(Error::Refused(format!(
+            "{} does not authenticate and the storage kept it when this backup wrote the chunk again (someone without the key stored it, or it is damaged); nothing was recorded. Run `vbackup repair` (with an admin token on a server) to quarantine it, then back up again",
+            Repository::chunk_key(id)
+        )))
+    }
+
+    /// Whether the stored loose copy of `id` reads, authenticates and has
+    /// the right digest. Storage failures other than "not found" stop the
+    /// backup.
+    fn stored_copy_is_good(&self, id: &ChunkId) -> Result<bool> {
+        match self.repo.read_chunk(id) {
+            Ok(_) => Ok(true),
+            Err(Error::Storage(e)) if !e.is_not_found() => Err(Error::Storage(e)),
+            Err(Error::Storage(_) | Error::Corrupt { .. } | Error::UnsupportedVersion { .. }) => {
+                Ok(false)
+            }
+            Err(e) => Err(e),
+        }
+    }
+
+    /// Compresses, seals and stores a chunk, and counts it.
+    fn store_new(&self, id: &ChunkId, data: &[u8]) -> Result<()> {
+        let encoded = self.repo.encode_chunk(id, data)?;
+        self.put_encoded(id, &encoded)?;
         self.counters.chunks_new.fetch_add(1, Ordering::Relaxed);
         self.counters
             .bytes_new
@@ -509,7 +594,7 @@ impl<'a> Job<'a> {
             .bytes_stored
             .fetch_add(encoded.len() as u64, Ordering::Relaxed);
         self.progress.add_stored(encoded.len() as u64);
-        Ok(id)
+        Ok(())
     }
 
     /// Whether the backend says it holds a chunk that was not listed at the
@@ -583,12 +668,29 @@ impl<'a> Job<'a> {
     }
 }
 
-/// The newest readable snapshot of `vm`, if any.
+/// The chunks the backup may reuse unread: those the base indexes of its
+/// disks reference (authenticated indexes of snapshots this VM's own
+/// tracking produced, checked complete against the listing) and those of
+/// reused unchanged indexes.
+fn vouched_by_bases(disks: &[BackupDisk], reused: &[ChunkId]) -> HashSet<ChunkId> {
+    disks
+        .iter()
+        .filter_map(|d| d.base.as_ref())
+        .flat_map(|b| b.index.chunks.iter().flatten().copied())
+        .chain(reused.iter().copied())
+        .collect()
+}
+
 /// The previous snapshot's index for `disk`, if the disk's source is
 /// provably unchanged since then and every chunk of that index is stored.
+/// Every snapshot of the VM (`history`) that records the same source
+/// fingerprint for this disk must name the same index: a forged or
+/// replayed manifest copying the fingerprint with another index makes the
+/// claim ambiguous, and the disk is read.
 fn reusable_index(
     repo: &Repository,
     previous: &Snapshot,
+    history: &[Snapshot],
     disk: &BackupDisk,
     chunk_size: u32,
     known: &HashSet<ChunkId>,
@@ -599,7 +701,13 @@ fn reusable_index(
         .disks
         .iter()
         .find(|d| d.name == disk.name)?;
+    let unambiguous = history
+        .iter()
+        .flat_map(|s| &s.manifest.disks)
+        .filter(|d| d.name == disk.name && d.source_identity.as_deref() == Some(&identity))
+        .all(|d| d.index == record.index);
     let same = record.source_identity.as_deref() == Some(identity.as_str())
+        && unambiguous
         && record.virtual_size == disk.source.virtual_size()
         && record.chunk_size == chunk_size;
     let index = repo.read_index(&record.index).ok().filter(|_| same)?;

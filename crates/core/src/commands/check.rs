@@ -378,6 +378,24 @@ fn pack_notices(map: &ChunkMap, report: &mut CheckReport) {
             note: format!("pack metadata unreadable: {problem}"),
         });
     }
+    if let Some(first) = map.stray_loose.first() {
+        report.notices.push(Notice {
+            object: first.key.clone(),
+            note: format!(
+                "{} loose chunk object(s) in a repository with packs: no vbackup writes them, readers ignore them (junk from a backup token, or leftovers); the next prune deletes them",
+                map.stray_loose.len()
+            ),
+        });
+    }
+    if !map.duplicates.is_empty() {
+        report.notices.push(Notice {
+            object: crate::packs::PACKS_PREFIX.to_string(),
+            note: format!(
+                "{} chunk(s) stored in more than one pack (concurrent backups, or an interrupted repack); prune keeps one authenticated copy",
+                map.duplicates.len()
+            ),
+        });
+    }
     let orphans = map.packs.iter().filter(|p| !p.indexed).count();
     if orphans > 0 {
         report.notices.push(Notice {
@@ -509,6 +527,16 @@ fn notices(
     report: &mut CheckReport,
 ) -> Result<()> {
     let backend = repo.backend();
+    let now = chrono::Utc::now();
+    for snapshot in snapshots.iter().filter(|s| s.is_future_dated(now)) {
+        report.notices.push(Notice {
+            object: format!("{SNAPSHOTS_PREFIX}{}", snapshot.id),
+            note: format!(
+                "dated {}, later than this host's clock allows (forged, or written by a host with a wrong clock): never counted by retention rules nor used as a base; delete that object from the storage once you know it is forged",
+                snapshot.manifest.time
+            ),
+        });
+    }
     for leftover in backend.leftovers()? {
         report.notices.push(Notice {
             object: leftover.key,

@@ -10,7 +10,10 @@
 //! the times snapshots store — so daylight-saving changes never merge or
 //! split a day. `within` keeps everything younger than a span before the
 //! group's newest snapshot (not before now: a VM whose backups stopped
-//! keeps its last ones). `tags` keeps snapshots carrying any of the tags.
+//! keeps its last ones), or before now if that is earlier. `tags` keeps
+//! snapshots carrying any of the tags. Snapshots dated in the future (a
+//! forged manifest, a host with a wrong clock) are kept, flagged, and
+//! counted by no rule.
 //!
 //! Forgetting deletes snapshot manifests only (and their damage markers);
 //! the chunks and indexes they alone used go with the next `prune`.
@@ -136,12 +139,25 @@ pub fn forget(repo: &Repository, options: &ForgetOptions) -> Result<ForgetReport
     })
 }
 
-/// The retention plan: which snapshots each group keeps, and why. Refuses
-/// rules that keep nothing (they would remove every snapshot).
+/// The retention plan as of now: which snapshots each group keeps, and
+/// why. Refuses rules that keep nothing (they would remove every snapshot).
 pub fn plan(
     snapshots: &[Snapshot],
     keep: &KeepRules,
     group_by: GroupBy,
+) -> Result<Vec<ForgetGroup>> {
+    plan_at(snapshots, keep, group_by, Utc::now())
+}
+
+/// [`plan`] as of `now`. Snapshots dated after `now` (beyond
+/// [`crate::FUTURE_SKEW_MINUTES`]) are kept but never counted: forged ones
+/// would otherwise take the places of real ones in `--keep-last` and the
+/// buckets, and move the `--keep-within` window into the future.
+pub fn plan_at(
+    snapshots: &[Snapshot],
+    keep: &KeepRules,
+    group_by: GroupBy,
+    now: DateTime<Utc>,
 ) -> Result<Vec<ForgetGroup>> {
     if keep.is_empty() {
         return Err(Error::InvalidInput(
@@ -160,7 +176,7 @@ pub fn plan(
         .into_iter()
         .map(|(group, members)| ForgetGroup {
             group,
-            decisions: plan_group(members, keep),
+            decisions: plan_group(members, keep, now),
         })
         .collect())
 }
@@ -193,14 +209,12 @@ struct Member<'a> {
     reasons: Vec<String>,
 }
 
-fn plan_group(snapshots: Vec<&Snapshot>, keep: &KeepRules) -> Vec<Decision> {
+fn plan_group(snapshots: Vec<&Snapshot>, keep: &KeepRules, now: DateTime<Utc>) -> Vec<Decision> {
     let mut members: Vec<Member> = snapshots
         .into_iter()
         .map(|snapshot| Member {
             snapshot,
-            time: DateTime::parse_from_rfc3339(&snapshot.manifest.time)
-                .ok()
-                .map(|t| t.with_timezone(&Utc)),
+            time: snapshot.time(),
             reasons: Vec::new(),
         })
         .collect();
@@ -212,8 +226,21 @@ fn plan_group(snapshots: Vec<&Snapshot>, keep: &KeepRules) -> Vec<Decision> {
     for member in members.iter_mut().filter(|m| m.time.is_none()) {
         member.reasons.push("time unreadable".to_string());
     }
-    apply_counting_rules(&mut members, keep);
-    apply_within(&mut members, keep);
+    // Kept, flagged, and left out of every rule (their time is not taken
+    // at its word).
+    let (future, mut counted): (Vec<Member>, Vec<Member>) = members
+        .into_iter()
+        .partition(|m| m.snapshot.is_future_dated(now));
+    apply_counting_rules(&mut counted, keep);
+    apply_within(&mut counted, keep, now);
+    let mut members: Vec<Member> = future
+        .into_iter()
+        .map(|mut m| {
+            m.reasons.push("dated in the future (not counted)".to_string());
+            m
+        })
+        .chain(counted)
+        .collect();
     apply_tags(&mut members, keep);
     members.into_iter().map(decision).collect()
 }
@@ -264,11 +291,14 @@ fn apply_counting_rules(members: &mut [Member], keep: &KeepRules) {
     }
 }
 
-fn apply_within(members: &mut [Member], keep: &KeepRules) {
+/// Keeps what is younger than the span, counted back from the group's
+/// newest snapshot or from `now`, whichever is earlier.
+fn apply_within(members: &mut [Member], keep: &KeepRules, now: DateTime<Utc>) {
     let Some(span) = keep.within else { return };
     let Some(newest) = members.iter().find_map(|m| m.time) else {
         return;
     };
+    let newest = newest.min(now);
     let months = Months::new(span.years.saturating_mul(12).saturating_add(span.months));
     let cutoff = newest
         .checked_sub_months(months)

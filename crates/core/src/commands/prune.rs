@@ -156,6 +156,12 @@ pub struct PruneReport {
     /// Packs that were to be repacked but kept, because a referenced chunk
     /// in them could not be read or checked (`vbackup check` tells more).
     pub packs_kept_damaged: Vec<String>,
+    /// Chunks whose copy in one pack failed to authenticate, now located
+    /// at their good second copy (which this prune therefore kept).
+    pub duplicates_settled: u64,
+    /// Loose chunk objects found in a repository with packs (no vbackup
+    /// writes them there; junk from a backup token, or leftovers), deleted.
+    pub stray_loose_deleted: u64,
 }
 
 /// Runs a prune: mark, then sweep what is old enough.

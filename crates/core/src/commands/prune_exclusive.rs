@@ -112,7 +112,7 @@ impl Exclusive<'_> {
         if self.lock.is_some() {
             self.clean_up()?;
         }
-        let map = self.repo.chunk_map()?;
+        let mut map = self.repo.chunk_map()?;
         // Pack metadata of a newer format is not damage: its packs would be
         // misjudged. (Damaged pack indexes are replaced by the rewrite.)
         if let Some(newer) = map
@@ -130,6 +130,9 @@ impl Exclusive<'_> {
         self.report.indexes = indexes.items.len() as u64;
         let mut refs = References::new(self.repo)?;
         refs.load(self.progress, &mut chunks, &mut indexes)?;
+        self.report.duplicates_settled = map.settle_duplicates(self.repo, |id| {
+            chunks.find(id).is_some_and(|i| chunks.is_referenced(i))
+        })? as u64;
         self.report.snapshots = refs.snapshots.len();
         self.report.missing_chunks = refs.missing_chunks;
         let (held_chunks, held_chunk_bytes) = chunks.referenced_totals();
@@ -166,6 +169,7 @@ impl Exclusive<'_> {
                 self.report.deleted_chunks = self.report.marked_chunks;
                 self.report.deleted_indexes = self.report.marked_indexes;
                 self.report.freed_bytes = self.report.marked_bytes;
+                self.report.stray_loose_deleted = map.stray_loose.len() as u64;
                 Ok(())
             }
             Some(lock) => {
@@ -175,9 +179,27 @@ impl Exclusive<'_> {
                 let dropped_blobs = self.report.marked_chunks - loose_victims(&victims);
                 self.delete_all(lock, &victims, &chunks, &indexes)?;
                 self.report.deleted_chunks += dropped_blobs;
-                Ok(())
+                self.delete_strays(lock, &map.stray_loose)
             }
         }
+    }
+
+    /// Deletes the loose chunk objects of a repository with packs: nothing
+    /// reads them, so they hold only space (and an attacker's hopes).
+    fn delete_strays(&mut self, lock: &Lease, strays: &[vbackup_storage::ObjectInfo]) -> Result<()> {
+        for stray in strays {
+            if self.progress.is_cancelled() {
+                return Err(Error::Interrupted);
+            }
+            lock.check_fresh()?;
+            match self.repo.backend().delete(&stray.key) {
+                Err(e) if !e.is_not_found() => return Err(e.into()),
+                _ => {}
+            }
+            self.report.stray_loose_deleted += 1;
+            self.report.freed_bytes += stray.size;
+        }
+        Ok(())
     }
 
     /// Puts back what an interrupted concurrent sweep left in `trash/` and

@@ -248,13 +248,18 @@ fn copy_live(
     live: &[PackEntry],
     writer: &PackWriter<'_>,
 ) -> Result<()> {
-    let (Some(first), Some(last)) = (live.first(), live.last()) else {
+    let Some(start) = live.iter().map(|e| e.offset).min() else {
         return Ok(());
     };
+    // The furthest end, not the last entry's: entries merged from several
+    // pack indexes may overlap, and a longer blob may start earlier.
+    let end = live.iter().map(PackEntry::end).max().unwrap_or(start);
     let key = pack_key(&map.packs[i].digest);
-    let start = first.offset;
-    let range = repo.backend().get_range(&key, start, last.end() - start)?;
-    if range.len() as u64 != last.end() - start {
+    if end > map.packs[i].size {
+        return Err(Error::corrupt(&key, "its index names bytes past its end"));
+    }
+    let range = repo.backend().get_range(&key, start, end - start)?;
+    if range.len() as u64 != end - start {
         return Err(Error::corrupt(&key, "shorter than its index says"));
     }
     let blob = |e: &PackEntry| {

@@ -66,7 +66,7 @@ pub struct PackEntry {
 impl PackEntry {
     /// The first byte after the blob.
     pub fn end(&self) -> u64 {
-        self.offset + u64::from(self.length)
+        self.offset.saturating_add(u64::from(self.length))
     }
 }
 

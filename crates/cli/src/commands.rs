@@ -317,6 +317,9 @@ fn init(ctx: &Context, args: &InitArgs) -> Result<()> {
     let backend = ctx.backend()?;
     let options = init_options(args)?;
     let passphrase = if options.cipher == CipherKind::None {
+        if ctx.passphrase_given() {
+            return Err(usage_error("--encryption none was asked, but a passphrase is set (VBACKUP_PASSWORD or --password-file); every later command would refuse an unencrypted repository while it is set (so that storage cannot switch encryption off), so unset it, or drop --encryption none"));
+        }
         None
     } else {
         let secret = read_secret(

@@ -506,7 +506,19 @@ mod tests {
         tracking: Option<Tracking>,
         seconds: u32,
     ) -> String {
-        let data = vec![seconds as u8 + 1; 1 << 20];
+        let time = format!("2026-01-01T00:00:{seconds:02}.000Z");
+        snapshot_at(repo, kind, tracking, seconds as u8 + 1, &time)
+    }
+
+    /// [`snapshot`] at `time`, with chunk content `fill`.
+    fn snapshot_at(
+        repo: &Repository,
+        kind: BackupType,
+        tracking: Option<Tracking>,
+        fill: u8,
+        time: &str,
+    ) -> String {
+        let data = vec![fill; 1 << 20];
         let id = repo.crypto().chunk_id(&data);
         repo.put_chunk(&id, &repo.encode_chunk(&id, &data).unwrap())
             .unwrap();
@@ -534,7 +546,7 @@ mod tests {
             version: SNAPSHOT_VERSION,
             vm: "vm".into(),
             host: "h".into(),
-            time: format!("2026-01-01T00:00:{seconds:02}.000Z"),
+            time: time.to_string(),
             tags: vec![],
             disks: vec![record],
             stats: BackupStats::default(),
@@ -581,6 +593,71 @@ mod tests {
         assert_eq!(plan.backup_type, BackupType::Full);
         assert!(plan.fallback_reason.is_none());
         assert_eq!(plan.add_bitmaps.len(), 2);
+    }
+
+    fn observed_a() -> DiskObservation {
+        disk(
+            &[
+                ("vbackup-inc-a", true, true),
+                ("vbackup-full-a", true, true),
+            ],
+            SIZE,
+        )
+    }
+
+    #[test]
+    fn attack_forged_snapshot_claiming_the_real_bitmap_is_no_base_and_neither_is_the_real_one() {
+        let repo = repo();
+        let full = snapshot(
+            &repo,
+            BackupType::Full,
+            tracking("vbackup-inc-a", "vbackup-full-a", None),
+            1,
+        );
+        // A host with the passphrase copies the real tracking into a newer
+        // manifest whose chunks are something else.
+        let forged = snapshot_at(
+            &repo,
+            BackupType::Full,
+            tracking("vbackup-inc-a", "vbackup-full-a", None),
+            9,
+            "2026-01-01T00:00:30.000Z",
+        );
+        for requested in [Requested::Incremental, Requested::Differential] {
+            let plan = Planner::new(&repo, "vm", "qcow2")
+                .unwrap()
+                .plan(requested, &observed_a());
+            assert_eq!(plan.backup_type, BackupType::Full, "{requested:?}");
+            let reason = plan.fallback_reason.unwrap();
+            assert!(reason.contains("both claim"), "{reason}");
+            assert!(
+                reason.contains(&forged[..8]) && reason.contains(&full[..8]),
+                "{reason}"
+            );
+        }
+    }
+
+    #[test]
+    fn attack_future_dated_snapshot_is_never_a_base() {
+        let repo = repo();
+        let full = snapshot(
+            &repo,
+            BackupType::Full,
+            tracking("vbackup-inc-a", "vbackup-full-a", None),
+            1,
+        );
+        snapshot_at(
+            &repo,
+            BackupType::Full,
+            tracking("vbackup-inc-b", "vbackup-full-b", None),
+            9,
+            "2099-01-01T00:00:00.000Z",
+        );
+        let plan = Planner::new(&repo, "vm", "qcow2")
+            .unwrap()
+            .plan(Requested::Incremental, &observed_a());
+        assert_eq!(plan.backup_type, BackupType::Incremental);
+        assert_eq!(plan.changes.as_ref().unwrap().1.snapshot, full);
     }
 
     #[test]

@@ -50,9 +50,9 @@ pub use commands::stats::{stats, RepoStats};
 pub use commands::verify::{verify, AffectedDisk, ChunkProblem, ProblemKind, VerifyReport};
 pub use error::{Error, ErrorClass, Result};
 pub use progress::Progress;
-pub use trust::OpenOptions;
-pub use repo::{FUTURE_SKEW_MINUTES, InitOptions, KeyInfo, Repository, Snapshot};
+pub use repo::{InitOptions, KeyInfo, Repository, Snapshot, FUTURE_SKEW_MINUTES};
 pub use source::{DiskReader, DiskSource, DiskTarget, DiskWriter, Extent, ExtentKind};
+pub use trust::OpenOptions;
 
 /// The name of a chunk: the keyed digest of its plaintext.
 #[derive(Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]

@@ -17,8 +17,8 @@ use crate::format::{
     self, open_object_owned, seal_object, Config, DiskIndex, KeyFile, ObjectKind, SnapshotManifest,
     LOOSE_REPOSITORY_VERSION, REPOSITORY_VERSION,
 };
-use crate::trust::{check_unencrypted, KnownRepositories, OpenOptions};
 use crate::packs::{ChunkMap, DEFAULT_PACK_SIZE, MAX_PACK_SIZE, MIN_PACK_SIZE};
+use crate::trust::{check_unencrypted, KnownRepositories, OpenOptions};
 use crate::ChunkId;
 
 /// Name of the config object.
@@ -192,7 +192,9 @@ fn check_config_values(config: &Config) -> Result<()> {
     let bad = |reason: String| Err(Error::corrupt(CONFIG_KEY, reason));
     let cs = config.chunk_size;
     if !cs.is_power_of_two() || !(MIN_CHUNK_SIZE..=MAX_CHUNK_SIZE).contains(&cs) {
-        return bad(format!("chunk size {cs} is outside what any vbackup writes"));
+        return bad(format!(
+            "chunk size {cs} is outside what any vbackup writes"
+        ));
     }
     if !(1..=19).contains(&config.compression_level) {
         return bad(format!(

@@ -104,10 +104,7 @@ impl KnownRepositories {
         }
         // Once encrypted, a location stays recorded as encrypted: only the
         // user, by removing the record, can undo that.
-        let was_encrypted = file
-            .repositories
-            .get(location)
-            .is_some_and(|k| k.encrypted);
+        let was_encrypted = file.repositories.get(location).is_some_and(|k| k.encrypted);
         let first_seen = file
             .repositories
             .get(location)

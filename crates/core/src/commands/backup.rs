@@ -314,9 +314,8 @@ impl<'a> Job<'a> {
             let size = disk.source.virtual_size();
             progress.add_total(size);
             let previous = history.last();
-            let reused = previous.and_then(|p| {
-                reusable_index(repo, p, history, disk, chunk_size, &known)
-            });
+            let reused =
+                previous.and_then(|p| reusable_index(repo, p, history, disk, chunk_size, &known));
             let (count, index) = match reused {
                 Some(index) => {
                     counters.disks_unchanged.fetch_add(1, Ordering::Relaxed);

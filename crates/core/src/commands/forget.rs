@@ -236,7 +236,8 @@ fn plan_group(snapshots: Vec<&Snapshot>, keep: &KeepRules, now: DateTime<Utc>) -
     let mut members: Vec<Member> = future
         .into_iter()
         .map(|mut m| {
-            m.reasons.push("dated in the future (not counted)".to_string());
+            m.reasons
+                .push("dated in the future (not counted)".to_string());
             m
         })
         .chain(counted)

@@ -27,7 +27,7 @@ use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::time::{Duration, SystemTime};
 
 use serde::Serialize;
-use vbackup_storage::{Backend, ObjectInfo};
+use vbackup_storage::ObjectInfo;
 
 use crate::commands::locks::{list_locks, Lease, LeaseTiming, LockInfo};
 use crate::crypto::random_bytes;
@@ -313,7 +313,7 @@ struct Run<'a> {
 impl Run<'_> {
     fn go(&mut self) -> Result<()> {
         if !self.options.dry_run {
-            self.report.trash_restored = restore_trash(self.repo.backend().as_ref())?;
+            self.report.trash_restored = restore_trash(self.repo)?;
             remove_dead_logs(self.repo)?;
         }
         let mut chunks = Stored::new(list_chunk_sizes(self.repo)?);
@@ -557,7 +557,6 @@ impl Run<'_> {
         let next = AtomicUsize::new(0);
         // Deleted chunks, deleted indexes, freed bytes, rewritten, gone.
         let counts: [AtomicU64; 5] = Default::default();
-        let backend = self.repo.backend().as_ref();
         let workers = self.options.threads.max(SWEEP_MIN_WORKERS);
         super::run_workers(workers, || loop {
             let i = next.fetch_add(1, Ordering::Relaxed);
@@ -566,7 +565,7 @@ impl Run<'_> {
             };
             self.keep_going(i)?;
             let key = objects.key(*candidate);
-            match sweep_one(backend, &key, objects.marked(*candidate))? {
+            match sweep_one(self.repo, &key, objects.marked(*candidate))? {
                 Outcome::Deleted(size) => {
                     counts[usize::from(!candidate.is_chunk)].fetch_add(1, Ordering::Relaxed);
                     counts[2].fetch_add(size, Ordering::Relaxed);
@@ -630,7 +629,8 @@ enum Outcome {
 
 /// Moves object `key` to the trash, checks it was not written after it was
 /// marked, and deletes it (or moves it back).
-fn sweep_one(backend: &dyn Backend, key: &str, marked: SystemTime) -> Result<Outcome> {
+fn sweep_one(repo: &Repository, key: &str, marked: SystemTime) -> Result<Outcome> {
+    let backend = repo.backend().as_ref();
     let trash = format!("{TRASH_PREFIX}{key}");
     match backend.rename(key, &trash) {
         Ok(()) => {}
@@ -642,20 +642,24 @@ fn sweep_one(backend: &dyn Backend, key: &str, marked: SystemTime) -> Result<Out
     };
     // No modification time means we cannot tell: keep it.
     if info.modified.is_none_or(|m| m >= marked) {
-        put_back(backend, &trash, key)?;
+        put_back(repo, &trash, key)?;
         return Ok(Outcome::Rewritten);
     }
     backend.delete(&trash)?;
     Ok(Outcome::Deleted(info.size))
 }
 
-/// Moves a trashed object back to its name, unless a new copy is there.
-/// Storage that cannot rename gets a copy and a delete instead: trashed
-/// objects are chunks and indexes, named by their content, so any copy
-/// under the name is as good as another, and the caller holds an exclusive
-/// lock, so no sweep moves the object meanwhile.
-fn put_back(backend: &dyn Backend, trash: &str, key: &str) -> Result<()> {
-    if backend.stat(key)?.is_some() {
+/// Moves a trashed object back to its name, unless a good new copy is
+/// there. Trashed objects are chunks and indexes, named by their content,
+/// so any *authentic* copy under the name is as good as another; but the
+/// name was free while the object sat in the trash, and someone without the
+/// key (a backup token) may have raced junk into it, so the copy found
+/// there is authenticated first, and replaced when it fails. Storage that
+/// cannot rename gets a copy and a delete instead (the caller then holds an
+/// exclusive lock, so no sweep moves the object meanwhile).
+fn put_back(repo: &Repository, trash: &str, key: &str) -> Result<()> {
+    let backend = repo.backend().as_ref();
+    if backend.stat(key)?.is_some() && object_authenticates(repo, key)? {
         backend.delete(trash)?;
     } else if backend.can_rename() {
         backend.rename(trash, key)?;
@@ -667,15 +671,33 @@ fn put_back(backend: &dyn Backend, trash: &str, key: &str) -> Result<()> {
     Ok(())
 }
 
+/// Whether the chunk or index stored as `key` reads and authenticates.
+/// Storage failures other than "not found" stop the caller.
+fn object_authenticates(repo: &Repository, key: &str) -> Result<bool> {
+    let read = match key.rsplit('/').next().and_then(ChunkId::from_hex) {
+        Some(id) if key.starts_with(CHUNKS_PREFIX) => repo.read_chunk(&id).map(drop),
+        _ => repo.read_index(key).map(drop),
+    };
+    match read {
+        Ok(()) => Ok(true),
+        Err(Error::Storage(e)) if !e.is_not_found() => Err(Error::Storage(e)),
+        Err(Error::Storage(_) | Error::Corrupt { .. } | Error::UnsupportedVersion { .. }) => {
+            Ok(false)
+        }
+        Err(e) => Err(e),
+    }
+}
+
 /// Puts back everything an interrupted sweep left in `trash/`; returns how
 /// many objects there were. (The pending lists they came from are still
 /// there, so the next sweep handles them again.)
-pub(crate) fn restore_trash(backend: &dyn Backend) -> Result<u64> {
+pub(crate) fn restore_trash(repo: &Repository) -> Result<u64> {
+    let backend = repo.backend().as_ref();
     let mut restored = 0;
     for object in backend.list(TRASH_PREFIX)? {
         let original = &object.key[TRASH_PREFIX.len()..];
         if original.starts_with(CHUNKS_PREFIX) || original.starts_with(INDEXES_PREFIX) {
-            put_back(backend, &object.key, original)?;
+            put_back(repo, &object.key, original)?;
             restored += 1;
         }
     }

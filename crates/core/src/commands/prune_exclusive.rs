@@ -186,7 +186,11 @@ impl Exclusive<'_> {
 
     /// Deletes the loose chunk objects of a repository with packs: nothing
     /// reads them, so they hold only space (and an attacker's hopes).
-    fn delete_strays(&mut self, lock: &Lease, strays: &[vbackup_storage::ObjectInfo]) -> Result<()> {
+    fn delete_strays(
+        &mut self,
+        lock: &Lease,
+        strays: &[vbackup_storage::ObjectInfo],
+    ) -> Result<()> {
         for stray in strays {
             if self.progress.is_cancelled() {
                 return Err(Error::Interrupted);
@@ -206,7 +210,7 @@ impl Exclusive<'_> {
     /// removes every pending list and deletion log.
     fn clean_up(&mut self) -> Result<()> {
         let backend = self.repo.backend().as_ref();
-        self.report.trash_restored = restore_trash(backend)?;
+        self.report.trash_restored = restore_trash(self.repo)?;
         for list in list_prune_lists(self.repo)? {
             backend.delete(&list.key)?;
             self.report.lists_removed += 1;

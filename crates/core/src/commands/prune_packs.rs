@@ -275,3 +275,54 @@ fn copy_live(
     }
     Ok(())
 }
+
+#[cfg(test)]
+mod tests {
+    use std::sync::Arc;
+
+    use super::*;
+    use crate::crypto::kdf::KdfParams;
+    use crate::InitOptions;
+    use vbackup_storage::MemoryBackend;
+
+    fn packed_repo() -> Repository {
+        let options = InitOptions {
+            chunk_size: 64 << 10,
+            pack_size: Some(1 << 20),
+            kdf: KdfParams {
+                memory_kib: 1024,
+                iterations: 1,
+                parallelism: 1,
+            },
+            ..InitOptions::default()
+        };
+        Repository::init(Arc::new(MemoryBackend::new()), Some("pw"), &options).unwrap()
+    }
+
+    #[test]
+    fn overlapping_entries_merged_from_two_pack_indexes_do_not_panic_copy_live() {
+        let repo = packed_repo();
+        let data = vec![3u8; 64 << 10];
+        let id = repo.crypto().chunk_id(&data);
+        let writer = PackWriter::new(&repo);
+        writer
+            .add(&id, &repo.encode_chunk(&id, &data).unwrap())
+            .unwrap();
+        let packs = writer.finish().unwrap();
+        write_pack_indexes(&repo, &packs).unwrap();
+        let map = ChunkMap::load(&repo).unwrap();
+        let whole = packs[0].entries[0];
+        // A second, shorter entry starting inside the first one: the last
+        // entry by offset is not the one that ends last.
+        let inner = PackEntry {
+            id: ChunkId([9; 32]),
+            offset: whole.offset + 5,
+            length: 3,
+        };
+        let target = PackWriter::new(&repo);
+        let error = copy_live(&repo, &map, 0, &[whole, inner], &target).unwrap_err();
+        assert!(matches!(error, Error::Corrupt { .. }), "{error}");
+        // Nothing was copied: the pack is kept whole.
+        assert!(target.finish().unwrap().is_empty());
+    }
+}

@@ -110,7 +110,7 @@ pub fn repair(
         ..Default::default()
     };
     if !options.dry_run {
-        report.restored_from_trash = super::prune::restore_trash(repo.backend().as_ref())?;
+        report.restored_from_trash = super::prune::restore_trash(repo)?;
         if options.index {
             report.restored_indexes = restore_quarantined_indexes(repo)?;
         }

@@ -1,0 +1,131 @@
+//! Attacks of issue 10 replayed against the `vbackup` binary, as the storage
+//! or a backup host would make them (docs/security.md).
+
+// Test helpers panic on unexpected failures; that is how a test fails.
+#![allow(clippy::unwrap_used)]
+
+mod common;
+
+use std::path::PathBuf;
+use std::process::{Command, Output, Stdio};
+
+use common::{noise, s, text, walk};
+use tempfile::TempDir;
+
+const PASSWORD: &str = "correct horse battery staple";
+
+struct Env {
+    dir: TempDir,
+}
+
+impl Env {
+    fn new() -> Self {
+        Self {
+            dir: tempfile::tempdir().unwrap(),
+        }
+    }
+
+    fn path(&self, name: &str) -> PathBuf {
+        self.dir.path().join(name)
+    }
+
+    /// vbackup with this test's repository, passphrase and client state.
+    fn command(&self, args: &[&str]) -> Command {
+        let mut cmd = Command::new(env!("CARGO_BIN_EXE_vbackup"));
+        cmd.args(args)
+            .env("VBACKUP_REPOSITORY", self.path("repo"))
+            .env("VBACKUP_PASSWORD", PASSWORD)
+            .env("VBACKUP_KDF_MEMORY_KIB", "1024")
+            .env("VBACKUP_CACHE_DIR", self.path("state"))
+            .env_remove("VBACKUP_PASSWORD_FILE")
+            .env_remove("VBACKUP_ALLOW_UNENCRYPTED")
+            .stdin(Stdio::null());
+        cmd
+    }
+
+    fn run(&self, args: &[&str]) -> Output {
+        self.command(args).output().unwrap()
+    }
+
+    fn ok(&self, args: &[&str]) -> String {
+        let out = self.run(args);
+        assert!(out.status.success(), "vbackup {args:?}:\n{}", text(&out));
+        String::from_utf8(out.stdout).unwrap()
+    }
+
+    fn fails(&self, out: Output, code: i32) -> String {
+        assert_eq!(out.status.code(), Some(code), "{}", text(&out));
+        String::from_utf8(out.stderr).unwrap()
+    }
+
+    fn image(&self) -> PathBuf {
+        let image = self.path("web1.raw");
+        std::fs::write(&image, noise(6 << 20, 11)).unwrap();
+        image
+    }
+
+    fn chunk_files(&self) -> usize {
+        walk(&self.path("repo/chunks")).len()
+    }
+
+    /// Rewrites the config as storage could: unencrypted, without a MAC.
+    fn downgrade_config(&self) {
+        let path = self.path("repo/config");
+        let bytes = std::fs::read(&path).unwrap();
+        let mut config: serde_json::Value = serde_json::from_slice(&bytes[8..]).unwrap();
+        config["cipher"] = "none".into();
+        config["mac"] = "".into();
+        let mut out = bytes[..8].to_vec();
+        out.extend_from_slice(&serde_json::to_vec_pretty(&config).unwrap());
+        std::fs::write(&path, out).unwrap();
+    }
+}
+
+#[test]
+fn attack_encryption_downgrade_makes_the_next_backup_refuse_and_write_nothing() {
+    let env = Env::new();
+    env.ok(&["init"]);
+    let image = env.image();
+    env.ok(&["backup", "--vm", "web1", s(&image)]);
+    let chunks = env.chunk_files();
+    env.downgrade_config();
+    std::fs::write(&image, noise(6 << 20, 12)).unwrap();
+    for extra in [&[][..], &["--allow-unencrypted"][..]] {
+        let mut args = extra.to_vec();
+        args.extend(["backup", "--vm", "web1", s(&image)]);
+        let stderr = env.fails(env.run(&args), 3);
+        assert!(stderr.contains("refusing the repository"), "{stderr}");
+        assert!(stderr.contains("key file"), "{stderr}");
+    }
+    assert_eq!(env.chunk_files(), chunks, "no plaintext chunk was written");
+    // With the keys deleted too, the passphrase in the environment and the
+    // record of this client still refuse it.
+    std::fs::remove_dir_all(env.path("repo/keys")).unwrap();
+    let stderr = env.fails(env.run(&["snapshots"]), 3);
+    assert!(stderr.contains("encrypted before"), "{stderr}");
+}
+
+#[test]
+fn an_unencrypted_repository_is_an_explicit_choice_remembered_per_host() {
+    let env = Env::new();
+    // A passphrase in the environment means the user expects encryption.
+    let stderr = env.fails(env.run(&["init", "--encryption", "none"]), 2);
+    assert!(stderr.contains("passphrase"), "{stderr}");
+    let plain = |args: &[&str], state: &str| {
+        let mut cmd = env.command(args);
+        cmd.env_remove("VBACKUP_PASSWORD")
+            .env("VBACKUP_CACHE_DIR", env.path(state));
+        cmd.output().unwrap()
+    };
+    let out = plain(&["init", "--encryption", "none"], "state");
+    assert!(out.status.success(), "{}", text(&out));
+    let out = plain(&["snapshots"], "state");
+    assert!(out.status.success(), "{}", text(&out));
+    // Another host (another client state) must say so once.
+    let stderr = env.fails(plain(&["snapshots"], "other"), 2);
+    assert!(stderr.contains("--allow-unencrypted"), "{stderr}");
+    let out = plain(&["--allow-unencrypted", "snapshots"], "other");
+    assert!(out.status.success(), "{}", text(&out));
+    let out = plain(&["snapshots"], "other");
+    assert!(out.status.success(), "{}", text(&out));
+}

@@ -7,6 +7,7 @@
 
 use libfuzzer_sys::fuzz_target;
 use vbackup_core::crypto::{CipherKind, Crypto, DigestKind, MasterSecret};
+use vbackup_storage::Backend;
 use vbackup_core::format::{self, lifecycle, pack, Config, DiskIndex, KeyFile, ObjectKind};
 
 fuzz_target!(|data: &[u8]| {
@@ -34,6 +35,12 @@ fuzz_target!(|data: &[u8]| {
         let _ = pack::decode_footer("packs/x", &data[..pack::FOOTER_LEN], data.len() as u64);
     }
     let _ = format::parse_plain_json::<Config>(ObjectKind::Config, "config", data);
+    // The whole config check a client makes before trusting any field
+    // (versions, ranges, MAC presence): storage may write anything there.
+    let backend = vbackup_storage::MemoryBackend::new();
+    if backend.put("config", data).is_ok() {
+        let _ = vbackup_core::Repository::read_config(&backend);
+    }
     let _ = format::parse_plain_json::<KeyFile>(ObjectKind::Key, "keys/x", data);
     let _ = format::parse_snapshot_manifest("snapshots/x", data);
     let _ = lifecycle::PruneList::decode("prune/pending-x", data);

@@ -76,6 +76,11 @@ impl Clock {
         }
     }
 
+    /// The time now by this clock.
+    pub(crate) fn now(self) -> SystemTime {
+        self.now
+    }
+
     fn name(self) -> &'static str {
         match self.storage {
             true => "the storage's clock",
@@ -380,9 +385,14 @@ fn holder_is_gone(lock: &LockFile) -> bool {
 /// Locks are judged by the storage's clock: the command first writes a
 /// short lease of its own (a `backup` lock, which excludes nothing) and
 /// reads that lease's modification time, so a host whose clock is off
-/// removes no live lock.
+/// removes no live lock (where the storage takes no writes, by this
+/// host's clock).
 pub fn unlock(repo: &Repository, ids: &[String], stale_only: bool) -> Result<Vec<LockInfo>> {
-    let probe = Lease::start(repo, LockKind::Backup, LeaseTiming::default())?;
+    // Storage that takes no writes (full, read-only) can still drop locks:
+    // then this host's clock judges them, as `vbackup locks` does.
+    let Ok(probe) = Lease::start(repo, LockKind::Backup, LeaseTiming::default()) else {
+        return remove_locks(repo, list_locks(repo, None)?, "", ids, stale_only);
+    };
     let result = probe
         .list_locks(repo, None)
         .and_then(|locks| remove_locks(repo, locks, probe.id(), ids, stale_only));

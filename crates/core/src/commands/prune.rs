@@ -404,7 +404,8 @@ impl Run<'_> {
         };
         let locks = list_locks_by(self.repo, self.options.stale_after, clock)?;
         self.report.stale_locks = describe_stale(&locks);
-        let now = SystemTime::now();
+        // The grace period by the same clock as the marking times.
+        let now = clock.now();
         let mut sweepable = HashSet::new();
         for p in pending {
             match self.blocker(p, &locks, now) {

@@ -115,6 +115,44 @@ impl Context {
         }
     }
 
+    /// This host's record of what it saw of `repo` (forgotten snapshots, the
+    /// newest policy): `<cache dir>/state/<repository id>.json`; `None`
+    /// when no cache folder can be chosen (no `VBACKUP_CACHE_DIR`,
+    /// `XDG_CACHE_HOME` or `HOME`).
+    pub fn state_file(&self, repo: &Repository) -> Option<vbackup_core::client_state::StateFile> {
+        let root = cache_root()?;
+        Some(vbackup_core::client_state::StateFile::new(
+            &root.join("state"),
+            &repo.config().id,
+        ))
+    }
+
+    /// This host's record of `repo`, or an empty one (with a warning when
+    /// the file cannot be read): for commands that only warn.
+    pub fn client_state(&self, repo: &Repository) -> vbackup_core::client_state::ClientState {
+        let empty = vbackup_core::client_state::ClientState::new(&repo.config().id);
+        let Some(file) = self.state_file(repo) else {
+            return empty;
+        };
+        file.load().unwrap_or_else(|e| {
+            eprintln!("vbackup: warning: {e}");
+            empty
+        })
+    }
+
+    /// Updates this host's record of `repo` (nothing when there is no cache
+    /// folder).
+    pub fn update_state(
+        &self,
+        repo: &Repository,
+        change: impl FnOnce(&mut vbackup_core::client_state::ClientState),
+    ) -> Result<()> {
+        if let Some(file) = self.state_file(repo) {
+            file.update(change)?;
+        }
+        Ok(())
+    }
+
     /// The backend without the metadata cache: for the commands that judge
     /// what the storage itself holds (check, verify, repair).
     pub fn backend_uncached(&self) -> Result<Arc<dyn Backend>> {
@@ -856,6 +894,8 @@ struct SnapshotRow<'a> {
     damaged: bool,
     /// Dated later than this host's clock allows: not counted by retention.
     future_dated: bool,
+    /// Forgotten on this host, yet stored again (a rollback).
+    forgotten_here: bool,
 }
 
 fn snapshots(ctx: &Context, args: &SnapshotsArgs) -> Result<()> {
@@ -868,6 +908,18 @@ fn snapshots(ctx: &Context, args: &SnapshotsArgs) -> Result<()> {
     for error in &damaged {
         eprintln!("vbackup: warning: {error}");
     }
+    let state = ctx.client_state(&repo);
+    let back: std::collections::HashSet<&str> = state
+        .reappeared(all.iter().map(|s| s.id.as_str()))
+        .into_iter()
+        .map(|(id, f)| {
+            eprintln!(
+                "vbackup: warning: snapshot {id} (VM '{}', {}) was removed by `vbackup forget` on this host at {}, but the storage holds it again: the storage put back a removed manifest (rollback or replay); do not trust it (`vbackup check` reports it, `vbackup forget` removes it again)",
+                f.vm, f.time, f.forgotten
+            );
+            id
+        })
+        .collect();
     let marked: std::collections::HashSet<String> =
         vbackup_core::marked_snapshots(&repo)?.into_iter().collect();
     let now = chrono::Utc::now();
@@ -883,6 +935,7 @@ fn snapshots(ctx: &Context, args: &SnapshotsArgs) -> Result<()> {
             stats: &s.manifest.stats,
             damaged: marked.contains(&s.id),
             future_dated: s.is_future_dated(now),
+            forgotten_here: back.contains(s.id.as_str()),
         })
         .collect();
     let future = rows.iter().filter(|r| r.future_dated).count();
@@ -910,7 +963,9 @@ fn snapshots(ctx: &Context, args: &SnapshotsArgs) -> Result<()> {
             m.disks.len(),
             human_bytes(size),
             human_bytes(m.stats.bytes_stored),
-            if marked.contains(&s.id) {
+            if back.contains(s.id.as_str()) {
+                "FORGOT"
+            } else if marked.contains(&s.id) {
                 "DAMAGED"
             } else if s.is_future_dated(now) {
                 "FUTURE"

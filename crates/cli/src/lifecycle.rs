@@ -39,12 +39,14 @@ fn run_check(
         stale_after,
     };
     let started = std::time::Instant::now();
-    let report = with_progress(
+    let mut report = with_progress(
         "check",
         ctx.global.quiet || ctx.global.json,
         &ctx.signal,
         |progress| vbackup_core::check(&repo, &options, progress),
     )?;
+    let state = ctx.client_state(&repo);
+    report.rollback = vbackup_core::client_state::rollback_findings(&repo, &state)?;
     if !ctx.json(&report)? {
         print_check(ctx, &report, started.elapsed().as_secs_f64());
     }
@@ -56,6 +58,16 @@ fn run_check(
                 report.problems.len(),
                 report.affected.len(),
                 report.affected_snapshots().len()
+            ),
+        }
+        .into());
+    }
+    if !report.rollback.is_empty() {
+        return Err(ExitError {
+            code: EXIT_DAMAGE,
+            message: format!(
+                "check found {} object(s) that contradict this host's record of the repository (see ROLLBACK above): the storage put back what was removed or replaced",
+                report.rollback.len()
             ),
         }
         .into());
@@ -96,6 +108,9 @@ fn print_check(ctx: &Context, report: &CheckReport, seconds: f64) {
     }
     for n in &report.notices {
         ctx.say(format!("note: {}: {}", n.object, n.note));
+    }
+    for n in &report.rollback {
+        println!("ROLLBACK {}: {}", n.object, n.note);
     }
 }
 
@@ -251,8 +266,10 @@ pub fn forget(ctx: &Context, args: &ForgetArgs) -> Result<()> {
         keep: args.keep.rules(),
         group_by: args.keep.group_by,
         dry_run: args.dry_run,
+        newest_policy_seen: ctx.client_state(&repo).newest_policy_revision(),
     };
     let report = vbackup_core::forget(&repo, &options)?;
+    record_forget(ctx, &repo, &report)?;
     if !ctx.global.json {
         print_forget(ctx, &report);
     }
@@ -272,6 +289,24 @@ pub fn forget(ctx: &Context, args: &ForgetArgs) -> Result<()> {
         prune,
     })?;
     Ok(())
+}
+
+/// Records the snapshots forget removed and the policy it applied in this
+/// host's record, so a storage that puts them back is noticed.
+fn record_forget(ctx: &Context, repo: &Repository, report: &ForgetReport) -> Result<()> {
+    if report.dry_run {
+        return Ok(());
+    }
+    ctx.update_state(repo, |state| {
+        for d in report.groups.iter().flat_map(|g| &g.decisions) {
+            if !d.keep {
+                state.record_forgotten(&d.snapshot, &d.vm, &d.time);
+            }
+        }
+        if let Some(policy) = &report.policy {
+            state.record_policy(policy);
+        }
+    })
 }
 
 fn print_forget(ctx: &Context, report: &ForgetReport) {
@@ -402,10 +437,12 @@ pub fn policy(ctx: &Context, command: &PolicyCommand) -> Result<()> {
     match command {
         PolicyCommand::Show => match vbackup_core::read_policy(&repo)? {
             Some(policy) => {
+                note_policy(ctx, &repo, &policy)?;
                 if !ctx.json(&policy)? {
                     println!("keep      {}", policy.keep);
                     println!("group by  {}", policy.group_by);
                     println!("set       {} on host '{}'", policy.updated, policy.host);
+                    println!("revision  {}", policy.revision);
                 }
             }
             None => {
@@ -418,7 +455,10 @@ pub fn policy(ctx: &Context, command: &PolicyCommand) -> Result<()> {
         },
         PolicyCommand::Set(keep) => {
             let rules = keep.rules().unwrap_or_default();
-            let policy = vbackup_core::set_policy(&repo, rules, keep.group_by.unwrap_or_default())?;
+            let seen = ctx.client_state(&repo).newest_policy_revision();
+            let group_by = keep.group_by.unwrap_or_default();
+            let policy = vbackup_core::set_policy(&repo, rules, group_by, seen)?;
+            ctx.update_state(&repo, |state| state.record_policy(&policy))?;
             if !ctx.json(&policy)? {
                 ctx.say(format!(
                     "stored policy: {}, grouped by {}",
@@ -436,6 +476,20 @@ pub fn policy(ctx: &Context, command: &PolicyCommand) -> Result<()> {
                 });
             }
         }
+    }
+    Ok(())
+}
+
+/// Warns when the stored policy is older than the newest this host saw (a
+/// rollback), else records it as seen.
+fn note_policy(
+    ctx: &Context,
+    repo: &Repository,
+    policy: &vbackup_core::format::lifecycle::PolicyFile,
+) -> Result<()> {
+    match ctx.client_state(repo).check_policy(policy) {
+        Err(e) => eprintln!("vbackup: warning: {e}"),
+        Ok(()) => ctx.update_state(repo, |state| state.record_policy(policy))?,
     }
     Ok(())
 }

@@ -44,6 +44,7 @@ impl Env {
             .env("VBACKUP_REPOSITORY", self.path("repo"))
             .env("VBACKUP_PASSWORD", "stress test")
             .env("VBACKUP_KDF_MEMORY_KIB", "1024")
+            .env("VBACKUP_CACHE_DIR", self.path("cache"))
             .env_remove("VBACKUP_PASSWORD_FILE")
             .stdin(Stdio::null());
         cmd

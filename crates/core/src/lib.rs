@@ -19,6 +19,7 @@
 #![deny(missing_docs)]
 
 pub mod cbt;
+pub mod client_state;
 mod compress;
 pub mod crypto;
 mod error;
@@ -41,7 +42,9 @@ pub use commands::check::{check, CheckOptions, CheckReport, Notice, ReadData};
 pub use commands::forget::{
     forget, plan, plan_at, render_plan, Decision, ForgetGroup, ForgetOptions, ForgetReport,
 };
-pub use commands::locks::{list_locks, read_lock, unlock, Lease, LeaseTiming, LockInfo};
+pub use commands::locks::{
+    list_locks, read_lock, unlock, Lease, LeaseTiming, LockInfo, CLOCK_SKEW, MAX_STALE_AFTER,
+};
 pub use commands::policy::{clear_policy, read_policy, set_policy};
 pub use commands::prune::{prune, DeferredList, PruneOptions, PruneReport};
 pub use commands::repair::{marked_snapshots, read_marker, repair, RepairOptions, RepairReport};

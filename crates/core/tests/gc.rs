@@ -106,6 +106,7 @@ fn a_dry_run_changes_nothing_and_tells_what_a_run_would_do() {
         }),
         group_by: Some("host".parse::<GroupBy>().unwrap()),
         dry_run: true,
+        ..ForgetOptions::default()
     };
     let plan = forget(&repo, &dry).unwrap();
     assert_eq!((plan.kept, plan.removed), (1, 3), "one group: host");
@@ -429,12 +430,12 @@ fn forget_uses_the_stored_policy_and_refuses_without_rules() {
     history(&repo);
     let err = forget(&repo, &ForgetOptions::default()).unwrap_err();
     assert!(err.to_string().contains("no policy stored"), "{err}");
-    assert!(vbackup_core::set_policy(&repo, KeepRules::default(), GroupBy::default()).is_err());
+    assert!(vbackup_core::set_policy(&repo, KeepRules::default(), GroupBy::default(), 0).is_err());
     let keep = KeepRules {
         last: Some(2),
         ..KeepRules::default()
     };
-    vbackup_core::set_policy(&repo, keep.clone(), GroupBy::default()).unwrap();
+    vbackup_core::set_policy(&repo, keep.clone(), GroupBy::default(), 0).unwrap();
     let stored = vbackup_core::read_policy(&repo).unwrap().unwrap();
     assert_eq!(stored.keep, keep);
     let report = forget(&repo, &ForgetOptions::default()).unwrap();

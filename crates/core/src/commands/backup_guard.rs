@@ -23,7 +23,7 @@
 
 use std::collections::HashSet;
 
-use crate::commands::locks::{list_locks, Lease, LeaseTiming};
+use crate::commands::locks::{Lease, LeaseTiming};
 use crate::commands::prune::{list_prune_lists, read_prune_list};
 use crate::format::lifecycle::{LockKind, PruneListKind};
 use crate::{ChunkId, Error, Repository, Result};
@@ -40,7 +40,7 @@ impl BackupGuard {
     /// prune lists and records their names.
     pub(crate) fn start(repo: &Repository) -> Result<Self> {
         let lease = Lease::start(repo, LockKind::Backup, LeaseTiming::default())?;
-        if let Err(e) = refuse_during_exclusive_prune(repo) {
+        if let Err(e) = refuse_during_exclusive_prune(repo, &lease) {
             lease.release()?;
             return Err(e);
         }
@@ -119,9 +119,10 @@ impl BackupGuard {
 /// Fails when a live lock that excludes backups (an exclusive prune) is in
 /// the repository. Called after the lease is written: an exclusive prune
 /// writes its lock before it lists the leases, so either it sees this
-/// backup's lease and gives up, or this listing sees its lock.
-fn refuse_during_exclusive_prune(repo: &Repository) -> Result<()> {
-    let locks = list_locks(repo, None)?;
+/// backup's lease and gives up, or this listing sees its lock. Locks are
+/// judged by the storage's clock, read through the backup's own lease.
+fn refuse_during_exclusive_prune(repo: &Repository, lease: &Lease) -> Result<()> {
+    let locks = lease.list_locks(repo, None)?;
     let Some(holder) = locks
         .iter()
         .find(|l| l.is_live() && l.kind().excludes_backups())
@@ -134,7 +135,10 @@ fn refuse_during_exclusive_prune(repo: &Repository) -> Result<()> {
         .map(|l| (l.started.as_str(), l.host.as_str(), l.pid))
         .unwrap_or_default();
     Err(Error::Conflict(format!(
-        "a prune that needs the repository to itself is running (since {since}, host '{host}', pid {pid}, lock {}): the storage cannot move objects atomically or the repository keeps chunks in packs, so no backup can run until it ends; nothing was recorded — retry when it ends (if that prune is gone, `vbackup unlock --stale-only` removes its lock once it is stale; `vbackup locks` shows it)",
+        "a prune that needs the repository to itself is running (since {since}, host '{host}', pid {pid}, lock {}, {}): the storage cannot move objects atomically or the repository keeps chunks in packs, so no backup can run until it ends; nothing was recorded — retry when it ends (if that prune is gone, `vbackup unlock --stale-only` removes its lock once it is stale, at most {} s after its last write; `vbackup locks` shows it, `vbackup unlock {}` removes it at once)",
+        &holder.id[..holder.id.len().min(8)],
+        crate::commands::describe_object(&holder.object),
+        crate::commands::locks::MAX_STALE_AFTER.as_secs(),
         &holder.id[..holder.id.len().min(8)]
     )))
 }

@@ -137,6 +137,11 @@ pub struct CheckReport {
     pub notices: Vec<Notice>,
     /// Snapshots that carry a damage marker written by `repair`.
     pub marked_damaged: Vec<String>,
+    /// Objects that contradict the client's record of the repository
+    /// (forgotten snapshots that are back, an older policy): filled by the
+    /// caller from [`crate::client_state::rollback_findings`].
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub rollback: Vec<Notice>,
 }
 
 impl CheckReport {

@@ -25,7 +25,7 @@ use chrono::{DateTime, Datelike, Months, Timelike, Utc};
 use serde::Serialize;
 
 use super::policy::read_policy;
-use crate::format::lifecycle::{GroupBy, KeepRules};
+use crate::format::lifecycle::{GroupBy, KeepRules, PolicyFile};
 use crate::repo::{DAMAGED_PREFIX, SNAPSHOTS_PREFIX};
 use crate::{Error, Repository, Result, Snapshot};
 
@@ -38,6 +38,10 @@ pub struct ForgetOptions {
     pub group_by: Option<GroupBy>,
     /// Only report the plan.
     pub dry_run: bool,
+    /// The newest policy revision this client recorded
+    /// ([`crate::client_state::ClientState::newest_policy_revision`]): a
+    /// stored policy with a lower one is refused as a rollback.
+    pub newest_policy_seen: u64,
 }
 
 /// The fate of one snapshot.
@@ -90,6 +94,9 @@ pub struct ForgetReport {
     pub removed: usize,
     /// Snapshot manifests that could not be read (left alone).
     pub unreadable: usize,
+    /// The stored policy applied, if the rules came from it.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub policy: Option<PolicyFile>,
 }
 
 /// Applies the rules: deletes the snapshots no rule keeps.
@@ -102,6 +109,9 @@ pub fn forget(repo: &Repository, options: &ForgetOptions) -> Result<ForgetReport
             )
         })?),
     };
+    if let Some(policy) = &stored {
+        refuse_old_policy(policy, options.newest_policy_seen)?;
+    }
     let keep = options
         .keep
         .clone()
@@ -136,7 +146,19 @@ pub fn forget(repo: &Repository, options: &ForgetOptions) -> Result<ForgetReport
         removed,
         groups,
         unreadable: unreadable.len(),
+        policy: stored,
     })
+}
+
+/// Refuses a stored policy older than the newest revision the client saw.
+fn refuse_old_policy(policy: &PolicyFile, newest_seen: u64) -> Result<()> {
+    if policy.revision >= newest_seen {
+        return Ok(());
+    }
+    Err(Error::Refused(format!(
+        "the repository's policy has revision {} (set {} on host '{}'), older than revision {newest_seen} that this host saw before: the storage put back an older policy (rollback or replay), so forget does not apply it and removes nothing. Check who can write to the storage, then store the rules you want again with `vbackup policy set`, or give them to forget (--keep-*)",
+        policy.revision, policy.updated, policy.host
+    )))
 }
 
 /// The retention plan as of now: which snapshots each group keeps, and

@@ -20,7 +20,7 @@ use std::thread::JoinHandle;
 use std::time::{Duration, Instant, SystemTime};
 
 use serde::Serialize;
-use vbackup_storage::Backend;
+use vbackup_storage::{Backend, ObjectInfo};
 
 use crate::crypto::{random_bytes, Crypto};
 use crate::format::lifecycle::{check_version, LockFile, LockKind, LIFECYCLE_VERSION};
@@ -46,6 +46,49 @@ impl Default for LeaseTiming {
     }
 }
 
+/// The longest stale limit a lock may claim: the limit every lock and
+/// lease of this version promises ([`LeaseTiming::default`], 10 minutes,
+/// refreshed every minute). A lock that claims more is judged with this,
+/// so a forged lock cannot block the repository for longer than a crashed
+/// prune would.
+pub const MAX_STALE_AFTER: Duration = Duration::from_secs(600);
+
+/// How far a lock's modification time may lie ahead of the clock it is
+/// judged by and still count as a refresh: storage clocks and the estimate
+/// of them differ by a few seconds, a host's clock by more. Anything later
+/// is a time in the future, which no refresh can have produced.
+pub const CLOCK_SKEW: Duration = Duration::from_secs(120);
+
+/// The clock locks are judged by: the storage's, read through the judge's
+/// own freshly written lock, or the host's where the judge holds none.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct Clock {
+    now: SystemTime,
+    storage: bool,
+}
+
+impl Clock {
+    /// This host's clock.
+    pub(crate) fn host() -> Self {
+        Self {
+            now: SystemTime::now(),
+            storage: false,
+        }
+    }
+
+    /// The time now by this clock.
+    pub(crate) fn now(self) -> SystemTime {
+        self.now
+    }
+
+    fn name(self) -> &'static str {
+        match self.storage {
+            true => "the storage's clock",
+            false => "this host's clock",
+        }
+    }
+}
+
 /// A lock as found in the repository.
 #[derive(Debug, Clone, Serialize)]
 #[serde(rename_all = "kebab-case")]
@@ -57,11 +100,19 @@ pub struct LockInfo {
     /// Why it cannot be read.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub problem: Option<String>,
-    /// Seconds since it was last refreshed.
+    /// When the storage says the lock object was last written (RFC 3339).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub modified: Option<String>,
+    /// Seconds since it was last written (by the storage's modification
+    /// time; the holder's claimed refresh time only where the storage tells
+    /// none).
     pub age_secs: u64,
     /// Why the lock is stale; `None` for a live lock.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub stale: Option<String>,
+    /// The object as listed.
+    #[serde(skip)]
+    pub object: ObjectInfo,
 }
 
 impl LockInfo {
@@ -81,11 +132,13 @@ impl LockInfo {
         self.lock.as_ref().map_or(LockKind::Backup, |l| l.kind)
     }
 
-    /// "backup by pid 123 on host h since <time>", for messages.
+    /// "backup lock 1234abcd held by pid 123 on host 'h' since <time>
+    /// (object 'locks/…' (last written …), N s ago)", for messages.
     pub fn describe(&self) -> String {
+        let object = super::describe_object(&self.object);
         match &self.lock {
             Some(l) => format!(
-                "{} lock {} held by pid {} on host '{}' since {} (refreshed {} s ago)",
+                "{} lock {} held by pid {} on host '{}' since {} ({object}, {} s ago)",
                 l.kind,
                 short(&self.id),
                 l.pid,
@@ -93,7 +146,7 @@ impl LockInfo {
                 l.started,
                 self.age_secs
             ),
-            None => format!("unreadable lock {}", short(&self.id)),
+            None => format!("unreadable lock {} ({object})", short(&self.id)),
         }
     }
 }
@@ -102,20 +155,27 @@ fn short(id: &str) -> &str {
     &id[..id.len().min(8)]
 }
 
-/// Every lock in the repository. `stale_after` overrides the holders' own
-/// stale limits (to treat locks as stale sooner or later).
+/// Every lock in the repository, judged by this host's clock (for
+/// commands that hold no lock of their own). `stale_after` overrides the
+/// holders' own stale limits (to treat locks as stale sooner or later).
 pub fn list_locks(repo: &Repository, stale_after: Option<Duration>) -> Result<Vec<LockInfo>> {
-    let now = SystemTime::now();
+    list_locks_by(repo, stale_after, Clock::host())
+}
+
+/// Every lock, judged by `clock`.
+pub(crate) fn list_locks_by(
+    repo: &Repository,
+    stale_after: Option<Duration>,
+    clock: Clock,
+) -> Result<Vec<LockInfo>> {
     let mut locks = Vec::new();
     for object in repo.backend().list(LOCKS_PREFIX)? {
         let id = object.key.trim_start_matches(LOCKS_PREFIX).to_string();
-        let read = repo
-            .get_sealed_json::<LockFile>(ObjectKind::Lock, &object.key)
-            .and_then(|l| check_version(&object.key, l.version).map(|()| l));
-        let info = match read {
-            Ok(lock) => judge(id, lock, object.modified, now, stale_after),
+        let info = match read_listed(repo, &object.key) {
+            Ok(lock) => judge(id, lock, object, clock, stale_after),
             Err(e) if is_gone(&e) => continue,
-            Err(e) => unreadable(id, &e, object.modified, now, stale_after),
+            Err(e @ Error::Corrupt { .. }) => junk(id, &e, object, clock),
+            Err(e) => unreadable(id, &e, object, clock, stale_after),
         };
         locks.push(info);
     }
@@ -123,15 +183,39 @@ pub fn list_locks(repo: &Repository, stale_after: Option<Duration>) -> Result<Ve
     Ok(locks)
 }
 
+/// Opens a listed lock. A lock that does not authenticate (or decode, in
+/// an unencrypted repository) is [`Error::Corrupt`]; one that opens but
+/// whose content this version does not understand is
+/// [`Error::UnsupportedVersion`] (a newer vbackup's lock: still counted).
+fn read_listed(repo: &Repository, key: &str) -> Result<LockFile> {
+    let json = repo.get_sealed(ObjectKind::Lock, key)?;
+    let lock: LockFile = serde_json::from_slice(&json).map_err(|e| {
+        let version = serde_json::from_slice::<serde_json::Value>(&json)
+            .ok()
+            .and_then(|v| v.get("version").and_then(serde_json::Value::as_u64));
+        match version {
+            Some(found) => Error::UnsupportedVersion {
+                what: format!("lock '{key}' ({e})"),
+                found: u32::try_from(found).unwrap_or(u32::MAX),
+                supported: LIFECYCLE_VERSION,
+            },
+            None => Error::corrupt(key, format!("invalid JSON: {e}")),
+        }
+    })?;
+    check_version(key, lock.version)?;
+    Ok(lock)
+}
+
 /// Every lock, stale only when it is stale both by its own limit and by
 /// `stale_after` (which can therefore only lengthen the limits).
 pub(crate) fn list_locks_carefully(
     repo: &Repository,
     stale_after: Option<Duration>,
+    clock: Clock,
 ) -> Result<Vec<LockInfo>> {
-    let mut locks = list_locks(repo, None)?;
+    let mut locks = list_locks_by(repo, None, clock)?;
     if stale_after.is_some() {
-        let longer = list_locks(repo, stale_after)?;
+        let longer = list_locks_by(repo, stale_after, clock)?;
         for lock in &mut locks {
             if longer.iter().any(|l| l.id == lock.id && l.is_live()) {
                 lock.stale = None;
@@ -145,63 +229,122 @@ fn is_gone(error: &Error) -> bool {
     matches!(error, Error::Storage(e) if e.is_not_found())
 }
 
-/// Seconds between `then` and `now` (0 when `then` is in the future).
-fn age(then: SystemTime, now: SystemTime) -> u64 {
-    now.duration_since(then).map_or(0, |d| d.as_secs())
-}
-
 fn parse_time(text: &str) -> Option<SystemTime> {
     chrono::DateTime::parse_from_rfc3339(text)
         .ok()
         .map(|t| SystemTime::from(t.with_timezone(&chrono::Utc)))
 }
 
-fn judge(
-    id: String,
-    lock: LockFile,
-    modified: Option<SystemTime>,
-    now: SystemTime,
-    stale_after: Option<Duration>,
-) -> LockInfo {
-    let refreshed = [parse_time(&lock.refreshed), modified]
-        .into_iter()
-        .flatten()
-        .max()
-        .unwrap_or(SystemTime::UNIX_EPOCH);
-    let age_secs = age(refreshed, now);
-    let limit = stale_after.map_or(lock.stale_after_secs, |d| d.as_secs());
-    let stale = if holder_is_gone(&lock) {
-        Some(format!("process {} on this host is gone", lock.pid))
-    } else if age_secs > limit {
-        Some(format!("not refreshed for {age_secs} s (limit {limit} s)"))
-    } else {
-        None
+/// Seconds since `written` by `clock`, or why that time is not a refresh:
+/// unknown, or ahead of the clock by more than [`CLOCK_SKEW`].
+fn age_of(written: Option<SystemTime>, clock: Clock) -> std::result::Result<u64, String> {
+    let Some(written) = written else {
+        return Err("no time of writing is known for it".to_string());
     };
-    LockInfo {
-        id,
-        lock: Some(lock),
-        problem: None,
-        age_secs,
-        stale,
+    match written.duration_since(clock.now) {
+        Ok(ahead) if ahead > CLOCK_SKEW => Err(format!(
+            "written at {}, {} s ahead of {}: a time in the future is not a refresh",
+            super::rfc3339(written),
+            ahead.as_secs(),
+            clock.name()
+        )),
+        Ok(_) => Ok(0),
+        Err(behind) => Ok(behind.duration().as_secs()),
     }
 }
 
+/// The stale limit a lock is judged with: its own, at most
+/// [`MAX_STALE_AFTER`], unless the reader overrides it.
+fn limit_for(claimed: u64, stale_after: Option<Duration>) -> (u64, String) {
+    if let Some(limit) = stale_after {
+        return (limit.as_secs(), String::new());
+    }
+    let cap = MAX_STALE_AFTER.as_secs();
+    match claimed > cap {
+        true => (
+            cap,
+            format!("; it claims {claimed} s, more than the {cap} s a vbackup lock may claim"),
+        ),
+        false => (claimed, String::new()),
+    }
+}
+
+fn judge(
+    id: String,
+    lock: LockFile,
+    object: ObjectInfo,
+    clock: Clock,
+    stale_after: Option<Duration>,
+) -> LockInfo {
+    // The storage's time of writing; the holder's claim only where the
+    // storage tells none (a claim is whatever the writer chose).
+    let written = object.modified.or_else(|| parse_time(&lock.refreshed));
+    let age = age_of(written, clock);
+    let (limit, capped) = limit_for(lock.stale_after_secs, stale_after);
+    let stale = if holder_is_gone(&lock) {
+        Some(format!("process {} on this host is gone", lock.pid))
+    } else {
+        match &age {
+            Err(reason) => Some(reason.clone()),
+            Ok(age) if *age > limit => {
+                Some(format!("not written for {age} s (limit {limit} s{capped})"))
+            }
+            Ok(_) => None,
+        }
+    };
+    info(id, Some(lock), None, object, age.unwrap_or(0), stale)
+}
+
+fn info(
+    id: String,
+    lock: Option<LockFile>,
+    problem: Option<String>,
+    object: ObjectInfo,
+    age_secs: u64,
+    stale: Option<String>,
+) -> LockInfo {
+    LockInfo {
+        id,
+        lock,
+        problem,
+        modified: object.modified.map(super::rfc3339),
+        age_secs,
+        stale,
+        object,
+    }
+}
+
+/// A lock this version cannot read (a newer version's, or one the storage
+/// failed to return): counted as a backup's lease until it is old by the
+/// longest limit a lock may claim.
 fn unreadable(
     id: String,
     error: &Error,
-    modified: Option<SystemTime>,
-    now: SystemTime,
+    object: ObjectInfo,
+    clock: Clock,
     stale_after: Option<Duration>,
 ) -> LockInfo {
-    let age_secs = modified.map_or(u64::MAX, |m| age(m, now));
-    let limit = stale_after.unwrap_or(LeaseTiming::default().stale_after);
-    LockInfo {
-        id,
-        lock: None,
-        problem: Some(error.to_string()),
-        age_secs,
-        stale: (age_secs > limit.as_secs()).then(|| "unreadable and old".to_string()),
-    }
+    let age = age_of(object.modified, clock);
+    let limit = stale_after.unwrap_or(MAX_STALE_AFTER).as_secs();
+    let stale = match &age {
+        Err(reason) => Some(format!("unreadable and {reason}")),
+        Ok(age) if *age > limit => Some("unreadable and old".to_string()),
+        Ok(_) => None,
+    };
+    let age_secs = age.unwrap_or(0);
+    info(id, None, Some(error.to_string()), object, age_secs, stale)
+}
+
+/// A lock object that does not authenticate: no holder of the repository's
+/// key wrote it (vbackup writes locks atomically and sealed), so no backup
+/// or prune stands behind it. Stale at once; `unlock` removes it.
+fn junk(id: String, error: &Error, object: ObjectInfo, clock: Clock) -> LockInfo {
+    let age_secs = age_of(object.modified, clock).unwrap_or(0);
+    let stale = Some(
+        "it does not authenticate with the repository's key, so no vbackup process wrote it (junk or damage)"
+            .to_string(),
+    );
+    info(id, None, Some(error.to_string()), object, age_secs, stale)
 }
 
 /// Identifies this process's boot and pid namespace, where Linux tells.
@@ -238,8 +381,33 @@ fn holder_is_gone(lock: &LockFile) -> bool {
 /// Removes locks: the given ids (or unique id prefixes), or with no ids
 /// every stale lock. With `stale_only`, live locks among the given ids are
 /// refused. Returns the removed locks.
+///
+/// Locks are judged by the storage's clock: the command first writes a
+/// short lease of its own (a `backup` lock, which excludes nothing) and
+/// reads that lease's modification time, so a host whose clock is off
+/// removes no live lock (where the storage takes no writes, by this
+/// host's clock).
 pub fn unlock(repo: &Repository, ids: &[String], stale_only: bool) -> Result<Vec<LockInfo>> {
-    let locks = list_locks(repo, None)?;
+    // Storage that takes no writes (full, read-only) can still drop locks:
+    // then this host's clock judges them, as `vbackup locks` does.
+    let Ok(probe) = Lease::start(repo, LockKind::Backup, LeaseTiming::default()) else {
+        return remove_locks(repo, list_locks(repo, None)?, "", ids, stale_only);
+    };
+    let result = probe
+        .list_locks(repo, None)
+        .and_then(|locks| remove_locks(repo, locks, probe.id(), ids, stale_only));
+    probe.release()?;
+    result
+}
+
+fn remove_locks(
+    repo: &Repository,
+    mut locks: Vec<LockInfo>,
+    probe: &str,
+    ids: &[String],
+    stale_only: bool,
+) -> Result<Vec<LockInfo>> {
+    locks.retain(|l| l.id != probe);
     let chosen: Vec<LockInfo> = if ids.is_empty() {
         locks.into_iter().filter(|l| !l.is_live()).collect()
     } else {
@@ -300,11 +468,15 @@ struct Shared {
     file: Mutex<LockFile>,
     health: Mutex<Health>,
     timing: LeaseTiming,
+    /// Held while the lock is written, so a reading of the storage's clock
+    /// pairs the object's modification time with the write that made it.
+    writing: Mutex<()>,
 }
 
 impl Shared {
     /// Rewrites the lock with a fresh `refreshed` time.
     fn write(&self) -> Result<()> {
+        let _writing = self.writing.lock().unwrap_or_else(|p| p.into_inner());
         let json = {
             let mut file = self.file.lock().unwrap_or_else(|p| p.into_inner());
             file.refreshed = now_rfc3339();
@@ -329,6 +501,24 @@ impl Shared {
             health.last_ok = (Instant::now(), SystemTime::now());
         }
         health.error = error;
+    }
+
+    /// The storage's clock now: the modification time of this lock's last
+    /// write plus the time elapsed since that write returned (so it errs
+    /// early, never late); `None` when the storage tells no times.
+    fn storage_now(&self) -> Result<Option<SystemTime>> {
+        let _writing = self.writing.lock().unwrap_or_else(|p| p.into_inner());
+        let Some(modified) = self.backend.stat(&self.key)?.and_then(|i| i.modified) else {
+            return Ok(None);
+        };
+        let since = self
+            .health
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .last_ok
+            .0
+            .elapsed();
+        Ok(Some(modified + since))
     }
 
     /// The longest silence others tolerate, minus a margin for clock skew
@@ -411,6 +601,7 @@ impl Lease {
                 error: None,
             }),
             timing,
+            writing: Mutex::new(()),
         });
         shared.write()?;
         let (stop, stopped) = mpsc::channel();
@@ -430,7 +621,13 @@ impl Lease {
     /// another live exclusive lock exists.
     pub fn exclusive(repo: &Repository, kind: LockKind, timing: LeaseTiming) -> Result<Self> {
         let lease = Self::start(repo, kind, timing)?;
-        let others = list_locks(repo, None)?;
+        let others = match lease.list_locks(repo, None) {
+            Ok(others) => others,
+            Err(e) => {
+                lease.release()?;
+                return Err(e);
+            }
+        };
         let holder = others
             .iter()
             .find(|l| l.id != lease.id() && l.is_live() && l.kind().is_exclusive());
@@ -461,7 +658,10 @@ impl Lease {
         stale_after: Option<Duration>,
     ) -> Result<(Self, Vec<LockInfo>)> {
         let lease = Self::exclusive(repo, LockKind::PruneExclusive, timing)?;
-        let locks = match list_locks_carefully(repo, stale_after) {
+        let locks = match lease
+            .clock()
+            .and_then(|clock| list_locks_carefully(repo, stale_after, clock))
+        {
             Ok(locks) => locks,
             Err(e) => {
                 lease.release()?;
@@ -484,6 +684,24 @@ impl Lease {
             return Err(Error::Conflict(message));
         }
         Ok((lease, locks))
+    }
+
+    /// The clock to judge other locks by: the storage's, read through this
+    /// lease's own object (this host's where the storage tells no times).
+    pub(crate) fn clock(&self) -> Result<Clock> {
+        Ok(match self.shared.storage_now()? {
+            Some(now) => Clock { now, storage: true },
+            None => Clock::host(),
+        })
+    }
+
+    /// Every lock in the repository, judged by the storage's clock.
+    pub fn list_locks(
+        &self,
+        repo: &Repository,
+        stale_after: Option<Duration>,
+    ) -> Result<Vec<LockInfo>> {
+        list_locks_by(repo, stale_after, self.clock()?)
     }
 
     /// The lock id.
@@ -596,6 +814,7 @@ mod tests {
                 refresh: Duration::from_secs(1),
                 stale_after: Duration::from_secs(4),
             },
+            writing: Mutex::new(()),
         };
         assert!(shared.check().is_err());
         shared.write().unwrap();
@@ -609,21 +828,59 @@ mod tests {
             return;
         }
         let me = std::process::id();
-        let now = SystemTime::now();
+        let now = Clock::host();
+        let object = || ObjectInfo::new("locks/x", 1);
         let mine = judge(
             "a".into(),
             lock_file(me, process_start(me)),
-            None,
+            object(),
             now,
             None,
         );
         assert!(mine.is_live(), "{mine:?}");
-        let reused = judge("b".into(), lock_file(me, Some(1)), None, now, None);
+        let reused = judge("b".into(), lock_file(me, Some(1)), object(), now, None);
         assert!(!reused.is_live(), "a reused pid is not the holder");
-        let gone = judge("c".into(), lock_file(u32::MAX - 1, None), None, now, None);
+        let gone = judge(
+            "c".into(),
+            lock_file(u32::MAX - 1, None),
+            object(),
+            now,
+            None,
+        );
         assert!(gone.stale.unwrap().contains("gone"));
         let mut foreign = lock_file(u32::MAX - 1, None);
         foreign.domain = Some("other-boot:pid:[1]".into());
-        assert!(judge("d".into(), foreign, None, now, None).is_live());
+        assert!(judge("d".into(), foreign, object(), now, None).is_live());
+    }
+
+    #[test]
+    fn attack_forged_lock_claimed_times_and_limits_do_not_keep_it_live() {
+        let now = Clock::host();
+        let mut forged = lock_file(u32::MAX - 1, None);
+        forged.domain = None;
+        forged.kind = LockKind::PruneExclusive;
+        forged.stale_after_secs = u64::MAX;
+        forged.refreshed = "2999-01-01T00:00:00Z".into();
+        let written = |ago: u64| ObjectInfo {
+            modified: Some(now.now - Duration::from_secs(ago)),
+            ..ObjectInfo::new("locks/f", 1)
+        };
+        let old = judge("f".into(), forged.clone(), written(601), now, None);
+        let reason = old.stale.unwrap_or_default();
+        assert!(
+            reason.contains("limit 600 s") && reason.contains("claims"),
+            "{reason}"
+        );
+        assert!(judge("f".into(), forged.clone(), written(599), now, None).is_live());
+        let ahead = ObjectInfo {
+            modified: Some(now.now + CLOCK_SKEW + Duration::from_secs(5)),
+            ..ObjectInfo::new("locks/f", 1)
+        };
+        let future = judge("f".into(), forged.clone(), ahead, now, None);
+        assert!(future.stale.unwrap_or_default().contains("in the future"));
+        // Without a storage time, the claimed refresh time counts, but not
+        // when it lies in the future.
+        let unknown = judge("f".into(), forged, ObjectInfo::new("locks/f", 1), now, None);
+        assert!(unknown.stale.unwrap_or_default().contains("in the future"));
     }
 }

@@ -35,3 +35,19 @@ where
         first_error.map_or(Ok(()), Err)
     })
 }
+
+/// Names a stored object for messages: its key and, where the storage
+/// tells, when it was last written (by the storage's clock). Every refusal
+/// that blames an object goes through here, so what the storage knows
+/// about the writer can be added in one place.
+pub(crate) fn describe_object(info: &vbackup_storage::ObjectInfo) -> String {
+    match info.modified {
+        Some(modified) => format!("object '{}' (last written {})", info.key, rfc3339(modified)),
+        None => format!("object '{}'", info.key),
+    }
+}
+
+/// A time as RFC 3339 UTC with seconds, for messages and reports.
+pub(crate) fn rfc3339(time: std::time::SystemTime) -> String {
+    chrono::DateTime::<chrono::Utc>::from(time).to_rfc3339_opts(chrono::SecondsFormat::Secs, true)
+}

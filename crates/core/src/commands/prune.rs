@@ -29,7 +29,7 @@ use std::time::{Duration, SystemTime};
 use serde::Serialize;
 use vbackup_storage::ObjectInfo;
 
-use crate::commands::locks::{list_locks, Lease, LeaseTiming, LockInfo};
+use crate::commands::locks::{list_locks_by, Clock, Lease, LeaseTiming, LockInfo};
 use crate::crypto::random_bytes;
 use crate::format::lifecycle::{LockKind, PruneList, PruneListHeader, PruneListKind};
 use crate::format::ObjectKind;
@@ -402,9 +402,16 @@ impl Run<'_> {
     /// The pending lists to sweep now: old enough and seen by every live
     /// backup lease. The others are reported as deferred.
     fn choose(&mut self, pending: &[Pending]) -> Result<HashSet<String>> {
-        let locks = list_locks(self.repo, self.options.stale_after)?;
+        // The storage's clock, read through our own lock (a dry run holds
+        // none and uses this host's).
+        let clock = match self.lock {
+            Some(lock) => lock.clock()?,
+            None => Clock::host(),
+        };
+        let locks = list_locks_by(self.repo, self.options.stale_after, clock)?;
         self.report.stale_locks = describe_stale(&locks);
-        let now = SystemTime::now();
+        // The grace period by the same clock as the marking times.
+        let now = clock.now();
         let mut sweepable = HashSet::new();
         for p in pending {
             match self.blocker(p, &locks, now) {
@@ -863,7 +870,7 @@ impl<'a> References<'a> {
             let snapshot = match self.repo.read_snapshot(&id) {
                 Ok(snapshot) => snapshot,
                 Err(Error::Storage(e)) if e.is_not_found() => continue,
-                Err(e) => return Err(unreadable_snapshot(&id, &e)),
+                Err(e) => return Err(unreadable_snapshot(&object, &e)),
             };
             progress.add_total(snapshot.manifest.disks.len() as u64);
             for disk in &snapshot.manifest.disks {
@@ -909,10 +916,12 @@ fn is_not_found(error: &Error) -> bool {
     matches!(error, Error::Storage(e) if e.is_not_found())
 }
 
-fn unreadable_snapshot(id: &str, error: &Error) -> Error {
+/// Prune's refusal over a snapshot manifest it cannot read: names the
+/// object and the one command that clears it.
+fn unreadable_snapshot(object: &vbackup_storage::ObjectInfo, error: &Error) -> Error {
     Error::Refused(format!(
-        "snapshot {} cannot be read ({error}); prune would delete the data only it references. Run `vbackup check`, then `vbackup repair` (which moves unreadable snapshots to quarantine/) before pruning",
-        &id[..id.len().min(8)]
+        "snapshot manifest {} cannot be read ({error}); prune would delete the data only it references, so it refuses. If that object is junk or damaged, `vbackup repair` moves it to quarantine/ (`vbackup repair --dry-run` shows the plan first; `vbackup check` tells more), then prune runs",
+        super::describe_object(object)
     ))
 }
 

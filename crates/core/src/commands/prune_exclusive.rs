@@ -37,7 +37,7 @@
 
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 
-use super::locks::{list_locks_carefully, Lease, LeaseTiming};
+use super::locks::{list_locks_carefully, Clock, Lease, LeaseTiming};
 use super::prune::{
     describe_stale, list_index_sizes, list_prune_lists, restore_trash, PruneOptions, PruneReport,
     References, Stored, SWEEP_MIN_WORKERS,
@@ -59,7 +59,11 @@ pub(crate) fn prune_exclusive(
         ..PruneReport::default()
     };
     if options.dry_run {
-        report.stale_locks = describe_stale(&list_locks_carefully(repo, options.stale_after)?);
+        report.stale_locks = describe_stale(&list_locks_carefully(
+            repo,
+            options.stale_after,
+            Clock::host(),
+        )?);
         Exclusive {
             repo,
             options,

@@ -42,7 +42,7 @@ use crate::format::lifecycle::{
     check_version, DamageMarker, DamagedDisk, LockKind, LIFECYCLE_VERSION,
 };
 use crate::format::{open_object_owned, ObjectKind};
-use crate::repo::{DAMAGED_PREFIX, INDEXES_PREFIX, QUARANTINE_PREFIX};
+use crate::repo::{DAMAGED_PREFIX, INDEXES_PREFIX, QUARANTINE_PREFIX, SNAPSHOTS_PREFIX};
 use crate::{ChunkId, Error, Progress, Repository, Result};
 
 /// Temporary files older than this are removed by repair (a write in
@@ -182,7 +182,9 @@ fn refuse_without_rename(repo: &Repository, report: &RepairReport) -> Result<()>
     if repo.backend().can_rename() {
         return Ok(());
     }
-    let damaged: Vec<&str> = damaged_objects(report).collect();
+    let damaged: Vec<&str> = damaged_objects(report)
+        .filter(|o| !movable_by_copy(o))
+        .collect();
     if damaged.is_empty() {
         return Ok(());
     }
@@ -203,6 +205,14 @@ fn refuse_without_rename(repo: &Repository, report: &RepairReport) -> Result<()>
     )))
 }
 
+/// Whether a damaged object may be moved by copy and delete on storage
+/// without atomic rename: snapshot manifests have random names that one
+/// backup writes once, so no backup can store a good copy under the same
+/// name between the copy and the delete.
+fn movable_by_copy(object: &str) -> bool {
+    object.starts_with(SNAPSHOTS_PREFIX)
+}
+
 /// Moves damaged (not missing) objects to `quarantine/`.
 fn quarantine(repo: &Repository, dry_run: bool, report: &mut RepairReport) -> Result<()> {
     let damaged: Vec<String> = damaged_objects(report).map(str::to_string).collect();
@@ -211,12 +221,25 @@ fn quarantine(repo: &Repository, dry_run: bool, report: &mut RepairReport) -> Re
             continue;
         }
         if !dry_run {
-            let target = format!("{QUARANTINE_PREFIX}{object}");
-            repo.backend().rename(&object, &target)?;
+            move_to_quarantine(repo, &object)?;
         }
         report.quarantined.push(object);
     }
     Ok(())
+}
+
+/// Renames `object` into `quarantine/`, or, where the storage cannot
+/// rename and the object allows it ([`movable_by_copy`]), copies it there
+/// and deletes it.
+fn move_to_quarantine(repo: &Repository, object: &str) -> Result<()> {
+    let backend = repo.backend();
+    let target = format!("{QUARANTINE_PREFIX}{object}");
+    if backend.can_rename() || !movable_by_copy(object) {
+        return Ok(backend.rename(object, &target)?);
+    }
+    let bytes = backend.get(object)?;
+    backend.put(&target, &bytes)?;
+    Ok(backend.delete(object)?)
 }
 
 /// Writes markers for affected snapshots, removes those of healed ones.

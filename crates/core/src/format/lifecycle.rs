@@ -467,6 +467,12 @@ pub struct PolicyFile {
     pub keep: KeepRules,
     /// The grouping.
     pub group_by: GroupBy,
+    /// Raised by one at every `policy set` (never lowered): a client that
+    /// saw revision N refuses a stored policy with a lower one, which only
+    /// a rollback of the storage can produce. 0 in policies written before
+    /// the counter existed (they still load).
+    #[serde(default)]
+    pub revision: u64,
 }
 
 /// One disk of a damaged snapshot and what is wrong with it.

@@ -120,9 +120,8 @@ impl Context {
     /// when no cache folder can be chosen (no `VBACKUP_CACHE_DIR`,
     /// `XDG_CACHE_HOME` or `HOME`).
     pub fn state_file(&self, repo: &Repository) -> Option<vbackup_core::client_state::StateFile> {
-        let root = cache_root()?;
         Some(vbackup_core::client_state::StateFile::new(
-            &root.join("state"),
+            &state_dir()?,
             &repo.config().id,
         ))
     }
@@ -182,7 +181,7 @@ impl Context {
         let options = OpenOptions {
             allow_unencrypted: self.global.allow_unencrypted,
             passphrase_given: self.passphrase_given(),
-            state_dir: cache_root(),
+            state_dir: state_dir(),
         };
         Ok(Repository::open_with(backend, &options, || {
             self.passphrase("Passphrase: ")
@@ -250,6 +249,13 @@ fn s3_backend(repo: &str) -> Result<Arc<dyn Backend>> {
 
 /// Where remote repositories' metadata caches live: `VBACKUP_CACHE_DIR`,
 /// else `$XDG_CACHE_HOME/vbackup`, else `~/.cache/vbackup`.
+/// This host's private records of the repositories it uses
+/// (`known-repositories.json`, `<repository id>.json`): the client state
+/// that storage cannot roll back.
+fn state_dir() -> Option<PathBuf> {
+    cache_root().map(|root| root.join("state"))
+}
+
 fn cache_root() -> Option<PathBuf> {
     let non_empty = |name: &str| std::env::var_os(name).filter(|v| !v.is_empty());
     if let Some(dir) = non_empty("VBACKUP_CACHE_DIR") {
@@ -324,7 +330,7 @@ fn init_options(args: &InitArgs) -> Result<InitOptions> {
             .pack_size
             .map(|size| u32::try_from(size).map_err(|_| usage_error("pack size too large")))
             .transpose()?,
-        state_dir: cache_root(),
+        state_dir: state_dir(),
     })
 }
 

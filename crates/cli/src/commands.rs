@@ -2,6 +2,7 @@
 //! operation under a progress display and prints text or JSON.
 
 use std::io::IsTerminal;
+use std::os::unix::fs::DirBuilderExt;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::AtomicBool;
 use std::sync::Arc;
@@ -221,6 +222,7 @@ fn read_secret(
     confirm: bool,
 ) -> Result<Option<String>, vbackup_core::Error> {
     if let Some(file) = file {
+        warn_if_exposed(file);
         let text = std::fs::read_to_string(file).map_err(|e| {
             vbackup_core::Error::InvalidInput(format!(
                 "cannot read the passphrase file {}: {e}",
@@ -251,6 +253,30 @@ fn read_secret(
     Ok(Some(first))
 }
 
+/// Warns, as ssh does for keys, when a passphrase file can be read or
+/// written by users other than its owner: anyone who reads it can open the
+/// repository. A warning rather than a refusal, so a scheduled backup does
+/// not stop over a mode; the file still works.
+fn warn_if_exposed(file: &Path) {
+    if let Some(warning) = exposure_warning(file) {
+        eprintln!("vbackup: WARNING: {warning}");
+    }
+}
+
+/// The warning for a passphrase file with group or other permissions.
+fn exposure_warning(file: &Path) -> Option<String> {
+    use std::os::unix::fs::PermissionsExt;
+    let mode = std::fs::metadata(file).ok()?.permissions().mode() & 0o777;
+    (mode & 0o077 != 0).then(|| {
+        format!(
+            "the passphrase file {} has mode {mode:04o}: other users can read or change it; \
+             make it its owner's alone (chmod 600 {})",
+            file.display(),
+            file.display()
+        )
+    })
+}
+
 fn init_options(args: &InitArgs) -> Result<InitOptions> {
     let cipher = match args.encryption {
         EncryptionArg::Auto => CipherKind::default_for_cpu(),
@@ -277,13 +303,24 @@ fn init_options(args: &InitArgs) -> Result<InitOptions> {
     })
 }
 
-/// Argon2id cost; `VBACKUP_KDF_MEMORY_KIB` lowers it for tests on small machines.
+/// Argon2id cost of new keys. `VBACKUP_KDF_MEMORY_KIB` lowers it for the
+/// test suites, in debug builds only: in a release build it would let
+/// whoever sets the environment make passphrases cheap to guess, so it is
+/// ignored there, with a warning.
 fn kdf_params() -> KdfParams {
     let mut params = KdfParams::default();
-    if let Some(kib) = std::env::var("VBACKUP_KDF_MEMORY_KIB")
-        .ok()
-        .and_then(|v| v.parse().ok())
-    {
+    let Some(value) = std::env::var_os("VBACKUP_KDF_MEMORY_KIB") else {
+        return params;
+    };
+    if !cfg!(debug_assertions) {
+        eprintln!(
+            "vbackup: warning: VBACKUP_KDF_MEMORY_KIB is ignored by release builds; \
+             new keys use Argon2id with {} MiB",
+            params.memory_kib / 1024
+        );
+        return params;
+    }
+    if let Some(kib) = value.to_str().and_then(|v| v.parse().ok()) {
         params.memory_kib = kib;
         params.iterations = 1;
     }
@@ -617,7 +654,10 @@ fn restore(ctx: &Context, args: &RestoreArgs) -> Result<()> {
         return restore_to_device(ctx, &repo, &snapshot, &disks, args);
     }
     let dir = PathBuf::from(&args.target);
-    std::fs::create_dir_all(&dir)
+    std::fs::DirBuilder::new()
+        .recursive(true)
+        .mode(0o700)
+        .create(&dir)
         .with_context(|| format!("cannot create the target folder {}", dir.display()))?;
     let mut restored = Vec::new();
     for disk in disks {
@@ -663,9 +703,8 @@ fn write_definition(
         })
     };
     if let Some(config) = &definition.config_file {
-        let path = dir.join(Path::new(&config.name).file_name().unwrap_or_default());
-        std::fs::write(&path, replace(&config.content))
-            .with_context(|| format!("cannot write {}", path.display()))?;
+        let path = file_in(dir, &config.name, "configuration file name", "")?;
+        write_private(&path, replace(&config.content).as_bytes())?;
         written.push(path);
     }
     if let Some(qmp) = &definition.qmp {
@@ -677,11 +716,52 @@ fn write_definition(
             "disks": restored.iter().map(|r| serde_json::json!({"name": r.disk, "path": r.path, "format": r.format})).collect::<Vec<_>>(),
             "qmp": qmp,
         });
-        std::fs::write(&path, replace(&serde_json::to_string_pretty(&document)?))
-            .with_context(|| format!("cannot write {}", path.display()))?;
+        write_private(
+            &path,
+            replace(&serde_json::to_string_pretty(&document)?).as_bytes(),
+        )?;
         written.push(path);
     }
     Ok(written)
+}
+
+/// The path of the file `name` + `suffix` directly inside `dir`. The
+/// manifest's names are checked when it is read; this checks again where
+/// they become paths, so no name can reach outside the target folder.
+fn file_in(dir: &Path, name: &str, what: &str, suffix: &str) -> Result<PathBuf> {
+    vbackup_core::format::check_file_name(what, name).map_err(|reason| {
+        anyhow::anyhow!(
+            "refusing to restore: {reason} (the snapshot's manifest is damaged or forged)"
+        )
+    })?;
+    let file_name = format!("{name}{suffix}");
+    let path = dir.join(&file_name);
+    if path.parent() != Some(dir) || path.file_name() != Some(std::ffi::OsStr::new(&file_name)) {
+        bail!(
+            "refusing to restore: {what} {name:?} would leave the target folder {}",
+            dir.display()
+        );
+    }
+    Ok(path)
+}
+
+/// Writes a restored file only its owner can read (mode 0600, also when
+/// it replaces a file), never through a symbolic link.
+fn write_private(path: &Path, content: &[u8]) -> Result<()> {
+    use std::io::Write as _;
+    use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
+    let write = || -> std::io::Result<()> {
+        let mut file = std::fs::OpenOptions::new()
+            .write(true)
+            .create(true)
+            .truncate(true)
+            .mode(0o600)
+            .custom_flags(libc::O_NOFOLLOW)
+            .open(path)?;
+        file.set_permissions(std::fs::Permissions::from_mode(0o600))?;
+        file.write_all(content)
+    };
+    write().with_context(|| format!("cannot write {}", path.display()))
 }
 
 fn restore_one(
@@ -691,7 +771,13 @@ fn restore_one(
     dir: &Path,
     args: &RestoreArgs,
 ) -> Result<RestoredDisk> {
-    let path = dir.join(format!("{}.{}", disk.name, args.format));
+    let path = file_in(dir, &disk.name, "disk name", &format!(".{}", args.format))?;
+    if path.is_symlink() {
+        return Err(usage_error(format!(
+            "{} is a symbolic link; vbackup does not restore through links: remove it",
+            path.display()
+        )));
+    }
     if path.exists() && !args.force {
         return Err(usage_error(format!(
             "{} already exists; remove it or pass --force",
@@ -762,6 +848,12 @@ fn restore_to_device(
         ));
     }
     let path = Path::new(&args.target);
+    if !args.force {
+        bail!(usage_error(format!(
+            "{} is a block device: restoring onto it overwrites all it holds; pass --force to do so",
+            path.display()
+        )));
+    }
     let started = std::time::Instant::now();
     let target = vbackup_qemu::create_target_with(path, "raw", disk.virtual_size, 1)
         .with_context(|| format!("cannot use {}", path.display()))?;

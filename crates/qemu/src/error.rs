@@ -13,7 +13,7 @@
 //!   `io::Result` traits without losing its text.
 
 use std::io;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 
 use crate::nbd::proto;
 
@@ -141,6 +141,17 @@ pub enum Error {
         /// The bitmap name.
         bitmap: String,
     },
+    /// Another process uses the image in a way that conflicts with ours
+    /// (QEMU's image locks say so, or qemu refused to get them).
+    #[error("disk image {} is in use: {holder}; {advice}", .path.display())]
+    InUse {
+        /// The image or block device.
+        path: PathBuf,
+        /// Who holds it, as far as can be told.
+        holder: String,
+        /// What the user can do.
+        advice: String,
+    },
     /// Something failed for one disk of a running VM.
     #[error("disk {disk}: {error}")]
     Disk {
@@ -196,12 +207,61 @@ impl Error {
         }
     }
 
-    /// Attaches the image path this error is about.
+    /// Attaches the image path this error is about. A qemu tool's refusal
+    /// to get an image lock becomes [`Error::InUse`], whose advice the user
+    /// can follow, instead of qemu's raw words.
     pub(crate) fn for_image(self, path: impl Into<PathBuf>) -> Self {
+        let path = path.into();
+        if matches!(self, Error::InUse { .. }) {
+            return self;
+        }
+        if let Some(in_use) = self.lock_refusal(&path) {
+            return in_use;
+        }
         Error::Image {
-            path: path.into(),
+            path,
             error: Box::new(self),
         }
+    }
+
+    /// [`Error::InUse`] for `path`: `reading` for a backup (another
+    /// process writes the image), else for a restore (another process
+    /// uses the image that would be overwritten).
+    pub(crate) fn in_use(path: &Path, reading: bool) -> Self {
+        let (holder, advice) = if reading {
+            (
+                "another process holds it open for writing (a running VM, qemu-io, qemu-nbd)",
+                "an offline backup would copy a disk that changes while it is read. \
+                 Shut the VM down first, or back up the running VM through its QMP socket: \
+                 vbackup backup --vm NAME --qmp /path/to/qmp.sock",
+            )
+        } else {
+            (
+                "another process has it open (a VM, qemu-img, qemu-nbd)",
+                "restoring over it would corrupt what that process sees; stop it first",
+            )
+        };
+        Error::InUse {
+            path: path.to_owned(),
+            holder: holder.to_string(),
+            advice: advice.to_string(),
+        }
+    }
+
+    /// [`Error::InUse`] if this is qemu-img or qemu-nbd failing to get an
+    /// image lock ("Failed to get shared \"write\" lock").
+    pub(crate) fn lock_refusal(&self, path: &Path) -> Option<Self> {
+        let text = match self {
+            Error::Command { stderr, .. } => stderr,
+            Error::QemuNbd { reason, .. } => reason,
+            _ => return None,
+        };
+        let refused = text.contains("Failed to get shared \"")
+            || text.contains("Failed to get \"")
+            || text.contains("Is another process using the image");
+        // "shared": we would not share writing, and another process writes.
+        let reading = text.contains("Failed to get shared \"write\" lock");
+        refused.then(|| Error::in_use(path, reading))
     }
 
     /// The [`io::ErrorKind`] that best describes this error.
@@ -214,6 +274,7 @@ impl Error {
             Error::InvalidRequest(_) => io::ErrorKind::InvalidInput,
             Error::BadReply { .. } => io::ErrorKind::InvalidData,
             Error::MissingBitmap { .. } => io::ErrorKind::NotFound,
+            Error::InUse { .. } => io::ErrorKind::ResourceBusy,
             Error::OptionRejected { .. }
             | Error::Command { .. }
             | Error::QemuNbd { .. }

@@ -92,7 +92,7 @@ impl QemuNbd {
     /// exits first, the error carries its stderr (qemu's reason).
     pub fn start(opts: &QemuNbdOptions) -> Result<Self> {
         Self::spawn(opts).map_err(|e| match e {
-            Error::QemuNbd { .. } | Error::Image { .. } => e,
+            Error::QemuNbd { .. } | Error::Image { .. } | Error::InUse { .. } => e,
             other => other.for_image(&opts.path),
         })
     }
@@ -207,10 +207,11 @@ impl QemuNbd {
     /// An error naming the image, with what qemu-nbd printed.
     fn failed(&self, what: &str) -> Error {
         let stderr = fs::read(&self.log).unwrap_or_default();
-        Error::QemuNbd {
+        let error = Error::QemuNbd {
             path: self.path.clone(),
             reason: format!("{what}: {}", process::stderr_text(&stderr)),
-        }
+        };
+        error.lock_refusal(&self.path).unwrap_or(error)
     }
 
     /// SIGTERM, wait up to [`STOP_TIMEOUT`], then SIGKILL.

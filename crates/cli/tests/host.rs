@@ -462,3 +462,29 @@ fn attack_restore_onto_a_mounted_or_busy_block_device_is_refused_even_with_force
     let written = std::fs::read(&backing).unwrap();
     assert!(written[..8 << 20] == std::fs::read(&image).unwrap()[..]);
 }
+
+#[test]
+fn attack_disk_of_a_running_qemu_vm_is_not_backed_up_as_offline() {
+    use vbackup_qemu::testing::StorageDaemon;
+    let env = Env::new();
+    env.ok(&["init"]);
+    let image = env.path("vda.qcow2");
+    tool(
+        "qemu-img",
+        &["create", "-q", "-f", "qcow2", s(&image), "8M"],
+    );
+    let vm = StorageDaemon::start_vm(&[("vda", &image)], false).unwrap_or_else(|e| {
+        panic!(
+            "cannot start {} ({e}); run `eval \"$(scripts/qemu-system.sh)\"` first or use ./scripts/test.sh",
+            StorageDaemon::qemu_system().display()
+        )
+    });
+    let err = env.fails(&["backup", "--vm", "web1", s(&image)], 1);
+    assert!(err.contains("is in use") && err.contains("--qmp"), "{err}");
+    assert!(!err.contains("Failed to get"), "{err}");
+    assert_eq!(env.snapshot_count(), 0);
+    // What the message points to works.
+    let qmp = vm.qmp_socket();
+    env.backup("web1", &["--qmp", s(&qmp)]);
+    assert_eq!(env.snapshot_count(), 1);
+}

@@ -144,15 +144,16 @@ fn seek(file: &File, offset: u64, whence: libc::c_int) -> io::Result<Option<u64>
 }
 
 /// A raw image file (sparse: unwritten ranges stay holes) or a block
-/// device, written with positional writes. While it exists it holds QEMU's
-/// image locks of a writer that shares nothing, and a block device is held
-/// open exclusively (`O_EXCL`), so nothing mounts it meanwhile.
+/// device, written with positional writes. Until it is finished (or
+/// dropped) it holds QEMU's image locks of a writer that shares nothing,
+/// and a block device is held open exclusively (`O_EXCL`), so no VM starts
+/// on a half-written disk and nothing mounts it meanwhile.
 #[derive(Debug)]
 pub struct RawFileTarget {
     path: PathBuf,
     /// A block device: it may hold old data, so holes are zeroed.
     is_device: bool,
-    _lock: ImageLock,
+    lock: std::sync::Mutex<Option<ImageLock>>,
 }
 
 impl RawFileTarget {
@@ -173,7 +174,7 @@ impl RawFileTarget {
         Ok(RawFileTarget {
             path: path.to_owned(),
             is_device,
-            _lock: lock,
+            lock: std::sync::Mutex::new(Some(lock)),
         })
     }
 }
@@ -285,13 +286,15 @@ impl DiskTarget for RawFileTarget {
         self.is_device
     }
 
-    /// Syncs the file and its directory entry.
+    /// Syncs the file and its directory entry, then releases the locks:
+    /// the disk is complete.
     fn finish(&self) -> io::Result<()> {
         File::open(&self.path)?.sync_all()?;
         if let Some(dir) = self.path.parent().filter(|d| !d.as_os_str().is_empty()) {
             // Directories cannot be fsynced on every file system; best effort.
             let _ = File::open(dir).and_then(|d| d.sync_all());
         }
+        drop(self.lock.lock().unwrap_or_else(|p| p.into_inner()).take());
         Ok(())
     }
 }

@@ -308,23 +308,44 @@ fn init_options(args: &InitArgs) -> Result<InitOptions> {
 /// whoever sets the environment make passphrases cheap to guess, so it is
 /// ignored there, with a warning.
 fn kdf_params() -> KdfParams {
-    let mut params = KdfParams::default();
-    let Some(value) = std::env::var_os("VBACKUP_KDF_MEMORY_KIB") else {
-        return params;
-    };
-    if !cfg!(debug_assertions) {
-        eprintln!(
-            "vbackup: warning: VBACKUP_KDF_MEMORY_KIB is ignored by release builds; \
-             new keys use Argon2id with {} MiB",
-            params.memory_kib / 1024
-        );
-        return params;
-    }
-    if let Some(kib) = value.to_str().and_then(|v| v.parse().ok()) {
-        params.memory_kib = kib;
-        params.iterations = 1;
+    let value = std::env::var_os("VBACKUP_KDF_MEMORY_KIB");
+    let (params, warning) = kdf_params_from(value.as_deref(), cfg!(debug_assertions));
+    if let Some(warning) = warning {
+        eprintln!("vbackup: warning: {warning}");
     }
     params
+}
+
+/// The Argon2id cost for a `VBACKUP_KDF_MEMORY_KIB` value, honoured only
+/// when `debug_build`, and the warning to print, if any.
+fn kdf_params_from(
+    value: Option<&std::ffi::OsStr>,
+    debug_build: bool,
+) -> (KdfParams, Option<String>) {
+    let mut params = KdfParams::default();
+    let Some(value) = value else {
+        return (params, None);
+    };
+    if !debug_build {
+        let warning = format!(
+            "VBACKUP_KDF_MEMORY_KIB is ignored by release builds; new keys use Argon2id with {} MiB",
+            params.memory_kib / 1024
+        );
+        return (params, Some(warning));
+    }
+    match value.to_str().and_then(|v| v.parse().ok()) {
+        Some(kib) => {
+            params.memory_kib = kib;
+            params.iterations = 1;
+            (params, None)
+        }
+        None => (
+            params,
+            Some(format!(
+                "VBACKUP_KDF_MEMORY_KIB={value:?} is not a number; ignored"
+            )),
+        ),
+    }
 }
 
 #[derive(Serialize)]
@@ -1083,4 +1104,50 @@ fn speed(ctx: &Context) -> Result<()> {
         }
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn attack_kdf_memory_variable_weakens_new_keys_only_in_debug_builds() {
+        let cheap = Some(std::ffi::OsStr::new("1024"));
+        let (release, warning) = kdf_params_from(cheap, false);
+        assert_eq!(release, KdfParams::default());
+        assert!(warning.is_some_and(|w| w.contains("ignored by release builds")));
+        let (debug, warning) = kdf_params_from(cheap, true);
+        assert_eq!(
+            (debug.memory_kib, debug.iterations, warning),
+            (1024, 1, None)
+        );
+        assert_eq!(kdf_params_from(None, false), (KdfParams::default(), None));
+        let (bad, warning) = kdf_params_from(Some(std::ffi::OsStr::new("lots")), true);
+        assert_eq!((bad, warning.is_some()), (KdfParams::default(), true));
+    }
+
+    #[test]
+    fn passphrase_files_open_to_group_or_others_are_named_with_their_mode() {
+        use std::os::unix::fs::PermissionsExt;
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join("pw");
+        std::fs::write(&file, "secret").unwrap();
+        for (mode, warned) in [
+            (0o600, false),
+            (0o400, false),
+            (0o640, true),
+            (0o604, true),
+            (0o620, true),
+        ] {
+            std::fs::set_permissions(&file, std::fs::Permissions::from_mode(mode)).unwrap();
+            let warning = exposure_warning(&file);
+            assert_eq!(warning.is_some(), warned, "{mode:o}: {warning:?}");
+            if let Some(w) = warning {
+                assert!(
+                    w.contains(&format!("{mode:04o}")) && w.contains("chmod 600"),
+                    "{w}"
+                );
+            }
+        }
+    }
 }

@@ -207,21 +207,41 @@ impl Error {
         }
     }
 
-    /// Attaches the image path this error is about. A qemu tool's refusal
-    /// to get an image lock becomes [`Error::InUse`], whose advice the user
-    /// can follow, instead of qemu's raw words.
+    /// Attaches the image path this error is about.
     pub(crate) fn for_image(self, path: impl Into<PathBuf>) -> Self {
-        let path = path.into();
         if matches!(self, Error::InUse { .. }) {
             return self;
         }
-        if let Some(in_use) = self.lock_refusal(&path) {
-            return in_use;
-        }
         Error::Image {
-            path,
+            path: path.into(),
             error: Box::new(self),
         }
+    }
+
+    /// A qemu tool's refusal to get an image lock as [`Error::InUse`],
+    /// whose advice the user can follow, instead of qemu's raw words;
+    /// `reading` for a backup's tools, else for a restore's. Any other
+    /// error is returned as it is.
+    pub(crate) fn in_use_if_locked(self, path: &Path, reading: bool) -> Self {
+        if self.is_lock_refusal() {
+            Error::in_use(path, reading)
+        } else {
+            self
+        }
+    }
+
+    /// Whether qemu-img or qemu-nbd failed to get an image lock ("Failed
+    /// to get shared \"write\" lock").
+    fn is_lock_refusal(&self) -> bool {
+        let text = match self {
+            Error::Command { stderr, .. } => stderr,
+            Error::QemuNbd { reason, .. } => reason,
+            Error::Image { error, .. } => return error.is_lock_refusal(),
+            _ => return false,
+        };
+        text.contains("Failed to get shared \"")
+            || text.contains("Failed to get \"")
+            || text.contains("Is another process using the image")
     }
 
     /// [`Error::InUse`] for `path`: `reading` for a backup (another
@@ -246,22 +266,6 @@ impl Error {
             holder: holder.to_string(),
             advice: advice.to_string(),
         }
-    }
-
-    /// [`Error::InUse`] if this is qemu-img or qemu-nbd failing to get an
-    /// image lock ("Failed to get shared \"write\" lock").
-    pub(crate) fn lock_refusal(&self, path: &Path) -> Option<Self> {
-        let text = match self {
-            Error::Command { stderr, .. } => stderr,
-            Error::QemuNbd { reason, .. } => reason,
-            _ => return None,
-        };
-        let refused = text.contains("Failed to get shared \"")
-            || text.contains("Failed to get \"")
-            || text.contains("Is another process using the image");
-        // "shared": we would not share writing, and another process writes.
-        let reading = text.contains("Failed to get shared \"write\" lock");
-        refused.then(|| Error::in_use(path, reading))
     }
 
     /// The [`io::ErrorKind`] that best describes this error.
@@ -353,6 +357,37 @@ mod tests {
             .for_disk("drive0")
             .to_string()
             .starts_with("disk drive0: QMP"));
+    }
+
+    #[test]
+    fn qemus_lock_refusals_become_in_use_with_advice_other_failures_stay() {
+        let refusal = |stderr: &str| Error::Command {
+            command: "qemu-img info x".into(),
+            status: "exit status: 1".into(),
+            stderr: stderr.into(),
+        };
+        let path = Path::new("/vm/web1.qcow2");
+        let locked = refusal(
+            "qemu-img: Could not open '/vm/web1.qcow2': Failed to get shared \"write\" lock\n\
+             Is another process using the image [/vm/web1.qcow2]?",
+        );
+        let err = locked.for_image(path).in_use_if_locked(path, true);
+        assert!(matches!(err, Error::InUse { .. }), "{err}");
+        let text = err.to_string();
+        assert!(
+            text.contains("/vm/web1.qcow2 is in use") && text.contains("--qmp"),
+            "{text}"
+        );
+        assert!(!text.contains("Failed to get"), "{text}");
+        assert_eq!(err.kind(), io::ErrorKind::ResourceBusy);
+        let restore = refusal("Failed to get \"write\" lock").in_use_if_locked(path, false);
+        assert!(
+            restore.to_string().contains("restoring over it"),
+            "{restore}"
+        );
+        let other = refusal("Image is not in qcow2 format").for_image(path);
+        let kept = other.in_use_if_locked(path, true).to_string();
+        assert!(kept.contains("Image is not in qcow2 format"), "{kept}");
     }
 
     #[test]

@@ -77,6 +77,8 @@ pub struct QemuNbd {
     path: PathBuf,
     format: String,
     bitmap: Option<String>,
+    /// Served read-only (a backup's) or writable (a restore's).
+    read_only: bool,
     stopped: bool,
     /// A connection held open for the server's whole life. qemu-nbd runs
     /// without `--persistent`, so it exits by itself once every negotiated
@@ -119,6 +121,7 @@ impl QemuNbd {
             path: opts.path.clone(),
             format,
             bitmap: opts.bitmap.clone(),
+            read_only: opts.read_only,
             stopped: false,
             keeper: None,
             _dir: dir,
@@ -211,7 +214,7 @@ impl QemuNbd {
             path: self.path.clone(),
             reason: format!("{what}: {}", process::stderr_text(&stderr)),
         };
-        error.lock_refusal(&self.path).unwrap_or(error)
+        error.in_use_if_locked(&self.path, self.read_only)
     }
 
     /// SIGTERM, wait up to [`STOP_TIMEOUT`], then SIGKILL.

@@ -386,7 +386,8 @@ impl DiskWriter for NbdWriter {
 }
 
 /// Creates `path` empty with mode 0600 for `qemu-img create` to fill, or,
-/// if it exists, checks that no other process uses it and sets its mode.
+/// if it exists, checks that no other process uses it and sets its mode;
+/// a symbolic link is refused.
 fn make_private_file(path: &Path) -> Result<()> {
     if path.exists() {
         lock::check_path(path, Use::Writing)?;
@@ -395,6 +396,7 @@ fn make_private_file(path: &Path) -> Result<()> {
         .write(true)
         .create(true)
         .mode(PRIVATE_FILE_MODE)
+        .custom_flags(libc::O_NOFOLLOW)
         .open(path)
         .and_then(|file| file.set_permissions(std::fs::Permissions::from_mode(PRIVATE_FILE_MODE)))
         .map_err(|e| Error::io("creating", e).for_image(path))

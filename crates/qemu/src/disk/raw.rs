@@ -204,13 +204,15 @@ fn claim_device(path: &Path, size: u64) -> Result<ImageLock> {
 }
 
 /// Creates or truncates the file, mode 0600, once no other process is
-/// found to use it.
+/// found to use it; never through a symbolic link (one planted in a
+/// shared folder would redirect the restore onto another file).
 fn create_file(path: &Path, size: u64) -> Result<ImageLock> {
     let file = OpenOptions::new()
         .read(true)
         .write(true)
         .create(true)
         .mode(PRIVATE_FILE_MODE)
+        .custom_flags(libc::O_NOFOLLOW)
         .open(path)
         .map_err(|e| Error::io("creating", e).for_image(path))?;
     let prepare = |file: &File| -> io::Result<()> {

@@ -1127,6 +1127,24 @@ mod tests {
     }
 
     #[test]
+    fn attack_restore_path_traversal_file_in_keeps_every_name_inside_the_folder() {
+        let dir = Path::new("/restore");
+        assert_eq!(
+            file_in(dir, "web1", "disk name", ".raw").unwrap(),
+            Path::new("/restore/web1.raw")
+        );
+        for (name, suffix) in [("../x", ""), ("/etc/x", ""), ("..", ""), ("a", "/../../x")] {
+            let err = file_in(dir, name, "disk name", suffix)
+                .unwrap_err()
+                .to_string();
+            assert!(
+                err.starts_with("refusing to restore"),
+                "{name}{suffix}: {err}"
+            );
+        }
+    }
+
+    #[test]
     fn passphrase_files_open_to_group_or_others_are_named_with_their_mode() {
         use std::os::unix::fs::PermissionsExt;
         let dir = tempfile::tempdir().unwrap();

@@ -267,8 +267,9 @@ pub struct RestoreArgs {
     /// Snapshot: `latest`, an id, or a unique id prefix.
     pub snapshot: String,
     /// Folder to write the disks into, `-` to stream one disk to stdout,
-    /// or a block device (an LVM volume, say) to write one disk onto; the
-    /// device's old content is overwritten, holes included.
+    /// or a block device (an LVM volume, say) to write one disk onto (with
+    /// --force); the device's old content is overwritten, holes included.
+    /// A device that is mounted or in use is always refused.
     #[arg(long, short = 't', value_name = "DIR|-|DEVICE")]
     pub target: String,
     /// Only snapshots of this VM (with `latest`).
@@ -280,7 +281,8 @@ pub struct RestoreArgs {
     /// Output format (raw output is sparse; others are written through qemu).
     #[arg(long, default_value = "raw", value_name = "FMT")]
     pub format: String,
-    /// Overwrite existing files in the target folder.
+    /// Overwrite existing files in the target folder, or the block device
+    /// given as --target.
     #[arg(long)]
     pub force: bool,
 }

@@ -2,6 +2,7 @@
 //! operation under a progress display and prints text or JSON.
 
 use std::io::IsTerminal;
+use std::os::unix::fs::DirBuilderExt;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::AtomicBool;
 use std::sync::Arc;
@@ -277,6 +278,7 @@ fn read_secret(
     confirm: bool,
 ) -> Result<Option<String>, vbackup_core::Error> {
     if let Some(file) = file {
+        warn_if_exposed(file);
         let text = std::fs::read_to_string(file).map_err(|e| {
             vbackup_core::Error::InvalidInput(format!(
                 "cannot read the passphrase file {}: {e}",
@@ -307,6 +309,30 @@ fn read_secret(
     Ok(Some(first))
 }
 
+/// Warns, as ssh does for keys, when a passphrase file can be read or
+/// written by users other than its owner: anyone who reads it can open the
+/// repository. A warning rather than a refusal, so a scheduled backup does
+/// not stop over a mode; the file still works.
+fn warn_if_exposed(file: &Path) {
+    if let Some(warning) = exposure_warning(file) {
+        eprintln!("vbackup: WARNING: {warning}");
+    }
+}
+
+/// The warning for a passphrase file with group or other permissions.
+fn exposure_warning(file: &Path) -> Option<String> {
+    use std::os::unix::fs::PermissionsExt;
+    let mode = std::fs::metadata(file).ok()?.permissions().mode() & 0o777;
+    (mode & 0o077 != 0).then(|| {
+        format!(
+            "the passphrase file {} has mode {mode:04o}: other users can read or change it; \
+             make it its owner's alone (chmod 600 {})",
+            file.display(),
+            file.display()
+        )
+    })
+}
+
 fn init_options(args: &InitArgs) -> Result<InitOptions> {
     let cipher = match args.encryption {
         EncryptionArg::Auto => CipherKind::default_for_cpu(),
@@ -334,17 +360,49 @@ fn init_options(args: &InitArgs) -> Result<InitOptions> {
     })
 }
 
-/// Argon2id cost; `VBACKUP_KDF_MEMORY_KIB` lowers it for tests on small machines.
+/// Argon2id cost of new keys. `VBACKUP_KDF_MEMORY_KIB` lowers it for the
+/// test suites, in debug builds only: in a release build it would let
+/// whoever sets the environment make passphrases cheap to guess, so it is
+/// ignored there, with a warning.
 fn kdf_params() -> KdfParams {
-    let mut params = KdfParams::default();
-    if let Some(kib) = std::env::var("VBACKUP_KDF_MEMORY_KIB")
-        .ok()
-        .and_then(|v| v.parse().ok())
-    {
-        params.memory_kib = kib;
-        params.iterations = 1;
+    let value = std::env::var_os("VBACKUP_KDF_MEMORY_KIB");
+    let (params, warning) = kdf_params_from(value.as_deref(), cfg!(debug_assertions));
+    if let Some(warning) = warning {
+        eprintln!("vbackup: warning: {warning}");
     }
     params
+}
+
+/// The Argon2id cost for a `VBACKUP_KDF_MEMORY_KIB` value, honoured only
+/// when `debug_build`, and the warning to print, if any.
+fn kdf_params_from(
+    value: Option<&std::ffi::OsStr>,
+    debug_build: bool,
+) -> (KdfParams, Option<String>) {
+    let mut params = KdfParams::default();
+    let Some(value) = value else {
+        return (params, None);
+    };
+    if !debug_build {
+        let warning = format!(
+            "VBACKUP_KDF_MEMORY_KIB is ignored by release builds; new keys use Argon2id with {} MiB",
+            params.memory_kib / 1024
+        );
+        return (params, Some(warning));
+    }
+    match value.to_str().and_then(|v| v.parse().ok()) {
+        Some(kib) => {
+            params.memory_kib = kib;
+            params.iterations = 1;
+            (params, None)
+        }
+        None => (
+            params,
+            Some(format!(
+                "VBACKUP_KDF_MEMORY_KIB={value:?} is not a number; ignored"
+            )),
+        ),
+    }
 }
 
 #[derive(Serialize)]
@@ -677,7 +735,10 @@ fn restore(ctx: &Context, args: &RestoreArgs) -> Result<()> {
         return restore_to_device(ctx, &repo, &snapshot, &disks, args);
     }
     let dir = PathBuf::from(&args.target);
-    std::fs::create_dir_all(&dir)
+    std::fs::DirBuilder::new()
+        .recursive(true)
+        .mode(0o700)
+        .create(&dir)
         .with_context(|| format!("cannot create the target folder {}", dir.display()))?;
     let mut restored = Vec::new();
     for disk in disks {
@@ -723,9 +784,8 @@ fn write_definition(
         })
     };
     if let Some(config) = &definition.config_file {
-        let path = dir.join(Path::new(&config.name).file_name().unwrap_or_default());
-        std::fs::write(&path, replace(&config.content))
-            .with_context(|| format!("cannot write {}", path.display()))?;
+        let path = file_in(dir, &config.name, "configuration file name", "")?;
+        write_private(&path, replace(&config.content).as_bytes())?;
         written.push(path);
     }
     if let Some(qmp) = &definition.qmp {
@@ -737,11 +797,52 @@ fn write_definition(
             "disks": restored.iter().map(|r| serde_json::json!({"name": r.disk, "path": r.path, "format": r.format})).collect::<Vec<_>>(),
             "qmp": qmp,
         });
-        std::fs::write(&path, replace(&serde_json::to_string_pretty(&document)?))
-            .with_context(|| format!("cannot write {}", path.display()))?;
+        write_private(
+            &path,
+            replace(&serde_json::to_string_pretty(&document)?).as_bytes(),
+        )?;
         written.push(path);
     }
     Ok(written)
+}
+
+/// The path of the file `name` + `suffix` directly inside `dir`. The
+/// manifest's names are checked when it is read; this checks again where
+/// they become paths, so no name can reach outside the target folder.
+fn file_in(dir: &Path, name: &str, what: &str, suffix: &str) -> Result<PathBuf> {
+    vbackup_core::format::check_file_name(what, name).map_err(|reason| {
+        anyhow::anyhow!(
+            "refusing to restore: {reason} (the snapshot's manifest is damaged or forged)"
+        )
+    })?;
+    let file_name = format!("{name}{suffix}");
+    let path = dir.join(&file_name);
+    if path.parent() != Some(dir) || path.file_name() != Some(std::ffi::OsStr::new(&file_name)) {
+        bail!(
+            "refusing to restore: {what} {name:?} would leave the target folder {}",
+            dir.display()
+        );
+    }
+    Ok(path)
+}
+
+/// Writes a restored file only its owner can read (mode 0600, also when
+/// it replaces a file), never through a symbolic link.
+fn write_private(path: &Path, content: &[u8]) -> Result<()> {
+    use std::io::Write as _;
+    use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
+    let write = || -> std::io::Result<()> {
+        let mut file = std::fs::OpenOptions::new()
+            .write(true)
+            .create(true)
+            .truncate(true)
+            .mode(0o600)
+            .custom_flags(libc::O_NOFOLLOW)
+            .open(path)?;
+        file.set_permissions(std::fs::Permissions::from_mode(0o600))?;
+        file.write_all(content)
+    };
+    write().with_context(|| format!("cannot write {}", path.display()))
 }
 
 fn restore_one(
@@ -751,7 +852,13 @@ fn restore_one(
     dir: &Path,
     args: &RestoreArgs,
 ) -> Result<RestoredDisk> {
-    let path = dir.join(format!("{}.{}", disk.name, args.format));
+    let path = file_in(dir, &disk.name, "disk name", &format!(".{}", args.format))?;
+    if path.is_symlink() {
+        return Err(usage_error(format!(
+            "{} is a symbolic link; vbackup does not restore through links: remove it",
+            path.display()
+        )));
+    }
     if path.exists() && !args.force {
         return Err(usage_error(format!(
             "{} already exists; remove it or pass --force",
@@ -822,6 +929,12 @@ fn restore_to_device(
         ));
     }
     let path = Path::new(&args.target);
+    if !args.force {
+        bail!(usage_error(format!(
+            "{} is a block device: restoring onto it overwrites all it holds; pass --force to do so",
+            path.display()
+        )));
+    }
     let started = std::time::Instant::now();
     let target = vbackup_qemu::create_target_with(path, "raw", disk.virtual_size, 1)
         .with_context(|| format!("cannot use {}", path.display()))?;
@@ -1080,4 +1193,68 @@ fn speed(ctx: &Context) -> Result<()> {
         }
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn attack_kdf_memory_variable_weakens_new_keys_only_in_debug_builds() {
+        let cheap = Some(std::ffi::OsStr::new("1024"));
+        let (release, warning) = kdf_params_from(cheap, false);
+        assert_eq!(release, KdfParams::default());
+        assert!(warning.is_some_and(|w| w.contains("ignored by release builds")));
+        let (debug, warning) = kdf_params_from(cheap, true);
+        assert_eq!(
+            (debug.memory_kib, debug.iterations, warning),
+            (1024, 1, None)
+        );
+        assert_eq!(kdf_params_from(None, false), (KdfParams::default(), None));
+        let (bad, warning) = kdf_params_from(Some(std::ffi::OsStr::new("lots")), true);
+        assert_eq!((bad, warning.is_some()), (KdfParams::default(), true));
+    }
+
+    #[test]
+    fn attack_restore_path_traversal_file_in_keeps_every_name_inside_the_folder() {
+        let dir = Path::new("/restore");
+        assert_eq!(
+            file_in(dir, "web1", "disk name", ".raw").unwrap(),
+            Path::new("/restore/web1.raw")
+        );
+        for (name, suffix) in [("../x", ""), ("/etc/x", ""), ("..", ""), ("a", "/../../x")] {
+            let err = file_in(dir, name, "disk name", suffix)
+                .unwrap_err()
+                .to_string();
+            assert!(
+                err.starts_with("refusing to restore"),
+                "{name}{suffix}: {err}"
+            );
+        }
+    }
+
+    #[test]
+    fn passphrase_files_open_to_group_or_others_are_named_with_their_mode() {
+        use std::os::unix::fs::PermissionsExt;
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join("pw");
+        std::fs::write(&file, "secret").unwrap();
+        for (mode, warned) in [
+            (0o600, false),
+            (0o400, false),
+            (0o640, true),
+            (0o604, true),
+            (0o620, true),
+        ] {
+            std::fs::set_permissions(&file, std::fs::Permissions::from_mode(mode)).unwrap();
+            let warning = exposure_warning(&file);
+            assert_eq!(warning.is_some(), warned, "{mode:o}: {warning:?}");
+            if let Some(w) = warning {
+                assert!(
+                    w.contains(&format!("{mode:04o}")) && w.contains("chmod 600"),
+                    "{w}"
+                );
+            }
+        }
+    }
 }

@@ -582,7 +582,7 @@ fn a_restore_onto_a_block_device_leaves_none_of_its_old_content() {
         &["restore", id, "--target", &device.0, "--format", "qcow2"],
         2,
     );
-    env.ok(&["restore", id, "--target", &device.0]);
+    env.ok(&["restore", id, "--target", &device.0, "--force"]);
 
     let written = std::fs::read(&backing).unwrap();
     assert!(

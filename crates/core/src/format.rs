@@ -538,7 +538,54 @@ pub fn parse_snapshot_manifest(key: &str, json: &[u8]) -> Result<SnapshotManifes
             supported: SNAPSHOT_VERSION,
         });
     }
+    check_manifest_names(&manifest).map_err(|reason| Error::corrupt(key, reason))?;
     Ok(manifest)
+}
+
+/// The longest disk or configuration file name, in bytes: restore appends
+/// an extension (`.qcow2`) and the result must stay within a file system's
+/// 255-byte name limit.
+pub const MAX_FILE_NAME_LEN: usize = 200;
+
+/// Checks that `name` can be used as one file name inside a folder: one
+/// plain path component (no `/`, not `.` or `..`, not empty), no NUL or
+/// other control character, at most [`MAX_FILE_NAME_LEN`] bytes. Disk
+/// names and configuration file names become file names at restore, so a
+/// manifest that breaks this could make a restore write outside its
+/// target folder; the reason says what is wrong.
+pub fn check_file_name(what: &str, name: &str) -> std::result::Result<(), String> {
+    let problem = if name.is_empty() {
+        "is empty"
+    } else if name == "." || name == ".." {
+        "is a relative folder reference"
+    } else if name.contains('/') {
+        "contains '/'"
+    } else if name.chars().any(char::is_control) {
+        "contains a control character"
+    } else if name.len() > MAX_FILE_NAME_LEN {
+        "is longer than 200 bytes"
+    } else {
+        return Ok(());
+    };
+    Err(format!(
+        "{what} {name:?} {problem}; it must be one plain file name"
+    ))
+}
+
+/// Checks every name in a manifest that a restore turns into a path (see
+/// [`check_file_name`]).
+pub fn check_manifest_names(manifest: &SnapshotManifest) -> std::result::Result<(), String> {
+    for disk in &manifest.disks {
+        check_file_name("disk name", &disk.name)?;
+    }
+    let config = manifest
+        .definition
+        .as_ref()
+        .and_then(|d| d.config_file.as_ref());
+    if let Some(config) = config {
+        check_file_name("configuration file name", &config.name)?;
+    }
+    Ok(())
 }
 
 /// The manifest format version this build writes.
@@ -676,6 +723,50 @@ mod tests {
         assert!(open_object(&c, ObjectKind::Chunk, "chunks/bb/bb", &bytes, 10_000).is_err());
         assert!(open_object(&c, ObjectKind::Index, "chunks/aa/aa", &bytes, 10_000).is_err());
         assert!(open_object(&c, ObjectKind::Chunk, "chunks/aa/aa", &bytes, 9_999).is_err());
+    }
+
+    fn manifest_json(disk: &str, config: &str) -> Vec<u8> {
+        let manifest = SnapshotManifest {
+            version: 1,
+            disks: vec![DiskRecord {
+                name: disk.to_string(),
+                ..DiskRecord::default()
+            }],
+            definition: Some(VmDefinition {
+                qmp: None,
+                config_file: Some(ConfigFile {
+                    name: config.to_string(),
+                    content: String::new(),
+                }),
+            }),
+            ..SnapshotManifest::default()
+        };
+        serde_json::to_vec(&manifest).unwrap()
+    }
+
+    #[test]
+    fn attack_restore_path_traversal_names_that_are_not_one_file_name_are_refused() {
+        parse_snapshot_manifest("snapshots/s", &manifest_json("web1", "web1.xml")).unwrap();
+        let long = "x".repeat(MAX_FILE_NAME_LEN + 1);
+        for bad in [
+            "/etc/cron.d/x",
+            "../x",
+            "..",
+            ".",
+            "",
+            "a/b",
+            "a\0b",
+            "a\nb",
+            &long,
+        ] {
+            for json in [manifest_json(bad, "web1.xml"), manifest_json("web1", bad)] {
+                let err = parse_snapshot_manifest("snapshots/s", &json).unwrap_err();
+                assert!(matches!(err, Error::Corrupt { .. }), "{bad:?}: {err}");
+                assert!(err.to_string().contains("one plain file name"), "{err}");
+            }
+        }
+        check_file_name("disk name", &"x".repeat(MAX_FILE_NAME_LEN)).unwrap();
+        check_file_name("disk name", ".hidden-but-plain").unwrap();
     }
 
     #[test]

@@ -722,7 +722,7 @@ impl Repository {
     /// Finds a snapshot by `latest`, a full id or a unique id prefix,
     /// optionally among one VM's snapshots only.
     pub fn find_snapshot(&self, spec: &str, vm: Option<&str>) -> Result<Snapshot> {
-        let (snapshots, _) = self.list_snapshots_checked()?;
+        let (snapshots, damaged) = self.list_snapshots_checked()?;
         let candidates: Vec<Snapshot> = snapshots
             .into_iter()
             .filter(|s| vm.is_none_or(|vm| s.manifest.vm == vm))
@@ -739,9 +739,18 @@ impl Repository {
             .collect();
         match matching.len() {
             1 => Ok(matching.remove(0)),
-            0 => Err(Error::SnapshotSelection(format!(
-                "no snapshot{vm_note} has an id starting with '{spec}'"
-            ))),
+            // A damaged (or forged) manifest of that id: say why it is unusable.
+            0 => Err(damaged
+                .into_iter()
+                .find(|e| {
+                    matches!(e, Error::Corrupt { key, .. }
+                        if key.starts_with(&format!("{SNAPSHOTS_PREFIX}{spec}")))
+                })
+                .unwrap_or_else(|| {
+                    Error::SnapshotSelection(format!(
+                        "no snapshot{vm_note} has an id starting with '{spec}'"
+                    ))
+                })),
             n => Err(Error::SnapshotSelection(format!(
                 "'{spec}' matches {n} snapshots{vm_note}; give more digits"
             ))),

@@ -13,7 +13,7 @@
 //!   `io::Result` traits without losing its text.
 
 use std::io;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 
 use crate::nbd::proto;
 
@@ -141,6 +141,17 @@ pub enum Error {
         /// The bitmap name.
         bitmap: String,
     },
+    /// Another process uses the image in a way that conflicts with ours
+    /// (QEMU's image locks say so, or qemu refused to get them).
+    #[error("disk image {} is in use: {holder}; {advice}", .path.display())]
+    InUse {
+        /// The image or block device.
+        path: PathBuf,
+        /// Who holds it, as far as can be told.
+        holder: String,
+        /// What the user can do.
+        advice: String,
+    },
     /// Something failed for one disk of a running VM.
     #[error("disk {disk}: {error}")]
     Disk {
@@ -198,9 +209,62 @@ impl Error {
 
     /// Attaches the image path this error is about.
     pub(crate) fn for_image(self, path: impl Into<PathBuf>) -> Self {
+        if matches!(self, Error::InUse { .. }) {
+            return self;
+        }
         Error::Image {
             path: path.into(),
             error: Box::new(self),
+        }
+    }
+
+    /// A qemu tool's refusal to get an image lock as [`Error::InUse`],
+    /// whose advice the user can follow, instead of qemu's raw words;
+    /// `reading` for a backup's tools, else for a restore's. Any other
+    /// error is returned as it is.
+    pub(crate) fn in_use_if_locked(self, path: &Path, reading: bool) -> Self {
+        if self.is_lock_refusal() {
+            Error::in_use(path, reading)
+        } else {
+            self
+        }
+    }
+
+    /// Whether qemu-img or qemu-nbd failed to get an image lock ("Failed
+    /// to get shared \"write\" lock").
+    fn is_lock_refusal(&self) -> bool {
+        let text = match self {
+            Error::Command { stderr, .. } => stderr,
+            Error::QemuNbd { reason, .. } => reason,
+            Error::Image { error, .. } => return error.is_lock_refusal(),
+            _ => return false,
+        };
+        text.contains("Failed to get shared \"")
+            || text.contains("Failed to get \"")
+            || text.contains("Is another process using the image")
+    }
+
+    /// [`Error::InUse`] for `path`: `reading` for a backup (another
+    /// process writes the image), else for a restore (another process
+    /// uses the image that would be overwritten).
+    pub(crate) fn in_use(path: &Path, reading: bool) -> Self {
+        let (holder, advice) = if reading {
+            (
+                "another process holds it open for writing (a running VM, qemu-io, qemu-nbd)",
+                "an offline backup would copy a disk that changes while it is read. \
+                 Shut the VM down first, or back up the running VM through its QMP socket: \
+                 vbackup backup --vm NAME --qmp /path/to/qmp.sock",
+            )
+        } else {
+            (
+                "another process has it open (a VM, qemu-img, qemu-nbd)",
+                "restoring over it would corrupt what that process sees; stop it first",
+            )
+        };
+        Error::InUse {
+            path: path.to_owned(),
+            holder: holder.to_string(),
+            advice: advice.to_string(),
         }
     }
 
@@ -214,6 +278,7 @@ impl Error {
             Error::InvalidRequest(_) => io::ErrorKind::InvalidInput,
             Error::BadReply { .. } => io::ErrorKind::InvalidData,
             Error::MissingBitmap { .. } => io::ErrorKind::NotFound,
+            Error::InUse { .. } => io::ErrorKind::ResourceBusy,
             Error::OptionRejected { .. }
             | Error::Command { .. }
             | Error::QemuNbd { .. }
@@ -292,6 +357,37 @@ mod tests {
             .for_disk("drive0")
             .to_string()
             .starts_with("disk drive0: QMP"));
+    }
+
+    #[test]
+    fn qemus_lock_refusals_become_in_use_with_advice_other_failures_stay() {
+        let refusal = |stderr: &str| Error::Command {
+            command: "qemu-img info x".into(),
+            status: "exit status: 1".into(),
+            stderr: stderr.into(),
+        };
+        let path = Path::new("/vm/web1.qcow2");
+        let locked = refusal(
+            "qemu-img: Could not open '/vm/web1.qcow2': Failed to get shared \"write\" lock\n\
+             Is another process using the image [/vm/web1.qcow2]?",
+        );
+        let err = locked.for_image(path).in_use_if_locked(path, true);
+        assert!(matches!(err, Error::InUse { .. }), "{err}");
+        let text = err.to_string();
+        assert!(
+            text.contains("/vm/web1.qcow2 is in use") && text.contains("--qmp"),
+            "{text}"
+        );
+        assert!(!text.contains("Failed to get"), "{text}");
+        assert_eq!(err.kind(), io::ErrorKind::ResourceBusy);
+        let restore = refusal("Failed to get \"write\" lock").in_use_if_locked(path, false);
+        assert!(
+            restore.to_string().contains("restoring over it"),
+            "{restore}"
+        );
+        let other = refusal("Image is not in qcow2 format").for_image(path);
+        let kept = other.in_use_if_locked(path, true).to_string();
+        assert!(kept.contains("Image is not in qcow2 format"), "{kept}");
     }
 
     #[test]

@@ -142,7 +142,8 @@ pub fn check_format(format: &str) -> Result<()> {
 
 /// Describes the image at `path` (format detected by qemu-img).
 pub fn image_info(path: &Path) -> Result<ImageInfo> {
-    info(path).map_err(|e| e.for_image(path))
+    // qemu-img info takes the locks of a reader that shares no writing.
+    info(path).map_err(|e| e.for_image(path).in_use_if_locked(path, true))
 }
 
 fn info(path: &Path) -> Result<ImageInfo> {
@@ -165,7 +166,7 @@ pub fn create(path: &Path, format: &str, size: u64) -> Result<()> {
             .arg(size.to_string());
         process::run(&mut cmd).map(drop)
     };
-    run().map_err(|e| e.for_image(path))
+    run().map_err(|e| e.for_image(path).in_use_if_locked(path, false))
 }
 
 /// Whether two images have the same guest-visible content, whatever their
@@ -203,7 +204,7 @@ pub fn check(path: &Path, format: &str) -> Result<()> {
             _ => Err(check_failure(&cmd, &output)),
         }
     };
-    run().map_err(|e| e.for_image(path))
+    run().map_err(|e| e.for_image(path).in_use_if_locked(path, true))
 }
 
 /// `qemu-img check` prints details on stderr and its verdict on stdout;

@@ -47,9 +47,9 @@ pub mod qmp;
 pub mod testing;
 
 pub use disk::{
-    create_target, create_target_with, file_identity, open_disk, open_disk_inspected,
-    open_disk_with, NbdExportOptions, NbdExportSource, NbdSource, NbdTarget, OpenDiskOptions,
-    RawFileSource, RawFileTarget, DEFAULT_CONNECTIONS,
+    check_not_in_use, create_target, create_target_with, file_identity, open_disk,
+    open_disk_inspected, open_disk_with, NbdExportOptions, NbdExportSource, NbdSource, NbdTarget,
+    OpenDiskOptions, RawFileSource, RawFileTarget, DEFAULT_CONNECTIONS,
 };
 pub use error::{Error, Result};
 pub use img::{image_info, ImageInfo};

@@ -77,6 +77,8 @@ pub struct QemuNbd {
     path: PathBuf,
     format: String,
     bitmap: Option<String>,
+    /// Served read-only (a backup's) or writable (a restore's).
+    read_only: bool,
     stopped: bool,
     /// A connection held open for the server's whole life. qemu-nbd runs
     /// without `--persistent`, so it exits by itself once every negotiated
@@ -92,7 +94,7 @@ impl QemuNbd {
     /// exits first, the error carries its stderr (qemu's reason).
     pub fn start(opts: &QemuNbdOptions) -> Result<Self> {
         Self::spawn(opts).map_err(|e| match e {
-            Error::QemuNbd { .. } | Error::Image { .. } => e,
+            Error::QemuNbd { .. } | Error::Image { .. } | Error::InUse { .. } => e,
             other => other.for_image(&opts.path),
         })
     }
@@ -119,6 +121,7 @@ impl QemuNbd {
             path: opts.path.clone(),
             format,
             bitmap: opts.bitmap.clone(),
+            read_only: opts.read_only,
             stopped: false,
             keeper: None,
             _dir: dir,
@@ -207,10 +210,11 @@ impl QemuNbd {
     /// An error naming the image, with what qemu-nbd printed.
     fn failed(&self, what: &str) -> Error {
         let stderr = fs::read(&self.log).unwrap_or_default();
-        Error::QemuNbd {
+        let error = Error::QemuNbd {
             path: self.path.clone(),
             reason: format!("{what}: {}", process::stderr_text(&stderr)),
-        }
+        };
+        error.in_use_if_locked(&self.path, self.read_only)
     }
 
     /// SIGTERM, wait up to [`STOP_TIMEOUT`], then SIGKILL.

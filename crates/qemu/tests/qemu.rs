@@ -682,3 +682,43 @@ fn tcp_connections_work() {
     let first = c.block_status(ctx, 0, 4096).unwrap();
     assert_eq!(first[0].flags & NBD_STATE_ZERO, NBD_STATE_ZERO);
 }
+
+/// `qemu-io -f raw PATH -c "write 0 4k"`, as a VM starting on the image
+/// would open it: its exit status and stderr.
+fn qemu_io_write(path: &Path) -> (bool, String) {
+    let out = Command::new("qemu-io")
+        .args(["-f", "raw", "-c", "write -P 0x77 0 4k"])
+        .arg(path)
+        .output()
+        .unwrap();
+    (
+        out.status.success(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+#[test]
+fn attack_vm_started_during_an_offline_backup_or_a_restore_is_refused_by_qemu() {
+    let dir = tmp();
+    let path = dir.path().join("disk.raw");
+    create(&path, "raw", 2 * MIB);
+    // A backup reads the raw image: a VM starting now would change it.
+    let source = open_disk(&path, Some("raw")).unwrap();
+    let (ok, stderr) = qemu_io_write(&path);
+    assert!(!ok && stderr.contains("\"write\" lock"), "{stderr}");
+    assert!(read_all(source.as_ref()).iter().all(|&b| b == 0));
+    drop(source);
+    assert!(
+        qemu_io_write(&path).0,
+        "writable again once the backup is done"
+    );
+    // A restore writes it: a VM must not boot a half-written disk.
+    let target = create_target(&path, "raw", 2 * MIB).unwrap();
+    let (ok, stderr) = qemu_io_write(&path);
+    assert!(!ok && stderr.contains("lock"), "{stderr}");
+    target.finish().unwrap();
+    assert!(
+        qemu_io_write(&path).0,
+        "usable once the restore is finished"
+    );
+}

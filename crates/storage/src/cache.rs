@@ -26,6 +26,7 @@ use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
+use crate::local::{create_private_dir_all, create_private_file};
 use crate::{validate_key, Backend, ObjectInfo, Result};
 
 /// Folders whose objects never change under their name.
@@ -93,11 +94,11 @@ impl CachedBackend {
     fn write(&self, key: &str, data: &[u8]) {
         let path = self.path(key);
         let Some(folder) = path.parent() else { return };
-        let _ = std::fs::create_dir_all(folder).and_then(|()| {
+        let _ = create_private_dir_all(folder).and_then(|()| {
             let mut suffix = [0u8; 8];
             let _ = getrandom::getrandom(&mut suffix);
             let tmp = folder.join(format!(".tmp-{}", hex::encode(suffix)));
-            let written = std::fs::File::create(&tmp).and_then(|mut file| {
+            let written = create_private_file(&tmp).and_then(|mut file| {
                 file.write_all(MAGIC)?;
                 file.write_all(blake3::hash(data).as_bytes())?;
                 file.write_all(data)
@@ -332,6 +333,22 @@ mod tests {
         assert!(cached.dir().join("snapshots/c").exists());
         let err = cached.get("snapshots/b").unwrap_err();
         assert!(err.is_not_found(), "{err}");
+    }
+
+    #[test]
+    fn attack_local_user_reads_the_metadata_cache_copies_are_private() {
+        use std::os::unix::fs::PermissionsExt;
+        let (inner, _, dir) = setup();
+        // The cache root does not exist yet: it is created private too.
+        let cached = CachedBackend::new(inner.clone(), &dir.path().join("cache"));
+        inner.put("snapshots/a", b"manifest").unwrap();
+        cached.get("snapshots/a").unwrap();
+        let mode = |p: &Path| std::fs::metadata(p).unwrap().permissions().mode() & 0o777;
+        assert_eq!(mode(&cached.dir().join("snapshots/a")), 0o600);
+        for folder in [dir.path().join("cache"), cached.dir().to_owned()] {
+            assert_eq!(mode(&folder), 0o700, "{}", folder.display());
+        }
+        assert_eq!(mode(&cached.dir().join("snapshots")), 0o700);
     }
 
     #[test]

@@ -4,9 +4,15 @@
 //! fsynced, renamed over the final name and the folder is fsynced, so a crash
 //! leaves either the whole object or no object (plus, at worst, a hidden
 //! temporary file that listings ignore).
+//!
+//! Everything it creates is its owner's alone: files mode 0600, folders
+//! 0700, set explicitly whatever the umask, because key objects hold the
+//! wrapped master secret and anyone who can copy them can guess the
+//! passphrase offline.
 
-use std::fs::{self, File, OpenOptions};
+use std::fs::{self, DirBuilder, File, OpenOptions, Permissions};
 use std::io::{self, Read, Seek, SeekFrom, Write};
+use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 
 use crate::{validate_key, Backend, ErrorKind, ObjectInfo, Result, StorageError};
@@ -72,14 +78,45 @@ fn random_suffix() -> String {
     hex::encode(bytes)
 }
 
+/// Mode of every file a repository or cache holds.
+pub(crate) const PRIVATE_FILE_MODE: u32 = 0o600;
+/// Mode of every folder a repository or cache holds.
+pub(crate) const PRIVATE_DIR_MODE: u32 = 0o700;
+
+/// Creates `dir` and its missing parents with mode 0700, set explicitly
+/// (the umask could only remove bits); existing folders are left as they
+/// are.
+pub(crate) fn create_private_dir_all(dir: &Path) -> io::Result<()> {
+    if dir.as_os_str().is_empty() || dir.is_dir() {
+        return Ok(());
+    }
+    if let Some(parent) = dir.parent() {
+        create_private_dir_all(parent)?;
+    }
+    match DirBuilder::new().mode(PRIVATE_DIR_MODE).create(dir) {
+        Ok(()) => fs::set_permissions(dir, Permissions::from_mode(PRIVATE_DIR_MODE)),
+        // Another writer made it first.
+        Err(e) if e.kind() == io::ErrorKind::AlreadyExists && dir.is_dir() => Ok(()),
+        Err(e) => Err(e),
+    }
+}
+
+/// Creates the new file `path` with mode 0600, set explicitly.
+pub(crate) fn create_private_file(path: &Path) -> io::Result<File> {
+    let file = OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(PRIVATE_FILE_MODE)
+        .open(path)?;
+    file.set_permissions(Permissions::from_mode(PRIVATE_FILE_MODE))?;
+    Ok(file)
+}
+
 /// Writes `data` to a new temporary file in `dir` and returns its path.
 fn write_temporary(dir: &Path, data: &[u8]) -> io::Result<PathBuf> {
     let temp = dir.join(format!("{TEMP_PREFIX}{}", random_suffix()));
     let result = (|| {
-        let mut file = OpenOptions::new()
-            .write(true)
-            .create_new(true)
-            .open(&temp)?;
+        let mut file = create_private_file(&temp)?;
         file.write_all(data)?;
         file.sync_all()
     })();
@@ -148,7 +185,7 @@ impl Backend for LocalBackend {
     fn put(&self, key: &str, data: &[u8]) -> Result<()> {
         let path = self.path_of(key)?;
         let dir = path.parent().unwrap_or(&self.root);
-        fs::create_dir_all(dir).map_err(|e| io_err(key, "creating the object's folder", e))?;
+        create_private_dir_all(dir).map_err(|e| io_err(key, "creating the object's folder", e))?;
         let temp = write_temporary(dir, data).map_err(|e| io_err(key, "writing the object", e))?;
         if let Err(e) = fs::rename(&temp, &path) {
             let _ = fs::remove_file(&temp);
@@ -226,7 +263,7 @@ impl Backend for LocalBackend {
         let source = self.path_of(from)?;
         let target = self.path_of(to)?;
         let dir = target.parent().unwrap_or(&self.root);
-        fs::create_dir_all(dir).map_err(|e| io_err(to, "creating the object's folder", e))?;
+        create_private_dir_all(dir).map_err(|e| io_err(to, "creating the object's folder", e))?;
         fs::rename(&source, &target).map_err(|e| io_err(from, "moving the object", e))
     }
 
@@ -349,6 +386,40 @@ mod tests {
     fn listing_a_missing_folder_is_empty() {
         let (_dir, b) = backend();
         assert!(b.list("snapshots/").unwrap().is_empty());
+    }
+
+    fn mode(path: &Path) -> u32 {
+        fs::metadata(path).unwrap().permissions().mode() & 0o7777
+    }
+
+    #[test]
+    fn attack_local_user_reads_key_files_objects_and_folders_are_private() {
+        // A umask that would leave everything readable by all.
+        let (dir, b) = backend();
+        let old = set_umask(0);
+        let put = b
+            .put("keys/0123", b"wrapped")
+            .and(b.put("chunks/ab/abcd", b"x"));
+        let renamed = b.rename("chunks/ab/abcd", "trash/ab/abcd");
+        set_umask(old);
+        put.unwrap();
+        renamed.unwrap();
+        assert_eq!(mode(&b.root().join("keys/0123")), 0o600);
+        assert_eq!(mode(&b.root().join("trash/ab/abcd")), 0o600);
+        for folder in ["", "keys", "chunks", "chunks/ab", "trash", "trash/ab"] {
+            assert_eq!(mode(&b.root().join(folder)), 0o700, "{folder}");
+        }
+        // Folders that existed before are not changed.
+        assert_eq!(mode(dir.path()) & 0o700, 0o700);
+    }
+
+    /// Sets the process umask and returns the previous one. Tests in this
+    /// module that create files run in one process, so only this test
+    /// changes it, and restores it before asserting.
+    #[allow(unsafe_code)]
+    fn set_umask(mask: libc::mode_t) -> libc::mode_t {
+        // SAFETY: umask(2) takes and returns an integer and cannot fail.
+        unsafe { libc::umask(mask) }
     }
 
     #[test]

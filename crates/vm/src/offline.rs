@@ -84,6 +84,8 @@ pub fn backup(repo: &Repository, request: &OfflineBackup, progress: &Progress) -
 }
 
 fn inspect(image: &Image) -> Result<Inspected> {
+    vbackup_qemu::check_not_in_use(&image.path)
+        .map_err(Error::qemu(format!("inspecting disk '{}'", image.name)))?;
     let info = img::image_info(&image.path)
         .map_err(Error::qemu(format!("inspecting disk '{}'", image.name)))?;
     let format = image.format.clone().unwrap_or_else(|| info.format.clone());

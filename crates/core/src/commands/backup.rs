@@ -137,6 +137,9 @@ pub struct PreparedBackup {
 impl PreparedBackup {
     /// Writes the snapshot and releases the lease.
     pub fn commit(self, repo: &Repository) -> Result<Snapshot> {
+        // A manifest readers would refuse (a configuration file name with
+        // a '/', say) is never written.
+        crate::format::check_manifest_names(&self.manifest).map_err(Error::InvalidInput)?;
         let id = repo.write_snapshot(&self.manifest)?;
         self.guard.finish()?;
         Ok(Snapshot {
@@ -285,6 +288,7 @@ fn check_disk_names(disks: &[BackupDisk]) -> Result<()> {
     }
     let mut seen = HashSet::new();
     for disk in disks {
+        crate::format::check_file_name("disk name", &disk.name).map_err(Error::InvalidInput)?;
         if !seen.insert(disk.name.as_str()) {
             return Err(Error::InvalidInput(format!(
                 "two disks are named '{}'; disk names must be unique within a VM",

@@ -17,6 +17,7 @@ use crate::img;
 use crate::qemu_nbd::{QemuNbd, QemuNbdOptions};
 
 mod export;
+mod lock;
 mod nbd;
 mod raw;
 
@@ -102,6 +103,8 @@ fn open_inspected(
     opts: &OpenDiskOptions,
     info: Option<img::ImageInfo>,
 ) -> Result<Box<dyn DiskSource>> {
+    // Before qemu-img and qemu-nbd, which would refuse with qemu's words.
+    check_not_in_use(path)?;
     // Taken before anything is read, so a change during the backup shows
     // up as a different fingerprint next time.
     let identity = file_identity(path);
@@ -135,6 +138,17 @@ fn open_inspected(
         inner.started()?;
     }
     Ok(Box::new(Fingerprinted { inner, identity }))
+}
+
+/// Refuses with [`Error::InUse`] an image that another process holds open
+/// for writing, as QEMU's image locks tell (a running VM, `qemu-io`): a
+/// running VM is backed up through its QMP socket, never as an offline
+/// image. An image that cannot be opened passes, for qemu-img to explain.
+pub fn check_not_in_use(path: &Path) -> Result<()> {
+    match std::fs::File::open(path) {
+        Ok(_) => lock::check_path(path, lock::Use::Reading),
+        Err(_) => Ok(()),
+    }
 }
 
 /// Refuses a bitmap that `qemu-img info` does not list, or lists as

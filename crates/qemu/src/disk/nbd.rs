@@ -2,11 +2,14 @@
 
 use std::any::Any;
 use std::io;
+use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 
 use vbackup_core::source::{DiskReader, DiskSource, DiskTarget, DiskWriter, Extent, ExtentKind};
 
+use super::lock::{self, Use};
+use super::raw::PRIVATE_FILE_MODE;
 use super::{push_extent, Slot, Slots};
 use crate::error::{Error, Result};
 use crate::img;
@@ -274,9 +277,16 @@ impl NbdTarget {
     /// Creates an image of `format` and `size` bytes with `qemu-img create`
     /// (replacing any file at `path`) and serves it writable to up to
     /// `connections` writers, passing discards and zero writes through as
-    /// holes.
+    /// holes. The image is its owner's alone (mode 0600); an existing file
+    /// that another process uses (QEMU's image locks) is refused with
+    /// [`Error::InUse`] and left untouched.
     pub fn create(path: &Path, format: &str, size: u64, connections: u32) -> Result<Self> {
+        make_private_file(path)?;
         img::create(path, format, size)?;
+        // qemu-img keeps an existing file's mode; set it again in case it
+        // made a new one.
+        std::fs::set_permissions(path, std::fs::Permissions::from_mode(PRIVATE_FILE_MODE))
+            .map_err(|e| Error::io("setting the image's mode", e).for_image(path))?;
         let opts = QemuNbdOptions {
             format: Some(format.to_owned()),
             read_only: false,
@@ -373,6 +383,23 @@ impl DiskWriter for NbdWriter {
     fn flush(&mut self) -> io::Result<()> {
         Ok(self.client.flush()?)
     }
+}
+
+/// Creates `path` empty with mode 0600 for `qemu-img create` to fill, or,
+/// if it exists, checks that no other process uses it and sets its mode;
+/// a symbolic link is refused.
+fn make_private_file(path: &Path) -> Result<()> {
+    if path.exists() {
+        lock::check_path(path, Use::Writing)?;
+    }
+    std::fs::OpenOptions::new()
+        .write(true)
+        .create(true)
+        .mode(PRIVATE_FILE_MODE)
+        .custom_flags(libc::O_NOFOLLOW)
+        .open(path)
+        .and_then(|file| file.set_permissions(std::fs::Permissions::from_mode(PRIVATE_FILE_MODE)))
+        .map_err(|e| Error::io("creating", e).for_image(path))
 }
 
 #[cfg(test)]

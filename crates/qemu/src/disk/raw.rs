@@ -2,35 +2,44 @@
 
 use std::fs::{File, OpenOptions};
 use std::io::{self, Seek, SeekFrom};
-use std::os::unix::fs::{FileExt, FileTypeExt};
+use std::os::unix::fs::{FileExt, FileTypeExt, OpenOptionsExt, PermissionsExt};
 use std::os::unix::io::AsRawFd;
 use std::path::{Path, PathBuf};
 
 use vbackup_core::source::{DiskReader, DiskSource, DiskTarget, DiskWriter, Extent, ExtentKind};
 
+use super::lock::{self, ImageLock, Use};
 use super::push_extent;
 use crate::error::{Error, Result};
 
 /// A raw disk image or block device; each reader opens its own `File`.
+/// While it exists it holds QEMU's image locks of a reader that lets
+/// nobody write (see [`super::lock`]).
 #[derive(Debug)]
 pub struct RawFileSource {
     path: PathBuf,
     size: u64,
+    _lock: ImageLock,
 }
 
 impl RawFileSource {
     /// Opens `path` and measures it (seeking to the end, which also works
-    /// for block devices).
+    /// for block devices). An image that another process holds open for
+    /// writing (a running VM, `qemu-io`) is refused with [`Error::InUse`].
     pub fn open(path: &Path) -> Result<Self> {
-        let measure = || {
+        let measure = || -> Result<(File, u64)> {
             let mut file = File::open(path).map_err(|e| Error::io("opening", e))?;
-            file.seek(SeekFrom::End(0))
-                .map_err(|e| Error::io("measuring", e))
+            let size = file
+                .seek(SeekFrom::End(0))
+                .map_err(|e| Error::io("measuring", e))?;
+            Ok((file, size))
         };
-        let size = measure().map_err(|e| e.for_image(path))?;
+        let (file, size) = measure().map_err(|e| e.for_image(path))?;
+        let lock = lock::lock(file, path, Use::Reading)?;
         Ok(RawFileSource {
             path: path.to_owned(),
             size,
+            _lock: lock,
         })
     }
 }
@@ -135,56 +144,132 @@ fn seek(file: &File, offset: u64, whence: libc::c_int) -> io::Result<Option<u64>
 }
 
 /// A raw image file (sparse: unwritten ranges stay holes) or a block
-/// device, written with positional writes.
+/// device, written with positional writes. Until it is finished (or
+/// dropped) it holds QEMU's image locks of a writer that shares nothing,
+/// and a block device is held open exclusively (`O_EXCL`), so no VM starts
+/// on a half-written disk and nothing mounts it meanwhile.
 #[derive(Debug)]
 pub struct RawFileTarget {
     path: PathBuf,
     /// A block device: it may hold old data, so holes are zeroed.
     is_device: bool,
+    lock: std::sync::Mutex<Option<ImageLock>>,
 }
 
 impl RawFileTarget {
-    /// Creates (or truncates) `path` as a sparse file of `size` bytes. A
-    /// block device is used as it is, if it is large enough.
+    /// Creates (or truncates) `path` as a sparse file of `size` bytes,
+    /// readable by its owner only (mode 0600). A block device is used as
+    /// it is, if it is large enough. An image or device that another
+    /// process uses (a VM, a mounted file system, LVM, md) is refused with
+    /// [`Error::InUse`] and left untouched.
     pub fn create(path: &Path, size: u64) -> Result<Self> {
-        let is_device = prepare(path, size).map_err(|e| e.for_image(path))?;
+        let is_device = path
+            .metadata()
+            .is_ok_and(|m| m.file_type().is_block_device());
+        let lock = if is_device {
+            claim_device(path, size)?
+        } else {
+            create_file(path, size)?
+        };
         Ok(RawFileTarget {
             path: path.to_owned(),
             is_device,
+            lock: std::sync::Mutex::new(Some(lock)),
         })
     }
 }
 
-/// Creates the file, or checks the block device's size; returns whether
-/// `path` is a block device.
-fn prepare(path: &Path, size: u64) -> Result<bool> {
-    let is_device = path
-        .metadata()
-        .is_ok_and(|m| m.file_type().is_block_device());
-    if is_device {
-        let mut file = OpenOptions::new()
-            .write(true)
-            .open(path)
-            .map_err(|e| Error::io("opening", e))?;
-        let have = file
-            .seek(SeekFrom::End(0))
-            .map_err(|e| Error::io("measuring", e))?;
-        if have < size {
-            return Err(Error::InvalidRequest(format!(
-                "block device holds {have} bytes, {size} needed"
-            )));
-        }
-        return Ok(true);
+/// Opens the block device exclusively, locks it and checks its size.
+fn claim_device(path: &Path, size: u64) -> Result<ImageLock> {
+    let mut file = match OpenOptions::new()
+        .read(true)
+        .write(true)
+        .custom_flags(libc::O_EXCL)
+        .open(path)
+    {
+        Ok(file) => file,
+        Err(e) if e.raw_os_error() == Some(libc::EBUSY) => return Err(device_busy(path)),
+        Err(e) => return Err(Error::io("opening", e).for_image(path)),
+    };
+    let have = file
+        .seek(SeekFrom::End(0))
+        .map_err(|e| Error::io("measuring", e).for_image(path))?;
+    if have < size {
+        return Err(Error::InvalidRequest(format!(
+            "block device holds {have} bytes, {size} needed"
+        ))
+        .for_image(path));
     }
+    lock::lock(file, path, Use::Writing)
+}
+
+/// Creates or truncates the file, mode 0600, once no other process is
+/// found to use it; never through a symbolic link (one planted in a
+/// shared folder would redirect the restore onto another file).
+fn create_file(path: &Path, size: u64) -> Result<ImageLock> {
     let file = OpenOptions::new()
+        .read(true)
         .write(true)
         .create(true)
-        .truncate(true)
+        .mode(PRIVATE_FILE_MODE)
+        .custom_flags(libc::O_NOFOLLOW)
         .open(path)
-        .map_err(|e| Error::io("creating", e))?;
-    file.set_len(size)
-        .map_err(|e| Error::io("setting the size", e))?;
-    Ok(false)
+        .map_err(|e| Error::io("creating", e).for_image(path))?;
+    let prepare = |file: &File| -> io::Result<()> {
+        // An existing file keeps its mode through `open`: set it.
+        file.set_permissions(std::fs::Permissions::from_mode(PRIVATE_FILE_MODE))?;
+        file.set_len(0)?;
+        file.set_len(size)
+    };
+    let checked = file.try_clone().map_err(|e| Error::io("creating", e));
+    let lock = lock::lock(checked.map_err(|e| e.for_image(path))?, path, Use::Writing)?;
+    prepare(&file).map_err(|e| Error::io("preparing", e).for_image(path))?;
+    Ok(lock)
+}
+
+/// Mode of restored images: their owner's alone, like the repository.
+pub(crate) const PRIVATE_FILE_MODE: u32 = 0o600;
+
+/// [`Error::InUse`] for a block device that refused an exclusive open,
+/// naming its mount point or the devices built on it when they are known.
+fn device_busy(path: &Path) -> Error {
+    let holder = device_users(path).unwrap_or_else(|| {
+        "it is mounted, or held by a device mapper or RAID device, or open exclusively by another program".to_string()
+    });
+    Error::InUse {
+        path: path.to_owned(),
+        holder,
+        advice: "vbackup never writes onto a device in use, even with --force: unmount it or stop what holds it first".to_string(),
+    }
+}
+
+/// "mounted on /mnt/x" or "used by dm-3", from `/proc/self/mountinfo` and
+/// the device's `holders` folder in sysfs.
+fn device_users(path: &Path) -> Option<String> {
+    use std::os::unix::fs::MetadataExt;
+    let rdev = path.metadata().ok()?.rdev();
+    let (major, minor) = (
+        ((rdev >> 8) & 0xfff) | ((rdev >> 32) & !0xfff),
+        (rdev & 0xff) | ((rdev >> 12) & !0xff),
+    );
+    let id = format!("{major}:{minor}");
+    let mountinfo = std::fs::read_to_string("/proc/self/mountinfo").unwrap_or_default();
+    let mounts: Vec<&str> = mountinfo
+        .lines()
+        .filter_map(|line| {
+            let fields: Vec<&str> = line.split(' ').collect();
+            (fields.get(2) == Some(&id.as_str())).then(|| fields.get(4).copied())?
+        })
+        .collect();
+    if !mounts.is_empty() {
+        return Some(format!("it is mounted on {}", mounts.join(", ")));
+    }
+    let holders: Vec<String> = std::fs::read_dir(format!("/sys/dev/block/{id}/holders"))
+        .ok()?
+        .flatten()
+        .map(|e| e.file_name().to_string_lossy().into_owned())
+        .collect();
+    (!holders.is_empty()).then(|| format!("it is used by {}", holders.join(", ")))
 }
 
 impl DiskTarget for RawFileTarget {
@@ -203,13 +288,15 @@ impl DiskTarget for RawFileTarget {
         self.is_device
     }
 
-    /// Syncs the file and its directory entry.
+    /// Syncs the file and its directory entry, then releases the locks:
+    /// the disk is complete.
     fn finish(&self) -> io::Result<()> {
         File::open(&self.path)?.sync_all()?;
         if let Some(dir) = self.path.parent().filter(|d| !d.as_os_str().is_empty()) {
             // Directories cannot be fsynced on every file system; best effort.
             let _ = File::open(dir).and_then(|d| d.sync_all());
         }
+        drop(self.lock.lock().unwrap_or_else(|p| p.into_inner()).take());
         Ok(())
     }
 }

@@ -137,6 +137,7 @@ fn info(key: String, meta: &fs::Metadata) -> ObjectInfo {
         key,
         size: meta.len(),
         modified: meta.modified().ok(),
+        writer: None,
     }
 }
 

@@ -407,7 +407,9 @@ fn a_repository_with_packs_backs_up_restores_and_prunes_through_the_server() {
     let pack = client.list("packs/").unwrap()[0].key.clone();
     let stored = client.get(&pack).unwrap();
     assert!(client.delete(&pack).is_err());
-    client.put(&pack, b"other bytes").unwrap();
+    // Its name is the hash of its bytes: other bytes are refused.
+    let err = client.put(&pack, b"other bytes").unwrap_err();
+    assert_eq!(err.kind(), ErrorKind::InvalidKey, "{err}");
     assert_eq!(client.get(&pack).unwrap(), stored);
 
     let restored = env.restore(&snapshot_id(&first), "a");
@@ -1170,6 +1172,7 @@ fn attack_connection_flood_is_capped() {
         .collect();
     std::thread::sleep(Duration::from_millis(300));
     assert_eq!(whoami(&env), "", "a connection over the cap was served");
+    // Logged before the connection is closed.
     assert!(env.log().contains("refused: already serving 2"), "{}", env.log());
     drop(hogs);
     // Their places free up as soon as they close.
@@ -1209,11 +1212,12 @@ fn attack_quota_refuses_uploads_over_it() {
     assert_eq!(used, (600u64 << 10).to_string());
 }
 
-/// Rewrites the token file without the token labelled `label`, leaving a
-/// syntax error when `broken` (a trailing comma, as a hand edit might).
-fn drop_token_by_hand(data: &Path, label: &str, broken: bool) {
+/// Writes the token file `original` without the token labelled `label`,
+/// leaving a syntax error when `broken` (a doubled comma, as a hand edit
+/// might).
+fn drop_token_by_hand(data: &Path, original: &str, label: &str, broken: bool) {
     let path = data.join("tokens.json");
-    let mut file: Value = serde_json::from_slice(&std::fs::read(&path).unwrap()).unwrap();
+    let mut file: Value = serde_json::from_str(original).unwrap();
     file["tokens"]
         .as_array_mut()
         .unwrap()
@@ -1229,8 +1233,9 @@ fn drop_token_by_hand(data: &Path, label: &str, broken: bool) {
 fn attack_broken_token_file_fails_closed_and_loudly() {
     let env = Env::with_server(&["init"], &["--timeout", "60s"]);
     env.ok(&env.read, &["snapshots"]);
+    let original = std::fs::read_to_string(env.data().join("tokens.json")).unwrap();
     // The operator revokes the read token by hand and breaks the file.
-    drop_token_by_hand(&env.data(), "read", true);
+    drop_token_by_hand(&env.data(), &original, "read", true);
     for token in [&env.read, &env.admin, &env.backup] {
         let out = env.run(token, &["snapshots"]);
         refused(&out, "token file is broken");
@@ -1238,12 +1243,12 @@ fn attack_broken_token_file_fails_closed_and_loudly() {
     let log = env.log();
     assert!(log.contains("token file is broken") && log.contains("line"), "{log}");
     // Fixed: served again, and the revoked token stays revoked.
-    drop_token_by_hand(&env.data(), "read", false);
+    drop_token_by_hand(&env.data(), &original, "read", false);
     env.ok(&env.admin, &["snapshots"]);
     refused(&env.run(&env.read, &["snapshots"]), "unknown or wrong token");
     assert!(env.log().contains("readable again"), "{}", env.log());
     // A server does not start on a broken file.
-    drop_token_by_hand(&env.data(), "read", true);
+    drop_token_by_hand(&env.data(), &original, "read", true);
     let mut child = Command::new(VBACKUP)
         .args(["server", "--listen", "127.0.0.1:0", "--data", s(&env.data())])
         .stdin(Stdio::null())

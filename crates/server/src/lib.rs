@@ -226,8 +226,8 @@ async fn serve(
                 // Over the cap the connection is closed at once: it holds
                 // no memory and no task.
                 let Ok(permit) = Arc::clone(&limits.connections).try_acquire_owned() else {
-                    drop(tcp);
                     refusals.refused(limits.max_connections);
+                    drop(tcp);
                     continue;
                 };
                 let _ = tcp.set_nodelay(true);

@@ -227,15 +227,14 @@ fn token(ctx: &Context, command: &TokenCommand) -> Result<()> {
                         .into(),
                 ));
             };
-            let (entry, secret) =
-                vbackup_server::tokens::add(
+            let (entry, secret) = vbackup_server::tokens::add(
                 &args.data,
                 repository,
                 args.role.into(),
                 &args.label,
                 args.quota,
             )
-                    .map_err(server_error)?;
+            .map_err(server_error)?;
             if json {
                 println!(
                     "{}",

@@ -999,7 +999,11 @@ fn read_reply(stream: &mut Tls) -> String {
         if let Some((head, body)) = text.split_once("\r\n\r\n") {
             let length = head
                 .lines()
-                .find_map(|l| l.to_ascii_lowercase().strip_prefix("content-length: ").map(str::to_string))
+                .find_map(|l| {
+                    l.to_ascii_lowercase()
+                        .strip_prefix("content-length: ")
+                        .map(str::to_string)
+                })
                 .and_then(|n| n.trim().parse::<usize>().ok());
             if length.is_some_and(|n| body.len() >= n) {
                 break;
@@ -1010,7 +1014,9 @@ fn read_reply(stream: &mut Tls) -> String {
 }
 
 fn head(method: &str, path: &str, token: Option<&str>, length: u64) -> String {
-    let auth = token.map(|t| format!("Authorization: Bearer {t}\r\n")).unwrap_or_default();
+    let auth = token
+        .map(|t| format!("Authorization: Bearer {t}\r\n"))
+        .unwrap_or_default();
     format!("{method} {path} HTTP/1.1\r\nHost: localhost\r\n{auth}Content-Type: application/json\r\nContent-Length: {length}\r\n\r\n")
 }
 
@@ -1084,7 +1090,10 @@ fn attack_oversized_json_body_gets_413() {
     assert!(reply.starts_with("HTTP/1.1 413"), "{reply}");
     // Normal chunk-presence queries still work.
     let client = env.client(&env.read);
-    assert_eq!(client.missing(&["chunks/ab/x".to_string()]).unwrap().len(), 1);
+    assert_eq!(
+        client.missing(&["chunks/ab/x".to_string()]).unwrap().len(),
+        1
+    );
 }
 
 /// Sends `piece` every 100 ms until the server answers or closes; returns
@@ -1097,18 +1106,29 @@ fn trickle(stream: &mut Tls, piece: &[u8], most: usize) -> (usize, String) {
     let mut buf = [0u8; 4096];
     let mut reply = Vec::new();
     for sent in 0..most {
-        if stream.write_all(piece).and_then(|()| stream.flush()).is_err() {
+        if stream
+            .write_all(piece)
+            .and_then(|()| stream.flush())
+            .is_err()
+        {
             return (sent, String::from_utf8_lossy(&reply).into_owned());
         }
         match stream.read(&mut buf) {
             Ok(0) => return (sent, String::from_utf8_lossy(&reply).into_owned()),
             Ok(n) => {
                 reply.extend_from_slice(&buf[..n]);
-                stream.sock.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+                stream
+                    .sock
+                    .set_read_timeout(Some(Duration::from_secs(5)))
+                    .unwrap();
                 let _ = stream.read_to_end(&mut reply);
                 return (sent, String::from_utf8_lossy(&reply).into_owned());
             }
-            Err(e) if matches!(e.kind(), std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut) => {}
+            Err(e)
+                if matches!(
+                    e.kind(),
+                    std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
+                ) => {}
             Err(_) => return (sent, String::from_utf8_lossy(&reply).into_owned()),
         }
     }
@@ -1121,7 +1141,12 @@ fn attack_slow_body_and_slow_headers_are_cut_off() {
     // A body of 2000 bytes sent one byte per 100 ms would take 200 s;
     // each byte comes well within the timeout, the whole body does not.
     let mut stream = connect(&env);
-    let request = head("PUT", "/v1/repos/r/objects/snapshots/slow", Some(&env.backup), 2000);
+    let request = head(
+        "PUT",
+        "/v1/repos/r/objects/snapshots/slow",
+        Some(&env.backup),
+        2000,
+    );
     stream.write_all(request.as_bytes()).unwrap();
     let (sent, reply) = trickle(&mut stream, b"x", 2000);
     assert!(sent < 2000, "the server waited for the whole slow body");
@@ -1141,7 +1166,10 @@ fn attack_slow_body_and_slow_headers_are_cut_off() {
         Ok(0) => {}
         Ok(_) => panic!("the server sent bytes on an idle connection"),
         Err(e) => assert!(
-            !matches!(e.kind(), std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut),
+            !matches!(
+                e.kind(),
+                std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
+            ),
             "an idle connection stayed open: {e}"
         ),
     }
@@ -1157,9 +1185,13 @@ fn attack_connection_flood_is_capped() {
             "GET /v1/repos/r/whoami HTTP/1.1\r\nHost: localhost\r\nAuthorization: Bearer {}\r\nConnection: close\r\n\r\n",
             env.read
         );
-        vbackup_remote::raw_exchange(&env.server.addr, &env.server.fingerprint, request.as_bytes())
-            .map(|r| String::from_utf8_lossy(&r).into_owned())
-            .unwrap_or_default()
+        vbackup_remote::raw_exchange(
+            &env.server.addr,
+            &env.server.fingerprint,
+            request.as_bytes(),
+        )
+        .map(|r| String::from_utf8_lossy(&r).into_owned())
+        .unwrap_or_default()
     };
     let up = (0..100).any(|_| {
         std::thread::sleep(Duration::from_millis(100));
@@ -1173,7 +1205,11 @@ fn attack_connection_flood_is_capped() {
     std::thread::sleep(Duration::from_millis(300));
     assert_eq!(whoami(&env), "", "a connection over the cap was served");
     // Logged before the connection is closed.
-    assert!(env.log().contains("refused: already serving 2"), "{}", env.log());
+    assert!(
+        env.log().contains("refused: already serving 2"),
+        "{}",
+        env.log()
+    );
     drop(hogs);
     // Their places free up as soon as they close.
     let served = (0..100).any(|_| {
@@ -1188,7 +1224,16 @@ fn attack_quota_refuses_uploads_over_it() {
     let env = Env::new();
     let out = Command::new(VBACKUP)
         .args(["--json", "server", "token", "add", "--data", s(&env.data())])
-        .args(["--repo", "r", "--role", "backup", "--label", "small-host", "--quota", "1M"])
+        .args([
+            "--repo",
+            "r",
+            "--role",
+            "backup",
+            "--label",
+            "small-host",
+            "--quota",
+            "1M",
+        ])
         .output()
         .unwrap();
     assert!(out.status.success(), "{}", text(&out));
@@ -1204,7 +1249,10 @@ fn attack_quota_refuses_uploads_over_it() {
     assert_eq!(err.kind(), ErrorKind::NoSpace, "{err}");
     let message = err.to_string();
     assert!(message.contains("small-host (token"), "{message}");
-    assert!(message.contains("quota") && message.contains("1048576"), "{message}");
+    assert!(
+        message.contains("quota") && message.contains("1048576"),
+        "{message}"
+    );
     assert!(client.stat("snapshots/q2").unwrap().is_none());
     // Other tokens are not limited, and the count survives a restart.
     env.client(&env.backup).put("snapshots/q3", &part).unwrap();
@@ -1241,16 +1289,28 @@ fn attack_broken_token_file_fails_closed_and_loudly() {
         refused(&out, "token file is broken");
     }
     let log = env.log();
-    assert!(log.contains("token file is broken") && log.contains("line"), "{log}");
+    assert!(
+        log.contains("token file is broken") && log.contains("line"),
+        "{log}"
+    );
     // Fixed: served again, and the revoked token stays revoked.
     drop_token_by_hand(&env.data(), &original, "read", false);
     env.ok(&env.admin, &["snapshots"]);
-    refused(&env.run(&env.read, &["snapshots"]), "unknown or wrong token");
+    refused(
+        &env.run(&env.read, &["snapshots"]),
+        "unknown or wrong token",
+    );
     assert!(env.log().contains("readable again"), "{}", env.log());
     // A server does not start on a broken file.
     drop_token_by_hand(&env.data(), &original, "read", true);
     let mut child = Command::new(VBACKUP)
-        .args(["server", "--listen", "127.0.0.1:0", "--data", s(&env.data())])
+        .args([
+            "server",
+            "--listen",
+            "127.0.0.1:0",
+            "--data",
+            s(&env.data()),
+        ])
         .stdin(Stdio::null())
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
@@ -1266,7 +1326,11 @@ fn attack_broken_token_file_fails_closed_and_loudly() {
     let out = child.wait_with_output().unwrap();
     assert!(exited, "the server started with a broken token file");
     assert!(!out.status.success(), "{}", text(&out));
-    assert!(stderr(&out).contains("tokens.json") && stderr(&out).contains("line"), "{}", text(&out));
+    assert!(
+        stderr(&out).contains("tokens.json") && stderr(&out).contains("line"),
+        "{}",
+        text(&out)
+    );
 }
 
 #[test]
@@ -1282,13 +1346,19 @@ fn attack_loose_chunks_in_a_packed_repository_are_refused() {
     for token in [&env.backup, &env.admin] {
         let err = env.client(token).put(&junk, b"junk").unwrap_err();
         assert_eq!(err.kind(), ErrorKind::PermissionDenied, "{err}");
-        assert!(err.to_string().contains("keeps its chunks in packs"), "{err}");
+        assert!(
+            err.to_string().contains("keeps its chunks in packs"),
+            "{err}"
+        );
     }
     assert_eq!(env.chunk_files(), 0);
     // A pack must be named by the hash of its bytes.
     let bytes = backup.get(&pack).unwrap();
     let forged = format!("packs/00/{}", "00".repeat(32));
-    for (key, body) in [(forged.as_str(), &bytes[..]), (pack.as_str(), b"junk".as_slice())] {
+    for (key, body) in [
+        (forged.as_str(), &bytes[..]),
+        (pack.as_str(), b"junk".as_slice()),
+    ] {
         let err = backup.put(key, body).unwrap_err();
         assert_eq!(err.kind(), ErrorKind::InvalidKey, "{err}");
         assert!(err.to_string().contains("BLAKE3"), "{err}");
@@ -1308,19 +1378,33 @@ fn attack_refusals_name_the_token_that_wrote_the_object() {
     let admin = env.client(&env.admin);
     let backup_id = token_id(&env.backup);
     let wrote = format!("backup (token {backup_id})");
-    assert_eq!(admin.stat(&snapshot).unwrap().unwrap().writer, Some(wrote.clone()));
+    assert_eq!(
+        admin.stat(&snapshot).unwrap().unwrap().writer,
+        Some(wrote.clone())
+    );
     // Content-addressed objects carry no writer.
     let chunk = admin.list("chunks/").unwrap()[0].key.clone();
     assert_eq!(admin.stat(&chunk).unwrap().unwrap().writer, None);
     // A lease of one backup token, refused to another, names its writer.
     let other = add_token(&env.data(), "r", "backup");
-    env.client(&env.backup).put("locks/lease1", b"lease").unwrap();
+    env.client(&env.backup)
+        .put("locks/lease1", b"lease")
+        .unwrap();
     let err = env.client(&other).put("locks/lease1", b"mine").unwrap_err();
-    assert!(err.to_string().contains(&format!("written by {wrote}")), "{err}");
+    assert!(
+        err.to_string().contains(&format!("written by {wrote}")),
+        "{err}"
+    );
     let err = env.client(&other).delete("locks/lease1").unwrap_err();
-    assert!(err.to_string().contains(&format!("written by {wrote}")), "{err}");
+    assert!(
+        err.to_string().contains(&format!("written by {wrote}")),
+        "{err}"
+    );
     let err = env.client(&other).put(&snapshot, b"forged").unwrap_err();
-    assert!(err.to_string().contains(&format!("written by {wrote}")), "{err}");
+    assert!(
+        err.to_string().contains(&format!("written by {wrote}")),
+        "{err}"
+    );
     // Admin writes are recorded; a move keeps the writer of the bytes.
     admin.put("policy", b"{}").unwrap();
     let admin_id = token_id(&env.admin);
@@ -1339,7 +1423,14 @@ fn attack_refusals_name_the_token_that_wrote_the_object() {
     );
     // A removed token is still named.
     Command::new(VBACKUP)
-        .args(["server", "token", "remove", "--data", s(&env.data()), "backup"])
+        .args([
+            "server",
+            "token",
+            "remove",
+            "--data",
+            s(&env.data()),
+            "backup",
+        ])
         .output()
         .unwrap();
     let writer = admin.stat(&damaged).unwrap().unwrap().writer.unwrap();

@@ -26,8 +26,8 @@ use vbackup_storage::{
 
 use protocol::{
     parse_list_line, validate_repo_name, ErrorReply, ListItem, MissingReply, MissingRequest,
-    RenameRequest, WhoAmI, WireObject, API_PREFIX, CODE_NO_REPOSITORY, CODE_OVER_QUOTA, ERROR_CODE_HEADER,
-    MAX_JSON_BODY, MAX_LIST_LINE, STAT_WRITER_QUERY,
+    RenameRequest, WhoAmI, WireObject, API_PREFIX, CODE_NO_REPOSITORY, CODE_OVER_QUOTA,
+    ERROR_CODE_HEADER, MAX_JSON_BODY, MAX_LIST_LINE, STAT_WRITER_QUERY,
 };
 pub use tls::{fingerprint, parse_fingerprint};
 
@@ -693,7 +693,9 @@ mod tests {
         let batches = missing_batches(&keys);
         assert_eq!(batches.iter().map(|b| b.len()).sum::<usize>(), keys.len());
         assert!(batches.iter().all(|b| b.len() <= MISSING_BATCH));
-        let long: Vec<String> = (0..40).map(|i| format!("x/{i}{}", "y".repeat(60_000))).collect();
+        let long: Vec<String> = (0..40)
+            .map(|i| format!("x/{i}{}", "y".repeat(60_000)))
+            .collect();
         for batch in missing_batches(&long) {
             let body = serde_json::to_vec(&MissingRequest {
                 keys: batch.to_vec(),

@@ -256,14 +256,19 @@ mod tests {
         assert!(parse_list_line(br#"{"key":"../etc","size":1}"#, "").is_err());
         assert!(parse_list_line(b"garbage", "").is_err());
         assert!(parse_list_line(br#"{"key":"a","size":-1}"#, "").is_err());
-        let ListItem::Object(info) =
-            parse_list_line(br#"{"key":"locks/a","size":1,"writer":"ops (token 1)"}"#, "").unwrap()
-        else {
+        let ListItem::Object(info) = parse_list_line(
+            br#"{"key":"locks/a","size":1,"writer":"ops (token 1)"}"#,
+            "",
+        )
+        .unwrap() else {
             panic!("not an object")
         };
         assert_eq!(info.writer.as_deref(), Some("ops (token 1)"));
         assert!(parse_list_line(br#"{"key":"a","size":1,"writer":"a\nb"}"#, "").is_err());
-        let long = format!(r#"{{"key":"a","size":1,"writer":"{}"}}"#, "x".repeat(MAX_WRITER + 1));
+        let long = format!(
+            r#"{{"key":"a","size":1,"writer":"{}"}}"#,
+            "x".repeat(MAX_WRITER + 1)
+        );
         assert!(parse_list_line(long.as_bytes(), "").is_err());
     }
 

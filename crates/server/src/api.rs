@@ -343,8 +343,7 @@ async fn put_object(
     // write here, cannot make the server buffer anything.
     let access = authorize(&shared, &headers, &repo)?;
     check_key(&key)?;
-    if let PutDecision::Refuse(reason) =
-        decide_put(access.token.role, &key, Existing::Absent, true)
+    if let PutDecision::Refuse(reason) = decide_put(access.token.role, &key, Existing::Absent, true)
     {
         return Err(ApiError::forbidden(reason));
     }
@@ -564,7 +563,14 @@ async fn read_json<T: serde::de::DeserializeOwned>(
     headers: &HeaderMap,
     body: Body,
 ) -> ApiResult<T> {
-    let bytes = read_body(body, headers, MAX_JSON_BODY, shared.timeout, "the JSON request").await?;
+    let bytes = read_body(
+        body,
+        headers,
+        MAX_JSON_BODY,
+        shared.timeout,
+        "the JSON request",
+    )
+    .await?;
     serde_json::from_slice(&bytes)
         .map_err(|e| ApiError::bad_request(format!("malformed JSON request: {e}")))
 }
@@ -611,13 +617,19 @@ async fn rename(
     blocking(move || {
         access.backend.rename(&request.from, &request.to)?;
         let data = &access.shared.data;
-        records::move_writer(data, &access.repo, &request.from, &request.to, &access.token.id)
-            .map_err(|e| {
-                ApiError::internal(format!(
-                    "moved '{}' to '{}' but cannot move the record of its writer: {e}",
-                    request.from, request.to
-                ))
-            })?;
+        records::move_writer(
+            data,
+            &access.repo,
+            &request.from,
+            &request.to,
+            &access.token.id,
+        )
+        .map_err(|e| {
+            ApiError::internal(format!(
+                "moved '{}' to '{}' but cannot move the record of its writer: {e}",
+                request.from, request.to
+            ))
+        })?;
         Ok(StatusCode::NO_CONTENT)
     })
     .await

@@ -24,7 +24,10 @@ fn declared_length(headers: &HeaderMap) -> Result<Option<u64>, ApiError> {
     let Some(value) = headers.get(header::CONTENT_LENGTH) else {
         return Ok(None);
     };
-    let parsed = value.to_str().ok().and_then(|v| v.trim().parse::<u64>().ok());
+    let parsed = value
+        .to_str()
+        .ok()
+        .and_then(|v| v.trim().parse::<u64>().ok());
     parsed
         .map(Some)
         .ok_or_else(|| ApiError::bad_request("the request has a malformed Content-Length".into()))
@@ -65,14 +68,14 @@ pub(crate) async fn read_body(
     let mut out = Vec::with_capacity(usize::try_from(capacity).unwrap_or(0));
     let mut body = body;
     loop {
-        let wait = deadline.saturating_duration_since(Instant::now()).min(timeout);
+        let wait = deadline
+            .saturating_duration_since(Instant::now())
+            .min(timeout);
         let frame = match tokio::time::timeout(wait, body.frame()).await {
             Err(_) => return Err(too_slow(what, out.len(), expected)),
             Ok(None) => break,
             Ok(Some(Err(e))) => {
-                return Err(ApiError::bad_request(format!(
-                    "cannot read {what}: {e}"
-                )))
+                return Err(ApiError::bad_request(format!("cannot read {what}: {e}")))
             }
             Ok(Some(Ok(frame))) => frame,
         };

@@ -168,7 +168,14 @@ pub fn run(
             connections: Arc::new(Semaphore::new(config.max_connections)),
             max_connections: config.max_connections,
         };
-        serve(listener, TlsAcceptor::from(Arc::new(tls)), shared, limits, stop).await;
+        serve(
+            listener,
+            TlsAcceptor::from(Arc::new(tls)),
+            shared,
+            limits,
+            stop,
+        )
+        .await;
         Ok(())
     })
 }
@@ -190,7 +197,10 @@ struct Refusals {
 impl Refusals {
     fn refused(&mut self, max: usize) {
         self.count += 1;
-        if self.logged.is_some_and(|t| t.elapsed() < REFUSAL_LOG_INTERVAL) {
+        if self
+            .logged
+            .is_some_and(|t| t.elapsed() < REFUSAL_LOG_INTERVAL)
+        {
             return;
         }
         eprintln!(

@@ -171,9 +171,8 @@ impl Usage {
             fs::write(&temp, used.to_string())?;
             fs::rename(&temp, self.path(id))
         };
-        write().map_err(|e| {
-            ApiError::internal(format!("cannot record the usage of token {id}: {e}"))
-        })
+        write()
+            .map_err(|e| ApiError::internal(format!("cannot record the usage of token {id}: {e}")))
     }
 }
 
@@ -211,7 +210,9 @@ mod tests {
         usage.reserve(&t, 50).unwrap();
         assert!(usage.reserve(&t, 1).is_err());
         // No quota: nothing counted.
-        Usage::new(dir.path()).reserve(&token(None), u64::MAX).unwrap();
+        Usage::new(dir.path())
+            .reserve(&token(None), u64::MAX)
+            .unwrap();
         fs::write(dir.path().join("usage/0123456789abcdef"), "junk").unwrap();
         assert!(Usage::new(dir.path()).reserve(&t, 1).is_err());
     }
@@ -227,9 +228,15 @@ mod tests {
         assert!(writer_of(d, "other", "snapshots/a").is_none());
         move_writer(d, "r", "snapshots/a", "trash/snapshots/a", "admin").unwrap();
         assert!(writer_of(d, "r", "snapshots/a").is_none());
-        assert_eq!(writer_of(d, "r", "trash/snapshots/a").as_deref(), Some("t1"));
+        assert_eq!(
+            writer_of(d, "r", "trash/snapshots/a").as_deref(),
+            Some("t1")
+        );
         move_writer(d, "r", "chunks/ab/c", "damaged/chunks/ab/c", "admin").unwrap();
-        assert_eq!(writer_of(d, "r", "damaged/chunks/ab/c").as_deref(), Some("admin"));
+        assert_eq!(
+            writer_of(d, "r", "damaged/chunks/ab/c").as_deref(),
+            Some("admin")
+        );
         record_writer(d, "r", "locks/l", "t2").unwrap();
         assert!(d.join("lock-owners/r/l").is_file());
         forget_writer(d, "r", "locks/l");

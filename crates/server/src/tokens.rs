@@ -132,7 +132,9 @@ pub fn parse(bytes: &[u8]) -> Result<TokenFile, String> {
 /// name well formed, no id twice. Errors name the entry's line.
 fn check_entries(file: &TokenFile, bytes: &[u8]) -> Result<(), String> {
     let hex = |s: &str, len: usize| {
-        s.len() == len && s.bytes().all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b))
+        s.len() == len
+            && s.bytes()
+                .all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b))
     };
     for (i, entry) in file.tokens.iter().enumerate() {
         let problem = if !hex(&entry.id, 16) {
@@ -140,7 +142,10 @@ fn check_entries(file: &TokenFile, bytes: &[u8]) -> Result<(), String> {
         } else if !hex(&entry.sha256, 64) {
             Some("its sha256 is not 64 lowercase hex digits".to_string())
         } else if entry.repo != "*" && validate_repo_name(&entry.repo).is_err() {
-            Some(format!("its repo {:?} is neither `*` nor a repository name", entry.repo))
+            Some(format!(
+                "its repo {:?} is neither `*` nor a repository name",
+                entry.repo
+            ))
         } else if file.tokens[..i].iter().any(|t| t.id == entry.id) {
             Some("its id is used by an earlier token".to_string())
         } else {
@@ -151,7 +156,11 @@ fn check_entries(file: &TokenFile, bytes: &[u8]) -> Result<(), String> {
                 "token {} (id {:?}, line {}): {problem}",
                 i + 1,
                 entry.id,
-                line_of(bytes, &entry.id, file.tokens[..i].iter().filter(|t| t.id == entry.id).count())
+                line_of(
+                    bytes,
+                    &entry.id,
+                    file.tokens[..i].iter().filter(|t| t.id == entry.id).count()
+                )
             ));
         }
     }
@@ -433,7 +442,10 @@ mod tests {
         file.tokens.push(twin);
         let bytes = serde_json::to_vec_pretty(&file).unwrap();
         let err = parse(&bytes).unwrap_err();
-        assert!(err.contains("token 2") && err.contains("used by an earlier"), "{err}");
+        assert!(
+            err.contains("token 2") && err.contains("used by an earlier"),
+            "{err}"
+        );
         assert!(err.contains("line 13"), "{err}");
         file.tokens.truncate(1);
         file.tokens[0].repo = "../etc".into();

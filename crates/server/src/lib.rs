@@ -19,6 +19,7 @@ mod api;
 mod body;
 pub mod cert;
 mod records;
+mod stall;
 pub mod tokens;
 
 use std::net::SocketAddr;
@@ -75,8 +76,9 @@ pub struct ServerConfig {
     pub key: Option<PathBuf>,
     /// How long a client may keep the server waiting: for the TLS
     /// handshake (at most 10 s), for a request's headers, on an idle
-    /// connection, and between two pieces of a body (a whole body gets
-    /// this plus one second per 32 KiB).
+    /// connection, between two pieces of a body (a whole body gets this
+    /// plus one second per 32 KiB), and reading a reply (a write that makes
+    /// no progress for this long closes the connection).
     pub timeout: Duration,
     /// The most connections served at once; more are closed at once.
     pub max_connections: usize,
@@ -260,7 +262,10 @@ async fn serve(
                         .timer(TokioTimer::new())
                         .header_read_timeout(timeout)
                         .max_header_size(MAX_HEADER_BYTES)
-                        .serve_connection(TokioIo::new(stream), service);
+                        .serve_connection(
+                            TokioIo::new(stall::WriteDeadline::new(stream, timeout)),
+                            service,
+                        );
                     tokio::pin!(connection);
                     tokio::select! {
                         _ = connection.as_mut() => {}

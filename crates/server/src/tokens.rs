@@ -281,8 +281,12 @@ pub fn authenticate(file: &TokenFile, token: &str) -> Result<TokenEntry, AuthErr
 #[derive(Debug)]
 pub struct TokenStore {
     data: PathBuf,
-    cached: RwLock<(Option<(SystemTime, u64)>, Result<TokenFile, String>)>,
+    cached: RwLock<(Option<Stamp>, Result<TokenFile, String>)>,
 }
+
+/// When the token file was last changed and its length: a new stamp means
+/// it must be read again.
+type Stamp = (SystemTime, u64);
 
 impl TokenStore {
     /// Loads the tokens of `data`; a broken file is an error, so the server
@@ -345,7 +349,7 @@ impl TokenStore {
     }
 }
 
-fn stamp(data: &Path) -> Option<(SystemTime, u64)> {
+fn stamp(data: &Path) -> Option<Stamp> {
     let meta = fs::metadata(tokens_path(data)).ok()?;
     Some((meta.modified().ok()?, meta.len()))
 }

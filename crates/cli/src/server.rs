@@ -45,6 +45,10 @@ pub struct ServerArgs {
     /// The most connections served at once; more are closed at once.
     #[arg(long, value_name = "N", default_value_t = vbackup_server::DEFAULT_MAX_CONNECTIONS)]
     pub max_connections: usize,
+    /// The most bytes of uploads held in memory at once, e.g. 1G (at least
+    /// 80M); more uploads wait for room.
+    #[arg(long, value_name = "SIZE", default_value = "1G", value_parser = crate::args::parse_size)]
+    pub max_upload_memory: u64,
 }
 
 /// `vbackup server token ...`.
@@ -154,6 +158,7 @@ fn serve(ctx: &Context, args: &ServerArgs) -> Result<()> {
         key: args.key.clone(),
         timeout: args.timeout,
         max_connections: args.max_connections,
+        max_upload_memory: args.max_upload_memory,
     };
     vbackup_server::run(&config, Arc::clone(&ctx.signal), |started| {
         let mut out = std::io::stdout().lock();

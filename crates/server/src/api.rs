@@ -26,7 +26,7 @@ use vbackup_remote::OBJECT_SIZE_HEADER;
 use vbackup_storage::{validate_key, Backend, ErrorKind, LocalBackend, StorageError};
 
 use crate::access::{decide_put, may_delete, may_rename, Existing, PutDecision};
-use crate::body::read_body;
+use crate::body::{read_body, reserve_memory};
 use crate::records::{self, Usage};
 use crate::tokens::{tokens_path, AuthError, TokenEntry, TokenStore};
 
@@ -52,6 +52,9 @@ pub(crate) struct Shared {
     pub timeout: Duration,
     /// The bytes tokens with a quota have added.
     pub usage: Usage,
+    /// The budget of upload bodies held in memory at once, in
+    /// [`crate::body::MEMORY_UNIT`]s.
+    pub upload_memory: Arc<tokio::sync::Semaphore>,
 }
 
 type AppState = Arc<Shared>;
@@ -353,9 +356,12 @@ async fn put_object(
     })
     .await?;
     let (access, key) = access;
+    let memory = reserve_memory(&shared.upload_memory, &headers, MAX_BODY, shared.timeout).await?;
     let body = read_body(body, &headers, MAX_BODY, shared.timeout, "the object").await?;
     check_pack_name(&key, &body)?;
-    blocking(move || store(&access, &key, &body)).await
+    let stored = blocking(move || store(&access, &key, &body)).await;
+    drop(memory);
+    stored
 }
 
 /// Refuses a loose chunk (`chunks/...`) in a repository whose config says

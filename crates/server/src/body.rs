@@ -8,6 +8,7 @@ use std::time::Duration;
 use axum::body::{Body, Bytes};
 use axum::http::{header, HeaderMap, StatusCode};
 use http_body_util::BodyExt;
+use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use tokio::time::Instant;
 
 use crate::api::ApiError;
@@ -31,6 +32,36 @@ fn declared_length(headers: &HeaderMap) -> Result<Option<u64>, ApiError> {
     parsed
         .map(Some)
         .ok_or_else(|| ApiError::bad_request("the request has a malformed Content-Length".into()))
+}
+
+/// The unit of the upload memory budget ([`reserve_memory`]).
+pub(crate) const MEMORY_UNIT: u64 = 1 << 10;
+
+/// Reserves room for an upload body (its `Content-Length`, else `limit`)
+/// in the server-wide budget of upload memory `budget` (in
+/// [`MEMORY_UNIT`]s), waiting at most `timeout` for other uploads to
+/// finish; the reservation lasts as long as the returned permit. So
+/// uploads held in memory at once never pass the budget, however many
+/// connections send them.
+pub(crate) async fn reserve_memory(
+    budget: &std::sync::Arc<Semaphore>,
+    headers: &HeaderMap,
+    limit: usize,
+    timeout: Duration,
+) -> Result<OwnedSemaphorePermit, ApiError> {
+    let bytes = declared_length(headers)?
+        .unwrap_or(limit as u64)
+        .min(limit as u64);
+    let units = u32::try_from(bytes.div_ceil(MEMORY_UNIT)).unwrap_or(u32::MAX);
+    let wait = std::sync::Arc::clone(budget).acquire_many_owned(units);
+    match tokio::time::timeout(timeout, wait).await {
+        Ok(Ok(permit)) => Ok(permit),
+        Ok(Err(_)) | Err(_) => Err(ApiError::new(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "busy",
+            "the server is holding as many uploads in memory as it allows (--max-upload-memory); try again".into(),
+        )),
+    }
 }
 
 /// The refusal of a body over `limit` bytes.
@@ -152,6 +183,28 @@ mod tests {
         .unwrap_err();
         assert_eq!(err.status(), StatusCode::REQUEST_TIMEOUT);
         drop(tx);
+    }
+
+    #[tokio::test]
+    async fn attack_many_large_uploads_wait_for_the_memory_budget() {
+        let budget = std::sync::Arc::new(Semaphore::new(100));
+        let t = Duration::from_millis(200);
+        let first = reserve_memory(&budget, &length("81920"), 1 << 20, t)
+            .await
+            .unwrap();
+        // A second 80 KiB upload does not fit beside the first.
+        let err = reserve_memory(&budget, &length("81920"), 1 << 20, t)
+            .await
+            .unwrap_err();
+        assert_eq!(err.status(), StatusCode::SERVICE_UNAVAILABLE);
+        // A body without a length is counted at the limit.
+        assert!(reserve_memory(&budget, &HeaderMap::new(), 40 << 10, t)
+            .await
+            .is_err());
+        drop(first);
+        let _second = reserve_memory(&budget, &length("81920"), 1 << 20, t)
+            .await
+            .unwrap();
     }
 
     #[test]

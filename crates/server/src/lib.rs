@@ -82,7 +82,13 @@ pub struct ServerConfig {
     pub timeout: Duration,
     /// The most connections served at once; more are closed at once.
     pub max_connections: usize,
+    /// The most bytes of upload bodies held in memory at once (at least
+    /// one largest object, 80 MiB); further uploads wait for room.
+    pub max_upload_memory: u64,
 }
+
+/// The default [`ServerConfig::max_upload_memory`]: 1 GiB.
+pub const DEFAULT_MAX_UPLOAD_MEMORY: u64 = 1 << 30;
 
 /// The default [`ServerConfig::timeout`].
 pub const DEFAULT_TIMEOUT: Duration = Duration::from_secs(60);
@@ -145,11 +151,21 @@ pub fn run(
     if config.max_connections == 0 {
         return Err(Error::Usage("--max-connections must be at least 1".into()));
     }
+    if config.max_upload_memory < api::MAX_BODY as u64 {
+        return Err(Error::Usage(format!(
+            "--max-upload-memory must be at least {} bytes (one largest object)",
+            api::MAX_BODY
+        )));
+    }
+    let units = usize::try_from(config.max_upload_memory / body::MEMORY_UNIT)
+        .unwrap_or(usize::MAX)
+        .min(Semaphore::MAX_PERMITS);
     let shared = Arc::new(api::Shared {
         data: config.data.clone(),
         tokens,
         timeout: config.timeout,
         usage: records::Usage::new(&config.data),
+        upload_memory: Arc::new(Semaphore::new(units)),
     });
     let token_count = shared.tokens.len();
     runtime.block_on(async move {

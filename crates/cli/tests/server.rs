@@ -1303,7 +1303,7 @@ fn drop_token_by_hand(data: &Path, original: &str, label: &str, broken: bool) {
 
 #[test]
 fn attack_broken_token_file_fails_closed_and_loudly() {
-    let env = Env::with_server(&["init"], &["--timeout", "60s"]);
+    let env = Env::with_server(&["init"], &[]);
     env.ok(&env.read, &["snapshots"]);
     let original = std::fs::read_to_string(env.data().join("tokens.json")).unwrap();
     // The operator revokes the read token by hand and breaks the file.

@@ -22,7 +22,6 @@ use vbackup_remote::protocol::{
     RenameRequest, WhoAmI, WireObject, CODE_NO_REPOSITORY, ERROR_CODE_HEADER, MAX_JSON_BODY,
     MAX_MISSING_BATCH,
 };
-use vbackup_remote::OBJECT_SIZE_HEADER;
 use vbackup_storage::{validate_key, Backend, ErrorKind, LocalBackend, StorageError};
 
 use crate::access::{decide_put, may_delete, may_rename, Existing, PutDecision};
@@ -276,24 +275,11 @@ async fn get_object(
 ) -> ApiResult<Response> {
     let access = authorize(&shared, &headers, &repo)?;
     check_key(&key)?;
-    blocking(move || {
-        let backend = &access.backend;
-        let octets = [(header::CONTENT_TYPE, "application/octet-stream".to_string())];
-        match (range.offset, range.length) {
-            (None, None) => Ok((octets, backend.get(&key)?).into_response()),
-            (offset, length) => {
-                let (offset, length) = (offset.unwrap_or(0), length.unwrap_or(u64::MAX));
-                let size = backend
-                    .stat(&key)?
-                    .ok_or_else(|| StorageError::new(ErrorKind::NotFound, &key, "not found"))?
-                    .size;
-                let data = backend.get_range(&key, offset, length)?;
-                let size_header = [(OBJECT_SIZE_HEADER, size.to_string())];
-                Ok((octets, size_header, data).into_response())
-            }
-        }
-    })
-    .await
+    let ranged = match (range.offset, range.length) {
+        (None, None) => None,
+        (offset, length) => Some((offset.unwrap_or(0), length.unwrap_or(u64::MAX))),
+    };
+    crate::download::object_reply(access.root().join(&key), key, ranged).await
 }
 
 /// What is stored under the name `key` compared with `data`.

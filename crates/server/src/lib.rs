@@ -18,6 +18,7 @@ pub mod access;
 mod api;
 mod body;
 pub mod cert;
+mod download;
 mod records;
 mod stall;
 pub mod tokens;

@@ -37,6 +37,18 @@ pub struct ServerArgs {
     /// Private key (PEM) of --cert.
     #[arg(long, value_name = "PEM", requires = "cert")]
     pub key: Option<PathBuf>,
+    /// How long a client may keep the server waiting for the next bytes of
+    /// a request (headers, body, an idle connection); a body also gets one
+    /// second per 32 KiB.
+    #[arg(long, value_name = "DURATION", default_value = "60s", value_parser = crate::args::parse_duration)]
+    pub timeout: std::time::Duration,
+    /// The most connections served at once; more are closed at once.
+    #[arg(long, value_name = "N", default_value_t = vbackup_server::DEFAULT_MAX_CONNECTIONS)]
+    pub max_connections: usize,
+    /// The most bytes of uploads held in memory at once, e.g. 1G (at least
+    /// 80M); more uploads wait for room.
+    #[arg(long, value_name = "SIZE", default_value = "1G", value_parser = crate::args::parse_size)]
+    pub max_upload_memory: u64,
 }
 
 /// `vbackup server token ...`.
@@ -83,6 +95,9 @@ pub struct TokenAddArgs {
     /// A note on whose token this is.
     #[arg(long, default_value = "")]
     pub label: String,
+    /// The most bytes of new objects this token may add, e.g. 500G.
+    #[arg(long, value_name = "SIZE", value_parser = crate::args::parse_size)]
+    pub quota: Option<u64>,
 }
 
 /// `vbackup server token remove`.
@@ -141,6 +156,9 @@ fn serve(ctx: &Context, args: &ServerArgs) -> Result<()> {
         data: data.clone(),
         cert: args.cert.clone(),
         key: args.key.clone(),
+        timeout: args.timeout,
+        max_connections: args.max_connections,
+        max_upload_memory: args.max_upload_memory,
     };
     vbackup_server::run(&config, Arc::clone(&ctx.signal), |started| {
         let mut out = std::io::stdout().lock();
@@ -179,6 +197,8 @@ struct TokenView<'a> {
     label: &'a str,
     created: &'a str,
     #[serde(skip_serializing_if = "Option::is_none")]
+    quota: Option<u64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
     token: Option<&'a str>,
 }
 
@@ -189,6 +209,7 @@ fn view<'a>(entry: &'a TokenEntry, token: Option<&'a str>) -> TokenView<'a> {
         role: entry.role,
         label: &entry.label,
         created: &entry.created,
+        quota: entry.quota,
         token,
     }
 }
@@ -211,9 +232,14 @@ fn token(ctx: &Context, command: &TokenCommand) -> Result<()> {
                         .into(),
                 ));
             };
-            let (entry, secret) =
-                vbackup_server::tokens::add(&args.data, repository, args.role.into(), &args.label)
-                    .map_err(server_error)?;
+            let (entry, secret) = vbackup_server::tokens::add(
+                &args.data,
+                repository,
+                args.role.into(),
+                &args.label,
+                args.quota,
+            )
+            .map_err(server_error)?;
             if json {
                 println!(
                     "{}",
@@ -236,13 +262,15 @@ fn token(ctx: &Context, command: &TokenCommand) -> Result<()> {
                 println!("{}", serde_json::to_string_pretty(&views)?);
             } else {
                 for t in &file.tokens {
+                    let quota = t.quota.map(|q| format!("  quota {q} bytes"));
                     println!(
-                        "{}  {:<7} {:<20} {}  {}",
+                        "{}  {:<7} {:<20} {}  {}{}",
                         t.id,
                         role_name(t.role),
                         t.repo,
                         t.created,
-                        t.label
+                        t.label,
+                        quota.unwrap_or_default()
                     );
                 }
             }

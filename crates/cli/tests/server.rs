@@ -35,11 +35,21 @@ struct Server {
 
 impl Server {
     fn start(data: &Path) -> Self {
+        Self::start_with(data, &[], None)
+    }
+
+    /// A server with more options, its stderr written to `log` if given.
+    fn start_with(data: &Path, options: &[&str], log: Option<&Path>) -> Self {
+        let stderr = match log {
+            Some(path) => Stdio::from(std::fs::File::create(path).unwrap()),
+            None => Stdio::inherit(),
+        };
         let mut child = Command::new(VBACKUP)
             .args(["server", "--listen", "127.0.0.1:0", "--data", s(data)])
+            .args(options)
             .stdin(Stdio::null())
             .stdout(Stdio::piped())
-            .stderr(Stdio::inherit())
+            .stderr(stderr)
             .spawn()
             .unwrap();
         let stdout = child.stdout.take().unwrap();
@@ -143,12 +153,23 @@ impl Env {
 
     /// [`Env::new`], initialising `r` with `init` (the command and its options).
     fn with_init(init: &[&str]) -> Self {
+        Self::build(init, &[], false)
+    }
+
+    /// [`Env::with_init`] with more server options; the server's stderr
+    /// goes to the file `server.log` (see [`Env::log`]).
+    fn with_server(init: &[&str], options: &[&str]) -> Self {
+        Self::build(init, options, true)
+    }
+
+    fn build(init: &[&str], options: &[&str], log: bool) -> Self {
         let dir = tempfile::tempdir().unwrap();
         let data = dir.path().join("data");
         let admin = add_token(&data, "*", "admin");
         let backup = add_token(&data, "r", "backup");
         let read = add_token(&data, "r", "read");
-        let server = Server::start(&data);
+        let log = log.then(|| dir.path().join("server.log"));
+        let server = Server::start_with(&data, options, log.as_deref());
         let env = Self {
             dir,
             server,
@@ -163,6 +184,11 @@ impl Env {
 
     fn data(&self) -> PathBuf {
         self.dir.path().join("data")
+    }
+
+    /// What the server wrote to stderr so far (with [`Env::with_server`]).
+    fn log(&self) -> String {
+        std::fs::read_to_string(self.path("server.log")).unwrap_or_default()
     }
 
     fn path(&self, name: &str) -> PathBuf {
@@ -381,7 +407,9 @@ fn a_repository_with_packs_backs_up_restores_and_prunes_through_the_server() {
     let pack = client.list("packs/").unwrap()[0].key.clone();
     let stored = client.get(&pack).unwrap();
     assert!(client.delete(&pack).is_err());
-    client.put(&pack, b"other bytes").unwrap();
+    // Its name is the hash of its bytes: other bytes are refused.
+    let err = client.put(&pack, b"other bytes").unwrap_err();
+    assert_eq!(err.kind(), ErrorKind::InvalidKey, "{err}");
     assert_eq!(client.get(&pack).unwrap(), stored);
 
     let restored = env.restore(&snapshot_id(&first), "a");
@@ -941,4 +969,494 @@ VBACKUP_TOKEN=$BK {bin} verify >/dev/null 2>&1; echo "verify-exit=$?"
         retry["stats"]["chunks-reused"].as_u64().unwrap() > 0,
         "{retry}"
     );
+}
+
+// ---- Issue 10: attacks on the server that must fail ----
+
+type Tls = rustls::StreamOwned<rustls::ClientConnection, TcpStream>;
+
+/// A TLS connection to the server that fails a test rather than hang.
+fn connect(env: &Env) -> Tls {
+    let stream = vbackup_remote::raw_connect(&env.server.addr, &env.server.fingerprint).unwrap();
+    stream
+        .sock
+        .set_read_timeout(Some(Duration::from_secs(30)))
+        .unwrap();
+    stream
+}
+
+/// Reads what the server sends until it has sent a whole reply head and
+/// `body_bytes` more, or closes, or goes quiet (the read timeout).
+fn read_reply(stream: &mut Tls) -> String {
+    let mut reply = Vec::new();
+    let mut buf = [0u8; 4096];
+    loop {
+        match stream.read(&mut buf) {
+            Ok(0) | Err(_) => break,
+            Ok(n) => reply.extend_from_slice(&buf[..n]),
+        }
+        let text = String::from_utf8_lossy(&reply);
+        if let Some((head, body)) = text.split_once("\r\n\r\n") {
+            let length = head
+                .lines()
+                .find_map(|l| {
+                    l.to_ascii_lowercase()
+                        .strip_prefix("content-length: ")
+                        .map(str::to_string)
+                })
+                .and_then(|n| n.trim().parse::<usize>().ok());
+            if length.is_some_and(|n| body.len() >= n) {
+                break;
+            }
+        }
+    }
+    String::from_utf8_lossy(&reply).into_owned()
+}
+
+fn head(method: &str, path: &str, token: Option<&str>, length: u64) -> String {
+    let auth = token
+        .map(|t| format!("Authorization: Bearer {t}\r\n"))
+        .unwrap_or_default();
+    format!("{method} {path} HTTP/1.1\r\nHost: localhost\r\n{auth}Content-Type: application/json\r\nContent-Length: {length}\r\n\r\n")
+}
+
+/// The id in a `vbk1.<id>.<secret>` token.
+fn token_id(token: &str) -> &str {
+    token.split('.').nth(1).unwrap()
+}
+
+#[test]
+fn attack_unauthenticated_huge_body_is_answered_before_it_is_read() {
+    let env = Env::new();
+    for (method, path) in [
+        ("POST", "/v1/repos/r/missing"),
+        ("POST", "/v1/repos/r/rename"),
+        ("PUT", "/v1/repos/r/objects/chunks/ab/abcd"),
+    ] {
+        for token in [None, Some("vbk1.0000000000000000.00")] {
+            let mut stream = connect(&env);
+            stream
+                .write_all(head(method, path, token, 66_000_000).as_bytes())
+                .unwrap();
+            // A sliver of the 66 MB: the refusal must come without the rest.
+            stream.write_all(&[b'['; 64 << 10]).unwrap();
+            stream.flush().unwrap();
+            let reply = read_reply(&mut stream);
+            assert!(
+                reply.starts_with("HTTP/1.1 401"),
+                "{method} {path} {token:?}: {reply:?}"
+            );
+        }
+    }
+    // A read token may not rename: refused before the body too.
+    let mut stream = connect(&env);
+    let request = head("POST", "/v1/repos/r/rename", Some(&env.read), 66_000_000);
+    stream.write_all(request.as_bytes()).unwrap();
+    stream.flush().unwrap();
+    assert!(read_reply(&mut stream).starts_with("HTTP/1.1 403"));
+}
+
+#[test]
+fn attack_oversized_json_body_gets_413() {
+    let env = Env::new();
+    for path in ["/v1/repos/r/missing", "/v1/repos/r/rename"] {
+        let mut stream = connect(&env);
+        let request = head("POST", path, Some(&env.admin), 2 * MIB);
+        stream.write_all(request.as_bytes()).unwrap();
+        stream.flush().unwrap();
+        let reply = read_reply(&mut stream);
+        assert!(reply.starts_with("HTTP/1.1 413"), "{path}: {reply}");
+        assert!(reply.contains("larger than the 1048576 bytes"), "{reply}");
+    }
+    // Chunked, without a length: cut off once past the limit.
+    let mut stream = connect(&env);
+    let request = format!(
+        "POST /v1/repos/r/missing HTTP/1.1\r\nHost: localhost\r\nAuthorization: Bearer {}\r\nTransfer-Encoding: chunked\r\n\r\n",
+        env.admin
+    );
+    stream.write_all(request.as_bytes()).unwrap();
+    let piece = vec![b' '; 64 << 10];
+    for _ in 0..20 {
+        let sent = stream
+            .write_all(format!("{:x}\r\n", piece.len()).as_bytes())
+            .and_then(|()| stream.write_all(&piece))
+            .and_then(|()| stream.write_all(b"\r\n"))
+            .and_then(|()| stream.flush());
+        if sent.is_err() {
+            break;
+        }
+    }
+    let reply = read_reply(&mut stream);
+    assert!(reply.starts_with("HTTP/1.1 413"), "{reply}");
+    // Normal chunk-presence queries still work.
+    let client = env.client(&env.read);
+    assert_eq!(
+        client.missing(&["chunks/ab/x".to_string()]).unwrap().len(),
+        1
+    );
+}
+
+/// Sends `piece` every 100 ms until the server answers or closes; returns
+/// what it sent and the reply.
+fn trickle(stream: &mut Tls, piece: &[u8], most: usize) -> (usize, String) {
+    stream
+        .sock
+        .set_read_timeout(Some(Duration::from_millis(100)))
+        .unwrap();
+    let mut buf = [0u8; 4096];
+    let mut reply = Vec::new();
+    for sent in 0..most {
+        if stream
+            .write_all(piece)
+            .and_then(|()| stream.flush())
+            .is_err()
+        {
+            return (sent, String::from_utf8_lossy(&reply).into_owned());
+        }
+        match stream.read(&mut buf) {
+            Ok(0) => return (sent, String::from_utf8_lossy(&reply).into_owned()),
+            Ok(n) => {
+                reply.extend_from_slice(&buf[..n]);
+                stream
+                    .sock
+                    .set_read_timeout(Some(Duration::from_secs(5)))
+                    .unwrap();
+                let _ = stream.read_to_end(&mut reply);
+                return (sent, String::from_utf8_lossy(&reply).into_owned());
+            }
+            Err(e)
+                if matches!(
+                    e.kind(),
+                    std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
+                ) => {}
+            Err(_) => return (sent, String::from_utf8_lossy(&reply).into_owned()),
+        }
+    }
+    (most, String::from_utf8_lossy(&reply).into_owned())
+}
+
+#[test]
+fn attack_slow_body_and_slow_headers_are_cut_off() {
+    let env = Env::with_server(&["init"], &["--timeout", "2s"]);
+    // A body of 2000 bytes sent one byte per 100 ms would take 200 s;
+    // each byte comes well within the timeout, the whole body does not.
+    let mut stream = connect(&env);
+    let request = head(
+        "PUT",
+        "/v1/repos/r/objects/snapshots/slow",
+        Some(&env.backup),
+        2000,
+    );
+    stream.write_all(request.as_bytes()).unwrap();
+    let (sent, reply) = trickle(&mut stream, b"x", 2000);
+    assert!(sent < 2000, "the server waited for the whole slow body");
+    assert!(reply.starts_with("HTTP/1.1 408"), "{reply:?}");
+    assert!(reply.contains("too slowly"), "{reply}");
+    // Headers that never end (slowloris): the connection is closed.
+    let mut stream = connect(&env);
+    stream
+        .write_all(b"GET /v1/repos/r/whoami HTTP/1.1\r\nHost: localhost\r\n")
+        .unwrap();
+    let (sent, _) = trickle(&mut stream, b"X-Slow: 1\r\n", 2000);
+    assert!(sent < 2000, "the server waited for endless headers");
+    // An idle connection is closed too.
+    let mut stream = connect(&env);
+    let mut byte = [0u8; 1];
+    match stream.read(&mut byte) {
+        Ok(0) => {}
+        Ok(_) => panic!("the server sent bytes on an idle connection"),
+        Err(e) => assert!(
+            !matches!(
+                e.kind(),
+                std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
+            ),
+            "an idle connection stayed open: {e}"
+        ),
+    }
+    // A reader that asks for a large object and stops reading is cut off
+    // (more than the socket buffers hold, so the server's writes stall).
+    let big = noise(40 * MIB as usize, 6);
+    env.client(&env.admin).put("snapshots/big", &big).unwrap();
+    let mut stream = connect(&env);
+    let request = format!(
+        "GET /v1/repos/r/objects/snapshots/big HTTP/1.1\r\nHost: localhost\r\nAuthorization: Bearer {}\r\n\r\n",
+        env.read
+    );
+    stream.write_all(request.as_bytes()).unwrap();
+    stream.flush().unwrap();
+    std::thread::sleep(Duration::from_secs(6));
+    stream
+        .sock
+        .set_read_timeout(Some(Duration::from_secs(10)))
+        .unwrap();
+    let mut reply = Vec::new();
+    let _ = stream.read_to_end(&mut reply);
+    assert!(reply.starts_with(b"HTTP/1.1 200"));
+    assert!(
+        reply.len() < big.len(),
+        "a stalled reader got the whole reply"
+    );
+    // Normal requests are served.
+    let read = env.client(&env.read);
+    assert_eq!(read.get("snapshots/big").unwrap(), big);
+}
+
+#[test]
+fn attack_connection_flood_is_capped() {
+    let env = Env::with_server(&["init"], &["--max-connections", "2"]);
+    let whoami = |env: &Env| {
+        let request = format!(
+            "GET /v1/repos/r/whoami HTTP/1.1\r\nHost: localhost\r\nAuthorization: Bearer {}\r\nConnection: close\r\n\r\n",
+            env.read
+        );
+        vbackup_remote::raw_exchange(
+            &env.server.addr,
+            &env.server.fingerprint,
+            request.as_bytes(),
+        )
+        .map(|r| String::from_utf8_lossy(&r).into_owned())
+        .unwrap_or_default()
+    };
+    let up = (0..100).any(|_| {
+        std::thread::sleep(Duration::from_millis(100));
+        whoami(&env).starts_with("HTTP/1.1 200")
+    });
+    assert!(up, "the server does not serve");
+    // Two silent connections hold both places: a third is closed at once.
+    let hogs: Vec<TcpStream> = (0..2)
+        .map(|_| TcpStream::connect(&env.server.addr).unwrap())
+        .collect();
+    std::thread::sleep(Duration::from_millis(300));
+    assert_eq!(whoami(&env), "", "a connection over the cap was served");
+    // Logged before the connection is closed.
+    assert!(
+        env.log().contains("refused: already serving 2"),
+        "{}",
+        env.log()
+    );
+    drop(hogs);
+    // Their places free up as soon as they close.
+    let served = (0..100).any(|_| {
+        std::thread::sleep(Duration::from_millis(100));
+        whoami(&env).starts_with("HTTP/1.1 200")
+    });
+    assert!(served, "the server did not serve again after the flood");
+}
+
+#[test]
+fn attack_quota_refuses_uploads_over_it() {
+    let env = Env::new();
+    let out = Command::new(VBACKUP)
+        .args(["--json", "server", "token", "add", "--data", s(&env.data())])
+        .args([
+            "--repo",
+            "r",
+            "--role",
+            "backup",
+            "--label",
+            "small-host",
+            "--quota",
+            "1M",
+        ])
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", text(&out));
+    let json: Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(json["quota"], MIB, "{json}");
+    let token = json["token"].as_str().unwrap().to_string();
+    let client = env.client(&token);
+    let part = noise(600 << 10, 3);
+    client.put("snapshots/q1", &part).unwrap();
+    // The same object again adds nothing.
+    client.put("snapshots/q1", &part).unwrap();
+    let err = client.put("snapshots/q2", &part).unwrap_err();
+    assert_eq!(err.kind(), ErrorKind::NoSpace, "{err}");
+    let message = err.to_string();
+    assert!(message.contains("small-host (token"), "{message}");
+    assert!(
+        message.contains("quota") && message.contains("1048576"),
+        "{message}"
+    );
+    assert!(client.stat("snapshots/q2").unwrap().is_none());
+    // Other tokens are not limited, and the count survives a restart.
+    env.client(&env.backup).put("snapshots/q3", &part).unwrap();
+    let used = std::fs::read_to_string(env.data().join("usage").join(token_id(&token))).unwrap();
+    assert_eq!(used, (600u64 << 10).to_string());
+}
+
+/// Writes the token file `original` without the token labelled `label`,
+/// leaving a syntax error when `broken` (a doubled comma, as a hand edit
+/// might).
+fn drop_token_by_hand(data: &Path, original: &str, label: &str, broken: bool) {
+    let path = data.join("tokens.json");
+    let mut file: Value = serde_json::from_str(original).unwrap();
+    file["tokens"]
+        .as_array_mut()
+        .unwrap()
+        .retain(|t| t["label"] != label);
+    let mut text = serde_json::to_string_pretty(&file).unwrap();
+    if broken {
+        text = text.replacen("\"label\": \"admin\",", "\"label\": \"admin\",,", 1);
+    }
+    std::fs::write(&path, text).unwrap();
+}
+
+#[test]
+fn attack_broken_token_file_fails_closed_and_loudly() {
+    let env = Env::with_server(&["init"], &[]);
+    env.ok(&env.read, &["snapshots"]);
+    let original = std::fs::read_to_string(env.data().join("tokens.json")).unwrap();
+    // The operator revokes the read token by hand and breaks the file.
+    drop_token_by_hand(&env.data(), &original, "read", true);
+    for token in [&env.read, &env.admin, &env.backup] {
+        let out = env.run(token, &["snapshots"]);
+        refused(&out, "token file is broken");
+    }
+    let log = env.log();
+    assert!(
+        log.contains("token file is broken") && log.contains("line"),
+        "{log}"
+    );
+    // Fixed: served again, and the revoked token stays revoked.
+    drop_token_by_hand(&env.data(), &original, "read", false);
+    env.ok(&env.admin, &["snapshots"]);
+    refused(
+        &env.run(&env.read, &["snapshots"]),
+        "unknown or wrong token",
+    );
+    assert!(env.log().contains("readable again"), "{}", env.log());
+    // A server does not start on a broken file.
+    drop_token_by_hand(&env.data(), &original, "read", true);
+    let mut child = Command::new(VBACKUP)
+        .args([
+            "server",
+            "--listen",
+            "127.0.0.1:0",
+            "--data",
+            s(&env.data()),
+        ])
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let exited = (0..200).any(|_| {
+        std::thread::sleep(Duration::from_millis(100));
+        child.try_wait().unwrap().is_some()
+    });
+    if !exited {
+        let _ = child.kill();
+    }
+    let out = child.wait_with_output().unwrap();
+    assert!(exited, "the server started with a broken token file");
+    assert!(!out.status.success(), "{}", text(&out));
+    assert!(
+        stderr(&out).contains("tokens.json") && stderr(&out).contains("line"),
+        "{}",
+        text(&out)
+    );
+}
+
+#[test]
+fn attack_loose_chunks_in_a_packed_repository_are_refused() {
+    let env = Env::with_init(&["init", "--pack-size", "4M"]);
+    let image = env.path("a.raw");
+    raw_image(&image, 6 * MIB as usize, 4);
+    env.backup("a", &image);
+    let backup = env.client(&env.backup);
+    let pack = backup.list("packs/").unwrap()[0].key.clone();
+    // Junk under a chunk name would shadow the packed chunk of that name.
+    let junk = format!("chunks/ab/{}", "ab".repeat(32));
+    for token in [&env.backup, &env.admin] {
+        let err = env.client(token).put(&junk, b"junk").unwrap_err();
+        assert_eq!(err.kind(), ErrorKind::PermissionDenied, "{err}");
+        assert!(
+            err.to_string().contains("keeps its chunks in packs"),
+            "{err}"
+        );
+    }
+    assert_eq!(env.chunk_files(), 0);
+    // A pack must be named by the hash of its bytes.
+    let bytes = backup.get(&pack).unwrap();
+    let forged = format!("packs/00/{}", "00".repeat(32));
+    for (key, body) in [
+        (forged.as_str(), &bytes[..]),
+        (pack.as_str(), b"junk".as_slice()),
+    ] {
+        let err = backup.put(key, body).unwrap_err();
+        assert_eq!(err.kind(), ErrorKind::InvalidKey, "{err}");
+        assert!(err.to_string().contains("BLAKE3"), "{err}");
+    }
+    backup.put(&pack, &bytes).unwrap();
+    assert_eq!(backup.get(&pack).unwrap(), bytes);
+    let verify = env.ok(&env.read, &["verify"]);
+    assert!(verify.contains("no damage found"), "{verify}");
+}
+
+#[test]
+fn attack_refusals_name_the_token_that_wrote_the_object() {
+    let env = Env::new();
+    let image = env.path("a.raw");
+    raw_image(&image, 2 * MIB as usize, 5);
+    let snapshot = format!("snapshots/{}", snapshot_id(&env.backup("a", &image)));
+    let admin = env.client(&env.admin);
+    let backup_id = token_id(&env.backup);
+    let wrote = format!("backup (token {backup_id})");
+    assert_eq!(
+        admin.stat(&snapshot).unwrap().unwrap().writer,
+        Some(wrote.clone())
+    );
+    // Content-addressed objects carry no writer.
+    let chunk = admin.list("chunks/").unwrap()[0].key.clone();
+    assert_eq!(admin.stat(&chunk).unwrap().unwrap().writer, None);
+    // A lease of one backup token, refused to another, names its writer.
+    let other = add_token(&env.data(), "r", "backup");
+    env.client(&env.backup)
+        .put("locks/lease1", b"lease")
+        .unwrap();
+    let err = env.client(&other).put("locks/lease1", b"mine").unwrap_err();
+    assert!(
+        err.to_string().contains(&format!("written by {wrote}")),
+        "{err}"
+    );
+    let err = env.client(&other).delete("locks/lease1").unwrap_err();
+    assert!(
+        err.to_string().contains(&format!("written by {wrote}")),
+        "{err}"
+    );
+    let err = env.client(&other).put(&snapshot, b"forged").unwrap_err();
+    assert!(
+        err.to_string().contains(&format!("written by {wrote}")),
+        "{err}"
+    );
+    // Admin writes are recorded; a move keeps the writer of the bytes.
+    admin.put("policy", b"{}").unwrap();
+    let admin_id = token_id(&env.admin);
+    assert_eq!(
+        admin.stat("policy").unwrap().unwrap().writer,
+        Some(format!("admin (token {admin_id})"))
+    );
+    let damaged = format!("damaged/{snapshot}");
+    admin.rename(&snapshot, &damaged).unwrap();
+    assert_eq!(admin.stat(&damaged).unwrap().unwrap().writer, Some(wrote));
+    let moved = format!("damaged/{chunk}");
+    admin.rename(&chunk, &moved).unwrap();
+    assert_eq!(
+        admin.stat(&moved).unwrap().unwrap().writer,
+        Some(format!("admin (token {admin_id})"))
+    );
+    // A removed token is still named.
+    Command::new(VBACKUP)
+        .args([
+            "server",
+            "token",
+            "remove",
+            "--data",
+            s(&env.data()),
+            "backup",
+        ])
+        .output()
+        .unwrap();
+    let writer = admin.stat(&damaged).unwrap().unwrap().writer.unwrap();
+    assert_eq!(writer, format!("token {backup_id} (since removed)"));
 }

@@ -26,8 +26,8 @@ use vbackup_storage::{
 
 use protocol::{
     parse_list_line, validate_repo_name, ErrorReply, ListItem, MissingReply, MissingRequest,
-    RenameRequest, WhoAmI, WireObject, API_PREFIX, CODE_NO_REPOSITORY, ERROR_CODE_HEADER,
-    MAX_LIST_LINE,
+    RenameRequest, WhoAmI, WireObject, API_PREFIX, CODE_NO_REPOSITORY, CODE_OVER_QUOTA,
+    ERROR_CODE_HEADER, MAX_JSON_BODY, MAX_LIST_LINE, STAT_WRITER_QUERY,
 };
 pub use tls::{fingerprint, parse_fingerprint};
 
@@ -257,6 +257,27 @@ impl RemoteBackend {
     }
 }
 
+/// Splits `keys` into chunk-presence queries of at most [`MISSING_BATCH`]
+/// names whose JSON stays well under the server's [`MAX_JSON_BODY`].
+fn missing_batches(keys: &[String]) -> Vec<&[String]> {
+    let budget = MAX_JSON_BODY / 2;
+    let mut batches = Vec::new();
+    let (mut start, mut bytes) = (0, 0);
+    for (i, key) in keys.iter().enumerate() {
+        // The name, its quotes and a comma.
+        let cost = key.len() + 3;
+        if i > start && (i - start == MISSING_BATCH || bytes + cost > budget) {
+            batches.push(&keys[start..i]);
+            (start, bytes) = (i, 0);
+        }
+        bytes += cost;
+    }
+    if start < keys.len() {
+        batches.push(&keys[start..]);
+    }
+    batches
+}
+
 /// Sends `request` byte for byte over TLS to `address` (a server whose
 /// certificate has fingerprint `fingerprint`) and returns the whole reply.
 /// Tests use it to send what the client itself never would (paths with
@@ -264,6 +285,25 @@ impl RemoteBackend {
 #[doc(hidden)]
 pub fn raw_exchange(address: &str, fingerprint: &str, request: &[u8]) -> std::io::Result<Vec<u8>> {
     use std::io::Write;
+    let mut stream = raw_connect(address, fingerprint)?;
+    stream.write_all(request)?;
+    stream.flush()?;
+    let mut reply = Vec::new();
+    match stream.read_to_end(&mut reply) {
+        Ok(_) => Ok(reply),
+        // Servers may close without a TLS close_notify.
+        Err(e) if e.kind() == std::io::ErrorKind::UnexpectedEof && !reply.is_empty() => Ok(reply),
+        Err(e) => Err(e),
+    }
+}
+
+/// A TLS connection to `address` (a server whose certificate has
+/// fingerprint `fingerprint`), on which tests write requests the client
+/// never would, at the pace they choose (slow or cut bodies).
+pub fn raw_connect(
+    address: &str,
+    fingerprint: &str,
+) -> std::io::Result<rustls::StreamOwned<rustls::ClientConnection, std::net::TcpStream>> {
     let invalid = |e: String| std::io::Error::new(std::io::ErrorKind::InvalidInput, e);
     let pin = parse_fingerprint(fingerprint).map_err(invalid)?;
     let provider = Arc::new(rustls::crypto::ring::default_provider());
@@ -280,16 +320,7 @@ pub fn raw_exchange(address: &str, fingerprint: &str, request: &[u8]) -> std::io
     let connection = rustls::ClientConnection::new(Arc::new(config), name)
         .map_err(|e| invalid(e.to_string()))?;
     let tcp = std::net::TcpStream::connect(address)?;
-    let mut stream = rustls::StreamOwned::new(connection, tcp);
-    stream.write_all(request)?;
-    stream.flush()?;
-    let mut reply = Vec::new();
-    match stream.read_to_end(&mut reply) {
-        Ok(_) => Ok(reply),
-        // Servers may close without a TLS close_notify.
-        Err(e) if e.kind() == std::io::ErrorKind::UnexpectedEof && !reply.is_empty() => Ok(reply),
-        Err(e) => Err(e),
-    }
+    Ok(rustls::StreamOwned::new(connection, tcp))
 }
 
 /// A refusal or failure reply as an error of the matching kind.
@@ -314,9 +345,20 @@ fn status_error(key: &str, what: &str, status: u16, response: ureq::Response) ->
             format!("{what}: {detail}"),
         ),
         404 => (ErrorKind::NotFound, format!("{what}: not found on the server")),
+        507 if code.as_deref() == Some(CODE_OVER_QUOTA) => {
+            (ErrorKind::NoSpace, format!("{what}: {detail}"))
+        }
         507 => (
             ErrorKind::NoSpace,
             format!("{what}: the server has no space left ({detail})"),
+        ),
+        408 => (
+            ErrorKind::Transient,
+            format!("{what}: the server timed the request out ({detail})"),
+        ),
+        413 => (
+            ErrorKind::Other,
+            format!("{what}: the server refused the request as too large ({detail})"),
         ),
         500..=599 => (
             ErrorKind::Transient,
@@ -527,7 +569,7 @@ impl Backend for RemoteBackend {
     fn stat(&self, key: &str) -> Result<Option<ObjectInfo>> {
         let what = "reading object metadata";
         validate_key(key)?;
-        let url = format!("{}/stat/{key}", self.base);
+        let url = format!("{}/stat/{key}?{STAT_WRITER_QUERY}", self.base);
         match self.request("GET", &url).call() {
             Ok(response) => {
                 let object: WireObject = self.get_json(key, what, response)?;
@@ -591,7 +633,7 @@ impl Backend for RemoteBackend {
             validate_key(key)?;
         }
         let mut missing = Vec::new();
-        for batch in keys.chunks(MISSING_BATCH) {
+        for batch in missing_batches(keys) {
             missing.extend(self.missing_batch(batch)?);
         }
         Ok(missing)
@@ -643,5 +685,24 @@ mod tests {
         assert!(read_line(&mut reader, &mut line).unwrap().is_some());
         assert_eq!(line, b"b");
         assert!(read_line(&mut reader, &mut line).unwrap().is_none());
+    }
+
+    #[test]
+    fn chunk_presence_queries_stay_under_the_servers_body_limit() {
+        let keys: Vec<String> = (0..2500).map(|i| format!("chunks/ab/{i:064}")).collect();
+        let batches = missing_batches(&keys);
+        assert_eq!(batches.iter().map(|b| b.len()).sum::<usize>(), keys.len());
+        assert!(batches.iter().all(|b| b.len() <= MISSING_BATCH));
+        let long: Vec<String> = (0..40)
+            .map(|i| format!("x/{i}{}", "y".repeat(60_000)))
+            .collect();
+        for batch in missing_batches(&long) {
+            let body = serde_json::to_vec(&MissingRequest {
+                keys: batch.to_vec(),
+            })
+            .unwrap();
+            assert!(body.len() <= MAX_JSON_BODY, "{} bytes", body.len());
+        }
+        assert!(missing_batches(&[]).is_empty());
     }
 }

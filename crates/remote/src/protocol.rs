@@ -25,6 +25,19 @@ pub const MAX_LIST_LINE: usize = 4096;
 /// Header carrying an error's machine-readable code in error replies.
 pub const ERROR_CODE_HEADER: &str = "vbackup-error";
 
+/// The query a client adds to a stat request to learn who wrote the
+/// object ([`WireObject::writer`]).
+pub const STAT_WRITER_QUERY: &str = "writer=1";
+
+/// The longest writer description a client accepts from a server.
+pub const MAX_WRITER: usize = 512;
+
+/// The longest JSON request body the server reads (`missing`, `rename`).
+pub const MAX_JSON_BODY: usize = 1 << 20;
+
+/// Error code: the token has stored all the bytes its quota allows.
+pub const CODE_OVER_QUOTA: &str = "over-quota";
+
 /// Error code: the repository does not exist on the server.
 pub const CODE_NO_REPOSITORY: &str = "no-repository";
 
@@ -81,6 +94,11 @@ pub struct WireObject {
     /// server's clock.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub modified_ns: Option<u64>,
+    /// Who wrote the object (`LABEL (token ID)`), for the objects whose
+    /// writer the server records; sent only in stat replies a client asked
+    /// for with [`STAT_WRITER_QUERY`], so older clients never see it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub writer: Option<String>,
 }
 
 impl WireObject {
@@ -94,6 +112,7 @@ impl WireObject {
             key: info.key.clone(),
             size: info.size,
             modified_ns,
+            writer: info.writer.clone(),
         }
     }
 
@@ -103,10 +122,19 @@ impl WireObject {
         let modified = self
             .modified_ns
             .and_then(|ns| SystemTime::UNIX_EPOCH.checked_add(Duration::from_nanos(ns)));
+        if let Some(writer) = &self.writer {
+            if writer.len() > MAX_WRITER || writer.chars().any(char::is_control) {
+                return Err(format!(
+                    "the server sent an unusable writer for '{}' (control characters or longer than {MAX_WRITER} bytes)",
+                    self.key
+                ));
+            }
+        }
         Ok(ObjectInfo {
             key: self.key,
             size: self.size,
             modified,
+            writer: self.writer,
         })
     }
 }
@@ -210,6 +238,7 @@ mod tests {
             key: "chunks/ab/abcd".into(),
             size: 5,
             modified_ns: Some(1_700_000_000_000_000_000),
+            writer: None,
         });
         let line = encode_list_line(&object);
         let item = parse_list_line(&line[..line.len() - 1], "chunks/").unwrap();
@@ -227,6 +256,20 @@ mod tests {
         assert!(parse_list_line(br#"{"key":"../etc","size":1}"#, "").is_err());
         assert!(parse_list_line(b"garbage", "").is_err());
         assert!(parse_list_line(br#"{"key":"a","size":-1}"#, "").is_err());
+        let ListItem::Object(info) = parse_list_line(
+            br#"{"key":"locks/a","size":1,"writer":"ops (token 1)"}"#,
+            "",
+        )
+        .unwrap() else {
+            panic!("not an object")
+        };
+        assert_eq!(info.writer.as_deref(), Some("ops (token 1)"));
+        assert!(parse_list_line(br#"{"key":"a","size":1,"writer":"a\nb"}"#, "").is_err());
+        let long = format!(
+            r#"{{"key":"a","size":1,"writer":"{}"}}"#,
+            "x".repeat(MAX_WRITER + 1)
+        );
+        assert!(parse_list_line(long.as_bytes(), "").is_err());
     }
 
     proptest! {

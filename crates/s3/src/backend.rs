@@ -332,6 +332,7 @@ fn info(key: &str, meta: &opendal::Metadata) -> ObjectInfo {
         key: key.to_string(),
         size: meta.content_length(),
         modified: meta.last_modified().map(SystemTime::from),
+        writer: None,
     }
 }
 

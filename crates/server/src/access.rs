@@ -12,6 +12,8 @@
 //!   sealing under that name holds the same content (each seal has a fresh
 //!   random salt, so a backup's re-upload never has the same bytes), so the
 //!   stored copy is kept, its time refreshed, and the put answered as done.
+//!   (A pack never reaches this rule with other bytes: the server checks
+//!   that its name is the hash of its body first.)
 //! - `admin`: everything, including deletes, moves and creating a
 //!   repository.
 

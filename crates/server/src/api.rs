@@ -6,7 +6,7 @@
 use std::fs;
 use std::path::PathBuf;
 use std::sync::Arc;
-use std::time::SystemTime;
+use std::time::{Duration, SystemTime};
 
 use axum::body::{Body, Bytes};
 use axum::extract::{DefaultBodyLimit, Path, Query, State};
@@ -15,19 +15,22 @@ use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::{Json, Router};
 use serde::Deserialize;
+use vbackup_core::format::{parse_plain_json, Config, ObjectKind};
 use vbackup_core::roles::Role;
 use vbackup_remote::protocol::{
     encode_list_line, validate_repo_name, ErrorReply, ListLine, MissingReply, MissingRequest,
-    RenameRequest, WhoAmI, WireObject, CODE_NO_REPOSITORY, ERROR_CODE_HEADER, MAX_MISSING_BATCH,
+    RenameRequest, WhoAmI, WireObject, CODE_NO_REPOSITORY, ERROR_CODE_HEADER, MAX_JSON_BODY,
+    MAX_MISSING_BATCH,
 };
-use vbackup_remote::OBJECT_SIZE_HEADER;
 use vbackup_storage::{validate_key, Backend, ErrorKind, LocalBackend, StorageError};
 
 use crate::access::{decide_put, may_delete, may_rename, Existing, PutDecision};
-use crate::tokens::{AuthError, TokenEntry, TokenStore};
+use crate::body::{read_body, reserve_memory};
+use crate::records::{self, Usage};
+use crate::tokens::{tokens_path, AuthError, TokenEntry, TokenStore};
 
 /// The largest request body (a sealed 64 MiB chunk, with room to spare).
-const MAX_BODY: usize = 80 << 20;
+pub(crate) const MAX_BODY: usize = 80 << 20;
 
 /// Header of a put answered as done while the stored bytes were kept
 /// (a content-addressed object uploaded again with another sealing).
@@ -43,6 +46,14 @@ pub(crate) struct Shared {
     pub data: PathBuf,
     /// The tokens.
     pub tokens: TokenStore,
+    /// How long a client may keep the server waiting for the next bytes
+    /// of a request.
+    pub timeout: Duration,
+    /// The bytes tokens with a quota have added.
+    pub usage: Usage,
+    /// The budget of upload bodies held in memory at once, in
+    /// [`crate::body::MEMORY_UNIT`]s.
+    pub upload_memory: Arc<tokio::sync::Semaphore>,
 }
 
 type AppState = Arc<Shared>;
@@ -74,7 +85,8 @@ pub(crate) struct ApiError {
 }
 
 impl ApiError {
-    fn new(status: StatusCode, code: &'static str, message: String) -> Self {
+    /// A refusal with `status`, the error code `code` and `message`.
+    pub(crate) fn new(status: StatusCode, code: &'static str, message: String) -> Self {
         Self {
             status,
             message,
@@ -82,7 +94,8 @@ impl ApiError {
         }
     }
 
-    fn bad_request(message: String) -> Self {
+    /// 400: a malformed request.
+    pub(crate) fn bad_request(message: String) -> Self {
         Self::new(StatusCode::BAD_REQUEST, "bad-request", message)
     }
 
@@ -90,8 +103,21 @@ impl ApiError {
         Self::new(StatusCode::FORBIDDEN, "forbidden", message)
     }
 
-    fn internal(message: String) -> Self {
+    /// 500: the server failed.
+    pub(crate) fn internal(message: String) -> Self {
         Self::new(StatusCode::INTERNAL_SERVER_ERROR, "internal", message)
+    }
+
+    /// The reply's status.
+    #[cfg(test)]
+    pub(crate) fn status(&self) -> StatusCode {
+        self.status
+    }
+
+    /// The reply's message.
+    #[cfg(test)]
+    pub(crate) fn message(&self) -> &str {
+        &self.message
     }
 }
 
@@ -145,29 +171,29 @@ impl Access {
         self.backend.root().to_path_buf()
     }
 
-    /// The sidecar that records which token created lock `key`.
-    fn owner_file(&self, key: &str) -> PathBuf {
-        self.shared
-            .data
-            .join("lock-owners")
-            .join(&self.repo)
-            .join(key.trim_start_matches("locks/"))
-    }
-
     fn owns_lock(&self, key: &str) -> bool {
         key.starts_with("locks/")
-            && fs::read_to_string(self.owner_file(key)).is_ok_and(|id| id == self.token.id)
+            && records::writer_of(&self.shared.data, &self.repo, key)
+                .is_some_and(|id| id == self.token.id)
     }
 
-    fn record_owner(&self, key: &str) -> ApiResult<()> {
-        let path = self.owner_file(key);
-        let write = || -> std::io::Result<()> {
-            if let Some(dir) = path.parent() {
-                fs::create_dir_all(dir)?;
-            }
-            fs::write(&path, &self.token.id)
-        };
-        write().map_err(|e| ApiError::internal(format!("cannot record the lock's owner: {e}")))
+    /// Records this token as the writer of `key` when its writer is kept.
+    fn record_writer(&self, key: &str) -> ApiResult<()> {
+        if !records::recorded(key) {
+            return Ok(());
+        }
+        records::record_writer(&self.shared.data, &self.repo, key, &self.token.id).map_err(|e| {
+            ApiError::internal(format!("cannot record which token wrote '{key}': {e}"))
+        })
+    }
+
+    /// Who wrote `key`, as refusals name it (`LABEL (token ID)`).
+    fn writer(&self, key: &str) -> Option<String> {
+        let id = records::writer_of(&self.shared.data, &self.repo, key)?;
+        Some(match self.shared.tokens.find(&id) {
+            Some(token) => token.describe(),
+            None => format!("token {id} (since removed)"),
+        })
     }
 }
 
@@ -182,6 +208,7 @@ fn authorize(shared: &AppState, headers: &HeaderMap, repo: &str) -> ApiResult<Ac
     let token = match bearer.map(|b| shared.tokens.authenticate(b.trim())) {
         None | Some(Err(AuthError::Missing)) => return Err(unauthorized("no token given")),
         Some(Err(AuthError::Invalid)) => return Err(unauthorized("unknown or wrong token")),
+        Some(Err(AuthError::Broken(why))) => return Err(broken_tokens(shared, &why)),
         Some(Ok(token)) => token,
     };
     if !token.covers(repo) {
@@ -204,6 +231,20 @@ fn authorize(shared: &AppState, headers: &HeaderMap, repo: &str) -> ApiResult<Ac
         backend: LocalBackend::new(root),
         shared: Arc::clone(shared),
     })
+}
+
+/// 503 while the token file is broken; the reply leaves out the server's
+/// own paths.
+fn broken_tokens(shared: &Shared, why: &str) -> ApiError {
+    let path = tokens_path(&shared.data).display().to_string();
+    ApiError::new(
+        StatusCode::SERVICE_UNAVAILABLE,
+        "tokens-broken",
+        format!(
+            "the server's token file is broken, so it refuses every request until its operator fixes it: {}",
+            why.replace(&path, "tokens.json")
+        ),
+    )
 }
 
 fn check_key(key: &str) -> ApiResult<()> {
@@ -234,24 +275,11 @@ async fn get_object(
 ) -> ApiResult<Response> {
     let access = authorize(&shared, &headers, &repo)?;
     check_key(&key)?;
-    blocking(move || {
-        let backend = &access.backend;
-        let octets = [(header::CONTENT_TYPE, "application/octet-stream".to_string())];
-        match (range.offset, range.length) {
-            (None, None) => Ok((octets, backend.get(&key)?).into_response()),
-            (offset, length) => {
-                let (offset, length) = (offset.unwrap_or(0), length.unwrap_or(u64::MAX));
-                let size = backend
-                    .stat(&key)?
-                    .ok_or_else(|| StorageError::new(ErrorKind::NotFound, &key, "not found"))?
-                    .size;
-                let data = backend.get_range(&key, offset, length)?;
-                let size_header = [(OBJECT_SIZE_HEADER, size.to_string())];
-                Ok((octets, size_header, data).into_response())
-            }
-        }
-    })
-    .await
+    let ranged = match (range.offset, range.length) {
+        (None, None) => None,
+        (offset, length) => Some((offset.unwrap_or(0), length.unwrap_or(u64::MAX))),
+    };
+    crate::download::object_reply(access.root().join(&key), key, ranged).await
 }
 
 /// What is stored under the name `key` compared with `data`.
@@ -285,7 +313,10 @@ fn touch(access: &Access, key: &str) -> Result<(), StorageError> {
 /// object, as a put after the move would.
 fn touch_or_write(access: &Access, key: &str, body: &[u8]) -> ApiResult<()> {
     match touch(access, key) {
-        Err(e) if e.is_not_found() => Ok(access.backend.put(key, body)?),
+        Err(e) if e.is_not_found() => {
+            access.record_writer(key)?;
+            Ok(access.backend.put(key, body)?)
+        }
         other => Ok(other?),
     }
 }
@@ -296,44 +327,115 @@ async fn put_object(
     headers: HeaderMap,
     body: Body,
 ) -> ApiResult<Response> {
-    // Authenticated before the body is read, so a client without a valid
-    // token cannot make the server buffer anything.
+    // Everything that can refuse without the body does so before it is
+    // read, so a client without a valid token, or with one that may not
+    // write here, cannot make the server buffer anything.
     let access = authorize(&shared, &headers, &repo)?;
     check_key(&key)?;
-    let body = axum::body::to_bytes(body, MAX_BODY)
-        .await
-        .map_err(|e| ApiError::bad_request(format!("cannot read the request body: {e}")))?;
-    blocking(move || {
-        let role = access.token.role;
-        if role == Role::Read {
-            return Err(ApiError::forbidden(
-                "a read token cannot store objects".into(),
-            ));
-        }
-        let existing = match role {
-            Role::Admin => Existing::Absent,
-            _ => compare(&access, &key, &body)?,
-        };
-        match decide_put(role, &key, existing, access.owns_lock(&key)) {
-            PutDecision::Write => {
-                if role == Role::Backup && key.starts_with("locks/") {
-                    access.record_owner(&key)?;
-                }
-                access.backend.put(&key, &body)?;
-                Ok(StatusCode::CREATED.into_response())
-            }
-            PutDecision::Touch if existing == Existing::Different => {
-                touch_or_write(&access, &key, &body)?;
-                Ok((StatusCode::OK, [(KEPT_HEADER, "existing")]).into_response())
-            }
-            PutDecision::Touch => {
-                touch_or_write(&access, &key, &body)?;
-                Ok(StatusCode::OK.into_response())
-            }
-            PutDecision::Refuse(reason) => Err(ApiError::forbidden(reason)),
-        }
+    if let PutDecision::Refuse(reason) = decide_put(access.token.role, &key, Existing::Absent, true)
+    {
+        return Err(ApiError::forbidden(reason));
+    }
+    let access = blocking(move || {
+        refuse_loose_chunk_in_packs(&access, &key)?;
+        Ok((access, key))
     })
-    .await
+    .await?;
+    let (access, key) = access;
+    let memory = reserve_memory(&shared.upload_memory, &headers, MAX_BODY, shared.timeout).await?;
+    let body = read_body(body, &headers, MAX_BODY, shared.timeout, "the object").await?;
+    check_pack_name(&key, &body)?;
+    let stored = blocking(move || store(&access, &key, &body)).await;
+    drop(memory);
+    stored
+}
+
+/// Refuses a loose chunk (`chunks/...`) in a repository whose config says
+/// it keeps chunks in packs: such a chunk would shadow the packed one
+/// (`vbackup_core::packs`), so junk uploaded under a packed chunk's name
+/// would let the admin's next prune drop the real one.
+fn refuse_loose_chunk_in_packs(access: &Access, key: &str) -> ApiResult<()> {
+    if !key.starts_with("chunks/") {
+        return Ok(());
+    }
+    let bytes = match access.backend.get("config") {
+        Ok(bytes) => bytes,
+        Err(e) if e.is_not_found() => return Ok(()),
+        Err(e) => return Err(e.into()),
+    };
+    let config: Config = parse_plain_json(ObjectKind::Config, "config", &bytes).map_err(|e| {
+        ApiError::internal(format!(
+            "the config of repository '{}' is unreadable ({e}), so the server accepts no chunk for it",
+            access.repo
+        ))
+    })?;
+    if config.version >= 2 && config.packs() {
+        return Err(ApiError::forbidden(format!(
+            "repository '{}' keeps its chunks in packs, so the loose chunk '{key}' is refused (it would shadow a packed chunk); back up with a vbackup that writes packs",
+            access.repo
+        )));
+    }
+    Ok(())
+}
+
+/// Checks that a pack's name is the BLAKE3 hash of its bytes, as
+/// `vbackup_core::packs::pack_key` names them (checkable without a key).
+fn check_pack_name(key: &str, body: &[u8]) -> ApiResult<()> {
+    if !key.starts_with(vbackup_core::packs::PACKS_PREFIX) {
+        return Ok(());
+    }
+    let expected = vbackup_core::packs::pack_key(blake3::hash(body).as_bytes());
+    if key != expected {
+        return Err(ApiError::bad_request(format!(
+            "'{key}' is not the name of these bytes: a pack is named by the BLAKE3 hash of its content ('{expected}')"
+        )));
+    }
+    Ok(())
+}
+
+/// Carries out a put whose body has arrived: the role's decision, the
+/// quota, the writer record, then the write.
+fn store(access: &Access, key: &str, body: &[u8]) -> ApiResult<Response> {
+    let role = access.token.role;
+    let existing = match role {
+        Role::Admin if access.token.quota.is_none() => Existing::Absent,
+        Role::Admin => match access.backend.stat(key)? {
+            None => Existing::Absent,
+            Some(_) => Existing::Different,
+        },
+        _ => compare(access, key, body)?,
+    };
+    match decide_put(role, key, existing, access.owns_lock(key)) {
+        PutDecision::Write => {
+            let new = existing == Existing::Absent;
+            let size = body.len() as u64;
+            if new {
+                access.shared.usage.reserve(&access.token, size)?;
+            }
+            let written = access
+                .record_writer(key)
+                .and_then(|()| Ok(access.backend.put(key, body)?));
+            if let Err(e) = written {
+                if new {
+                    access.shared.usage.release(&access.token, size);
+                }
+                return Err(e);
+            }
+            Ok(StatusCode::CREATED.into_response())
+        }
+        PutDecision::Touch if existing == Existing::Different => {
+            touch_or_write(access, key, body)?;
+            Ok((StatusCode::OK, [(KEPT_HEADER, "existing")]).into_response())
+        }
+        PutDecision::Touch => {
+            touch_or_write(access, key, body)?;
+            Ok(StatusCode::OK.into_response())
+        }
+        PutDecision::Refuse(reason) => Err(ApiError::forbidden(match access.writer(key) {
+            Some(writer) => format!("{reason} ('{key}' was written by {writer})"),
+            None => reason,
+        })),
+    }
 }
 
 async fn delete_object(
@@ -350,25 +452,40 @@ async fn delete_object(
         if role == Role::Backup && lock && access.backend.stat(&key)?.is_none() {
             return Ok(StatusCode::NO_CONTENT);
         }
-        may_delete(role, &key, access.owns_lock(&key)).map_err(ApiError::forbidden)?;
-        access.backend.delete(&key)?;
-        if lock {
-            let _ = fs::remove_file(access.owner_file(&key));
+        if let Err(reason) = may_delete(role, &key, access.owns_lock(&key)) {
+            return Err(ApiError::forbidden(match access.writer(&key) {
+                Some(writer) => format!("{reason} ('{key}' was written by {writer})"),
+                None => reason,
+            }));
         }
+        access.backend.delete(&key)?;
+        records::forget_writer(&access.shared.data, &access.repo, &key);
         Ok(StatusCode::NO_CONTENT)
     })
     .await
 }
 
+/// `?writer=1` of a stat: the client wants to know who wrote the object.
+#[derive(Debug, Deserialize)]
+struct StatQuery {
+    writer: Option<u8>,
+}
+
 async fn stat_object(
     State(shared): State<AppState>,
     Path((repo, key)): Path<(String, String)>,
+    Query(query): Query<StatQuery>,
     headers: HeaderMap,
 ) -> ApiResult<Json<WireObject>> {
     let access = authorize(&shared, &headers, &repo)?;
     check_key(&key)?;
     blocking(move || match access.backend.stat(&key)? {
-        Some(info) => Ok(Json(WireObject::from_info(&info))),
+        Some(mut info) => {
+            if query.writer == Some(1) {
+                info.writer = access.writer(&key);
+            }
+            Ok(Json(WireObject::from_info(&info)))
+        }
         None => Err(StorageError::new(ErrorKind::NotFound, &key, "not found").into()),
     })
     .await
@@ -432,13 +549,32 @@ async fn list_objects(
     Ok((headers, Body::from_stream(stream)).into_response())
 }
 
+/// Reads a JSON request body of at most [`MAX_JSON_BODY`] bytes.
+async fn read_json<T: serde::de::DeserializeOwned>(
+    shared: &Shared,
+    headers: &HeaderMap,
+    body: Body,
+) -> ApiResult<T> {
+    let bytes = read_body(
+        body,
+        headers,
+        MAX_JSON_BODY,
+        shared.timeout,
+        "the JSON request",
+    )
+    .await?;
+    serde_json::from_slice(&bytes)
+        .map_err(|e| ApiError::bad_request(format!("malformed JSON request: {e}")))
+}
+
 async fn missing(
     State(shared): State<AppState>,
     Path(repo): Path<String>,
     headers: HeaderMap,
-    Json(request): Json<MissingRequest>,
+    body: Body,
 ) -> ApiResult<Json<MissingReply>> {
     let access = authorize(&shared, &headers, &repo)?;
+    let request: MissingRequest = read_json(&shared, &headers, body).await?;
     if request.keys.len() > MAX_MISSING_BATCH {
         return Err(ApiError::bad_request(format!(
             "at most {MAX_MISSING_BATCH} keys per query"
@@ -463,14 +599,29 @@ async fn rename(
     State(shared): State<AppState>,
     Path(repo): Path<String>,
     headers: HeaderMap,
-    Json(request): Json<RenameRequest>,
+    body: Body,
 ) -> ApiResult<StatusCode> {
     let access = authorize(&shared, &headers, &repo)?;
     may_rename(access.token.role).map_err(ApiError::forbidden)?;
+    let request: RenameRequest = read_json(&shared, &headers, body).await?;
     check_key(&request.from)?;
     check_key(&request.to)?;
     blocking(move || {
         access.backend.rename(&request.from, &request.to)?;
+        let data = &access.shared.data;
+        records::move_writer(
+            data,
+            &access.repo,
+            &request.from,
+            &request.to,
+            &access.token.id,
+        )
+        .map_err(|e| {
+            ApiError::internal(format!(
+                "moved '{}' to '{}' but cannot move the record of its writer: {e}",
+                request.from, request.to
+            ))
+        })?;
         Ok(StatusCode::NO_CONTENT)
     })
     .await

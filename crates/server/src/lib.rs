@@ -16,18 +16,23 @@
 
 pub mod access;
 mod api;
+mod body;
 pub mod cert;
+mod download;
+mod records;
+mod stall;
 pub mod tokens;
 
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use hyper_util::rt::{TokioIo, TokioTimer};
 use hyper_util::service::TowerToHyperService;
 use tokio::net::TcpListener;
+use tokio::sync::Semaphore;
 use tokio_rustls::TlsAcceptor;
 
 /// The server's one error type.
@@ -70,7 +75,36 @@ pub struct ServerConfig {
     pub cert: Option<PathBuf>,
     /// Private key (PEM).
     pub key: Option<PathBuf>,
+    /// How long a client may keep the server waiting: for the TLS
+    /// handshake (at most 10 s), for a request's headers, on an idle
+    /// connection, between two pieces of a body (a whole body gets this
+    /// plus one second per 32 KiB), and reading a reply (a write that makes
+    /// no progress for this long closes the connection).
+    pub timeout: Duration,
+    /// The most connections served at once; more are closed at once.
+    pub max_connections: usize,
+    /// The most bytes of upload bodies held in memory at once (at least
+    /// one largest object, 80 MiB); further uploads wait for room.
+    pub max_upload_memory: u64,
 }
+
+/// The default [`ServerConfig::max_upload_memory`]: 1 GiB.
+pub const DEFAULT_MAX_UPLOAD_MEMORY: u64 = 1 << 30;
+
+/// The default [`ServerConfig::timeout`].
+pub const DEFAULT_TIMEOUT: Duration = Duration::from_secs(60);
+
+/// The default [`ServerConfig::max_connections`].
+pub const DEFAULT_MAX_CONNECTIONS: usize = 256;
+
+/// The largest request head (request line and headers) the server reads.
+const MAX_HEADER_BYTES: usize = 64 << 10;
+
+/// The longest a TLS handshake may take.
+const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// How often refused connections are logged at most.
+const REFUSAL_LOG_INTERVAL: Duration = Duration::from_secs(10);
 
 /// What the server tells its operator once it listens.
 #[derive(Debug, Clone)]
@@ -115,9 +149,24 @@ pub fn run(
         .enable_all()
         .build()
         .map_err(|e| Error::io("starting the server's threads", e))?;
+    if config.max_connections == 0 {
+        return Err(Error::Usage("--max-connections must be at least 1".into()));
+    }
+    if config.max_upload_memory < api::MAX_BODY as u64 {
+        return Err(Error::Usage(format!(
+            "--max-upload-memory must be at least {} bytes (one largest object)",
+            api::MAX_BODY
+        )));
+    }
+    let units = usize::try_from(config.max_upload_memory / body::MEMORY_UNIT)
+        .unwrap_or(usize::MAX)
+        .min(Semaphore::MAX_PERMITS);
     let shared = Arc::new(api::Shared {
         data: config.data.clone(),
         tokens,
+        timeout: config.timeout,
+        usage: records::Usage::new(&config.data),
+        upload_memory: Arc::new(Semaphore::new(units)),
     });
     let token_count = shared.tokens.len();
     runtime.block_on(async move {
@@ -133,9 +182,53 @@ pub fn run(
             certificate_created: identity.created,
             tokens: token_count,
         });
-        serve(listener, TlsAcceptor::from(Arc::new(tls)), shared, stop).await;
+        let limits = Limits {
+            timeout: config.timeout,
+            connections: Arc::new(Semaphore::new(config.max_connections)),
+            max_connections: config.max_connections,
+        };
+        serve(
+            listener,
+            TlsAcceptor::from(Arc::new(tls)),
+            shared,
+            limits,
+            stop,
+        )
+        .await;
         Ok(())
     })
+}
+
+/// What bounds the connections.
+struct Limits {
+    timeout: Duration,
+    connections: Arc<Semaphore>,
+    max_connections: usize,
+}
+
+/// Counts connections refused over the cap and logs them now and then.
+#[derive(Default)]
+struct Refusals {
+    count: u64,
+    logged: Option<Instant>,
+}
+
+impl Refusals {
+    fn refused(&mut self, max: usize) {
+        self.count += 1;
+        if self
+            .logged
+            .is_some_and(|t| t.elapsed() < REFUSAL_LOG_INTERVAL)
+        {
+            return;
+        }
+        eprintln!(
+            "vbackup server: {} connection(s) refused: already serving {max} (--max-connections)",
+            self.count
+        );
+        self.count = 0;
+        self.logged = Some(Instant::now());
+    }
 }
 
 /// Accepts connections until `stop` is set, then lets open ones finish.
@@ -143,11 +236,13 @@ async fn serve(
     listener: TcpListener,
     acceptor: TlsAcceptor,
     shared: Arc<api::Shared>,
+    limits: Limits,
     stop: Arc<AtomicBool>,
 ) {
     let app = api::router(shared);
     let (shutdown, shutdown_seen) = tokio::sync::watch::channel(false);
     let mut connections = tokio::task::JoinSet::new();
+    let mut refusals = Refusals::default();
     loop {
         while connections.try_join_next().is_some() {}
         tokio::select! {
@@ -157,20 +252,37 @@ async fn serve(
                     tokio::time::sleep(Duration::from_millis(50)).await;
                     continue;
                 };
+                // Over the cap the connection is closed at once: it holds
+                // no memory and no task.
+                let Ok(permit) = Arc::clone(&limits.connections).try_acquire_owned() else {
+                    refusals.refused(limits.max_connections);
+                    drop(tcp);
+                    continue;
+                };
                 let _ = tcp.set_nodelay(true);
                 let acceptor = acceptor.clone();
                 let service = TowerToHyperService::new(app.clone());
                 let mut seen = shutdown_seen.clone();
+                let timeout = limits.timeout;
                 connections.spawn(async move {
+                    let _permit = permit;
+                    let handshake = timeout.min(HANDSHAKE_TIMEOUT);
                     let Ok(Ok(stream)) =
-                        tokio::time::timeout(Duration::from_secs(10), acceptor.accept(tcp)).await
+                        tokio::time::timeout(handshake, acceptor.accept(tcp)).await
                     else {
                         return;
                     };
+                    // The header timeout also closes idle keep-alive
+                    // connections: hyper starts it when it waits for the
+                    // next request.
                     let connection = hyper::server::conn::http1::Builder::new()
                         .timer(TokioTimer::new())
-                        .header_read_timeout(Duration::from_secs(60))
-                        .serve_connection(TokioIo::new(stream), service);
+                        .header_read_timeout(timeout)
+                        .max_header_size(MAX_HEADER_BYTES)
+                        .serve_connection(
+                            TokioIo::new(stall::WriteDeadline::new(stream, timeout)),
+                            service,
+                        );
                     tokio::pin!(connection);
                     tokio::select! {
                         _ = connection.as_mut() => {}

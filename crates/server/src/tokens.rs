@@ -53,12 +53,26 @@ pub struct TokenEntry {
     pub label: String,
     /// When it was made (RFC 3339, UTC).
     pub created: String,
+    /// The most bytes this token may add to the server (new objects it
+    /// uploads, counted in `DIR/usage/ID`); none: no limit.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub quota: Option<u64>,
 }
 
 impl TokenEntry {
     /// True when the token may act on repository `name`.
     pub fn covers(&self, name: &str) -> bool {
         self.repo == "*" || self.repo == name
+    }
+
+    /// How refusals and writer records name the token: `LABEL (token ID)`,
+    /// or `token ID` without a label.
+    pub fn describe(&self) -> String {
+        if self.label.is_empty() {
+            format!("token {}", self.id)
+        } else {
+            format!("{} (token {})", self.label, self.id)
+        }
     }
 }
 
@@ -108,7 +122,59 @@ pub fn parse(bytes: &[u8]) -> Result<TokenFile, String> {
             version.version
         ));
     }
-    serde_json::from_slice(bytes).map_err(|e| format!("malformed token file: {e}"))
+    let file: TokenFile =
+        serde_json::from_slice(bytes).map_err(|e| format!("malformed token file: {e}"))?;
+    check_entries(&file, bytes)?;
+    Ok(file)
+}
+
+/// Checks what the JSON syntax cannot: every id, hash and repository
+/// name well formed, no id twice. Errors name the entry's line.
+fn check_entries(file: &TokenFile, bytes: &[u8]) -> Result<(), String> {
+    let hex = |s: &str, len: usize| {
+        s.len() == len
+            && s.bytes()
+                .all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b))
+    };
+    for (i, entry) in file.tokens.iter().enumerate() {
+        let problem = if !hex(&entry.id, 16) {
+            Some("its id is not 16 lowercase hex digits".to_string())
+        } else if !hex(&entry.sha256, 64) {
+            Some("its sha256 is not 64 lowercase hex digits".to_string())
+        } else if entry.repo != "*" && validate_repo_name(&entry.repo).is_err() {
+            Some(format!(
+                "its repo {:?} is neither `*` nor a repository name",
+                entry.repo
+            ))
+        } else if file.tokens[..i].iter().any(|t| t.id == entry.id) {
+            Some("its id is used by an earlier token".to_string())
+        } else {
+            None
+        };
+        if let Some(problem) = problem {
+            return Err(format!(
+                "token {} (id {:?}, line {}): {problem}",
+                i + 1,
+                entry.id,
+                line_of(
+                    bytes,
+                    &entry.id,
+                    file.tokens[..i].iter().filter(|t| t.id == entry.id).count()
+                )
+            ));
+        }
+    }
+    Ok(())
+}
+
+/// The line (from 1) where the id `id` is written for the `nth` time
+/// (from 0); 0 when it cannot be found.
+fn line_of(bytes: &[u8], id: &str, nth: usize) -> usize {
+    let text = String::from_utf8_lossy(bytes);
+    let quoted = format!("\"{id}\"");
+    text.match_indices(&quoted)
+        .nth(nth)
+        .map_or(0, |(at, _)| text[..at].matches('\n').count() + 1)
 }
 
 fn save(data: &Path, file: &TokenFile) -> Result<(), Error> {
@@ -132,13 +198,15 @@ fn save(data: &Path, file: &TokenFile) -> Result<(), Error> {
     })
 }
 
-/// Makes a token for `repo` (a name or `*`) with `role`; returns its entry
-/// and the secret token, which is shown once and stored nowhere.
+/// Makes a token for `repo` (a name or `*`) with `role` and an optional
+/// quota in bytes; returns its entry and the secret token, which is shown
+/// once and stored nowhere.
 pub fn add(
     data: &Path,
     repo: &str,
     role: Role,
     label: &str,
+    quota: Option<u64>,
 ) -> Result<(TokenEntry, String), Error> {
     if repo != "*" {
         validate_repo_name(repo).map_err(Error::Usage)?;
@@ -153,6 +221,7 @@ pub fn add(
         role,
         label: label.to_string(),
         created: chrono::Utc::now().to_rfc3339_opts(chrono::SecondsFormat::Secs, true),
+        quota,
     };
     file.tokens.push(entry.clone());
     save(data, &file)?;
@@ -183,6 +252,9 @@ pub enum AuthError {
     Missing,
     /// Unknown or wrong token.
     Invalid,
+    /// The token file is broken (the reason, with its line): every request
+    /// is refused until it is fixed.
+    Broken(String),
 }
 
 /// Finds the entry matching `token`, comparing hashes in constant time.
@@ -203,31 +275,33 @@ pub fn authenticate(file: &TokenFile, token: &str) -> Result<TokenEntry, AuthErr
 }
 
 /// The token file as the server sees it: reloaded when it changes on disk,
-/// so `token add` and `token remove` take effect without a restart.
+/// so `token add` and `token remove` take effect without a restart. A file
+/// that becomes unreadable or malformed fails closed: every request is
+/// refused (and the problem logged once, with its line) until it is fixed.
 #[derive(Debug)]
 pub struct TokenStore {
     data: PathBuf,
-    cached: RwLock<(Option<(SystemTime, u64)>, TokenFile)>,
+    cached: RwLock<(Option<Stamp>, Result<TokenFile, String>)>,
 }
 
+/// When the token file was last changed and its length: a new stamp means
+/// it must be read again.
+type Stamp = (SystemTime, u64);
+
 impl TokenStore {
-    /// Loads the tokens of `data`.
+    /// Loads the tokens of `data`; a broken file is an error, so the server
+    /// does not start with it.
     pub fn open(data: &Path) -> Result<Self, Error> {
         let file = load(data)?;
         Ok(Self {
             data: data.to_path_buf(),
-            cached: RwLock::new((stamp(data), file)),
+            cached: RwLock::new((stamp(data), Ok(file))),
         })
     }
 
-    /// How many tokens there are.
+    /// How many tokens there are (0 while the file is broken).
     pub fn len(&self) -> usize {
-        self.cached
-            .read()
-            .unwrap_or_else(|p| p.into_inner())
-            .1
-            .tokens
-            .len()
+        self.current().map_or(0, |f| f.tokens.len())
     }
 
     /// True when there is no token.
@@ -237,23 +311,45 @@ impl TokenStore {
 
     /// Checks `token` against the current file.
     pub fn authenticate(&self, token: &str) -> Result<TokenEntry, AuthError> {
+        let file = self.current().map_err(AuthError::Broken)?;
+        authenticate(&file, token)
+    }
+
+    /// The entry with id `id` in the current file, if any.
+    pub fn find(&self, id: &str) -> Option<TokenEntry> {
+        let file = self.current().ok()?;
+        file.tokens.into_iter().find(|t| t.id == id)
+    }
+
+    /// The current file, reloaded when it changed on disk.
+    fn current(&self) -> Result<TokenFile, String> {
         let now = stamp(&self.data);
         {
             let cached = self.cached.read().unwrap_or_else(|p| p.into_inner());
             if cached.0 == now {
-                return authenticate(&cached.1, token);
+                return cached.1.clone();
             }
         }
         let mut cached = self.cached.write().unwrap_or_else(|p| p.into_inner());
-        // A file that cannot be read now keeps the last good tokens.
-        if let Ok(file) = load(&self.data) {
-            *cached = (now, file);
+        if cached.0 != now {
+            let loaded = load(&self.data).map_err(|e| e.to_string());
+            match (&cached.1, &loaded) {
+                (_, Err(e)) => eprintln!(
+                    "vbackup server: ERROR: the token file is broken, every request is refused until it is fixed: {e}"
+                ),
+                (Err(_), Ok(_)) => eprintln!(
+                    "vbackup server: the token file {} is readable again; requests are served",
+                    tokens_path(&self.data).display()
+                ),
+                (Ok(_), Ok(_)) => {}
+            }
+            *cached = (now, loaded);
         }
-        authenticate(&cached.1, token)
+        cached.1.clone()
     }
 }
 
-fn stamp(data: &Path) -> Option<(SystemTime, u64)> {
+fn stamp(data: &Path) -> Option<Stamp> {
     let meta = fs::metadata(tokens_path(data)).ok()?;
     Some((meta.modified().ok()?, meta.len()))
 }
@@ -266,7 +362,7 @@ mod tests {
     #[test]
     fn tokens_are_stored_hashed_and_checked() {
         let dir = tempfile::tempdir().unwrap();
-        let (entry, token) = add(dir.path(), "vm1", Role::Backup, "host a").unwrap();
+        let (entry, token) = add(dir.path(), "vm1", Role::Backup, "host a", None).unwrap();
         let text = fs::read_to_string(tokens_path(dir.path())).unwrap();
         assert!(!text.contains(&token), "the secret must not be stored");
         assert!(text.contains(&entry.sha256));
@@ -292,16 +388,74 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let store = TokenStore::open(dir.path()).unwrap();
         assert!(store.is_empty());
-        let (_, token) = add(dir.path(), "*", Role::Admin, "").unwrap();
+        let (_, token) = add(dir.path(), "*", Role::Admin, "", None).unwrap();
         assert_eq!(store.authenticate(&token).unwrap().role, Role::Admin);
     }
 
     #[test]
     fn bad_names_and_versions_are_refused() {
         let dir = tempfile::tempdir().unwrap();
-        assert!(add(dir.path(), "../x", Role::Read, "").is_err());
+        assert!(add(dir.path(), "../x", Role::Read, "", None).is_err());
         assert!(parse(br#"{"version":2,"tokens":[]}"#).is_err());
         assert!(parse(b"[]").is_err());
         assert!(parse(br#"{"version":1,"tokens":[]}"#).is_ok());
+    }
+
+    #[test]
+    fn attack_broken_token_file_keeps_revoked_tokens_working() {
+        let dir = tempfile::tempdir().unwrap();
+        let (_, kept) = add(dir.path(), "r", Role::Backup, "kept", None).unwrap();
+        let (_, revoked) = add(dir.path(), "r", Role::Admin, "revoked", None).unwrap();
+        let store = TokenStore::open(dir.path()).unwrap();
+        assert!(store.authenticate(&revoked).is_ok());
+        // The operator removes a token by hand and leaves a syntax error.
+        let path = tokens_path(dir.path());
+        let text = fs::read_to_string(&path).unwrap();
+        let broken = text.replacen("\"label\": \"revoked\",", "\"label\": \"revoked\"", 1);
+        assert_ne!(broken, text);
+        fs::write(&path, &broken).unwrap();
+        for token in [&revoked, &kept] {
+            let Err(AuthError::Broken(why)) = store.authenticate(token) else {
+                panic!("a broken token file must refuse every token");
+            };
+            assert!(why.contains("tokens.json") && why.contains("line"), "{why}");
+        }
+        assert!(store.find("anything").is_none());
+        // Fixed: served again, from the fixed file.
+        remove_by_text(&path, &text, "revoked");
+        assert!(store.authenticate(&kept).is_ok());
+        assert_eq!(store.authenticate(&revoked), Err(AuthError::Invalid));
+    }
+
+    /// Writes `text` without the token labelled `label`.
+    fn remove_by_text(path: &Path, text: &str, label: &str) {
+        let mut file = parse(text.as_bytes()).unwrap();
+        file.tokens.retain(|t| t.label != label);
+        fs::write(path, serde_json::to_vec_pretty(&file).unwrap()).unwrap();
+    }
+
+    #[test]
+    fn malformed_entries_are_refused_with_their_line() {
+        let dir = tempfile::tempdir().unwrap();
+        add(dir.path(), "r", Role::Read, "a", None).unwrap();
+        let path = tokens_path(dir.path());
+        let text = fs::read_to_string(&path).unwrap();
+        let mut file = parse(text.as_bytes()).unwrap();
+        let mut twin = file.tokens[0].clone();
+        twin.label = "twin".into();
+        file.tokens.push(twin);
+        let bytes = serde_json::to_vec_pretty(&file).unwrap();
+        let err = parse(&bytes).unwrap_err();
+        assert!(
+            err.contains("token 2") && err.contains("used by an earlier"),
+            "{err}"
+        );
+        assert!(err.contains("line 13"), "{err}");
+        file.tokens.truncate(1);
+        file.tokens[0].repo = "../etc".into();
+        let err = parse(&serde_json::to_vec(&file).unwrap()).unwrap_err();
+        assert!(err.contains("repo"), "{err}");
+        let err = parse(b"{\"version\": 1,\n \"tokens\": [}").unwrap_err();
+        assert!(err.contains("line 2"), "{err}");
     }
 }

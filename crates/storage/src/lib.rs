@@ -40,6 +40,11 @@ pub struct ObjectInfo {
     /// collection relies on it to see that a chunk was written again after
     /// it was marked for deletion.
     pub modified: Option<SystemTime>,
+    /// Who wrote the object, when the storage records it: the backup
+    /// server names the token (`LABEL (token ID)`) that wrote a lease,
+    /// snapshot, prune list, policy or quarantined object. `None` for
+    /// every other backend and object.
+    pub writer: Option<String>,
 }
 
 impl ObjectInfo {
@@ -49,6 +54,7 @@ impl ObjectInfo {
             key: key.into(),
             size,
             modified: None,
+            writer: None,
         }
     }
 }

@@ -174,6 +174,7 @@ fn info(key: String, meta: &fs::Metadata) -> ObjectInfo {
         key,
         size: meta.len(),
         modified: meta.modified().ok(),
+        writer: None,
     }
 }
 

@@ -60,6 +60,7 @@ fn info(key: &str, object: &Stored) -> ObjectInfo {
         key: key.to_string(),
         size: object.data.len() as u64,
         modified: Some(object.modified),
+        writer: None,
     }
 }
 

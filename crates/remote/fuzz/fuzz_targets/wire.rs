@@ -7,7 +7,7 @@
 use libfuzzer_sys::fuzz_target;
 use vbackup_remote::protocol::{
     parse_list_line, validate_repo_name, ListItem, MissingReply, MissingRequest, RenameRequest,
-    WhoAmI, WireObject,
+    WhoAmI, WireObject, MAX_WRITER,
 };
 
 fuzz_target!(|data: &[u8]| {
@@ -15,6 +15,9 @@ fuzz_target!(|data: &[u8]| {
         if let Ok(ListItem::Object(info)) = parse_list_line(data, prefix) {
             assert!(info.key.starts_with(prefix));
             assert!(vbackup_storage::validate_key(&info.key).is_ok());
+            if let Some(writer) = &info.writer {
+                assert!(writer.len() <= MAX_WRITER && !writer.chars().any(char::is_control));
+            }
         }
     }
     let text = String::from_utf8_lossy(data);

@@ -1460,3 +1460,66 @@ fn attack_refusals_name_the_token_that_wrote_the_object() {
     let writer = admin.stat(&damaged).unwrap().unwrap().writer.unwrap();
     assert_eq!(writer, format!("token {backup_id} (since removed)"));
 }
+
+#[test]
+fn attack_junk_snapshot_from_a_backup_token_is_named_with_its_token_by_prune_and_cleared_by_repair()
+{
+    let env = Env::new();
+    let image = env.path("a.raw");
+    raw_image(&image, 2 * MIB as usize, 6);
+    env.backup("a", &image);
+    // A backup token holder without the passphrase uploads junk as a manifest.
+    env.client(&env.backup)
+        .put(&format!("snapshots/{}", "ab".repeat(32)), b"junk")
+        .unwrap();
+    let out = env.run(&env.admin, &["prune", "--grace", "0s"]);
+    assert_eq!(out.status.code(), Some(3), "{}", text(&out));
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    let writer = format!("by backup (token {})", token_id(&env.backup));
+    assert!(stderr.contains(&writer), "{stderr}");
+    assert!(stderr.contains("vbackup repair"), "{stderr}");
+    env.ok(&env.admin, &["repair"]);
+    env.ok(&env.admin, &["prune", "--grace", "0s"]);
+}
+
+#[test]
+fn attack_poisoned_reuse_through_the_server_fails_the_backup_until_repair_clears_the_junk() {
+    let env = Env::new();
+    let old = env.path("old.raw");
+    let new = env.path("new.raw");
+    raw_image(&old, 2 * MIB as usize, 21);
+    raw_image(&new, 2 * MIB as usize, 22);
+    env.backup("a", &old);
+    env.backup("a", &new);
+    let admin = env.client(&env.admin);
+    let chunks = |b: &RemoteBackend| -> std::collections::BTreeSet<String> {
+        b.list("chunks/")
+            .unwrap()
+            .into_iter()
+            .map(|o| o.key)
+            .collect()
+    };
+    let before = chunks(&admin);
+    env.ok(&env.admin, &["forget", "--keep-last", "1"]);
+    env.ok(&env.admin, &["prune", "--grace", "0s"]);
+    env.ok(&env.admin, &["prune", "--grace", "0s"]);
+    let freed: Vec<String> = before.difference(&chunks(&admin)).cloned().collect();
+    assert!(!freed.is_empty());
+    // A backup token without the passphrase fills the freed names with junk.
+    for key in &freed {
+        env.client(&env.backup).put(key, b"junk").unwrap();
+    }
+    // The old data comes back: the backup must not reuse the junk.
+    let out = env.run(&env.backup, &["backup", "--vm", "a", s(&old)]);
+    assert_eq!(out.status.code(), Some(3), "{}", text(&out));
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(stderr.contains("does not authenticate"), "{stderr}");
+    assert!(stderr.contains("vbackup repair"), "{stderr}");
+    env.ok(&env.admin, &["repair"]);
+    let snapshot = snapshot_id(&env.backup("a", &old));
+    let restored = env.restore(&snapshot, "old");
+    assert_eq!(
+        std::fs::read(restored).unwrap(),
+        std::fs::read(&old).unwrap()
+    );
+}

@@ -137,7 +137,7 @@ fn refuse_during_exclusive_prune(repo: &Repository, lease: &Lease) -> Result<()>
     Err(Error::Conflict(format!(
         "a prune that needs the repository to itself is running (since {since}, host '{host}', pid {pid}, lock {}, {}): the storage cannot move objects atomically or the repository keeps chunks in packs, so no backup can run until it ends; nothing was recorded — retry when it ends (if that prune is gone, `vbackup unlock --stale-only` removes its lock once it is stale, at most {} s after its last write; `vbackup locks` shows it, `vbackup unlock {}` removes it at once)",
         &holder.id[..holder.id.len().min(8)],
-        crate::commands::describe_object(&holder.object),
+        crate::commands::describe_object(&crate::commands::with_writer(repo, &holder.object)),
         crate::commands::locks::MAX_STALE_AFTER.as_secs(),
         &holder.id[..holder.id.len().min(8)]
     )))

@@ -135,7 +135,17 @@ impl LockInfo {
     /// "backup lock 1234abcd held by pid 123 on host 'h' since <time>
     /// (object 'locks/…' (last written …), N s ago)", for messages.
     pub fn describe(&self) -> String {
-        let object = super::describe_object(&self.object);
+        self.describe_object_as(&self.object)
+    }
+
+    /// [`LockInfo::describe`], naming also the token that wrote the lock
+    /// where the storage knows it (one more request: for refusals).
+    pub fn describe_with_writer(&self, repo: &crate::Repository) -> String {
+        self.describe_object_as(&super::with_writer(repo, &self.object))
+    }
+
+    fn describe_object_as(&self, object: &vbackup_storage::ObjectInfo) -> String {
+        let object = super::describe_object(object);
         match &self.lock {
             Some(l) => format!(
                 "{} lock {} held by pid {} on host '{}' since {} ({object}, {} s ago)",
@@ -417,7 +427,7 @@ fn remove_locks(
         if let Some(live) = chosen.iter().find(|l| l.is_live()) {
             return Err(Error::Conflict(format!(
                 "refusing to remove the live {}; without --stale-only it can be removed (only do that if its holder is really gone)",
-                live.describe()
+                live.describe_with_writer(repo)
             )));
         }
     }
@@ -635,7 +645,7 @@ impl Lease {
             let message = format!(
                 "cannot {}: the repository is locked by the {}; if that process is gone, `vbackup unlock --stale-only` removes the lock once it is stale (`vbackup locks` shows it)",
                 kind.verb(),
-                holder.describe()
+                holder.describe_with_writer(repo)
             );
             lease.release()?;
             return Err(Error::Conflict(message));

@@ -41,9 +41,40 @@ where
 /// that blames an object goes through here, so what the storage knows
 /// about the writer can be added in one place.
 pub(crate) fn describe_object(info: &vbackup_storage::ObjectInfo) -> String {
+    let writer = info
+        .writer
+        .as_deref()
+        .map(|w| format!(" by {w}"))
+        .unwrap_or_default();
     match info.modified {
-        Some(modified) => format!("object '{}' (last written {})", info.key, rfc3339(modified)),
-        None => format!("object '{}'", info.key),
+        Some(modified) => format!(
+            "object '{}' (last written {}{writer})",
+            info.key,
+            rfc3339(modified)
+        ),
+        None if writer.is_empty() => format!("object '{}'", info.key),
+        None => format!("object '{}' (written{writer})", info.key),
+    }
+}
+
+/// `info` with the writer the storage knows for it (the backup server
+/// records which token wrote each lock, snapshot, prune list and policy),
+/// when the listing did not carry it: one `stat`, for refusals only, so a
+/// refusal names the token an admin has to look at. Failures leave `info`
+/// as it was.
+pub(crate) fn with_writer(
+    repo: &crate::Repository,
+    info: &vbackup_storage::ObjectInfo,
+) -> vbackup_storage::ObjectInfo {
+    if info.writer.is_some() {
+        return info.clone();
+    }
+    match repo.backend().stat(&info.key) {
+        Ok(Some(stat)) if stat.writer.is_some() => vbackup_storage::ObjectInfo {
+            writer: stat.writer,
+            ..info.clone()
+        },
+        _ => info.clone(),
     }
 }
 

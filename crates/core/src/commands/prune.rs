@@ -870,7 +870,10 @@ impl<'a> References<'a> {
             let snapshot = match self.repo.read_snapshot(&id) {
                 Ok(snapshot) => snapshot,
                 Err(Error::Storage(e)) if e.is_not_found() => continue,
-                Err(e) => return Err(unreadable_snapshot(&object, &e)),
+                Err(e) => {
+                    let object = super::with_writer(self.repo, &object);
+                    return Err(unreadable_snapshot(&object, &e));
+                }
             };
             progress.add_total(snapshot.manifest.disks.len() as u64);
             for disk in &snapshot.manifest.disks {

@@ -8,7 +8,7 @@
 mod common;
 
 use std::path::{Path, PathBuf};
-use std::process::{Command, Output, Stdio};
+use std::process::{Command, Output};
 
 use common::{noise, s, text, tool, walk};
 use tempfile::TempDir;
@@ -37,13 +37,8 @@ impl Env {
 
     fn command(&self, args: &[&str]) -> Command {
         let mut cmd = Command::new(env!("CARGO_BIN_EXE_vbackup"));
-        cmd.args(args)
-            .env("VBACKUP_REPOSITORY", self.repo())
-            .env("VBACKUP_PASSWORD", PASSWORD)
-            .env("VBACKUP_KDF_MEMORY_KIB", "1024")
-            .env("VBACKUP_CACHE_DIR", self.path("cache"))
-            .env_remove("VBACKUP_PASSWORD_FILE")
-            .stdin(Stdio::null());
+        cmd.args(args);
+        common::local_env(&mut cmd, self.dir.path(), PASSWORD);
         cmd
     }
 

@@ -47,12 +47,8 @@ impl Env {
         let mut cmd = Command::new("sh");
         cmd.args(["-c", "umask 000; exec \"$0\" \"$@\""])
             .arg(env!("CARGO_BIN_EXE_vbackup"))
-            .args(args)
-            .env("VBACKUP_REPOSITORY", self.repo())
-            .env("VBACKUP_PASSWORD", PASSWORD)
-            .env("VBACKUP_KDF_MEMORY_KIB", "1024")
-            .env_remove("VBACKUP_PASSWORD_FILE")
-            .stdin(Stdio::null());
+            .args(args);
+        common::local_env(&mut cmd, self.dir.path(), PASSWORD);
         cmd
     }
 

@@ -8,6 +8,8 @@
 // Test helpers panic on unexpected failures; that is how a test fails.
 #![allow(clippy::unwrap_used)]
 
+mod common;
+
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output, Stdio};
@@ -15,6 +17,7 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
+use common::text;
 use tempfile::TempDir;
 
 const CHUNK: usize = 64 << 10;
@@ -39,14 +42,8 @@ impl Env {
 
     fn command(&self, args: &[&str]) -> Command {
         let mut cmd = Command::new(env!("CARGO_BIN_EXE_vbackup"));
-        cmd.args(["--threads", "2"])
-            .args(args)
-            .env("VBACKUP_REPOSITORY", self.path("repo"))
-            .env("VBACKUP_PASSWORD", "stress test")
-            .env("VBACKUP_KDF_MEMORY_KIB", "1024")
-            .env("VBACKUP_CACHE_DIR", self.path("cache"))
-            .env_remove("VBACKUP_PASSWORD_FILE")
-            .stdin(Stdio::null());
+        cmd.args(["--threads", "2"]).args(args);
+        common::local_env(&mut cmd, self.dir.path(), "stress test");
         cmd
     }
 
@@ -104,15 +101,6 @@ impl Env {
     fn chunk_files(&self) -> Vec<PathBuf> {
         walk(&self.path("repo/chunks"))
     }
-}
-
-fn text(out: &Output) -> String {
-    format!(
-        "status {:?}\nstdout:\n{}\nstderr:\n{}",
-        out.status,
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    )
 }
 
 fn walk(dir: &Path) -> Vec<PathBuf> {

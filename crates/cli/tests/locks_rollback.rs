@@ -10,7 +10,7 @@ mod common;
 
 use std::os::unix::fs::PermissionsExt;
 use std::path::PathBuf;
-use std::process::{Command, Output, Stdio};
+use std::process::{Command, Output};
 use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
@@ -42,15 +42,9 @@ impl Env {
     }
 
     fn run(&self, args: &[&str]) -> Output {
-        Command::new(env!("CARGO_BIN_EXE_vbackup"))
-            .args(["--threads", "2"])
-            .args(args)
-            .env("VBACKUP_REPOSITORY", self.path("repo"))
-            .env("VBACKUP_PASSWORD", PASSWORD)
-            .env("VBACKUP_KDF_MEMORY_KIB", "1024")
-            .env("VBACKUP_CACHE_DIR", self.path("cache"))
-            .env_remove("VBACKUP_PASSWORD_FILE")
-            .stdin(Stdio::null())
+        let mut cmd = Command::new(env!("CARGO_BIN_EXE_vbackup"));
+        cmd.args(["--threads", "2"]).args(args);
+        common::local_env(&mut cmd, self.dir.path(), PASSWORD)
             .output()
             .unwrap()
     }

@@ -7,7 +7,7 @@
 mod common;
 
 use std::path::PathBuf;
-use std::process::{Command, Output, Stdio};
+use std::process::{Command, Output};
 
 use common::{noise, s, text, walk};
 use tempfile::TempDir;
@@ -32,14 +32,8 @@ impl Env {
     /// vbackup with this test's repository, passphrase and client state.
     fn command(&self, args: &[&str]) -> Command {
         let mut cmd = Command::new(env!("CARGO_BIN_EXE_vbackup"));
-        cmd.args(args)
-            .env("VBACKUP_REPOSITORY", self.path("repo"))
-            .env("VBACKUP_PASSWORD", PASSWORD)
-            .env("VBACKUP_KDF_MEMORY_KIB", "1024")
-            .env("VBACKUP_CACHE_DIR", self.path("state"))
-            .env_remove("VBACKUP_PASSWORD_FILE")
-            .env_remove("VBACKUP_ALLOW_UNENCRYPTED")
-            .stdin(Stdio::null());
+        cmd.args(args);
+        common::local_env(&mut cmd, self.dir.path(), PASSWORD);
         cmd
     }
 
@@ -117,9 +111,9 @@ fn an_unencrypted_repository_is_an_explicit_choice_remembered_per_host() {
             .env("VBACKUP_CACHE_DIR", env.path(state));
         cmd.output().unwrap()
     };
-    let out = plain(&["init", "--encryption", "none"], "state");
+    let out = plain(&["init", "--encryption", "none"], "cache");
     assert!(out.status.success(), "{}", text(&out));
-    let out = plain(&["snapshots"], "state");
+    let out = plain(&["snapshots"], "cache");
     assert!(out.status.success(), "{}", text(&out));
     // Another host (another client state) must say so once.
     let stderr = env.fails(plain(&["snapshots"], "other"), 2);

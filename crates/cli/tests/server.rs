@@ -1523,3 +1523,25 @@ fn attack_poisoned_reuse_through_the_server_fails_the_backup_until_repair_clears
         std::fs::read(&old).unwrap()
     );
 }
+
+#[test]
+fn attack_local_user_reads_the_servers_data_folder_everything_is_private() {
+    use std::os::unix::fs::PermissionsExt;
+    let env = Env::new();
+    let image = env.path("a.raw");
+    raw_image(&image, MIB as usize, 31);
+    env.backup("a", &image);
+    let mode = |p: &Path| std::fs::metadata(p).unwrap().permissions().mode() & 0o777;
+    let data = env.data();
+    for dir in common::walk_dirs(&data) {
+        assert_eq!(
+            mode(&dir) & 0o077,
+            0,
+            "{} is {:o}",
+            dir.display(),
+            mode(&dir)
+        );
+    }
+    let tokens = data.join("tokens.json");
+    assert_eq!(mode(&tokens) & 0o077, 0, "{}", tokens.display());
+}

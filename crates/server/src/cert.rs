@@ -84,7 +84,8 @@ fn create(dir: &Path) -> Result<(), Error> {
     }
     let made = rcgen::generate_simple_self_signed(names)
         .map_err(|e| Error::Other(format!("cannot make a certificate: {e}")))?;
-    fs::create_dir_all(dir).map_err(|e| Error::io(format!("creating {}", dir.display()), e))?;
+    crate::create_private_dir(dir)
+        .map_err(|e| Error::io(format!("creating {}", dir.display()), e))?;
     write_new(
         &dir.join("key.pem"),
         made.key_pair.serialize_pem().as_bytes(),

@@ -130,7 +130,7 @@ pub fn run(
     let identity =
         cert::load_or_create(&config.data, config.cert.as_deref(), config.key.as_deref())?;
     let tokens = tokens::TokenStore::open(&config.data)?;
-    std::fs::create_dir_all(config.data.join("repos")).map_err(|e| {
+    create_private_dir(&config.data.join("repos")).map_err(|e| {
         Error::io(
             format!("creating {}", config.data.join("repos").display()),
             e,
@@ -334,4 +334,15 @@ async fn stopped(stop: &AtomicBool) {
 /// The folder of repository `name` in the data folder `data`.
 pub fn repo_path(data: &Path, name: &str) -> PathBuf {
     data.join("repos").join(name)
+}
+
+/// Creates `dir` and its missing parents with mode 0700: the data folder
+/// holds the TLS key, the token hashes and every repository, none of which
+/// another local user may read.
+pub(crate) fn create_private_dir(dir: &std::path::Path) -> std::io::Result<()> {
+    use std::os::unix::fs::DirBuilderExt;
+    std::fs::DirBuilder::new()
+        .recursive(true)
+        .mode(0o700)
+        .create(dir)
 }

@@ -48,7 +48,7 @@ pub(crate) fn writer_of(data: &Path, repo: &str, key: &str) -> Option<String> {
 pub(crate) fn record_writer(data: &Path, repo: &str, key: &str, id: &str) -> io::Result<()> {
     let path = record_path(data, repo, key);
     if let Some(dir) = path.parent() {
-        fs::create_dir_all(dir)?;
+        crate::create_private_dir(dir)?;
     }
     fs::write(&path, id)
 }
@@ -166,7 +166,7 @@ impl Usage {
 
     fn save(&self, id: &str, used: u64) -> Result<(), ApiError> {
         let write = || -> io::Result<()> {
-            fs::create_dir_all(&self.dir)?;
+            crate::create_private_dir(&self.dir)?;
             let temp = self.dir.join(format!(".{id}.tmp"));
             fs::write(&temp, used.to_string())?;
             fs::rename(&temp, self.path(id))

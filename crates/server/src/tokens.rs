@@ -178,7 +178,8 @@ fn line_of(bytes: &[u8], id: &str, nth: usize) -> usize {
 }
 
 fn save(data: &Path, file: &TokenFile) -> Result<(), Error> {
-    fs::create_dir_all(data).map_err(|e| Error::io(format!("creating {}", data.display()), e))?;
+    crate::create_private_dir(data)
+        .map_err(|e| Error::io(format!("creating {}", data.display()), e))?;
     let path = tokens_path(data);
     let temp = data.join(format!(".{TOKENS_FILE}.tmp-{}", random_hex(8)?));
     let json = serde_json::to_vec_pretty(file).map_err(|e| Error::Other(e.to_string()))?;

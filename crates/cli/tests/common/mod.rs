@@ -86,3 +86,33 @@ pub fn identical(a: &Path, b: &Path) -> bool {
         .unwrap()
         .success()
 }
+
+/// Every folder below `dir` (not `dir` itself), recursively.
+pub fn walk_dirs(dir: &Path) -> Vec<PathBuf> {
+    let Ok(entries) = std::fs::read_dir(dir) else {
+        return Vec::new();
+    };
+    let mut dirs = Vec::new();
+    for entry in entries.flatten() {
+        let path = entry.path();
+        if path.is_dir() {
+            dirs.extend(walk_dirs(&path));
+            dirs.push(path);
+        }
+    }
+    dirs
+}
+
+/// Sets up `cmd` (the `vbackup` binary, or a shell that runs it) for a
+/// local repository in `dir/repo` opened with `password`, with a cheap
+/// key derivation and the client state in `dir/cache` (never the real
+/// home), and nothing inherited that could change what it does.
+pub fn local_env<'a>(cmd: &'a mut Command, dir: &Path, password: &str) -> &'a mut Command {
+    cmd.env("VBACKUP_REPOSITORY", dir.join("repo"))
+        .env("VBACKUP_PASSWORD", password)
+        .env("VBACKUP_KDF_MEMORY_KIB", "1024")
+        .env("VBACKUP_CACHE_DIR", dir.join("cache"))
+        .env_remove("VBACKUP_PASSWORD_FILE")
+        .env_remove("VBACKUP_ALLOW_UNENCRYPTED")
+        .stdin(std::process::Stdio::null())
+}

@@ -11,8 +11,8 @@ use anyhow::{bail, Context as _, Result};
 use serde::Serialize;
 use vbackup_core::crypto::{kdf::KdfParams, CipherKind, DigestKind};
 use vbackup_core::format::DiskRecord;
-use vbackup_core::{BackupOptions, InitOptions, OpenOptions, Repository, Snapshot};
-use vbackup_storage::{Backend, CachedBackend, LocalBackend};
+use vbackup_core::{BackupOptions, InitOptions, Repository, Snapshot};
+use vbackup_open::{Purpose, RepositoryOptions};
 
 use crate::args::{
     BackupArgs, Cli, Command, DigestArg, EncryptionArg, GlobalArgs, InitArgs, KeyCommand,
@@ -66,14 +66,6 @@ fn usage_error(message: impl Into<String>) -> anyhow::Error {
     .into()
 }
 
-/// Memory the extra workers for a remote backend may take (see
-/// [`Context::io_threads`]): with 4 MiB chunks, 12 workers.
-const IO_MEMORY_BUDGET: u64 = 192 << 20;
-
-/// Copies of a chunk a backup or restore worker holds at once (read,
-/// compressed, sealed, and the request body).
-const WORKER_CHUNK_COPIES: u64 = 4;
-
 impl Context {
     /// Worker threads to use.
     pub fn threads(&self) -> usize {
@@ -84,36 +76,34 @@ impl Context {
     }
 
     /// Worker threads for work that mostly waits on `repo`'s backend
-    /// (backup, restore, verify): `--threads` when given, else enough to
-    /// keep the backend's preferred number of requests in flight — but
-    /// beyond the machine's cores only as many as fit in
-    /// [`IO_MEMORY_BUDGET`], since each holds a few copies of a chunk.
+    /// (backup, restore, verify): see [`vbackup_open::io_threads`].
     pub fn io_threads(&self, repo: &Repository) -> usize {
-        if let Some(threads) = self.global.threads {
-            return threads.max(1);
-        }
-        // A worker also holds the pack it uploads, or the range of a pack it
-        // reads, twice: the S3 client copies what it sends and receives.
-        let per_worker = WORKER_CHUNK_COPIES * u64::from(repo.config().chunk_size)
-            + 2 * u64::from(repo.config().pack_size);
-        let affordable = usize::try_from(IO_MEMORY_BUDGET / per_worker.max(1)).unwrap_or(1);
-        let wanted = repo.backend().concurrency().min(affordable);
-        self.threads().max(wanted)
+        vbackup_open::io_threads(repo, self.global.threads)
     }
 
-    /// The backend named by `--repo` / `VBACKUP_REPOSITORY`; remote ones
-    /// with the local metadata cache unless `--no-cache`.
-    pub fn backend(&self) -> Result<Arc<dyn Backend>> {
-        let backend = self.backend_uncached()?;
-        let remote = self
-            .global
-            .repo
-            .as_deref()
-            .is_some_and(|r| r.starts_with("https://") || vbackup_s3::is_s3(r));
-        match cache_root().filter(|_| remote && !self.global.no_cache) {
-            Some(root) => Ok(Arc::new(CachedBackend::new(backend, &root))),
-            None => Ok(backend),
-        }
+    /// How to reach the repository named by `--repo` /
+    /// `VBACKUP_REPOSITORY`: the library's options, filled from the flags
+    /// and the environment (the server token read from its file or
+    /// variable only for a server).
+    pub fn repository_options(&self) -> Result<RepositoryOptions> {
+        let Some(repo) = self.global.repo.clone().filter(|r| !r.is_empty()) else {
+            return Err(usage_error(
+                "no repository given: use --repo PATH or set VBACKUP_REPOSITORY",
+            ));
+        };
+        let token = match repo.starts_with("https://") {
+            true => Some(crate::server::read_token(self.global.token_file.as_deref())?),
+            false => None,
+        };
+        Ok(RepositoryOptions {
+            repository: repo,
+            token,
+            server_fingerprint: self.global.server_fingerprint.clone(),
+            no_cache: self.global.no_cache,
+            cache_dir: None,
+            allow_unencrypted: self.global.allow_unencrypted,
+            threads: self.global.threads,
+        })
     }
 
     /// This host's record of what it saw of `repo` (forgotten snapshots, the
@@ -153,40 +143,25 @@ impl Context {
         Ok(())
     }
 
-    /// The backend without the metadata cache: for the commands that judge
-    /// what the storage itself holds (check, verify, repair).
-    pub fn backend_uncached(&self) -> Result<Arc<dyn Backend>> {
-        let Some(repo) = &self.global.repo else {
-            return Err(usage_error(
-                "no repository given: use --repo PATH or set VBACKUP_REPOSITORY",
-            ));
-        };
-        if repo.starts_with("https://") {
-            return crate::server::remote_backend(repo, &self.global);
-        }
-        backend_for(repo)
-    }
-
     /// Opens the repository, asking for the passphrase only if needed.
     pub fn open(&self) -> Result<Repository> {
-        self.open_on(self.backend()?)
+        self.open_for(Purpose::Use)
     }
 
-    /// Opens the repository without the metadata cache (see
-    /// [`Context::backend_uncached`]).
+    /// Opens the repository without the metadata cache: for the commands
+    /// that judge what the storage itself holds (check, verify, repair).
     pub fn open_uncached(&self) -> Result<Repository> {
-        self.open_on(self.backend_uncached()?)
+        self.open_for(Purpose::Judge)
     }
 
-    fn open_on(&self, backend: Arc<dyn Backend>) -> Result<Repository> {
-        let options = OpenOptions {
-            allow_unencrypted: self.global.allow_unencrypted,
-            passphrase_given: self.passphrase_given(),
-            state_dir: state_dir(),
-        };
-        Ok(Repository::open_with(backend, &options, || {
-            self.passphrase("Passphrase: ")
-        })?)
+    fn open_for(&self, purpose: Purpose) -> Result<Repository> {
+        let options = self.repository_options()?;
+        Ok(vbackup_open::open(
+            &options,
+            purpose,
+            self.passphrase_given(),
+            || self.passphrase("Passphrase: "),
+        )?)
     }
 
     /// Whether a passphrase was supplied without a prompt (file or
@@ -222,50 +197,11 @@ impl Context {
     }
 }
 
-/// The backend for a `--repo` value.
-pub fn backend_for(repo: &str) -> Result<Arc<dyn Backend>> {
-    if vbackup_s3::is_s3(repo) {
-        return s3_backend(repo);
-    }
-    if let Some((scheme, _)) = repo
-        .split_once("://")
-        .or_else(|| repo.split_once(':').filter(|(s, _)| s.len() > 1))
-    {
-        return Err(usage_error(format!(
-            "repository '{repo}': the '{scheme}' scheme is not supported by this build; give a local folder"
-        )));
-    }
-    Ok(Arc::new(LocalBackend::new(PathBuf::from(repo))))
-}
-
-/// The S3 backend for `s3:…`, its bucket checked; a malformed name is a
-/// usage error.
-fn s3_backend(repo: &str) -> Result<Arc<dyn Backend>> {
-    if let Err(e) = vbackup_s3::S3Location::parse(repo) {
-        return Err(usage_error(e.to_string()));
-    }
-    let backend = vbackup_s3::open(repo).map_err(vbackup_core::Error::Storage)?;
-    Ok(Arc::new(backend))
-}
-
-/// Where remote repositories' metadata caches live: `VBACKUP_CACHE_DIR`,
-/// else `$XDG_CACHE_HOME/vbackup`, else `~/.cache/vbackup`.
 /// This host's private records of the repositories it uses
 /// (`known-repositories.json`, `<repository id>.json`): the client state
 /// that storage cannot roll back.
 fn state_dir() -> Option<PathBuf> {
-    cache_root().map(|root| root.join("state"))
-}
-
-fn cache_root() -> Option<PathBuf> {
-    let non_empty = |name: &str| std::env::var_os(name).filter(|v| !v.is_empty());
-    if let Some(dir) = non_empty("VBACKUP_CACHE_DIR") {
-        return Some(PathBuf::from(dir));
-    }
-    if let Some(dir) = non_empty("XDG_CACHE_HOME") {
-        return Some(PathBuf::from(dir).join("vbackup"));
-    }
-    non_empty("HOME").map(|home| PathBuf::from(home).join(".cache/vbackup"))
+    vbackup_open::default_cache_root().map(|root| root.join("state"))
 }
 
 /// Reads a secret from `file`, else the environment variable `env`, else a
@@ -356,7 +292,7 @@ fn init_options(args: &InitArgs) -> Result<InitOptions> {
             .pack_size
             .map(|size| u32::try_from(size).map_err(|_| usage_error("pack size too large")))
             .transpose()?,
-        state_dir: state_dir(),
+        state_dir: None,
     })
 }
 
@@ -416,7 +352,7 @@ struct InitOutput<'a> {
 }
 
 fn init(ctx: &Context, args: &InitArgs) -> Result<()> {
-    let backend = ctx.backend()?;
+    let location = ctx.repository_options()?;
     let options = init_options(args)?;
     let passphrase = if options.cipher == CipherKind::None {
         if ctx.passphrase_given() {
@@ -437,7 +373,7 @@ fn init(ctx: &Context, args: &InitArgs) -> Result<()> {
     if passphrase.as_deref() == Some("") {
         return Err(usage_error("the passphrase is empty; choose a real one"));
     }
-    let repo = Repository::init(backend, passphrase.as_deref(), &options)?;
+    let repo = vbackup_open::init(&location, passphrase.as_deref(), &options)?;
     let config = repo.config();
     let output = InitOutput {
         repository: repo.location(),

@@ -12,7 +12,6 @@ use vbackup_core::roles::{Operation, Role};
 use vbackup_remote::RemoteConfig;
 use vbackup_server::tokens::TokenEntry;
 use vbackup_server::ServerConfig;
-use vbackup_storage::Backend;
 
 use crate::args::{Command, GlobalArgs, PolicyCommand};
 use crate::commands::Context;
@@ -298,18 +297,6 @@ fn server_error(error: vbackup_server::Error) -> anyhow::Error {
     }
 }
 
-/// The backend of an `https://HOST:PORT/REPO` repository: the token from
-/// `--token-file` or `VBACKUP_TOKEN`, the pin from `--server-fingerprint`.
-pub fn remote_backend(url: &str, global: &GlobalArgs) -> Result<Arc<dyn Backend>> {
-    let token = read_token(global.token_file.as_deref())?;
-    let config = RemoteConfig {
-        url: url.to_string(),
-        token,
-        fingerprint: global.server_fingerprint.clone(),
-    };
-    let backend = vbackup_remote::open(&config).map_err(|e| usage(e.to_string()))?;
-    Ok(Arc::new(backend))
-}
 
 /// The repository operation of a command that changes the repository.
 fn operation(command: &Command) -> Option<Operation> {
@@ -362,7 +349,8 @@ pub fn check_role(global: &GlobalArgs, command: &Command) -> Result<()> {
     Ok(())
 }
 
-fn read_token(file: Option<&Path>) -> Result<String> {
+/// The server token from `file`, else `VBACKUP_TOKEN`.
+pub fn read_token(file: Option<&Path>) -> Result<String> {
     if let Some(file) = file {
         let text = std::fs::read_to_string(file).map_err(|e| {
             usage(format!(

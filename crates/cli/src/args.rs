@@ -137,9 +137,6 @@ pub enum Command {
     Quickstart(QuickstartArgs),
     /// Serve repositories over HTTPS to other hosts' vbackup (and manage its tokens).
     Server(crate::server::ServerArgs),
-    /// Fill a repository with synthetic chunks and snapshots (benchmarks).
-    #[command(hide = true)]
-    Synth(SynthArgs),
 }
 
 /// The cipher to choose at `init`.
@@ -452,21 +449,6 @@ pub enum PolicyCommand {
     Set(KeepArgs),
     /// Remove the stored policy.
     Clear,
-}
-
-/// `vbackup synth` (hidden): a synthetic repository for benchmarks.
-#[derive(Debug, Args)]
-pub struct SynthArgs {
-    /// Chunk objects to write (tiny synthetic chunks).
-    #[arg(long, default_value_t = 1_000_000)]
-    pub chunks: u64,
-    /// Snapshots to write; snapshot i references a window of chunks starting
-    /// at i * chunks / snapshots, twice that long.
-    #[arg(long, default_value_t = 1000)]
-    pub snapshots: u64,
-    /// VMs the snapshots are spread over (round robin).
-    #[arg(long, default_value_t = 10)]
-    pub vms: u64,
 }
 
 /// `vbackup key ...`.

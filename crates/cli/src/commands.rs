@@ -49,7 +49,6 @@ pub fn run(cli: Cli) -> Result<()> {
         Command::Policy(command) => crate::lifecycle::policy(&ctx, &command),
         Command::Locks => crate::lifecycle::locks(&ctx),
         Command::Unlock(args) => crate::lifecycle::unlock(&ctx, &args),
-        Command::Synth(args) => crate::synth::run(&ctx, &args),
         Command::Stats => stats(&ctx),
         Command::Key(command) => key(&ctx, &command),
         Command::Speed => speed(&ctx),
@@ -92,7 +91,9 @@ impl Context {
             ));
         };
         let token = match repo.starts_with("https://") {
-            true => Some(crate::server::read_token(self.global.token_file.as_deref())?),
+            true => Some(crate::server::read_token(
+                self.global.token_file.as_deref(),
+            )?),
             false => None,
         };
         Ok(RepositoryOptions {

@@ -7,7 +7,6 @@ mod commands;
 mod lifecycle;
 mod quickstart;
 mod server;
-mod synth;
 mod ui;
 
 use std::process::ExitCode;

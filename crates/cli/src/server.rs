@@ -297,7 +297,6 @@ fn server_error(error: vbackup_server::Error) -> anyhow::Error {
     }
 }
 
-
 /// The repository operation of a command that changes the repository.
 fn operation(command: &Command) -> Option<Operation> {
     Some(match command {

@@ -62,8 +62,7 @@ impl Location {
             ));
         }
         if vbackup_s3::is_s3(text) {
-            vbackup_s3::S3Location::parse(text)
-                .map_err(|e| Error::InvalidInput(e.to_string()))?;
+            vbackup_s3::S3Location::parse(text).map_err(|e| Error::InvalidInput(e.to_string()))?;
             return Ok(Location::S3(text.to_string()));
         }
         if text.starts_with("https://") {
@@ -309,7 +308,11 @@ mod tests {
         ));
         for bad in ["sftp://host/x", "rest:http://x", "s3:nope", ""] {
             let error = Location::parse(bad).unwrap_err();
-            assert_eq!(error.class(), vbackup_core::ErrorClass::Usage, "{bad}: {error}");
+            assert_eq!(
+                error.class(),
+                vbackup_core::ErrorClass::Usage,
+                "{bad}: {error}"
+            );
         }
         assert!(!Location::Folder("/x".into()).is_remote());
         assert!(Location::Server("https://h/x".into()).is_remote());
@@ -323,7 +326,9 @@ mod tests {
         .unwrap();
         assert_eq!(options.threads(), 4);
         assert!(!format!("{options:?}").contains("s3cr3tvalue"));
-        assert!(serde_json::from_str::<RepositoryOptions>(r#"{"repository": "x", "typo": 1}"#).is_err());
+        assert!(
+            serde_json::from_str::<RepositoryOptions>(r#"{"repository": "x", "typo": 1}"#).is_err()
+        );
     }
 
     #[test]

@@ -8,7 +8,7 @@ use std::sync::Arc;
 use anyhow::{Context as _, Result};
 use clap::{Args, Subcommand, ValueEnum};
 use serde::Serialize;
-use vbackup_core::roles::{Operation, Role};
+use vbackup_protocol::{Operation, Role};
 use vbackup_remote::RemoteConfig;
 use vbackup_server::tokens::TokenEntry;
 use vbackup_server::ServerConfig;
@@ -213,14 +213,6 @@ fn view<'a>(entry: &'a TokenEntry, token: Option<&'a str>) -> TokenView<'a> {
     }
 }
 
-fn role_name(role: Role) -> &'static str {
-    match role {
-        Role::Read => "read",
-        Role::Backup => "backup",
-        Role::Admin => "admin",
-    }
-}
-
 fn token(ctx: &Context, command: &TokenCommand) -> Result<()> {
     let json = ctx.global.json;
     match command {
@@ -250,7 +242,7 @@ fn token(ctx: &Context, command: &TokenCommand) -> Result<()> {
                     "token {} for repository '{}' with role {}: shown only now; give it to clients as VBACKUP_TOKEN or in a --token-file",
                     entry.id,
                     entry.repo,
-                    role_name(entry.role)
+                    entry.role
                 );
             }
         }
@@ -265,7 +257,7 @@ fn token(ctx: &Context, command: &TokenCommand) -> Result<()> {
                     println!(
                         "{}  {:<7} {:<20} {}  {}{}",
                         t.id,
-                        role_name(t.role),
+                        t.role,
                         t.repo,
                         t.created,
                         t.label,
@@ -282,7 +274,7 @@ fn token(ctx: &Context, command: &TokenCommand) -> Result<()> {
                 println!("{}", serde_json::to_string_pretty(&views)?);
             } else {
                 for t in &gone {
-                    println!("removed token {} ({}, {})", t.id, t.repo, role_name(t.role));
+                    println!("removed token {} ({}, {})", t.id, t.repo, t.role);
                 }
             }
         }
@@ -326,14 +318,11 @@ pub fn check_role(global: &GlobalArgs, command: &Command) -> Result<()> {
         fingerprint: global.server_fingerprint.clone(),
     })
     .map_err(|e| usage(e.to_string()))?;
-    let me = client.whoami()?;
-    let role = match me.role.as_str() {
-        "read" => Role::Read,
-        "backup" => Role::Backup,
-        _ => Role::Admin,
-    };
+    let me = client.whoami().with_context(|| {
+        format!("cannot learn the token's role from the server at {url}, so the command was not started")
+    })?;
     let needed = operation.required_role();
-    if role < needed {
+    if !me.role.allows(operation) {
         return Err(usage(format!(
             "this command needs {} token; the token {} has the role {} on the server",
             match needed {

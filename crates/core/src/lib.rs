@@ -27,7 +27,6 @@ pub mod format;
 pub mod packs;
 mod progress;
 mod repo;
-pub mod roles;
 pub mod source;
 pub mod speed;
 pub mod trust;

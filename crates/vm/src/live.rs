@@ -209,13 +209,13 @@ fn lock_vm(qmp_socket: &Path) -> Result<File> {
         .write(true)
         .open(&path)
         .map_err(|e| {
-            Error::Invalid(format!(
+            Error::Lock(format!(
                 "cannot create the lock file {}: {e}",
                 path.display()
             ))
         })?;
     file.try_lock().map_err(|_| {
-        Error::Invalid(format!(
+        Error::Lock(format!(
             "another vbackup is backing up the VM behind {} (lock {})",
             qmp_socket.display(),
             path.display()

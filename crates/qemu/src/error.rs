@@ -170,6 +170,14 @@ pub enum Error {
         /// What the user can do.
         advice: String,
     },
+    /// The image does not exist: `error` is how that showed (qemu-img's
+    /// own words, which name the path), kept apart from other failures
+    /// because it is the user's to fix.
+    #[error("{error}")]
+    NotFound {
+        /// The failure, as the tool reported it.
+        error: Box<Error>,
+    },
     /// Something failed for one disk of a running VM.
     #[error("disk {disk}: {error}")]
     Disk {
@@ -227,12 +235,25 @@ impl Error {
 
     /// Attaches the image path this error is about.
     pub(crate) fn for_image(self, path: impl Into<PathBuf>) -> Self {
-        if matches!(self, Error::InUse { .. }) {
+        if matches!(self, Error::InUse { .. } | Error::NotFound { .. }) {
             return self;
         }
         Error::Image {
             path: path.into(),
             error: Box::new(self),
+        }
+    }
+
+    /// This error as [`Error::NotFound`] if `path` does not exist (what
+    /// qemu-img's failure to open it then means), else as it is.
+    pub(crate) fn missing_if_absent(self, path: &Path) -> Self {
+        let absent = matches!(path.try_exists(), Ok(false));
+        if absent && !matches!(self, Error::InUse { .. } | Error::NotFound { .. }) {
+            Error::NotFound {
+                error: Box::new(self),
+            }
+        } else {
+            self
         }
     }
 
@@ -304,6 +325,7 @@ impl Error {
             | Error::QemuNbd { .. }
             | Error::Qmp { .. }
             | Error::GuestAgent { .. } => io::ErrorKind::Other,
+            Error::NotFound { .. } => io::ErrorKind::NotFound,
             Error::Image { error, .. } | Error::Disk { error, .. } => error.kind(),
         }
     }
@@ -316,7 +338,7 @@ impl Error {
     /// included, is a runtime failure.
     pub fn class(&self) -> ErrorClass {
         match self {
-            Error::InvalidRequest(_) => ErrorClass::Usage,
+            Error::InvalidRequest(_) | Error::NotFound { .. } => ErrorClass::Usage,
             Error::Damaged { .. } => ErrorClass::Integrity,
             Error::Internal(_) => ErrorClass::Internal,
             Error::Image { error, .. } if error.is_missing_file() => ErrorClass::Usage,
@@ -331,6 +353,7 @@ impl Error {
         match self {
             Error::Io { error, .. } => error.kind() == io::ErrorKind::NotFound,
             Error::Image { error, .. } => error.is_missing_file(),
+            Error::NotFound { .. } => true,
             _ => false,
         }
     }
@@ -480,6 +503,33 @@ mod tests {
             desc: "no".into(),
         };
         assert_eq!(qmp.for_disk("drive0").class(), ErrorClass::Runtime);
+    }
+
+    /// Issue 11: qemu-img's failure to open an image that does not exist
+    /// ("Could not open ...: No such file or directory") is the user's
+    /// mistake, with qemu's words kept; other failures stay as they are.
+    #[test]
+    fn issue11_a_failure_on_an_absent_image_is_not_found() {
+        let failed = || Error::Command {
+            command: "qemu-img info x".into(),
+            status: "exit status: 1".into(),
+            stderr: "Could not open 'x': No such file or directory".into(),
+        };
+        let absent = Path::new("/nonexistent-vbackup-test/gone.qcow2");
+        let err = failed().for_image(absent).missing_if_absent(absent);
+        assert!(matches!(err, Error::NotFound { .. }), "{err}");
+        assert_eq!(err.class(), ErrorClass::Usage);
+        assert_eq!(err.kind(), io::ErrorKind::NotFound);
+        let text = err.to_string();
+        assert!(
+            text.starts_with("disk image /nonexistent-vbackup-test/gone.qcow2: `qemu-img info x`"),
+            "{text}"
+        );
+        assert_eq!(err.for_image(absent).to_string(), text, "not wrapped twice");
+        let present = Path::new("/");
+        let kept = failed().for_image(present).missing_if_absent(present);
+        assert!(matches!(kept, Error::Image { .. }), "{kept}");
+        assert_eq!(kept.class(), ErrorClass::Runtime);
     }
 
     /// Issue 11: the class survives the trip through the engine's

@@ -143,7 +143,11 @@ pub fn check_format(format: &str) -> Result<()> {
 /// Describes the image at `path` (format detected by qemu-img).
 pub fn image_info(path: &Path) -> Result<ImageInfo> {
     // qemu-img info takes the locks of a reader that shares no writing.
-    info(path).map_err(|e| e.for_image(path).in_use_if_locked(path, true))
+    info(path).map_err(|e| {
+        e.for_image(path)
+            .in_use_if_locked(path, true)
+            .missing_if_absent(path)
+    })
 }
 
 fn info(path: &Path) -> Result<ImageInfo> {
@@ -206,7 +210,11 @@ pub fn check(path: &Path, format: &str) -> Result<()> {
             _ => Err(check_failure(&cmd, &output)),
         }
     };
-    run().map_err(|e| e.for_image(path).in_use_if_locked(path, true))
+    run().map_err(|e| {
+        e.for_image(path)
+            .in_use_if_locked(path, true)
+            .missing_if_absent(path)
+    })
 }
 
 /// `qemu-img check` prints details on stderr and its verdict on stdout;

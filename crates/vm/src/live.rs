@@ -320,3 +320,25 @@ fn definition(qmp: &mut QmpClient, config_file: Option<ConfigFile>) -> VmDefinit
         config_file,
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use vbackup_core::ErrorClass;
+
+    /// Issue 11: a VM another vbackup is backing up was reported as an
+    /// invalid request; it is a lock held elsewhere, a runtime failure.
+    #[test]
+    fn issue11_a_vm_locked_by_another_backup_is_a_runtime_failure() {
+        let dir = tempfile::tempdir().expect("temporary folder");
+        let socket = dir.path().join("web1.qmp");
+        let _held = lock_vm(&socket).expect("the first lock is taken");
+        let error = lock_vm(&socket).expect_err("the second is refused");
+        assert!(matches!(error, Error::Lock(_)), "{error}");
+        assert_eq!(error.class(), ErrorClass::Runtime);
+        assert!(error.to_string().contains("another vbackup"), "{error}");
+        let nowhere = dir.path().join("gone").join("web1.qmp");
+        let error = lock_vm(&nowhere).expect_err("no folder for the lock file");
+        assert_eq!(error.class(), ErrorClass::Runtime, "{error}");
+    }
+}

@@ -56,7 +56,11 @@ fn main() -> ExitCode {
         Ok(()) => ExitCode::from(EXIT_OK),
         Err(error) => {
             eprintln!("vbackup: error: {}", chain(&error));
-            ExitCode::from(exit_code(&error))
+            let code = exit_code(&error);
+            if let Some(hint) = hint(code) {
+                eprintln!("vbackup: {hint}");
+            }
+            ExitCode::from(code)
         }
     }
 }
@@ -103,6 +107,14 @@ fn exit_code(error: &anyhow::Error) -> u8 {
         .chain()
         .find_map(link_class)
         .map_or(EXIT_FAILURE, class_exit_code)
+}
+
+/// What to do about a failure with exit `code`, where the error itself
+/// cannot say it (the libraries give no hints).
+fn hint(code: u8) -> Option<&'static str> {
+    (code == EXIT_INTERNAL).then_some(
+        "this is a bug in vbackup, not a mistake of yours; please report it with the command line and the message above",
+    )
 }
 
 /// The documented exit code of an error class.
@@ -161,6 +173,9 @@ mod tests {
         )));
         assert_eq!(exit_code(&wrapped), EXIT_INTERNAL);
         assert_eq!(EXIT_INTERNAL, 70);
+        assert!(hint(EXIT_INTERNAL).is_some_and(|h| h.contains("bug")));
+        assert_eq!(hint(EXIT_USAGE), None);
+        assert_eq!(hint(EXIT_FAILURE), None);
     }
 
     /// Issue 11: QEMU's and VM jobs' errors all exited 1 whatever their

@@ -23,11 +23,9 @@ where
         let handles: Vec<_> = (0..threads.max(1)).map(|_| scope.spawn(&work)).collect();
         let mut first_error = None;
         for handle in handles {
-            let result = handle.join().unwrap_or_else(|_| {
-                Err(crate::Error::internal(
-                    "a worker thread panicked; this is a bug in vbackup",
-                ))
-            });
+            let result = handle
+                .join()
+                .unwrap_or_else(|_| Err(crate::Error::internal("a worker thread panicked")));
             if let Err(e) = result {
                 first_error.get_or_insert(e);
             }
@@ -94,7 +92,10 @@ mod tests {
         let error = run_workers(2, || -> crate::Result<()> { panic!("worker bug") })
             .expect_err("a panicked worker fails the run");
         assert_eq!(error.class(), ErrorClass::Internal, "{error}");
-        assert!(error.to_string().contains("a bug in vbackup"), "{error}");
+        assert!(
+            error.to_string().contains("worker thread panicked"),
+            "{error}"
+        );
         let usage = run_workers(2, || Err(crate::Error::InvalidInput("bad".into())));
         assert_eq!(usage.map_err(|e| e.class()), Err(ErrorClass::Usage));
     }

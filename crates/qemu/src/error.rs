@@ -64,7 +64,9 @@ pub enum Error {
     /// The server does not offer what was asked for.
     #[error("NBD server does not support {0}")]
     Unsupported(&'static str),
-    /// The caller asked for something invalid (out of range, read-only, ...).
+    /// The request makes no sense (a format, bitmap or block node name, a
+    /// socket path too long, a device too small, a read-only export): the
+    /// user's to fix. A misuse by vbackup's own code is [`Error::Internal`].
     #[error("invalid request: {0}")]
     InvalidRequest(String),
     /// A program could not be started at all.

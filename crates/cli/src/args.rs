@@ -32,11 +32,14 @@ pub const EXIT_CODES: &str = "Exit codes:
   0    success
   1    the operation failed (I/O, storage, source image, a lock held by
        another process: e.g. a backup while a prune has an S3 repository)
-  2    bad usage: wrong arguments, no repository, unsupported format version
-  3    damaged data found (check, verify) or met (restore); prune refused
-       because snapshots or indexes are unreadable (run repair first);
-       repair refused to quarantine on S3
+  2    bad usage: wrong arguments, no repository, unsupported format version,
+       a disk image that does not exist
+  3    damaged data found (check, verify) or met (restore, or a source image
+       qemu-img check finds corrupt); prune refused because snapshots or
+       indexes are unreadable (run repair first); repair refused to
+       quarantine on S3
   4    wrong or missing passphrase
+  70   internal error: vbackup itself failed (please report it)
   130  interrupted (Ctrl-C, SIGTERM); nothing was recorded";
 
 /// Options shared by all commands.

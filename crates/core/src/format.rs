@@ -240,7 +240,7 @@ pub fn plain_json_object<T: Serialize>(kind: ObjectKind, value: &T) -> Result<Ve
     }
     .encode();
     let json = serde_json::to_vec_pretty(value)
-        .map_err(|e| Error::InvalidInput(format!("cannot encode {kind:?} as JSON: {e}")))?;
+        .map_err(|e| Error::internal(format!("cannot encode {kind:?} as JSON: {e}")))?;
     let mut out = header.to_vec();
     out.extend_from_slice(&json);
     Ok(out)

@@ -50,7 +50,7 @@ pub use commands::repair::{marked_snapshots, read_marker, repair, RepairOptions,
 pub use commands::restore::{restore_disk, restore_disk_to_writer, RestoreStats};
 pub use commands::stats::{stats, RepoStats};
 pub use commands::verify::{verify, AffectedDisk, ChunkProblem, ProblemKind, VerifyReport};
-pub use error::{Error, ErrorClass, Result};
+pub use error::{Classified, Error, ErrorClass, Result};
 pub use progress::Progress;
 pub use repo::{InitOptions, KeyInfo, Repository, Snapshot, FUTURE_SKEW_MINUTES};
 pub use source::{DiskReader, DiskSource, DiskTarget, DiskWriter, Extent, ExtentKind};

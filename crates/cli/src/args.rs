@@ -494,6 +494,37 @@ pub struct QuickstartArgs {
     pub size_mib: u64,
 }
 
+/// Parses the command line. An option's environment variable that is set
+/// but empty (`VBACKUP_PASSWORD_FILE=`) counts as unset, as it does for a
+/// shell user: otherwise clap reports a missing value for a flag
+/// (`--password-file`) that was never typed.
+pub fn parse() -> Cli {
+    use clap::{CommandFactory, FromArgMatches};
+    let matches = without_empty_env(Cli::command(), &|name| {
+        std::env::var_os(name).is_some_and(|v| v.is_empty())
+    })
+    .get_matches();
+    Cli::from_arg_matches(&matches).unwrap_or_else(|e| e.exit())
+}
+
+/// `command` with the environment variables for which `empty` holds
+/// detached from their options, in every subcommand too.
+fn without_empty_env(
+    command: clap::Command,
+    empty: &dyn Fn(&std::ffi::OsStr) -> bool,
+) -> clap::Command {
+    let ids: Vec<clap::Id> = command
+        .get_arguments()
+        .filter(|a| a.get_env().is_some_and(empty))
+        .map(|a| a.get_id().clone())
+        .collect();
+    ids.into_iter()
+        .fold(command, |command, id| {
+            command.mut_arg(id, |a| a.env(None::<&str>))
+        })
+        .mut_subcommands(|sub| without_empty_env(sub, empty))
+}
+
 /// Parses sizes like `4M`, `64K`, `1G` or plain bytes.
 pub fn parse_size(text: &str) -> Result<u64, String> {
     let text = text.trim();
@@ -585,6 +616,23 @@ mod tests {
         for bad in ["", "10", "5x", "m"] {
             assert!(parse_duration(bad).is_err(), "{bad:?}");
         }
+    }
+
+    #[test]
+    fn empty_env_password_file_counts_as_unset() {
+        let command = without_empty_env(Cli::command(), &|name| {
+            name == "VBACKUP_PASSWORD_FILE" || name == "VBACKUP_REPOSITORY"
+        });
+        let password = command
+            .get_arguments()
+            .find(|a| a.get_id() == "password_file")
+            .unwrap();
+        assert_eq!(password.get_env(), None);
+        let token = command
+            .get_arguments()
+            .find(|a| a.get_id() == "token_file")
+            .unwrap();
+        assert_eq!(token.get_env(), Some(std::ffi::OsStr::new("VBACKUP_TOKEN_FILE")));
     }
 
     #[test]

@@ -287,7 +287,8 @@ fn read_secret(
         })?;
         return Ok(Some(text.lines().next().unwrap_or_default().to_string()));
     }
-    if let Ok(value) = std::env::var(env) {
+    // Set but empty counts as unset, as for the options' variables.
+    if let Some(value) = std::env::var(env).ok().filter(|v| !v.is_empty()) {
         return Ok(Some(value));
     }
     if !std::io::stdin().is_terminal() {
@@ -1147,7 +1148,9 @@ fn key(ctx: &Context, command: &KeyCommand) -> Result<()> {
     let repo = ctx.open()?;
     match command {
         KeyCommand::Add => {
-            let file = std::env::var_os("VBACKUP_NEW_PASSWORD_FILE").map(PathBuf::from);
+            let file = std::env::var_os("VBACKUP_NEW_PASSWORD_FILE")
+                .filter(|v| !v.is_empty())
+                .map(PathBuf::from);
             let passphrase = read_secret(file.as_deref(), "VBACKUP_NEW_PASSWORD", "New passphrase: ", true)?
                 .ok_or_else(|| usage_error("no new passphrase: set VBACKUP_NEW_PASSWORD or VBACKUP_NEW_PASSWORD_FILE, or run on a terminal"))?;
             if passphrase.is_empty() {

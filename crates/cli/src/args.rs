@@ -363,6 +363,17 @@ pub struct GcArgs {
 /// `vbackup forget`.
 #[derive(Debug, Args)]
 pub struct ForgetArgs {
+    /// Forget these snapshots (ids or unique id prefixes) instead of
+    /// applying rules.
+    #[arg(value_name = "ID")]
+    pub ids: Vec<String>,
+    /// Only this VM's snapshots.
+    #[arg(long, value_name = "NAME")]
+    pub vm: Option<String>,
+    /// Remove every snapshot of a VM without asking, when that is what the
+    /// rules or ids say (otherwise asked on a terminal, refused elsewhere).
+    #[arg(long, short = 'y')]
+    pub yes: bool,
     /// The rules (without any, the policy stored with `vbackup policy set`).
     #[command(flatten)]
     pub keep: KeepArgs,

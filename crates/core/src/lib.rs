@@ -40,7 +40,8 @@ pub use commands::backup::{
 };
 pub use commands::check::{check, CheckOptions, CheckReport, Notice, ReadData};
 pub use commands::forget::{
-    forget, plan, plan_at, render_plan, Decision, ForgetGroup, ForgetOptions, ForgetReport,
+    emptied_vms, forget, plan, plan_at, plan_ids, render_plan, Decision, Emptying, ForgetGroup,
+    ForgetOptions, ForgetReport,
 };
 pub use commands::locks::{
     list_locks, read_lock, unlock, Lease, LeaseTiming, LockInfo, CLOCK_SKEW, MAX_STALE_AFTER,

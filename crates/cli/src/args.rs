@@ -190,7 +190,7 @@ pub struct InitArgs {
 #[derive(Debug, Args)]
 pub struct BackupArgs {
     /// Name of the VM (snapshots are grouped by it).
-    #[arg(long)]
+    #[arg(long, value_parser = parse_vm_name)]
     pub vm: String,
     /// Disk images (raw, qcow2, vmdk, vhdx, vdi, ... anything qemu reads);
     /// with --qmp, the names of the devices or nodes to back up (default: all).
@@ -273,7 +273,7 @@ pub struct RestoreArgs {
     #[arg(long, short = 't', value_name = "DIR|-|DEVICE")]
     pub target: String,
     /// Only snapshots of this VM (with `latest`).
-    #[arg(long)]
+    #[arg(long, value_parser = parse_vm_name)]
     pub vm: Option<String>,
     /// Restore only this disk.
     #[arg(long)]
@@ -291,7 +291,7 @@ pub struct RestoreArgs {
 #[derive(Debug, Args)]
 pub struct SnapshotsArgs {
     /// Only snapshots of this VM.
-    #[arg(long)]
+    #[arg(long, value_parser = parse_vm_name)]
     pub vm: Option<String>,
 }
 
@@ -368,7 +368,7 @@ pub struct ForgetArgs {
     #[arg(value_name = "ID")]
     pub ids: Vec<String>,
     /// Only this VM's snapshots.
-    #[arg(long, value_name = "NAME")]
+    #[arg(long, value_name = "NAME", value_parser = parse_vm_name)]
     pub vm: Option<String>,
     /// Remove every snapshot of a VM without asking, when that is what the
     /// rules or ids say (otherwise asked on a terminal, refused elsewhere).
@@ -586,6 +586,15 @@ pub fn parse_duration(text: &str) -> Result<Duration, String> {
         return Err(bad());
     }
     Ok(Duration::from_secs(total))
+}
+
+/// A VM name: not empty, not only spaces (snapshots are grouped and
+/// found by it).
+fn parse_vm_name(text: &str) -> Result<String, String> {
+    match text.trim().is_empty() {
+        true => Err("a VM needs a name, e.g. --vm web1".to_string()),
+        false => Ok(text.to_string()),
+    }
 }
 
 fn parse_calendar_span(text: &str) -> Result<CalendarSpan, String> {

@@ -1009,6 +1009,10 @@ struct SnapshotRow<'a> {
     vm: &'a str,
     host: &'a str,
     tags: &'a [String],
+    /// Full, incremental or differential.
+    backup_type: vbackup_core::format::BackupType,
+    /// offline, crash-consistent or application-consistent.
+    consistency: Option<&'a str>,
     disks: &'a [DiskRecord],
     stats: &'a vbackup_core::format::BackupStats,
     damaged: bool,
@@ -1051,6 +1055,8 @@ fn snapshots(ctx: &Context, args: &SnapshotsArgs) -> Result<()> {
             vm: &s.manifest.vm,
             host: &s.manifest.host,
             tags: &s.manifest.tags,
+            backup_type: s.manifest.backup_type,
+            consistency: s.manifest.consistency.as_deref(),
             disks: &s.manifest.disks,
             stats: &s.manifest.stats,
             damaged: marked.contains(&s.id),
@@ -1068,18 +1074,29 @@ fn snapshots(ctx: &Context, args: &SnapshotsArgs) -> Result<()> {
         return Ok(());
     }
     println!(
-        "{:<8}  {:<19}  {:<16}  {:<12}  {:>5}  {:>10}  {:>10}  {:<7}  TAGS",
-        "ID", "TIME (UTC)", "VM", "HOST", "DISKS", "SIZE", "NEW", "STATUS"
+        "{:<8}  {:<19}  {:<16}  {:<12}  {:<12}  {:<11}  {:>5}  {:>10}  {:>10}  {:<7}  TAGS",
+        "ID",
+        "TIME (UTC)",
+        "VM",
+        "HOST",
+        "TYPE",
+        "CONSISTENCY",
+        "DISKS",
+        "SIZE",
+        "NEW",
+        "STATUS"
     );
     for s in &list {
         let m = &s.manifest;
         let size: u64 = m.disks.iter().map(|d| d.virtual_size).sum();
         println!(
-            "{:<8}  {:<19}  {:<16}  {:<12}  {:>5}  {:>10}  {:>10}  {:<7}  {}",
+            "{:<8}  {:<19}  {:<16}  {:<12}  {:<12}  {:<11}  {:>5}  {:>10}  {:>10}  {:<7}  {}",
             s.short_id(),
             m.time.get(..19).unwrap_or(&m.time).replace('T', " "),
             m.vm,
             m.host,
+            m.backup_type.to_string(),
+            consistency_column(m.consistency.as_deref()),
             m.disks.len(),
             human_bytes(size),
             human_bytes(m.stats.bytes_stored),
@@ -1097,6 +1114,17 @@ fn snapshots(ctx: &Context, args: &SnapshotsArgs) -> Result<()> {
     }
     println!("{} snapshot(s)", list.len());
     Ok(())
+}
+
+/// A snapshot's consistency in the `snapshots` table: `offline`, `crash`
+/// (crash-consistent: a running VM at one instant), `application`
+/// (application-consistent: filesystems frozen by the guest agent), or `-`
+/// when not recorded (snapshots of older versions).
+fn consistency_column(consistency: Option<&str>) -> &str {
+    match consistency {
+        None => "-",
+        Some(c) => c.strip_suffix("-consistent").unwrap_or(c),
+    }
 }
 
 fn stats(ctx: &Context) -> Result<()> {

@@ -196,12 +196,19 @@ fn open_disks(
                     .map_err(Error::qemu(format!("opening disk '{}'", item.image.name)))?;
             Ok(BackupDisk {
                 name: item.image.name.clone(),
-                source_label: item.image.path.display().to_string(),
+                source_label: absolute(&item.image.path).display().to_string(),
                 source,
                 base: plan.changes.as_ref().map(|(_, base)| base.clone()),
             })
         })
         .collect()
+}
+
+/// The image's path made absolute (without resolving links: the path as
+/// the VM's definition names it), so the snapshot records where the disk
+/// was, wherever the backup ran from.
+fn absolute(path: &Path) -> PathBuf {
+    std::path::absolute(path).unwrap_or_else(|_| path.to_path_buf())
 }
 
 /// Rotates the disk's bitmaps (unless the disk was not read at all) and

@@ -503,6 +503,10 @@ pub struct QuickstartArgs {
     /// Size of the sample disk in MiB.
     #[arg(long, default_value_t = 512)]
     pub size_mib: u64,
+    /// Keep the temporary folder afterwards (without --dir it is removed
+    /// at the end).
+    #[arg(long)]
+    pub keep: bool,
 }
 
 /// Parses the command line. An option's environment variable that is set

@@ -656,13 +656,12 @@ pub fn print_backup_summary(ctx: &Context, snapshot: &Snapshot) {
             .unwrap_or_default()
     ));
     ctx.say(format!(
-        "  read {} in {:.1} s ({}); new data {} stored as {}",
+        "  read {} of allocated data from the disks in {:.1} s ({})",
         human_bytes(s.bytes_read),
         s.duration_secs,
         human_rate(s.bytes_read, s.duration_secs),
-        human_bytes(s.bytes_new),
-        human_bytes(s.bytes_stored)
     ));
+    ctx.say(new_chunks_line(s));
     ctx.say(format!(
         "  chunks: {} new, {} already stored, {} holes (not read or stored)",
         s.chunks_new, s.chunks_reused, s.chunks_hole
@@ -690,6 +689,22 @@ pub fn print_backup_summary(ctx: &Context, snapshot: &Snapshot) {
             disk.unchanged_since.as_deref().map_or("", |id| &id[..8.min(id.len())])
         ));
     }
+}
+
+/// What the new chunks hold and what storing them took. `bytes_new`
+/// counts whole chunks, while `bytes_read` counts only the allocated bytes
+/// read: a chunk partly allocated is stored whole, its unallocated parts as
+/// zeros, so the first can exceed the second; the line says so then.
+fn new_chunks_line(s: &vbackup_core::format::BackupStats) -> String {
+    let whole = match s.bytes_new > s.bytes_read {
+        true => " (counted whole: their unallocated parts as zeros)",
+        false => "",
+    };
+    format!(
+        "  new chunks: {} before compression{whole}, stored as {} (compressed, encrypted)",
+        human_bytes(s.bytes_new),
+        human_bytes(s.bytes_stored)
+    )
 }
 
 fn selected_disks<'a>(snapshot: &'a Snapshot, disk: Option<&str>) -> Result<Vec<&'a DiskRecord>> {
@@ -1229,6 +1244,28 @@ fn speed(ctx: &Context) -> Result<()> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn backup_summary_new_data_says_what_it_counts() {
+        let stats = vbackup_core::format::BackupStats {
+            bytes_read: 5 << 20,
+            bytes_new: 8 << 20,
+            bytes_stored: 388,
+            ..Default::default()
+        };
+        let line = new_chunks_line(&stats);
+        assert!(
+            line.contains("new chunks: 8.0 MiB before compression")
+                && line.contains("unallocated parts as zeros")
+                && line.contains("stored as 388 B"),
+            "{line}"
+        );
+        let reused = vbackup_core::format::BackupStats {
+            bytes_new: 1 << 20,
+            ..stats
+        };
+        assert!(!new_chunks_line(&reused).contains("zeros"));
+    }
 
     #[test]
     fn attack_kdf_memory_variable_weakens_new_keys_only_in_debug_builds() {

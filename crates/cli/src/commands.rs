@@ -1207,15 +1207,15 @@ fn key(ctx: &Context, command: &KeyCommand) -> Result<()> {
         KeyCommand::List => {
             let keys = repo.list_keys()?;
             if !ctx.json(&keys)? {
-                println!("  {:<32}  {:<25}  {:<16}  USER", "ID", "CREATED", "HOST");
+                println!("  {:<32}  {:<20}  {:<16}  USER", "ID", "CREATED (UTC)", "HOST");
                 for k in keys {
                     let mark = if k.current { "*" } else { " " };
                     println!(
-                        "{mark} {:<32}  {:<25}  {:<16}  {}",
+                        "{mark} {:<32}  {:<20}  {:<16}  {}",
                         k.id,
-                        k.created.get(..25).unwrap_or(&k.created),
+                        to_the_second(&k.created),
                         k.host,
-                        k.user
+                        if k.user.is_empty() { "-" } else { &k.user }
                     );
                 }
             }
@@ -1228,6 +1228,15 @@ fn key(ctx: &Context, command: &KeyCommand) -> Result<()> {
         }
     }
     Ok(())
+}
+
+/// An RFC 3339 time as RFC 3339 in UTC to the whole second
+/// (`2026-12-01T21:13:32Z`); text that is no such time as it is.
+fn to_the_second(time: &str) -> String {
+    chrono::DateTime::parse_from_rfc3339(time).map_or_else(
+        |_| time.to_string(),
+        |t| t.to_utc().format("%Y-%m-%dT%H:%M:%SZ").to_string(),
+    )
 }
 
 fn speed(ctx: &Context) -> Result<()> {
@@ -1265,6 +1274,19 @@ mod tests {
             ..stats
         };
         assert!(!new_chunks_line(&reused).contains("zeros"));
+    }
+
+    #[test]
+    fn key_list_times_are_whole_rfc3339_seconds_in_utc() {
+        assert_eq!(
+            to_the_second("2026-12-01T21:13:32.432661234+00:00"),
+            "2026-12-01T21:13:32Z"
+        );
+        assert_eq!(
+            to_the_second("2026-12-01T23:13:32+02:00"),
+            "2026-12-01T21:13:32Z"
+        );
+        assert_eq!(to_the_second("yesterday"), "yesterday");
     }
 
     #[test]

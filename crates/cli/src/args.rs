@@ -656,7 +656,10 @@ mod tests {
             .get_arguments()
             .find(|a| a.get_id() == "token_file")
             .unwrap();
-        assert_eq!(token.get_env(), Some(std::ffi::OsStr::new("VBACKUP_TOKEN_FILE")));
+        assert_eq!(
+            token.get_env(),
+            Some(std::ffi::OsStr::new("VBACKUP_TOKEN_FILE"))
+        );
     }
 
     #[test]

@@ -1090,16 +1090,7 @@ fn snapshots(ctx: &Context, args: &SnapshotsArgs) -> Result<()> {
     }
     println!(
         "{:<8}  {:<19}  {:<16}  {:<12}  {:<12}  {:<11}  {:>5}  {:>10}  {:>10}  {:<7}  TAGS",
-        "ID",
-        "TIME (UTC)",
-        "VM",
-        "HOST",
-        "TYPE",
-        "CONSISTENCY",
-        "DISKS",
-        "SIZE",
-        "NEW",
-        "STATUS"
+        "ID", "TIME (UTC)", "VM", "HOST", "TYPE", "CONSISTENCY", "DISKS", "SIZE", "NEW", "STATUS"
     );
     for s in &list {
         let m = &s.manifest;
@@ -1207,7 +1198,10 @@ fn key(ctx: &Context, command: &KeyCommand) -> Result<()> {
         KeyCommand::List => {
             let keys = repo.list_keys()?;
             if !ctx.json(&keys)? {
-                println!("  {:<32}  {:<20}  {:<16}  USER", "ID", "CREATED (UTC)", "HOST");
+                println!(
+                    "  {:<32}  {:<20}  {:<16}  USER",
+                    "ID", "CREATED (UTC)", "HOST"
+                );
                 for k in keys {
                     let mark = if k.current { "*" } else { " " };
                     println!(

@@ -7,8 +7,8 @@ use std::io::IsTerminal;
 use anyhow::Result;
 use serde::Serialize;
 use vbackup_core::{
-    CheckOptions, CheckReport, Emptying, ForgetOptions, ForgetReport, LockInfo, PruneOptions, PruneReport,
-    ReadData, RepairOptions, RepairReport, Repository,
+    CheckOptions, CheckReport, Emptying, ForgetOptions, ForgetReport, LockInfo, PruneOptions,
+    PruneReport, ReadData, RepairOptions, RepairReport, Repository,
 };
 
 use crate::args::{
@@ -378,7 +378,11 @@ fn print_forget(ctx: &Context, report: &ForgetReport) {
         report.removed, report.kept
     ));
     if !report.emptied_vms.is_empty() {
-        let names: Vec<String> = report.emptied_vms.iter().map(|v| format!("'{v}'")).collect();
+        let names: Vec<String> = report
+            .emptied_vms
+            .iter()
+            .map(|v| format!("'{v}'"))
+            .collect();
         ctx.say(format!(
             "  VM(s) {} {} no snapshot left",
             names.join(", "),

@@ -87,10 +87,12 @@ fn exit_code(error: &anyhow::Error) -> u8 {
     }
     // A VM request that makes no sense (a disk given twice, a file that is
     // no image of the format its name says) is bad usage.
-    if error
-        .chain()
-        .any(|c| matches!(c.downcast_ref::<vbackup_vm::Error>(), Some(vbackup_vm::Error::Invalid(_))))
-    {
+    if error.chain().any(|c| {
+        matches!(
+            c.downcast_ref::<vbackup_vm::Error>(),
+            Some(vbackup_vm::Error::Invalid(_))
+        )
+    }) {
         return EXIT_USAGE;
     }
     let Some(core) = error.chain().find_map(core_error) else {

@@ -44,7 +44,11 @@ fn run_in_temporary(ctx: &Context, args: &QuickstartArgs) -> Result<()> {
     ctx.say(format!(
         "vbackup quickstart in {} (a temporary folder: removed at the end{})",
         work.display(),
-        if args.keep { ", except with --keep" } else { "; --keep keeps it" }
+        if args.keep {
+            ", except with --keep"
+        } else {
+            "; --keep keeps it"
+        }
     ));
     let outcome = demonstrate(ctx, args, &work);
     if args.keep {

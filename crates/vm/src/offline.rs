@@ -274,7 +274,9 @@ mod tests {
             .unwrap_err()
             .to_string();
         assert!(
-            err.contains("/images/web1.qcow2") && err.contains("qcow2") && err.contains("--format raw"),
+            err.contains("/images/web1.qcow2")
+                && err.contains("qcow2")
+                && err.contains("--format raw"),
             "{err}"
         );
         assert!(check_detected_format(path, Some("raw"), "raw").is_ok());

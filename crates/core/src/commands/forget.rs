@@ -208,10 +208,17 @@ fn of_vm(snapshots: Vec<Snapshot>, vm: Option<&str>) -> Result<Vec<Snapshot>> {
     if !names.contains(&vm) {
         return Err(Error::InvalidInput(format!(
             "the repository holds no snapshot of VM '{vm}'; its VMs: {}",
-            if names.is_empty() { "none".to_string() } else { names.join(", ") }
+            if names.is_empty() {
+                "none".to_string()
+            } else {
+                names.join(", ")
+            }
         )));
     }
-    Ok(snapshots.into_iter().filter(|s| s.manifest.vm == vm).collect())
+    Ok(snapshots
+        .into_iter()
+        .filter(|s| s.manifest.vm == vm)
+        .collect())
 }
 
 fn removed(groups: &[ForgetGroup]) -> impl Iterator<Item = &Decision> {
@@ -328,11 +335,7 @@ fn resolve(snapshots: &[Snapshot], id: &str) -> std::result::Result<String, Stri
 
 /// Decisions for a group when forgetting by id: the named ones go.
 fn decide_named(mut members: Vec<&Snapshot>, named: &[String]) -> Vec<Decision> {
-    members.sort_by(|a, b| {
-        b.time()
-            .cmp(&a.time())
-            .then_with(|| b.id.cmp(&a.id))
-    });
+    members.sort_by(|a, b| b.time().cmp(&a.time()).then_with(|| b.id.cmp(&a.id)));
     members
         .into_iter()
         .map(|snapshot| {

@@ -224,7 +224,8 @@ fn read_secret(
         })?;
         return Ok(Some(text.lines().next().unwrap_or_default().to_string()));
     }
-    if let Ok(value) = std::env::var(env) {
+    // Set but empty counts as unset, as for the options' variables.
+    if let Some(value) = std::env::var(env).ok().filter(|v| !v.is_empty()) {
         return Ok(Some(value));
     }
     if !std::io::stdin().is_terminal() {
@@ -592,13 +593,12 @@ pub fn print_backup_summary(ctx: &Context, snapshot: &Snapshot) {
             .unwrap_or_default()
     ));
     ctx.say(format!(
-        "  read {} in {:.1} s ({}); new data {} stored as {}",
+        "  read {} of allocated data from the disks in {:.1} s ({})",
         human_bytes(s.bytes_read),
         s.duration_secs,
         human_rate(s.bytes_read, s.duration_secs),
-        human_bytes(s.bytes_new),
-        human_bytes(s.bytes_stored)
     ));
+    ctx.say(new_chunks_line(s));
     ctx.say(format!(
         "  chunks: {} new, {} already stored, {} holes (not read or stored)",
         s.chunks_new, s.chunks_reused, s.chunks_hole
@@ -626,6 +626,22 @@ pub fn print_backup_summary(ctx: &Context, snapshot: &Snapshot) {
             disk.unchanged_since.as_deref().map_or("", |id| &id[..8.min(id.len())])
         ));
     }
+}
+
+/// What the new chunks hold and what storing them took. `bytes_new`
+/// counts whole chunks, while `bytes_read` counts only the allocated bytes
+/// read: a chunk partly allocated is stored whole, its unallocated parts as
+/// zeros, so the first can exceed the second; the line says so then.
+fn new_chunks_line(s: &vbackup_core::format::BackupStats) -> String {
+    let whole = match s.bytes_new > s.bytes_read {
+        true => " (counted whole: their unallocated parts as zeros)",
+        false => "",
+    };
+    format!(
+        "  new chunks: {} before compression{whole}, stored as {} (compressed, encrypted)",
+        human_bytes(s.bytes_new),
+        human_bytes(s.bytes_stored)
+    )
 }
 
 fn selected_disks<'a>(snapshot: &'a Snapshot, disk: Option<&str>) -> Result<Vec<&'a DiskRecord>> {
@@ -945,6 +961,10 @@ struct SnapshotRow<'a> {
     vm: &'a str,
     host: &'a str,
     tags: &'a [String],
+    /// Full, incremental or differential.
+    backup_type: vbackup_core::format::BackupType,
+    /// offline, crash-consistent or application-consistent.
+    consistency: Option<&'a str>,
     disks: &'a [DiskRecord],
     stats: &'a vbackup_core::format::BackupStats,
     damaged: bool,
@@ -987,6 +1007,8 @@ fn snapshots(ctx: &Context, args: &SnapshotsArgs) -> Result<()> {
             vm: &s.manifest.vm,
             host: &s.manifest.host,
             tags: &s.manifest.tags,
+            backup_type: s.manifest.backup_type,
+            consistency: s.manifest.consistency.as_deref(),
             disks: &s.manifest.disks,
             stats: &s.manifest.stats,
             damaged: marked.contains(&s.id),
@@ -1004,18 +1026,20 @@ fn snapshots(ctx: &Context, args: &SnapshotsArgs) -> Result<()> {
         return Ok(());
     }
     println!(
-        "{:<8}  {:<19}  {:<16}  {:<12}  {:>5}  {:>10}  {:>10}  {:<7}  TAGS",
-        "ID", "TIME (UTC)", "VM", "HOST", "DISKS", "SIZE", "NEW", "STATUS"
+        "{:<8}  {:<19}  {:<16}  {:<12}  {:<12}  {:<11}  {:>5}  {:>10}  {:>10}  {:<7}  TAGS",
+        "ID", "TIME (UTC)", "VM", "HOST", "TYPE", "CONSISTENCY", "DISKS", "SIZE", "NEW", "STATUS"
     );
     for s in &list {
         let m = &s.manifest;
         let size: u64 = m.disks.iter().map(|d| d.virtual_size).sum();
         println!(
-            "{:<8}  {:<19}  {:<16}  {:<12}  {:>5}  {:>10}  {:>10}  {:<7}  {}",
+            "{:<8}  {:<19}  {:<16}  {:<12}  {:<12}  {:<11}  {:>5}  {:>10}  {:>10}  {:<7}  {}",
             s.short_id(),
             m.time.get(..19).unwrap_or(&m.time).replace('T', " "),
             m.vm,
             m.host,
+            m.backup_type.to_string(),
+            consistency_column(m.consistency.as_deref()),
             m.disks.len(),
             human_bytes(size),
             human_bytes(m.stats.bytes_stored),
@@ -1033,6 +1057,17 @@ fn snapshots(ctx: &Context, args: &SnapshotsArgs) -> Result<()> {
     }
     println!("{} snapshot(s)", list.len());
     Ok(())
+}
+
+/// A snapshot's consistency in the `snapshots` table: `offline`, `crash`
+/// (crash-consistent: a running VM at one instant), `application`
+/// (application-consistent: filesystems frozen by the guest agent), or `-`
+/// when not recorded (snapshots of older versions).
+fn consistency_column(consistency: Option<&str>) -> &str {
+    match consistency {
+        None => "-",
+        Some(c) => c.strip_suffix("-consistent").unwrap_or(c),
+    }
 }
 
 fn stats(ctx: &Context) -> Result<()> {
@@ -1084,7 +1119,9 @@ fn key(ctx: &Context, command: &KeyCommand) -> Result<()> {
     let repo = ctx.open()?;
     match command {
         KeyCommand::Add => {
-            let file = std::env::var_os("VBACKUP_NEW_PASSWORD_FILE").map(PathBuf::from);
+            let file = std::env::var_os("VBACKUP_NEW_PASSWORD_FILE")
+                .filter(|v| !v.is_empty())
+                .map(PathBuf::from);
             let passphrase = read_secret(file.as_deref(), "VBACKUP_NEW_PASSWORD", "New passphrase: ", true)?
                 .ok_or_else(|| usage_error("no new passphrase: set VBACKUP_NEW_PASSWORD or VBACKUP_NEW_PASSWORD_FILE, or run on a terminal"))?;
             if passphrase.is_empty() {
@@ -1098,15 +1135,18 @@ fn key(ctx: &Context, command: &KeyCommand) -> Result<()> {
         KeyCommand::List => {
             let keys = repo.list_keys()?;
             if !ctx.json(&keys)? {
-                println!("  {:<32}  {:<25}  {:<16}  USER", "ID", "CREATED", "HOST");
+                println!(
+                    "  {:<32}  {:<20}  {:<16}  USER",
+                    "ID", "CREATED (UTC)", "HOST"
+                );
                 for k in keys {
                     let mark = if k.current { "*" } else { " " };
                     println!(
-                        "{mark} {:<32}  {:<25}  {:<16}  {}",
+                        "{mark} {:<32}  {:<20}  {:<16}  {}",
                         k.id,
-                        k.created.get(..25).unwrap_or(&k.created),
+                        to_the_second(&k.created),
                         k.host,
-                        k.user
+                        if k.user.is_empty() { "-" } else { &k.user }
                     );
                 }
             }
@@ -1119,6 +1159,15 @@ fn key(ctx: &Context, command: &KeyCommand) -> Result<()> {
         }
     }
     Ok(())
+}
+
+/// An RFC 3339 time as RFC 3339 in UTC to the whole second
+/// (`2026-12-01T21:13:32Z`); text that is no such time as it is.
+fn to_the_second(time: &str) -> String {
+    chrono::DateTime::parse_from_rfc3339(time).map_or_else(
+        |_| time.to_string(),
+        |t| t.to_utc().format("%Y-%m-%dT%H:%M:%SZ").to_string(),
+    )
 }
 
 fn speed(ctx: &Context) -> Result<()> {
@@ -1135,6 +1184,41 @@ fn speed(ctx: &Context) -> Result<()> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn backup_summary_new_data_says_what_it_counts() {
+        let stats = vbackup_core::format::BackupStats {
+            bytes_read: 5 << 20,
+            bytes_new: 8 << 20,
+            bytes_stored: 388,
+            ..Default::default()
+        };
+        let line = new_chunks_line(&stats);
+        assert!(
+            line.contains("new chunks: 8.0 MiB before compression")
+                && line.contains("unallocated parts as zeros")
+                && line.contains("stored as 388 B"),
+            "{line}"
+        );
+        let reused = vbackup_core::format::BackupStats {
+            bytes_new: 1 << 20,
+            ..stats
+        };
+        assert!(!new_chunks_line(&reused).contains("zeros"));
+    }
+
+    #[test]
+    fn key_list_times_are_whole_rfc3339_seconds_in_utc() {
+        assert_eq!(
+            to_the_second("2026-12-01T21:13:32.432661234+00:00"),
+            "2026-12-01T21:13:32Z"
+        );
+        assert_eq!(
+            to_the_second("2026-12-01T23:13:32+02:00"),
+            "2026-12-01T21:13:32Z"
+        );
+        assert_eq!(to_the_second("yesterday"), "yesterday");
+    }
 
     #[test]
     fn attack_kdf_memory_variable_weakens_new_keys_only_in_debug_builds() {

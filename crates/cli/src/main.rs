@@ -11,10 +11,7 @@ mod ui;
 
 use std::process::ExitCode;
 
-use clap::Parser;
 use vbackup_core::ErrorClass;
-
-use args::Cli;
 
 /// Exit code: success.
 pub const EXIT_OK: u8 = 0;
@@ -50,7 +47,7 @@ impl std::fmt::Display for ExitError {
 impl std::error::Error for ExitError {}
 
 fn main() -> ExitCode {
-    let cli = Cli::parse();
+    let cli = args::parse();
     match commands::run(cli) {
         Ok(()) => ExitCode::from(EXIT_OK),
         Err(error) => {

@@ -346,7 +346,9 @@ pub struct KeyFile {
 pub struct BackupStats {
     /// Bytes read from the sources (holes are not read).
     pub bytes_read: u64,
-    /// Plaintext bytes of chunks that were new to the repository.
+    /// Plaintext bytes of chunks that were new to the repository, counted
+    /// whole: a partly allocated chunk counts its unread (unallocated)
+    /// parts as the zeros it stores, so this can exceed `bytes_read`.
     pub bytes_new: u64,
     /// Bytes written to the repository for those chunks (compressed, sealed).
     pub bytes_stored: u64,

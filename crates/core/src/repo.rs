@@ -446,7 +446,7 @@ impl Repository {
             version: 1,
             created: chrono::Utc::now().to_rfc3339(),
             host: crate::hostname(),
-            user: std::env::var("USER").unwrap_or_default(),
+            user: crate::user_name(),
             kdf: params,
             salt: hex::encode(salt),
             wrapped: hex::encode([nonce.as_slice(), &wrapped].concat()),

@@ -47,6 +47,7 @@ impl std::fmt::Display for ExitError {
 impl std::error::Error for ExitError {}
 
 fn main() -> ExitCode {
+    restore_sigpipe();
     let cli = args::parse();
     match commands::run(cli) {
         Ok(()) => ExitCode::from(EXIT_OK),
@@ -90,6 +91,20 @@ fn link_class(cause: &(dyn std::error::Error + 'static)) -> Option<ErrorClass> {
     }
     let io = cause.downcast_ref::<std::io::Error>()?;
     vbackup_core::Classified::find(io).map(vbackup_core::Classified::class)
+}
+
+/// Lets a closed pipe end vbackup quietly, as it ends any Unix tool
+/// (`vbackup snapshots | head -1`), instead of a panic in the middle of
+/// printing: Rust starts programs with SIGPIPE ignored. Nothing is lost:
+/// a backup killed this way records nothing, like one killed by Ctrl-C.
+#[allow(unsafe_code)]
+fn restore_sigpipe() {
+    // SAFETY: called first in `main`, before any thread exists; SIG_DFL
+    // is a valid disposition for SIGPIPE and no handler is replaced that
+    // another part of the program relies on.
+    unsafe {
+        libc::signal(libc::SIGPIPE, libc::SIG_DFL);
+    }
 }
 
 /// The exit code of a failed command: its own ([`ExitError`]), else the

@@ -537,3 +537,27 @@ fn empty_password_file_and_repository_variables_count_as_unset() {
         "{stderr}"
     );
 }
+
+#[test]
+fn regression_a_closed_pipe_ends_vbackup_quietly_not_with_a_panic() {
+    use std::os::unix::process::ExitStatusExt;
+    let dir = tempfile::tempdir().unwrap();
+    let mut cmd = std::process::Command::new(env!("CARGO_BIN_EXE_vbackup"));
+    cmd.args(["init", "--chunk-size", "64K"]);
+    common::local_env(&mut cmd, dir.path(), "pw");
+    let mut child = cmd
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    // The reader goes away before vbackup writes anything.
+    drop(child.stdout.take());
+    let out = child.wait_with_output().unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!stderr.contains("panicked"), "{stderr}");
+    assert!(
+        out.status.success() || out.status.signal() == Some(libc::SIGPIPE),
+        "{:?} {stderr}",
+        out.status
+    );
+}

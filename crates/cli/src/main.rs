@@ -4,6 +4,7 @@
 
 mod args;
 mod commands;
+mod docs;
 mod lifecycle;
 mod quickstart;
 mod server;
@@ -12,7 +13,7 @@ mod ui;
 
 use std::process::ExitCode;
 
-use clap::Parser;
+use clap::FromArgMatches as _;
 use vbackup_core::ErrorClass;
 
 use args::Cli;
@@ -49,11 +50,14 @@ impl std::fmt::Display for ExitError {
 impl std::error::Error for ExitError {}
 
 fn main() -> ExitCode {
-    let cli = Cli::parse();
+    let cli = Cli::from_arg_matches(&args::command().get_matches())
+        .unwrap_or_else(|e| e.format(&mut args::command()).exit());
+    let repository = cli.global.repo.clone();
     match commands::run(cli) {
         Ok(()) => ExitCode::from(EXIT_OK),
         Err(error) => {
-            eprintln!("vbackup: error: {}", chain(&error));
+            let text = naming_repository(chain(&error), &error, repository.as_deref());
+            eprintln!("vbackup: error: {text}");
             ExitCode::from(exit_code(&error))
         }
     }
@@ -71,6 +75,26 @@ fn chain(error: &anyhow::Error) -> String {
         }
     }
     text
+}
+
+/// The error text, prefixed with the repository's location when a
+/// storage failure's text does not name it: "Not a directory" or "the
+/// server refused" alone does not say which repository.
+fn naming_repository(text: String, error: &anyhow::Error, repository: Option<&str>) -> String {
+    match repository {
+        Some(location) if is_storage_error(error) && !text.contains(location) => {
+            format!("repository {location}: {text}")
+        }
+        _ => text,
+    }
+}
+
+/// Whether a storage backend's failure is in the error's chain.
+fn is_storage_error(error: &anyhow::Error) -> bool {
+    error.chain().any(|cause| {
+        cause.is::<vbackup_storage::StorageError>()
+            || matches!(core_error(cause), Some(vbackup_core::Error::Storage(_)))
+    })
 }
 
 /// The core error inside one link of an error chain (also when a VM job

@@ -17,7 +17,8 @@
 #   PRUNE_KEEP       --keep-last per VM (default 10: 100 of 1000 kept)
 #   PRUNE_THREADS    --threads for every vbackup command (default: vbackup's)
 #   BENCH_KEEP=1     keep the repository in bench/work/prune-*
-#   BENCH_NO_BUILD=1 do not run cargo build; VBACKUP_BIN names the binary
+#   BENCH_NO_BUILD=1 do not run cargo build; VBACKUP_BIN and SYNTH_BIN name
+#                    the binaries (vbackup, and bench/synth's vbackup-synth)
 set -euo pipefail
 
 BENCH_DIR=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
@@ -27,14 +28,15 @@ SNAPSHOTS=${PRUNE_SNAPSHOTS:-1000}
 VMS=${PRUNE_VMS:-10}
 KEEP=${PRUNE_KEEP:-10}
 VBACKUP_BIN=${VBACKUP_BIN:-$ROOT/target/release/vbackup}
+SYNTH_BIN=${SYNTH_BIN:-$ROOT/target/release/vbackup-synth}
 WORK=$BENCH_DIR/work/prune-$$
 
 log() { printf '[prune-bench %(%H:%M:%S)T] %s\n' -1 "$*" >&2; }
 
 [[ -x /usr/bin/time ]] || { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq time >/dev/null; }
 if [[ ${BENCH_NO_BUILD:-0} != 1 ]]; then
-    log "cargo build --release -p vbackup-cli"
-    (cd "$ROOT" && cargo build --quiet --release -p vbackup-cli)
+    log "cargo build --release -p vbackup-cli -p vbackup-synth"
+    (cd "$ROOT" && cargo build --quiet --release -p vbackup-cli -p vbackup-synth)
 fi
 mkdir -p "$WORK" "$BENCH_DIR/results"
 cleanup() { [[ ${BENCH_KEEP:-0} == 1 ]] || rm -rf "$WORK"; }
@@ -58,7 +60,7 @@ count_chunks() { find "$WORK/repo/chunks" -type f ! -name '.*' | wc -l; }
 log "init (64 KiB chunks) and synthesize $CHUNKS chunks, $SNAPSHOTS snapshots of $VMS VMs"
 vb init --chunk-size 64K >/dev/null
 start=$(date +%s.%N)
-vb synth --chunks "$CHUNKS" --snapshots "$SNAPSHOTS" --vms "$VMS" >&2
+"$SYNTH_BIN" ${PRUNE_THREADS:+--threads "$PRUNE_THREADS"} --chunks "$CHUNKS" --snapshots "$SNAPSHOTS" --vms "$VMS" >&2
 synth_s=$(printf "%.1f" "$(echo "$(date +%s.%N) - $start" | bc)")
 before=$(count_chunks)
 log "$before chunk objects; forget --keep-last $KEEP"
@@ -84,7 +86,7 @@ mib() { echo "scale=1; $1 / 1024" | bc; }
 table=$(cat <<MD
 | step (${before} chunk objects, ${SNAPSHOTS} snapshots, keep-last ${KEEP} of ${VMS} VMs) | wall time (s) | peak RSS (MiB) |
 |---|---:|---:|
-| synthesize (hidden \`vbackup synth\`) | ${synth_s} | - |
+| synthesize (\`bench/synth\`) | ${synth_s} | - |
 | forget --keep-last ${KEEP} | ${forget_s} | $(mib "$forget_kib") |
 | prune, default grace: mark only | ${mark_s} | $(mib "$mark_kib") |
 | prune --grace 0: sweep, $((before - after)) chunks deleted | ${sweep_s} | $(mib "$sweep_kib") |

@@ -12,6 +12,10 @@ export PATH="$HOME/.cargo/bin:$PATH"
 command -v garage >/dev/null || cargo install garage --locked --version 2.5.0  # the version the tests were written against
 # A real QEMU for the live-VM tests (unpacked, not installed; see the script).
 eval "$(./scripts/qemu-system.sh)"
+# vbackup as a library alone (no CLI crate): back up an image and restore it.
+example_dir=$(mktemp -d)
+trap 'rm -rf "$example_dir"' EXIT
+cargo run -q --locked -p vbackup-vm --example library_backup_restore -- "$example_dir/work"
 if command -v cargo-nextest >/dev/null; then
   cargo nextest run --workspace --locked --no-fail-fast
   cargo test --workspace --locked --doc

@@ -38,11 +38,14 @@ pub const EXIT_CODES: &str = "Exit codes:
   0    success
   1    the operation failed (I/O, storage, source image, a lock held by
        another process: e.g. a backup while a prune has an S3 repository)
-  2    bad usage: wrong arguments, no repository, unsupported format version
-  3    damaged data found (check, verify) or met (restore); prune refused
-       because snapshots or indexes are unreadable (run repair first);
-       repair refused to quarantine on S3
+  2    bad usage: wrong arguments, no repository, unsupported format version,
+       a disk image that does not exist
+  3    damaged data found (check, verify) or met (restore, or a source image
+       qemu-img check finds corrupt); prune refused because snapshots or
+       indexes are unreadable (run repair first); repair refused to
+       quarantine on S3
   4    wrong or missing passphrase
+  70   internal error: vbackup itself failed (please report it)
   130  interrupted (Ctrl-C, SIGTERM); nothing was recorded";
 
 /// Options shared by all commands.
@@ -147,9 +150,6 @@ pub enum Command {
     Completions(CompletionsArgs),
     /// Print the manual page in roff (e.g. `vbackup man | man -l -`).
     Man(ManArgs),
-    /// Fill a repository with synthetic chunks and snapshots (benchmarks).
-    #[command(hide = true)]
-    Synth(SynthArgs),
 }
 
 /// `vbackup completions`.
@@ -264,7 +264,7 @@ pub struct InitArgs {
 #[derive(Debug, Args)]
 pub struct BackupArgs {
     /// Name of the VM (snapshots are grouped by it).
-    #[arg(long)]
+    #[arg(long, value_parser = parse_vm_name)]
     pub vm: String,
     /// Disk images (raw, qcow2, vmdk, vhdx, vdi, ... anything qemu reads);
     /// with --qmp, the names of the devices or nodes to back up (default: all).
@@ -363,7 +363,7 @@ pub struct RestoreArgs {
     #[arg(long, short = 't', value_name = "DIR|-|DEVICE")]
     pub target: String,
     /// Only snapshots of this VM (with `latest`).
-    #[arg(long)]
+    #[arg(long, value_parser = parse_vm_name)]
     pub vm: Option<String>,
     /// Restore only this disk.
     #[arg(long)]
@@ -381,7 +381,7 @@ pub struct RestoreArgs {
 #[derive(Debug, Args)]
 pub struct SnapshotsArgs {
     /// Only snapshots of this VM.
-    #[arg(long)]
+    #[arg(long, value_parser = parse_vm_name)]
     pub vm: Option<String>,
 }
 
@@ -453,6 +453,17 @@ pub struct GcArgs {
 /// `vbackup forget`.
 #[derive(Debug, Args)]
 pub struct ForgetArgs {
+    /// Forget these snapshots (ids or unique id prefixes) instead of
+    /// applying rules.
+    #[arg(value_name = "ID")]
+    pub ids: Vec<String>,
+    /// Only this VM's snapshots.
+    #[arg(long, value_name = "NAME", value_parser = parse_vm_name)]
+    pub vm: Option<String>,
+    /// Remove every snapshot of a VM without asking, when that is what the
+    /// rules or ids say (otherwise asked on a terminal, refused elsewhere).
+    #[arg(long, short = 'y')]
+    pub yes: bool,
     /// The rules (without any, the policy stored with `vbackup policy set`).
     #[command(flatten)]
     pub keep: KeepArgs,
@@ -544,21 +555,6 @@ pub enum PolicyCommand {
     Clear,
 }
 
-/// `vbackup synth` (hidden): a synthetic repository for benchmarks.
-#[derive(Debug, Args)]
-pub struct SynthArgs {
-    /// Chunk objects to write (tiny synthetic chunks).
-    #[arg(long, default_value_t = 1_000_000)]
-    pub chunks: u64,
-    /// Snapshots to write; snapshot i references a window of chunks starting
-    /// at i * chunks / snapshots, twice that long.
-    #[arg(long, default_value_t = 1000)]
-    pub snapshots: u64,
-    /// VMs the snapshots are spread over (round robin).
-    #[arg(long, default_value_t = 10)]
-    pub vms: u64,
-}
-
 /// `vbackup key ...`.
 #[derive(Debug, Subcommand)]
 pub enum KeyCommand {
@@ -582,6 +578,41 @@ pub struct QuickstartArgs {
     /// Size of the sample disk in MiB.
     #[arg(long, default_value_t = 512)]
     pub size_mib: u64,
+    /// Keep the temporary folder afterwards (without --dir it is removed
+    /// at the end).
+    #[arg(long)]
+    pub keep: bool,
+}
+
+/// Parses the command line. An option's environment variable that is set
+/// but empty (`VBACKUP_PASSWORD_FILE=`) counts as unset, as it does for a
+/// shell user: otherwise clap reports a missing value for a flag
+/// (`--password-file`) that was never typed.
+pub fn parse() -> Cli {
+    use clap::FromArgMatches;
+    let matches = without_empty_env(command(), &|name| {
+        std::env::var_os(name).is_some_and(|v| v.is_empty())
+    })
+    .get_matches();
+    Cli::from_arg_matches(&matches).unwrap_or_else(|e| e.exit())
+}
+
+/// `command` with the environment variables for which `empty` holds
+/// detached from their options, in every subcommand too.
+fn without_empty_env(
+    command: clap::Command,
+    empty: &dyn Fn(&std::ffi::OsStr) -> bool,
+) -> clap::Command {
+    let ids: Vec<clap::Id> = command
+        .get_arguments()
+        .filter(|a| a.get_env().is_some_and(empty))
+        .map(|a| a.get_id().clone())
+        .collect();
+    ids.into_iter()
+        .fold(command, |command, id| {
+            command.mut_arg(id, |a| a.env(None::<&str>))
+        })
+        .mut_subcommands(|sub| without_empty_env(sub, empty))
 }
 
 /// Parses sizes like `4M`, `64K`, `1G` or plain bytes.
@@ -636,6 +667,15 @@ pub fn parse_duration(text: &str) -> Result<Duration, String> {
     Ok(Duration::from_secs(total))
 }
 
+/// A VM name: not empty, not only spaces (snapshots are grouped and
+/// found by it).
+fn parse_vm_name(text: &str) -> Result<String, String> {
+    match text.trim().is_empty() {
+        true => Err("a VM needs a name, e.g. --vm web1".to_string()),
+        false => Ok(text.to_string()),
+    }
+}
+
 fn parse_calendar_span(text: &str) -> Result<CalendarSpan, String> {
     text.parse()
 }
@@ -676,6 +716,26 @@ mod tests {
         for bad in ["", "10", "5x", "m"] {
             assert!(parse_duration(bad).is_err(), "{bad:?}");
         }
+    }
+
+    #[test]
+    fn empty_env_password_file_counts_as_unset() {
+        let command = without_empty_env(Cli::command(), &|name| {
+            name == "VBACKUP_PASSWORD_FILE" || name == "VBACKUP_REPOSITORY"
+        });
+        let password = command
+            .get_arguments()
+            .find(|a| a.get_id() == "password_file")
+            .unwrap();
+        assert_eq!(password.get_env(), None);
+        let token = command
+            .get_arguments()
+            .find(|a| a.get_id() == "token_file")
+            .unwrap();
+        assert_eq!(
+            token.get_env(),
+            Some(std::ffi::OsStr::new("VBACKUP_TOKEN_FILE"))
+        );
     }
 
     #[test]

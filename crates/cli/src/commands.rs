@@ -11,8 +11,8 @@ use anyhow::{bail, Context as _, Result};
 use serde::Serialize;
 use vbackup_core::crypto::{kdf::KdfParams, CipherKind, DigestKind};
 use vbackup_core::format::DiskRecord;
-use vbackup_core::{BackupOptions, InitOptions, OpenOptions, Repository, Snapshot};
-use vbackup_storage::{Backend, CachedBackend, LocalBackend};
+use vbackup_core::{BackupOptions, InitOptions, Repository, Snapshot};
+use vbackup_open::{Purpose, RepositoryOptions};
 
 use crate::args::{
     BackupArgs, Cli, Command, DigestArg, EncryptionArg, GlobalArgs, InitArgs, KeyCommand,
@@ -49,7 +49,6 @@ pub fn run(cli: Cli) -> Result<()> {
         Command::Policy(command) => crate::lifecycle::policy(&ctx, &command),
         Command::Locks => crate::lifecycle::locks(&ctx),
         Command::Unlock(args) => crate::lifecycle::unlock(&ctx, &args),
-        Command::Synth(args) => crate::synth::run(&ctx, &args),
         Command::Stats => stats(&ctx),
         Command::Key(command) => key(&ctx, &command),
         Command::Speed => speed(&ctx),
@@ -68,14 +67,6 @@ fn usage_error(message: impl Into<String>) -> anyhow::Error {
     .into()
 }
 
-/// Memory the extra workers for a remote backend may take (see
-/// [`Context::io_threads`]): with 4 MiB chunks, 12 workers.
-const IO_MEMORY_BUDGET: u64 = 192 << 20;
-
-/// Copies of a chunk a backup or restore worker holds at once (read,
-/// compressed, sealed, and the request body).
-const WORKER_CHUNK_COPIES: u64 = 4;
-
 impl Context {
     /// Worker threads to use.
     pub fn threads(&self) -> usize {
@@ -86,36 +77,36 @@ impl Context {
     }
 
     /// Worker threads for work that mostly waits on `repo`'s backend
-    /// (backup, restore, verify): `--threads` when given, else enough to
-    /// keep the backend's preferred number of requests in flight — but
-    /// beyond the machine's cores only as many as fit in
-    /// [`IO_MEMORY_BUDGET`], since each holds a few copies of a chunk.
+    /// (backup, restore, verify): see [`vbackup_open::io_threads`].
     pub fn io_threads(&self, repo: &Repository) -> usize {
-        if let Some(threads) = self.global.threads {
-            return threads.max(1);
-        }
-        // A worker also holds the pack it uploads, or the range of a pack it
-        // reads, twice: the S3 client copies what it sends and receives.
-        let per_worker = WORKER_CHUNK_COPIES * u64::from(repo.config().chunk_size)
-            + 2 * u64::from(repo.config().pack_size);
-        let affordable = usize::try_from(IO_MEMORY_BUDGET / per_worker.max(1)).unwrap_or(1);
-        let wanted = repo.backend().concurrency().min(affordable);
-        self.threads().max(wanted)
+        vbackup_open::io_threads(repo, self.global.threads)
     }
 
-    /// The backend named by `--repo` / `VBACKUP_REPOSITORY`; remote ones
-    /// with the local metadata cache unless `--no-cache`.
-    pub fn backend(&self) -> Result<Arc<dyn Backend>> {
-        let backend = self.backend_uncached()?;
-        let remote = self
-            .global
-            .repo
-            .as_deref()
-            .is_some_and(|r| r.starts_with("https://") || vbackup_s3::is_s3(r));
-        match cache_root().filter(|_| remote && !self.global.no_cache) {
-            Some(root) => Ok(Arc::new(CachedBackend::new(backend, &root))),
-            None => Ok(backend),
-        }
+    /// How to reach the repository named by `--repo` /
+    /// `VBACKUP_REPOSITORY`: the library's options, filled from the flags
+    /// and the environment (the server token read from its file or
+    /// variable only for a server).
+    pub fn repository_options(&self) -> Result<RepositoryOptions> {
+        let Some(repo) = self.global.repo.clone().filter(|r| !r.is_empty()) else {
+            return Err(usage_error(
+                "no repository given: use --repo PATH or set VBACKUP_REPOSITORY",
+            ));
+        };
+        let token = match repo.starts_with("https://") {
+            true => Some(crate::server::read_token(
+                self.global.token_file.as_deref(),
+            )?),
+            false => None,
+        };
+        Ok(RepositoryOptions {
+            repository: repo,
+            token,
+            server_fingerprint: self.global.server_fingerprint.clone(),
+            no_cache: self.global.no_cache,
+            cache_dir: None,
+            allow_unencrypted: self.global.allow_unencrypted,
+            threads: self.global.threads,
+        })
     }
 
     /// This host's record of what it saw of `repo` (forgotten snapshots, the
@@ -155,40 +146,25 @@ impl Context {
         Ok(())
     }
 
-    /// The backend without the metadata cache: for the commands that judge
-    /// what the storage itself holds (check, verify, repair).
-    pub fn backend_uncached(&self) -> Result<Arc<dyn Backend>> {
-        let Some(repo) = &self.global.repo else {
-            return Err(usage_error(
-                "no repository given: use --repo PATH or set VBACKUP_REPOSITORY",
-            ));
-        };
-        if repo.starts_with("https://") {
-            return crate::server::remote_backend(repo, &self.global);
-        }
-        backend_for(repo)
-    }
-
     /// Opens the repository, asking for the passphrase only if needed.
     pub fn open(&self) -> Result<Repository> {
-        self.open_on(self.backend()?)
+        self.open_for(Purpose::Use)
     }
 
-    /// Opens the repository without the metadata cache (see
-    /// [`Context::backend_uncached`]).
+    /// Opens the repository without the metadata cache: for the commands
+    /// that judge what the storage itself holds (check, verify, repair).
     pub fn open_uncached(&self) -> Result<Repository> {
-        self.open_on(self.backend_uncached()?)
+        self.open_for(Purpose::Judge)
     }
 
-    fn open_on(&self, backend: Arc<dyn Backend>) -> Result<Repository> {
-        let options = OpenOptions {
-            allow_unencrypted: self.global.allow_unencrypted,
-            passphrase_given: self.passphrase_given(),
-            state_dir: state_dir(),
-        };
-        Ok(Repository::open_with(backend, &options, || {
-            self.passphrase("Passphrase: ")
-        })?)
+    fn open_for(&self, purpose: Purpose) -> Result<Repository> {
+        let options = self.repository_options()?;
+        Ok(vbackup_open::open(
+            &options,
+            purpose,
+            self.passphrase_given(),
+            || self.passphrase("Passphrase: "),
+        )?)
     }
 
     /// Whether a passphrase was supplied without a prompt (file or
@@ -224,50 +200,11 @@ impl Context {
     }
 }
 
-/// The backend for a `--repo` value.
-pub fn backend_for(repo: &str) -> Result<Arc<dyn Backend>> {
-    if vbackup_s3::is_s3(repo) {
-        return s3_backend(repo);
-    }
-    if let Some((scheme, _)) = repo
-        .split_once("://")
-        .or_else(|| repo.split_once(':').filter(|(s, _)| s.len() > 1))
-    {
-        return Err(usage_error(format!(
-            "repository '{repo}': the '{scheme}' scheme is not supported by this build; give a local folder"
-        )));
-    }
-    Ok(Arc::new(LocalBackend::new(PathBuf::from(repo))))
-}
-
-/// The S3 backend for `s3:…`, its bucket checked; a malformed name is a
-/// usage error.
-fn s3_backend(repo: &str) -> Result<Arc<dyn Backend>> {
-    if let Err(e) = vbackup_s3::S3Location::parse(repo) {
-        return Err(usage_error(e.to_string()));
-    }
-    let backend = vbackup_s3::open(repo).map_err(vbackup_core::Error::Storage)?;
-    Ok(Arc::new(backend))
-}
-
-/// Where remote repositories' metadata caches live: `VBACKUP_CACHE_DIR`,
-/// else `$XDG_CACHE_HOME/vbackup`, else `~/.cache/vbackup`.
 /// This host's private records of the repositories it uses
 /// (`known-repositories.json`, `<repository id>.json`): the client state
 /// that storage cannot roll back.
 fn state_dir() -> Option<PathBuf> {
-    cache_root().map(|root| root.join("state"))
-}
-
-fn cache_root() -> Option<PathBuf> {
-    let non_empty = |name: &str| std::env::var_os(name).filter(|v| !v.is_empty());
-    if let Some(dir) = non_empty("VBACKUP_CACHE_DIR") {
-        return Some(PathBuf::from(dir));
-    }
-    if let Some(dir) = non_empty("XDG_CACHE_HOME") {
-        return Some(PathBuf::from(dir).join("vbackup"));
-    }
-    non_empty("HOME").map(|home| PathBuf::from(home).join(".cache/vbackup"))
+    vbackup_open::default_cache_root().map(|root| root.join("state"))
 }
 
 /// Reads a secret from `file`, else the environment variable `env`, else a
@@ -289,7 +226,8 @@ fn read_secret(
         })?;
         return Ok(Some(text.lines().next().unwrap_or_default().to_string()));
     }
-    if let Ok(value) = std::env::var(env) {
+    // Set but empty counts as unset, as for the options' variables.
+    if let Some(value) = std::env::var(env).ok().filter(|v| !v.is_empty()) {
         return Ok(Some(value));
     }
     if !std::io::stdin().is_terminal() {
@@ -358,7 +296,7 @@ fn init_options(args: &InitArgs) -> Result<InitOptions> {
             .pack_size
             .map(|size| u32::try_from(size).map_err(|_| usage_error("pack size too large")))
             .transpose()?,
-        state_dir: state_dir(),
+        state_dir: None,
     })
 }
 
@@ -418,7 +356,7 @@ struct InitOutput<'a> {
 }
 
 fn init(ctx: &Context, args: &InitArgs) -> Result<()> {
-    let backend = ctx.backend()?;
+    let location = ctx.repository_options()?;
     let options = init_options(args)?;
     let passphrase = if options.cipher == CipherKind::None {
         if ctx.passphrase_given() {
@@ -439,9 +377,8 @@ fn init(ctx: &Context, args: &InitArgs) -> Result<()> {
     if passphrase.as_deref() == Some("") {
         return Err(usage_error("the passphrase is empty; choose a real one"));
     }
-    let location = backend.location();
-    let repo = Repository::init(backend, passphrase.as_deref(), &options)
-        .map_err(|e| creating_repository(e, &location))?;
+    let repo = vbackup_open::init(&location, passphrase.as_deref(), &options)
+        .map_err(|e| creating_repository(e, &location.repository))?;
     let config = repo.config();
     let output = InitOutput {
         repository: repo.location(),
@@ -671,13 +608,12 @@ pub fn print_backup_summary(ctx: &Context, snapshot: &Snapshot) {
             .unwrap_or_default()
     ));
     ctx.say(format!(
-        "  read {} in {:.1} s ({}); new data {} stored as {}",
+        "  read {} of allocated data from the disks in {:.1} s ({})",
         human_bytes(s.bytes_read),
         s.duration_secs,
         human_rate(s.bytes_read, s.duration_secs),
-        human_bytes(s.bytes_new),
-        human_bytes(s.bytes_stored)
     ));
+    ctx.say(new_chunks_line(s));
     ctx.say(format!(
         "  chunks: {} new, {} already stored, {} holes (not read or stored)",
         s.chunks_new, s.chunks_reused, s.chunks_hole
@@ -705,6 +641,22 @@ pub fn print_backup_summary(ctx: &Context, snapshot: &Snapshot) {
             disk.unchanged_since.as_deref().map_or("", |id| &id[..8.min(id.len())])
         ));
     }
+}
+
+/// What the new chunks hold and what storing them took. `bytes_new`
+/// counts whole chunks, while `bytes_read` counts only the allocated bytes
+/// read: a chunk partly allocated is stored whole, its unallocated parts as
+/// zeros, so the first can exceed the second; the line says so then.
+fn new_chunks_line(s: &vbackup_core::format::BackupStats) -> String {
+    let whole = match s.bytes_new > s.bytes_read {
+        true => " (counted whole: their unallocated parts as zeros)",
+        false => "",
+    };
+    format!(
+        "  new chunks: {} before compression{whole}, stored as {} (compressed, encrypted)",
+        human_bytes(s.bytes_new),
+        human_bytes(s.bytes_stored)
+    )
 }
 
 fn selected_disks<'a>(snapshot: &'a Snapshot, disk: Option<&str>) -> Result<Vec<&'a DiskRecord>> {
@@ -1029,6 +981,10 @@ struct SnapshotRow<'a> {
     vm: &'a str,
     host: &'a str,
     tags: &'a [String],
+    /// Full, incremental or differential.
+    backup_type: vbackup_core::format::BackupType,
+    /// offline, crash-consistent or application-consistent.
+    consistency: Option<&'a str>,
     disks: &'a [DiskRecord],
     stats: &'a vbackup_core::format::BackupStats,
     damaged: bool,
@@ -1071,6 +1027,8 @@ fn snapshots(ctx: &Context, args: &SnapshotsArgs) -> Result<()> {
             vm: &s.manifest.vm,
             host: &s.manifest.host,
             tags: &s.manifest.tags,
+            backup_type: s.manifest.backup_type,
+            consistency: s.manifest.consistency.as_deref(),
             disks: &s.manifest.disks,
             stats: &s.manifest.stats,
             damaged: marked.contains(&s.id),
@@ -1088,18 +1046,20 @@ fn snapshots(ctx: &Context, args: &SnapshotsArgs) -> Result<()> {
         return Ok(());
     }
     println!(
-        "{:<8}  {:<19}  {:<16}  {:<12}  {:>5}  {:>10}  {:>10}  {:<7}  TAGS",
-        "ID", "TIME (UTC)", "VM", "HOST", "DISKS", "SIZE", "NEW", "STATUS"
+        "{:<8}  {:<19}  {:<16}  {:<12}  {:<12}  {:<11}  {:>5}  {:>10}  {:>10}  {:<7}  TAGS",
+        "ID", "TIME (UTC)", "VM", "HOST", "TYPE", "CONSISTENCY", "DISKS", "SIZE", "NEW", "STATUS"
     );
     for s in &list {
         let m = &s.manifest;
         let size: u64 = m.disks.iter().map(|d| d.virtual_size).sum();
         println!(
-            "{:<8}  {:<19}  {:<16}  {:<12}  {:>5}  {:>10}  {:>10}  {:<7}  {}",
+            "{:<8}  {:<19}  {:<16}  {:<12}  {:<12}  {:<11}  {:>5}  {:>10}  {:>10}  {:<7}  {}",
             s.short_id(),
             m.time.get(..19).unwrap_or(&m.time).replace('T', " "),
             m.vm,
             m.host,
+            m.backup_type.to_string(),
+            consistency_column(m.consistency.as_deref()),
             m.disks.len(),
             human_bytes(size),
             human_bytes(m.stats.bytes_stored),
@@ -1117,6 +1077,17 @@ fn snapshots(ctx: &Context, args: &SnapshotsArgs) -> Result<()> {
     }
     println!("{} snapshot(s)", list.len());
     Ok(())
+}
+
+/// A snapshot's consistency in the `snapshots` table: `offline`, `crash`
+/// (crash-consistent: a running VM at one instant), `application`
+/// (application-consistent: filesystems frozen by the guest agent), or `-`
+/// when not recorded (snapshots of older versions).
+fn consistency_column(consistency: Option<&str>) -> &str {
+    match consistency {
+        None => "-",
+        Some(c) => c.strip_suffix("-consistent").unwrap_or(c),
+    }
 }
 
 fn stats(ctx: &Context) -> Result<()> {
@@ -1168,7 +1139,9 @@ fn key(ctx: &Context, command: &KeyCommand) -> Result<()> {
     let repo = ctx.open()?;
     match command {
         KeyCommand::Add => {
-            let file = std::env::var_os("VBACKUP_NEW_PASSWORD_FILE").map(PathBuf::from);
+            let file = std::env::var_os("VBACKUP_NEW_PASSWORD_FILE")
+                .filter(|v| !v.is_empty())
+                .map(PathBuf::from);
             let passphrase = read_secret(file.as_deref(), "VBACKUP_NEW_PASSWORD", "New passphrase: ", true)?
                 .ok_or_else(|| usage_error("no new passphrase: set VBACKUP_NEW_PASSWORD or VBACKUP_NEW_PASSWORD_FILE, or run on a terminal"))?;
             if passphrase.is_empty() {
@@ -1182,15 +1155,18 @@ fn key(ctx: &Context, command: &KeyCommand) -> Result<()> {
         KeyCommand::List => {
             let keys = repo.list_keys()?;
             if !ctx.json(&keys)? {
-                println!("  {:<32}  {:<25}  {:<16}  USER", "ID", "CREATED", "HOST");
+                println!(
+                    "  {:<32}  {:<20}  {:<16}  USER",
+                    "ID", "CREATED (UTC)", "HOST"
+                );
                 for k in keys {
                     let mark = if k.current { "*" } else { " " };
                     println!(
-                        "{mark} {:<32}  {:<25}  {:<16}  {}",
+                        "{mark} {:<32}  {:<20}  {:<16}  {}",
                         k.id,
-                        k.created.get(..25).unwrap_or(&k.created),
+                        to_the_second(&k.created),
                         k.host,
-                        k.user
+                        if k.user.is_empty() { "-" } else { &k.user }
                     );
                 }
             }
@@ -1203,6 +1179,15 @@ fn key(ctx: &Context, command: &KeyCommand) -> Result<()> {
         }
     }
     Ok(())
+}
+
+/// An RFC 3339 time as RFC 3339 in UTC to the whole second
+/// (`2026-12-01T21:13:32Z`); text that is no such time as it is.
+fn to_the_second(time: &str) -> String {
+    chrono::DateTime::parse_from_rfc3339(time).map_or_else(
+        |_| time.to_string(),
+        |t| t.to_utc().format("%Y-%m-%dT%H:%M:%SZ").to_string(),
+    )
 }
 
 fn speed(ctx: &Context) -> Result<()> {
@@ -1219,6 +1204,41 @@ fn speed(ctx: &Context) -> Result<()> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn backup_summary_new_data_says_what_it_counts() {
+        let stats = vbackup_core::format::BackupStats {
+            bytes_read: 5 << 20,
+            bytes_new: 8 << 20,
+            bytes_stored: 388,
+            ..Default::default()
+        };
+        let line = new_chunks_line(&stats);
+        assert!(
+            line.contains("new chunks: 8.0 MiB before compression")
+                && line.contains("unallocated parts as zeros")
+                && line.contains("stored as 388 B"),
+            "{line}"
+        );
+        let reused = vbackup_core::format::BackupStats {
+            bytes_new: 1 << 20,
+            ..stats
+        };
+        assert!(!new_chunks_line(&reused).contains("zeros"));
+    }
+
+    #[test]
+    fn key_list_times_are_whole_rfc3339_seconds_in_utc() {
+        assert_eq!(
+            to_the_second("2026-12-01T21:13:32.432661234+00:00"),
+            "2026-12-01T21:13:32Z"
+        );
+        assert_eq!(
+            to_the_second("2026-12-01T23:13:32+02:00"),
+            "2026-12-01T21:13:32Z"
+        );
+        assert_eq!(to_the_second("yesterday"), "yesterday");
+    }
 
     #[test]
     fn attack_kdf_memory_variable_weakens_new_keys_only_in_debug_builds() {

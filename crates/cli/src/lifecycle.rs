@@ -2,11 +2,13 @@
 //! --read-data), forget, prune, repair, policy, locks and unlock. Each runs
 //! one core operation and prints text or JSON.
 
+use std::io::IsTerminal;
+
 use anyhow::Result;
 use serde::Serialize;
 use vbackup_core::{
-    CheckOptions, CheckReport, ForgetOptions, ForgetReport, LockInfo, PruneOptions, PruneReport,
-    ReadData, RepairOptions, RepairReport, Repository,
+    CheckOptions, CheckReport, Emptying, ForgetOptions, ForgetReport, LockInfo, PruneOptions,
+    PruneReport, ReadData, RepairOptions, RepairReport, Repository,
 };
 
 use crate::args::{
@@ -14,7 +16,7 @@ use crate::args::{
 };
 use crate::commands::Context;
 use crate::ui::{human_bytes, human_rate, with_progress, with_progress_items};
-use crate::{ExitError, EXIT_DAMAGE};
+use crate::{ExitError, EXIT_DAMAGE, EXIT_FAILURE};
 
 /// `vbackup check`.
 pub fn check(ctx: &Context, args: &CheckArgs) -> Result<()> {
@@ -262,12 +264,21 @@ struct ForgetOutput {
 /// `vbackup forget`.
 pub fn forget(ctx: &Context, args: &ForgetArgs) -> Result<()> {
     let repo = ctx.open()?;
-    let options = ForgetOptions {
+    let mut options = ForgetOptions {
         keep: args.keep.rules(),
         group_by: args.keep.group_by,
         dry_run: args.dry_run,
         newest_policy_seen: ctx.client_state(&repo).newest_policy_revision(),
+        ids: args.ids.clone(),
+        vm: args.vm.clone(),
+        emptying: match args.yes {
+            true => Emptying::Allow,
+            false => Emptying::Refuse,
+        },
     };
+    if !args.dry_run && !args.yes && std::io::stdin().is_terminal() {
+        options.emptying = confirm_emptying(&repo, &options)?;
+    }
     let report = vbackup_core::forget(&repo, &options)?;
     record_forget(ctx, &repo, &report)?;
     if !ctx.global.json {
@@ -289,6 +300,36 @@ pub fn forget(ctx: &Context, args: &ForgetArgs) -> Result<()> {
         prune,
     })?;
     Ok(())
+}
+
+/// On a terminal: plans the forget first and, when it would remove every
+/// snapshot of some VMs, shows the plan and asks; the VMs confirmed may be
+/// emptied, and a "no" removes nothing.
+fn confirm_emptying(repo: &Repository, options: &ForgetOptions) -> Result<Emptying> {
+    let dry = ForgetOptions {
+        dry_run: true,
+        ..options.clone()
+    };
+    let plan = vbackup_core::forget(repo, &dry)?;
+    if plan.emptied_vms.is_empty() {
+        return Ok(Emptying::Refuse);
+    }
+    eprint!("{}", vbackup_core::render_plan(&plan.groups));
+    let names: Vec<String> = plan.emptied_vms.iter().map(|v| format!("'{v}'")).collect();
+    eprint!(
+        "this removes EVERY snapshot of VM(s) {}. Remove them? [y/N] ",
+        names.join(", ")
+    );
+    let mut answer = String::new();
+    std::io::stdin().read_line(&mut answer)?;
+    if matches!(answer.trim(), "y" | "Y" | "yes" | "YES" | "Yes") {
+        return Ok(Emptying::Only(plan.emptied_vms));
+    }
+    Err(ExitError {
+        code: EXIT_FAILURE,
+        message: "not confirmed; nothing was removed".to_string(),
+    }
+    .into())
 }
 
 /// Records the snapshots forget removed and the policy it applied in this
@@ -315,10 +356,15 @@ fn print_forget(ctx: &Context, report: &ForgetReport) {
     } else {
         "rules"
     };
-    ctx.say(format!(
-        "{source}: {} (UTC buckets), grouped by {}",
-        report.keep, report.group_by
-    ));
+    if report.ids.is_empty() {
+        ctx.say(format!(
+            "{source}: {} (UTC buckets), grouped by {}",
+            report.keep, report.group_by
+        ));
+    } else {
+        let ids: Vec<&str> = report.ids.iter().map(|id| short(id)).collect();
+        ctx.say(format!("forgetting snapshot(s) {}", ids.join(", ")));
+    }
     if !ctx.global.quiet {
         print!("{}", vbackup_core::render_plan(&report.groups));
     }
@@ -331,6 +377,18 @@ fn print_forget(ctx: &Context, report: &ForgetReport) {
         "{verb} {} snapshot(s), kept {}",
         report.removed, report.kept
     ));
+    if !report.emptied_vms.is_empty() {
+        let names: Vec<String> = report
+            .emptied_vms
+            .iter()
+            .map(|v| format!("'{v}'"))
+            .collect();
+        ctx.say(format!(
+            "  VM(s) {} {} no snapshot left",
+            names.join(", "),
+            if report.dry_run { "would have" } else { "have" }
+        ));
+    }
     if report.unreadable > 0 {
         ctx.say(format!(
             "  {} snapshot manifest(s) could not be read and were left alone (see `vbackup check`)",

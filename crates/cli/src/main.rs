@@ -8,15 +8,11 @@ mod docs;
 mod lifecycle;
 mod quickstart;
 mod server;
-mod synth;
 mod ui;
 
 use std::process::ExitCode;
 
-use clap::FromArgMatches as _;
 use vbackup_core::ErrorClass;
-
-use args::Cli;
 
 /// Exit code: success.
 pub const EXIT_OK: u8 = 0;
@@ -28,6 +24,8 @@ pub const EXIT_USAGE: u8 = 2;
 pub const EXIT_DAMAGE: u8 = 3;
 /// Exit code: wrong or missing passphrase.
 pub const EXIT_AUTH: u8 = 4;
+/// Exit code: vbackup itself failed (a bug; EX_SOFTWARE of sysexits.h).
+pub const EXIT_INTERNAL: u8 = 70;
 /// Exit code: interrupted.
 pub const EXIT_INTERRUPTED: u8 = 130;
 
@@ -50,15 +48,18 @@ impl std::fmt::Display for ExitError {
 impl std::error::Error for ExitError {}
 
 fn main() -> ExitCode {
-    let cli = Cli::from_arg_matches(&args::command().get_matches())
-        .unwrap_or_else(|e| e.format(&mut args::command()).exit());
+    let cli = args::parse();
     let repository = cli.global.repo.clone();
     match commands::run(cli) {
         Ok(()) => ExitCode::from(EXIT_OK),
         Err(error) => {
             let text = naming_repository(chain(&error), &error, repository.as_deref());
             eprintln!("vbackup: error: {text}");
-            ExitCode::from(exit_code(&error))
+            let code = exit_code(&error);
+            if let Some(hint) = hint(code) {
+                eprintln!("vbackup: {hint}");
+            }
+            ExitCode::from(code)
         }
     }
 }
@@ -89,37 +90,167 @@ fn naming_repository(text: String, error: &anyhow::Error, repository: Option<&st
     }
 }
 
-/// Whether a storage backend's failure is in the error's chain.
+/// Whether a storage backend's failure is in the error's chain (also
+/// inside a VM job's error).
 fn is_storage_error(error: &anyhow::Error) -> bool {
     error.chain().any(|cause| {
+        let core = cause
+            .downcast_ref::<vbackup_core::Error>()
+            .or_else(|| match cause.downcast_ref::<vbackup_vm::Error>() {
+                Some(vbackup_vm::Error::Core(core)) => Some(core),
+                _ => None,
+            });
         cause.is::<vbackup_storage::StorageError>()
-            || matches!(core_error(cause), Some(vbackup_core::Error::Storage(_)))
+            || matches!(core, Some(vbackup_core::Error::Storage(_)))
     })
 }
 
-/// The core error inside one link of an error chain (also when a VM job
-/// error wraps it transparently).
-fn core_error<'a>(cause: &'a (dyn std::error::Error + 'static)) -> Option<&'a vbackup_core::Error> {
-    cause.downcast_ref::<vbackup_core::Error>().or_else(|| {
-        match cause.downcast_ref::<vbackup_vm::Error>() {
-            Some(vbackup_vm::Error::Core(core)) => Some(core),
-            _ => None,
-        }
-    })
+/// The class of one link of an error chain, if it is one of vbackup's
+/// errors: the engine's, a VM job's, QEMU's, or an I/O error carrying one
+/// of them ([`vbackup_core::Classified`]).
+fn link_class(cause: &(dyn std::error::Error + 'static)) -> Option<ErrorClass> {
+    if let Some(core) = cause.downcast_ref::<vbackup_core::Error>() {
+        return Some(core.class());
+    }
+    if let Some(vm) = cause.downcast_ref::<vbackup_vm::Error>() {
+        return Some(vm.class());
+    }
+    if let Some(qemu) = cause.downcast_ref::<vbackup_qemu::Error>() {
+        return Some(qemu.class());
+    }
+    let io = cause.downcast_ref::<std::io::Error>()?;
+    vbackup_core::Classified::find(io).map(vbackup_core::Classified::class)
 }
 
+/// The exit code of a failed command: its own ([`ExitError`]), else the
+/// one of the class of the outermost of vbackup's errors in its chain,
+/// else [`EXIT_FAILURE`].
 fn exit_code(error: &anyhow::Error) -> u8 {
     if let Some(exit) = error.downcast_ref::<ExitError>() {
         return exit.code;
     }
-    let Some(core) = error.chain().find_map(core_error) else {
-        return EXIT_FAILURE;
-    };
-    match core.class() {
+    error
+        .chain()
+        .find_map(link_class)
+        .map_or(EXIT_FAILURE, class_exit_code)
+}
+
+/// What to do about a failure with exit `code`, where the error itself
+/// cannot say it (the libraries give no hints).
+fn hint(code: u8) -> Option<&'static str> {
+    (code == EXIT_INTERNAL).then_some(
+        "this is a bug in vbackup, not a mistake of yours; please report it with the command line and the message above",
+    )
+}
+
+/// The documented exit code of an error class.
+fn class_exit_code(class: ErrorClass) -> u8 {
+    match class {
         ErrorClass::Authentication => EXIT_AUTH,
         ErrorClass::Usage => EXIT_USAGE,
         ErrorClass::Integrity => EXIT_DAMAGE,
         ErrorClass::Interrupted => EXIT_INTERRUPTED,
+        ErrorClass::Internal => EXIT_INTERNAL,
         ErrorClass::Runtime => EXIT_FAILURE,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::io;
+    use std::path::PathBuf;
+
+    use anyhow::Context;
+
+    use super::*;
+
+    fn in_use() -> vbackup_qemu::Error {
+        vbackup_qemu::Error::InUse {
+            path: PathBuf::from("/vm/web1.qcow2"),
+            holder: "a running VM".into(),
+            advice: "shut it down".into(),
+        }
+    }
+
+    fn missing_image() -> vbackup_qemu::Error {
+        vbackup_qemu::Error::Image {
+            path: PathBuf::from("/vm/gone.qcow2"),
+            error: Box::new(vbackup_qemu::Error::Io {
+                context: "opening".into(),
+                error: io::Error::from(io::ErrorKind::NotFound),
+            }),
+        }
+    }
+
+    fn source(error: vbackup_qemu::Error) -> vbackup_core::Error {
+        vbackup_core::Error::Source {
+            disk: "vda".into(),
+            source: error.into(),
+        }
+    }
+
+    /// Issue 11: internal failures exited 2, "bad usage".
+    #[test]
+    fn issue11_internal_errors_exit_70() {
+        let panicked = vbackup_core::Error::Internal("a worker thread panicked".into());
+        assert_eq!(exit_code(&anyhow::Error::new(panicked)), EXIT_INTERNAL);
+        let wrapped = anyhow::Error::new(vbackup_vm::Error::from(source(
+            vbackup_qemu::Error::Internal("writer after finish".into()),
+        )));
+        assert_eq!(exit_code(&wrapped), EXIT_INTERNAL);
+        assert_eq!(EXIT_INTERNAL, 70);
+        assert!(hint(EXIT_INTERNAL).is_some_and(|h| h.contains("bug")));
+        assert_eq!(hint(EXIT_USAGE), None);
+        assert_eq!(hint(EXIT_FAILURE), None);
+    }
+
+    /// Issue 11: QEMU's and VM jobs' errors all exited 1 whatever their
+    /// cause; the code now follows the original class, across each crate
+    /// boundary (qemu → core → vm → CLI).
+    #[test]
+    fn issue11_exit_code_follows_the_class_across_crates() {
+        let qemu = anyhow::Error::new(missing_image());
+        assert_eq!(exit_code(&qemu), EXIT_USAGE);
+        let vm = vbackup_vm::Error::qemu("inspecting disk 'vda'")(missing_image());
+        assert_eq!(exit_code(&anyhow::Error::new(vm)), EXIT_USAGE);
+        let through_core = vbackup_vm::Error::from(source(missing_image()));
+        let error = anyhow::Error::new(through_core).context("backing up web1");
+        assert_eq!(exit_code(&error), EXIT_USAGE);
+        let busy = vbackup_vm::Error::from(source(in_use()));
+        assert_eq!(exit_code(&anyhow::Error::new(busy)), EXIT_FAILURE);
+        let damaged = vbackup_qemu::Error::Damaged {
+            command: "qemu-img check -f qcow2 /vm/web1.qcow2".into(),
+            report: "2 errors were found on the image.".into(),
+        };
+        let damaged = vbackup_vm::Error::qemu("opening disk 'vda'")(damaged);
+        assert_eq!(exit_code(&anyhow::Error::new(damaged)), EXIT_DAMAGE);
+        let io: io::Error = missing_image().into();
+        let io = anyhow::Error::new(io).context("creating the restore target");
+        assert_eq!(exit_code(&io), EXIT_USAGE);
+    }
+
+    #[test]
+    fn exit_codes_of_other_errors_are_unchanged() {
+        let usage = vbackup_core::Error::InvalidInput("no disks to back up".into());
+        assert_eq!(exit_code(&anyhow::Error::new(usage)), EXIT_USAGE);
+        let plain = anyhow::Error::new(io::Error::other("disk on fire"));
+        assert_eq!(exit_code(&plain), EXIT_FAILURE);
+        let own = anyhow::Error::new(ExitError {
+            code: EXIT_DAMAGE,
+            message: "verify found damage".into(),
+        });
+        assert_eq!(exit_code(&own), EXIT_DAMAGE);
+        let vm_invalid = vbackup_vm::Error::Invalid("the VM has no disk 'x'".into());
+        assert_eq!(exit_code(&anyhow::Error::new(vm_invalid)), EXIT_USAGE);
+        let interrupted = anyhow::Error::new(vbackup_core::Error::Interrupted);
+        assert_eq!(exit_code(&interrupted), EXIT_INTERRUPTED);
+        let wrong = vbackup_core::Error::WrongPassphrase {
+            location: "/srv/vbackup".into(),
+            keys: 1,
+        };
+        assert_eq!(exit_code(&anyhow::Error::new(wrong)), EXIT_AUTH);
+        let missing: Result<(), io::Error> = Err(io::Error::from(io::ErrorKind::NotFound));
+        let context = missing.context("reading the password file").unwrap_err();
+        assert_eq!(exit_code(&context), EXIT_FAILURE);
     }
 }

@@ -22,23 +22,67 @@ use crate::ui::{human_bytes, human_rate, with_progress};
 const PASSPHRASE: &str = "quickstart-demo-passphrase";
 const VM: &str = "quickstart-vm";
 
-/// Runs the demonstration.
+/// Runs the demonstration, in `--dir` (kept), or in a temporary folder
+/// that is removed at the end unless `--keep` is given; either way the
+/// output says which.
 pub fn run(ctx: &Context, args: &QuickstartArgs) -> Result<()> {
-    let temp;
-    let work = match &args.dir {
-        Some(dir) => {
-            std::fs::create_dir_all(dir)
-                .with_context(|| format!("cannot create {}", dir.display()))?;
-            dir.clone()
-        }
-        None => {
-            temp = tempfile::Builder::new()
-                .prefix("vbackup-quickstart-")
-                .tempdir()?;
-            temp.path().to_path_buf()
-        }
+    let Some(dir) = &args.dir else {
+        return run_in_temporary(ctx, args);
     };
-    ctx.say(format!("vbackup quickstart in {}", work.display()));
+    std::fs::create_dir_all(dir).with_context(|| format!("cannot create {}", dir.display()))?;
+    ctx.say(format!("vbackup quickstart in {}", dir.display()));
+    demonstrate(ctx, args, dir)?;
+    say_try(ctx, dir);
+    Ok(())
+}
+
+fn run_in_temporary(ctx: &Context, args: &QuickstartArgs) -> Result<()> {
+    let temp = tempfile::Builder::new()
+        .prefix("vbackup-quickstart-")
+        .tempdir()?;
+    let work = temp.path().to_path_buf();
+    ctx.say(format!(
+        "vbackup quickstart in {} (a temporary folder: removed at the end{})",
+        work.display(),
+        if args.keep {
+            ", except with --keep"
+        } else {
+            "; --keep keeps it"
+        }
+    ));
+    let outcome = demonstrate(ctx, args, &work);
+    if args.keep {
+        let kept = temp.keep();
+        ctx.say(format!("kept {} (--keep)", kept.display()));
+        say_try(ctx, &kept);
+        return outcome;
+    }
+    let removed = temp.close();
+    match &outcome {
+        Ok(()) => ctx.say(format!(
+            "removed the temporary folder {} (--keep keeps it)",
+            work.display()
+        )),
+        Err(_) => eprintln!(
+            "vbackup: removed the temporary folder {} (--keep keeps it)",
+            work.display()
+        ),
+    }
+    outcome?;
+    removed.with_context(|| format!("cannot remove the temporary folder {}", work.display()))
+}
+
+/// How to look at the repository the demonstration left.
+fn say_try(ctx: &Context, work: &Path) {
+    ctx.say(format!(
+        "try: vbackup --repo {} snapshots   (passphrase: {PASSPHRASE})",
+        work.join("repository").display()
+    ));
+}
+
+/// The demonstration itself, in the folder `work`.
+fn demonstrate(ctx: &Context, args: &QuickstartArgs, work: &Path) -> Result<()> {
+    let work = work.to_path_buf();
     let disk = work.join("vm-disk.qcow2");
     let files = make_sample_disk(ctx, &work, &disk, args.size_mib)?;
     let repo_dir = work.join("repository");
@@ -109,12 +153,6 @@ pub fn run(ctx: &Context, args: &QuickstartArgs) -> Result<()> {
     ));
     ctx.json(&serde_json::json!({ "first": first.id, "second": second.id, "stats": s }))?;
     ctx.say("quickstart finished: every snapshot restored byte-identical");
-    if args.dir.is_some() {
-        ctx.say(format!(
-            "try: vbackup --repo {} snapshots   (passphrase: {PASSPHRASE})",
-            repo_dir.display()
-        ));
-    }
     Ok(())
 }
 

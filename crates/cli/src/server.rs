@@ -8,11 +8,10 @@ use std::sync::Arc;
 use anyhow::{Context as _, Result};
 use clap::{Args, Subcommand, ValueEnum};
 use serde::Serialize;
-use vbackup_core::roles::{Operation, Role};
+use vbackup_protocol::{Operation, Role};
 use vbackup_remote::RemoteConfig;
 use vbackup_server::tokens::TokenEntry;
 use vbackup_server::ServerConfig;
-use vbackup_storage::Backend;
 
 use crate::args::{Command, GlobalArgs, PolicyCommand};
 use crate::commands::Context;
@@ -214,14 +213,6 @@ fn view<'a>(entry: &'a TokenEntry, token: Option<&'a str>) -> TokenView<'a> {
     }
 }
 
-fn role_name(role: Role) -> &'static str {
-    match role {
-        Role::Read => "read",
-        Role::Backup => "backup",
-        Role::Admin => "admin",
-    }
-}
-
 fn token(ctx: &Context, command: &TokenCommand) -> Result<()> {
     let json = ctx.global.json;
     match command {
@@ -251,7 +242,7 @@ fn token(ctx: &Context, command: &TokenCommand) -> Result<()> {
                     "token {} for repository '{}' with role {}: shown only now; give it to clients as VBACKUP_TOKEN or in a --token-file",
                     entry.id,
                     entry.repo,
-                    role_name(entry.role)
+                    entry.role
                 );
             }
         }
@@ -266,7 +257,7 @@ fn token(ctx: &Context, command: &TokenCommand) -> Result<()> {
                     println!(
                         "{}  {:<7} {:<20} {}  {}{}",
                         t.id,
-                        role_name(t.role),
+                        t.role,
                         t.repo,
                         t.created,
                         t.label,
@@ -283,7 +274,7 @@ fn token(ctx: &Context, command: &TokenCommand) -> Result<()> {
                 println!("{}", serde_json::to_string_pretty(&views)?);
             } else {
                 for t in &gone {
-                    println!("removed token {} ({}, {})", t.id, t.repo, role_name(t.role));
+                    println!("removed token {} ({}, {})", t.id, t.repo, t.role);
                 }
             }
         }
@@ -296,19 +287,6 @@ fn server_error(error: vbackup_server::Error) -> anyhow::Error {
         vbackup_server::Error::Usage(message) => usage(message),
         other => other.into(),
     }
-}
-
-/// The backend of an `https://HOST:PORT/REPO` repository: the token from
-/// `--token-file` or `VBACKUP_TOKEN`, the pin from `--server-fingerprint`.
-pub fn remote_backend(url: &str, global: &GlobalArgs) -> Result<Arc<dyn Backend>> {
-    let token = read_token(global.token_file.as_deref())?;
-    let config = RemoteConfig {
-        url: url.to_string(),
-        token,
-        fingerprint: global.server_fingerprint.clone(),
-    };
-    let backend = vbackup_remote::open(&config).map_err(|e| usage(e.to_string()))?;
-    Ok(Arc::new(backend))
 }
 
 /// The repository operation of a command that changes the repository.
@@ -340,14 +318,11 @@ pub fn check_role(global: &GlobalArgs, command: &Command) -> Result<()> {
         fingerprint: global.server_fingerprint.clone(),
     })
     .map_err(|e| usage(e.to_string()))?;
-    let me = client.whoami()?;
-    let role = match me.role.as_str() {
-        "read" => Role::Read,
-        "backup" => Role::Backup,
-        _ => Role::Admin,
-    };
+    let me = client.whoami().with_context(|| {
+        format!("cannot learn the token's role from the server at {url}, so the command was not started")
+    })?;
     let needed = operation.required_role();
-    if role < needed {
+    if !me.role.allows(operation) {
         return Err(usage(format!(
             "this command needs {} token; the token {} has the role {} on the server",
             match needed {
@@ -362,7 +337,8 @@ pub fn check_role(global: &GlobalArgs, command: &Command) -> Result<()> {
     Ok(())
 }
 
-fn read_token(file: Option<&Path>) -> Result<String> {
+/// The server token from `file`, else `VBACKUP_TOKEN`.
+pub fn read_token(file: Option<&Path>) -> Result<String> {
     if let Some(file) = file {
         let text = std::fs::read_to_string(file).map_err(|e| {
             usage(format!(

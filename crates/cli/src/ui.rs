@@ -127,13 +127,16 @@ fn watch(
     }
 }
 
+/// A progress bar whose bar takes what the terminal's width leaves after
+/// the figures (`wide_bar`), so the line never wraps on an 80-column
+/// terminal, and stays one line on narrower ones down to about 60.
 fn new_bar(label: &str, unit: Unit) -> ProgressBar {
     let bar = ProgressBar::new(1);
     let template = match unit {
         Unit::Bytes => format!(
-            "{label:>9} [{{bar:30}}] {{bytes}}/{{total_bytes}} {{binary_bytes_per_sec}} ETA {{eta}}"
+            "{label:>9} [{{wide_bar}}] {{bytes}}/{{total_bytes}} {{binary_bytes_per_sec}} ETA {{eta}}"
         ),
-        Unit::Items => format!("{label:>9} [{{bar:30}}] {{pos}}/{{len}} objects ETA {{eta}}"),
+        Unit::Items => format!("{label:>9} [{{wide_bar}}] {{pos}}/{{len}} objects ETA {{eta}}"),
     };
     if let Ok(style) = ProgressStyle::with_template(&template) {
         bar.set_style(style.progress_chars("=> "));

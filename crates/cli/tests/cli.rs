@@ -340,8 +340,13 @@ fn not_a_repository_and_newer_versions_are_refused_with_the_versions_named() {
 fn missing_truncated_and_corrupt_images_pass_qemus_reason_through() {
     let env = Env::new();
     env.init();
-    let err = env.fails(&["backup", "--vm", "a", s(&env.path("nope.qcow2"))], 1);
+    // Issue 11: a missing image is the user's mistake (exit 2, not 1),
+    // with or without a format named.
+    let err = env.fails(&["backup", "--vm", "a", s(&env.path("nope.qcow2"))], 2);
     assert!(err.contains("nope.qcow2"), "{err}");
+    let nope = env.path("nope.raw");
+    let err = env.fails(&["backup", "--vm", "a", "--format", "raw", s(&nope)], 2);
+    assert!(err.contains("nope.raw"), "{err}");
 
     let raw = ext4_image(&env, "vm", 16, "x");
     let qcow = env.path("vm.qcow2");
@@ -349,14 +354,10 @@ fn missing_truncated_and_corrupt_images_pass_qemus_reason_through() {
     let truncated = env.path("truncated.qcow2");
     let bytes = std::fs::read(&qcow).unwrap();
     std::fs::write(&truncated, &bytes[..bytes.len() / 3]).unwrap();
-    let out = env.run(&["backup", "--vm", "a", s(&truncated)]);
-    assert!(
-        !out.status.success(),
-        "a truncated qcow2 must not back up: {}",
-        text(&out)
-    );
-    let err = String::from_utf8_lossy(&out.stderr);
+    // Issue 11: an image qemu-img check finds corrupt is damaged data (3).
+    let err = env.fails(&["backup", "--vm", "a", s(&truncated)], 3);
     assert!(err.contains("truncated.qcow2"), "{err}");
+    assert!(err.contains("found the image damaged"), "{err}");
 
     let corrupt = env.path("corrupt.qcow2");
     let mut bytes = std::fs::read(&qcow).unwrap();

@@ -886,6 +886,63 @@ fn a_server_that_sends_garbage_or_cut_replies_gives_clear_errors() {
     refused(&out, "truncated");
 }
 
+/// Requests other than `whoami` that reached [`unknown_role_server`].
+static PAST_WHOAMI: AtomicU64 = AtomicU64::new(0);
+
+/// A server whose `whoami` names a role this client does not know.
+fn unknown_role_server(line: &str) -> Vec<u8> {
+    if !line.contains("/whoami") {
+        PAST_WHOAMI.fetch_add(1, Ordering::SeqCst);
+        return b"HTTP/1.1 500 Internal Server Error\r\nContent-Length: 0\r\n\r\n".to_vec();
+    }
+    let body = br#"{"id":"0123abcd","repo":"r","role":"superuser"}"#;
+    let mut reply =
+        format!("HTTP/1.1 200 OK\r\nContent-Length: {}\r\n\r\n", body.len()).into_bytes();
+    reply.extend_from_slice(body);
+    reply
+}
+
+#[test]
+fn regression_a_whoami_reply_with_an_unknown_role_is_refused_not_taken_for_admin() {
+    let (addr, fingerprint, _dir) = fake_server(unknown_role_server);
+    let url = format!("https://{addr}/r");
+    for command in [
+        &["prune"][..],
+        &["repair"],
+        &["unlock"],
+        &["forget", "--keep-last", "1"],
+    ] {
+        let out = Command::new(VBACKUP)
+            .arg("--repo")
+            .arg(&url)
+            .args(command)
+            .env("VBACKUP_TOKEN", "vbk1.x.y")
+            .env("VBACKUP_SERVER_FINGERPRINT", &fingerprint)
+            .env("VBACKUP_RETRIES", "1")
+            .env("VBACKUP_PASSWORD", "pw")
+            .output()
+            .unwrap();
+        refused(&out, "unknown role \"superuser\"");
+        refused(&out, "the roles are read, backup and admin");
+        refused(&out, "so the command was not started");
+        refused(&out, &url);
+    }
+    assert_eq!(
+        PAST_WHOAMI.load(Ordering::SeqCst),
+        0,
+        "the CLI went on past whoami with a role it does not know"
+    );
+    // The client library refuses the reply too.
+    let client = RemoteBackend::new(&RemoteConfig {
+        url,
+        token: "vbk1.x.y".into(),
+        fingerprint: Some(fingerprint),
+    })
+    .unwrap();
+    let err = client.whoami().unwrap_err();
+    assert!(err.to_string().contains("unknown role"), "{err}");
+}
+
 #[test]
 fn an_unreachable_server_is_reported_after_retries() {
     let port = TcpListener::bind("127.0.0.1:0")

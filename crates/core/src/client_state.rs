@@ -272,8 +272,12 @@ impl StateFile {
     /// Writes the record atomically: a temporary file (mode 0600) in the
     /// same folder, fsynced, renamed over the old one, folder fsynced.
     fn save(&self, state: &ClientState) -> Result<()> {
-        let json = serde_json::to_vec_pretty(state)
-            .map_err(|e| self.error(&format!("cannot encode it: {e}")))?;
+        let json = serde_json::to_vec_pretty(state).map_err(|e| {
+            Error::internal(format!(
+                "cannot encode the client state file {}: {e}",
+                self.path.display()
+            ))
+        })?;
         let tmp = self.dir().join(format!(
             ".tmp-{}-{}",
             self.id,

@@ -136,7 +136,7 @@ impl MasterSecret {
 pub fn random_bytes<const N: usize>() -> Result<[u8; N]> {
     let mut bytes = [0u8; N];
     getrandom::getrandom(&mut bytes).map_err(|e| {
-        Error::InvalidInput(format!("the operating system's random source failed: {e}"))
+        Error::internal(format!("the operating system's random source failed: {e}"))
     })?;
     Ok(bytes)
 }
@@ -227,7 +227,7 @@ impl Crypto {
                 k.seal_in_place_separate_tag(nonce, Aad::from(aad), &mut out[start..])
                     .ok()
             })
-            .ok_or_else(|| Error::InvalidInput("encryption failed".to_string()))?;
+            .ok_or_else(|| Error::internal("encryption failed"))?;
         out.extend_from_slice(tag.as_ref());
         Ok(())
     }
@@ -353,7 +353,7 @@ pub mod kdf {
             params.parallelism,
             Some(32),
         )
-        .map_err(|e| Error::InvalidInput(format!("invalid Argon2id parameters {params:?}: {e}")))?;
+        .map_err(|e| Error::internal(format!("invalid Argon2id parameters {params:?}: {e}")))?;
         let argon = argon2::Argon2::new(
             argon2::Algorithm::Argon2id,
             argon2::Version::V0x13,
@@ -362,7 +362,7 @@ pub mod kdf {
         let mut out = [0u8; 32];
         argon
             .hash_password_into(passphrase, salt, &mut out)
-            .map_err(|e| Error::InvalidInput(format!("Argon2id key derivation failed: {e}")))?;
+            .map_err(|e| Error::internal(format!("Argon2id key derivation failed: {e}")))?;
         Ok(out)
     }
 }

@@ -4,7 +4,17 @@
 //! names the object, disk or snapshot concerned and, where one exists, what
 //! the user can do about it. Lower-level errors (storage, I/O, codecs) are
 //! wrapped with that context, never passed through bare.
+//!
+//! Classes: [`Error::class`] says whose fault an error is (the user's
+//! input, the passphrase, damaged data, vbackup itself, or the world), and
+//! front ends pick their exit code or status from it. A lower crate's
+//! error that reaches the engine through the `io::Result` of
+//! [`crate::DiskSource`] and [`crate::DiskTarget`] keeps its class: it
+//! travels as a [`Classified`] inside the `io::Error` (see
+//! [`Classified::io`]), and [`Error::Source`] and [`Error::Target`] report
+//! that class. The hints (what to do) are the front ends' to add.
 
+use std::fmt;
 use std::io;
 
 use vbackup_storage::StorageError;
@@ -107,8 +117,9 @@ pub enum Error {
         /// What gave the downgrade away.
         reason: String,
     },
-    /// vbackup itself went wrong (a broken invariant, not the user's input
-    /// nor the storage): worth a bug report.
+    /// vbackup itself went wrong (a panicked worker, a failing random
+    /// source or cipher, a thread that cannot start, a broken invariant),
+    /// not the user's input nor the storage: worth a bug report.
     #[error("internal error: {0}")]
     Internal(String),
     /// The operation was cancelled by the user (Ctrl-C, SIGTERM).
@@ -127,6 +138,9 @@ pub enum ErrorClass {
     Integrity,
     /// The user interrupted.
     Interrupted,
+    /// vbackup itself failed (a bug, or an environment that breaks what
+    /// it relies on, such as the random source).
+    Internal,
     /// Everything else (I/O, storage, sources).
     Runtime,
 }
@@ -147,12 +161,17 @@ impl Error {
                 ErrorClass::Integrity
             }
             Error::Interrupted => ErrorClass::Interrupted,
-            Error::Storage(_)
-            | Error::Source { .. }
-            | Error::Target { .. }
-            | Error::Conflict(_)
-            | Error::Internal(_) => ErrorClass::Runtime,
+            Error::Internal(_) => ErrorClass::Internal,
+            Error::Source { source, .. } | Error::Target { source, .. } => {
+                Classified::class_of(source)
+            }
+            Error::Storage(_) | Error::Conflict(_) => ErrorClass::Runtime,
         }
+    }
+
+    /// Shorthand for an [`Error::Internal`].
+    pub(crate) fn internal(what: impl Into<String>) -> Self {
+        Error::Internal(what.into())
     }
 
     /// Shorthand for a [`Error::Corrupt`].
@@ -161,5 +180,130 @@ impl Error {
             key: key.to_string(),
             reason: reason.into(),
         }
+    }
+}
+
+/// A lower crate's error (qemu's, a VM job's) carried inside an
+/// [`io::Error`] with its [`ErrorClass`], so that it survives the
+/// `io::Result` of the disk source and target traits.
+///
+/// It reads exactly as the error it carries: its `Display` is that error's
+/// and its `source()` that error's source, so a printed cause chain is the
+/// same with or without it. [`Classified::inner`] gives the original back
+/// (downcast it to the lower crate's type).
+#[derive(Debug)]
+pub struct Classified {
+    class: ErrorClass,
+    error: Box<dyn std::error::Error + Send + Sync>,
+}
+
+impl Classified {
+    /// An [`io::Error`] of `kind` carrying `error` and its `class`.
+    pub fn io(
+        kind: io::ErrorKind,
+        class: ErrorClass,
+        error: impl Into<Box<dyn std::error::Error + Send + Sync>>,
+    ) -> io::Error {
+        let error = error.into();
+        io::Error::new(kind, Classified { class, error })
+    }
+
+    /// The class of an I/O error: the class it was given with
+    /// [`Classified::io`], else [`ErrorClass::Runtime`] (a plain I/O
+    /// failure of a file or device).
+    pub fn class_of(error: &io::Error) -> ErrorClass {
+        Self::find(error).map_or(ErrorClass::Runtime, |c| c.class)
+    }
+
+    /// The [`Classified`] inside `error`, if it carries one.
+    pub fn find(error: &io::Error) -> Option<&Classified> {
+        error.get_ref()?.downcast_ref::<Classified>()
+    }
+
+    /// The class given to the error.
+    pub fn class(&self) -> ErrorClass {
+        self.class
+    }
+
+    /// The original error.
+    pub fn inner(&self) -> &(dyn std::error::Error + Send + Sync + 'static) {
+        &*self.error
+    }
+}
+
+impl fmt::Display for Classified {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        fmt::Display::fmt(&self.error, f)
+    }
+}
+
+impl std::error::Error for Classified {
+    fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
+        self.error.source()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn source(error: io::Error) -> Error {
+        Error::Source {
+            disk: "vda".to_string(),
+            source: error,
+        }
+    }
+
+    #[test]
+    fn internal_errors_have_their_own_class() {
+        let error = Error::internal("a worker thread panicked");
+        assert_eq!(error.class(), ErrorClass::Internal);
+        assert_eq!(
+            error.to_string(),
+            "internal error: a worker thread panicked"
+        );
+        assert_eq!(
+            Error::InvalidInput("no disks".into()).class(),
+            ErrorClass::Usage
+        );
+    }
+
+    #[test]
+    fn source_and_target_errors_keep_the_class_of_what_they_carry() {
+        for class in [
+            ErrorClass::Usage,
+            ErrorClass::Integrity,
+            ErrorClass::Internal,
+            ErrorClass::Runtime,
+        ] {
+            let carried = Classified::io(io::ErrorKind::Other, class, "qemu said no");
+            assert_eq!(source(carried).class(), class);
+            let carried = Classified::io(io::ErrorKind::Other, class, "qemu said no");
+            let target = Error::Target {
+                disk: "vda".into(),
+                source: carried,
+            };
+            assert_eq!(target.class(), class);
+        }
+        let plain = io::Error::new(io::ErrorKind::NotFound, "gone");
+        assert_eq!(source(plain).class(), ErrorClass::Runtime);
+        assert_eq!(source(io::Error::other("x")).class(), ErrorClass::Runtime);
+    }
+
+    #[test]
+    fn classified_reads_as_the_error_it_carries() {
+        let carried = Classified::io(
+            io::ErrorKind::ResourceBusy,
+            ErrorClass::Runtime,
+            "disk image /vm/a.qcow2 is in use",
+        );
+        assert_eq!(carried.kind(), io::ErrorKind::ResourceBusy);
+        assert_eq!(carried.to_string(), "disk image /vm/a.qcow2 is in use");
+        let inner = Classified::find(&carried).map(|c| c.inner().to_string());
+        assert_eq!(inner.as_deref(), Some("disk image /vm/a.qcow2 is in use"));
+        assert_eq!(
+            source(carried).to_string(),
+            "reading disk 'vda': disk image /vm/a.qcow2 is in use"
+        );
     }
 }

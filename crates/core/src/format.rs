@@ -240,7 +240,7 @@ pub fn plain_json_object<T: Serialize>(kind: ObjectKind, value: &T) -> Result<Ve
     }
     .encode();
     let json = serde_json::to_vec_pretty(value)
-        .map_err(|e| Error::InvalidInput(format!("cannot encode {kind:?} as JSON: {e}")))?;
+        .map_err(|e| Error::internal(format!("cannot encode {kind:?} as JSON: {e}")))?;
     let mut out = header.to_vec();
     out.extend_from_slice(&json);
     Ok(out)
@@ -346,7 +346,9 @@ pub struct KeyFile {
 pub struct BackupStats {
     /// Bytes read from the sources (holes are not read).
     pub bytes_read: u64,
-    /// Plaintext bytes of chunks that were new to the repository.
+    /// Plaintext bytes of chunks that were new to the repository, counted
+    /// whole: a partly allocated chunk counts its unread (unallocated)
+    /// parts as the zeros it stores, so this can exceed `bytes_read`.
     pub bytes_new: u64,
     /// Bytes written to the repository for those chunks (compressed, sealed).
     pub bytes_stored: u64,

@@ -27,7 +27,6 @@ pub mod format;
 pub mod packs;
 mod progress;
 mod repo;
-pub mod roles;
 pub mod source;
 pub mod speed;
 pub mod trust;
@@ -40,7 +39,8 @@ pub use commands::backup::{
 };
 pub use commands::check::{check, CheckOptions, CheckReport, Notice, ReadData};
 pub use commands::forget::{
-    forget, plan, plan_at, render_plan, Decision, ForgetGroup, ForgetOptions, ForgetReport,
+    emptied_vms, forget, plan, plan_at, plan_ids, render_plan, Decision, Emptying, ForgetGroup,
+    ForgetOptions, ForgetReport,
 };
 pub use commands::locks::{
     list_locks, read_lock, unlock, Lease, LeaseTiming, LockInfo, CLOCK_SKEW, MAX_STALE_AFTER,
@@ -51,7 +51,7 @@ pub use commands::repair::{marked_snapshots, read_marker, repair, RepairOptions,
 pub use commands::restore::{restore_disk, restore_disk_to_writer, RestoreStats};
 pub use commands::stats::{stats, RepoStats};
 pub use commands::verify::{verify, AffectedDisk, ChunkProblem, ProblemKind, VerifyReport};
-pub use error::{Error, ErrorClass, Result};
+pub use error::{Classified, Error, ErrorClass, Result};
 pub use progress::Progress;
 pub use repo::{InitOptions, KeyInfo, Repository, Snapshot, FUTURE_SKEW_MINUTES};
 pub use source::{DiskReader, DiskSource, DiskTarget, DiskWriter, Extent, ExtentKind};
@@ -90,6 +90,43 @@ impl std::fmt::Display for ChunkId {
 /// This machine's host name, recorded in snapshots and keys.
 pub fn hostname() -> String {
     gethostname::gethostname().to_string_lossy().into_owned()
+}
+
+/// The user running vbackup, recorded in keys: `$USER` when set and not
+/// empty (cron and systemd units often leave it unset), else the name of
+/// the process's uid in the user database, else the uid number.
+pub fn user_name() -> String {
+    if let Some(user) = std::env::var("USER").ok().filter(|u| !u.is_empty()) {
+        return user;
+    }
+    let uid = current_uid();
+    uid_name(uid).unwrap_or_else(|| uid.to_string())
+}
+
+#[allow(unsafe_code)]
+fn current_uid() -> libc::uid_t {
+    // SAFETY: getuid has no preconditions and cannot fail.
+    unsafe { libc::getuid() }
+}
+
+/// The user database's name for `uid` (`getpwuid_r`), if it has one.
+#[allow(unsafe_code)]
+fn uid_name(uid: libc::uid_t) -> Option<String> {
+    let mut buf = vec![0 as libc::c_char; 16 * 1024];
+    // SAFETY: passwd is a plain C struct for which all-zero bytes are a
+    // valid (empty) value; getpwuid_r only writes into it.
+    let mut entry: libc::passwd = unsafe { std::mem::zeroed() };
+    let mut found: *mut libc::passwd = std::ptr::null_mut();
+    // SAFETY: every pointer is valid for the call, `buf.len()` is the
+    // buffer's real size, and getpwuid_r is the thread-safe variant.
+    let rc = unsafe { libc::getpwuid_r(uid, &mut entry, buf.as_mut_ptr(), buf.len(), &mut found) };
+    if rc != 0 || found.is_null() || entry.pw_name.is_null() {
+        return None;
+    }
+    // SAFETY: on success pw_name points to a NUL-terminated string inside
+    // `buf`, which is still alive.
+    let name = unsafe { std::ffi::CStr::from_ptr(entry.pw_name) };
+    Some(name.to_string_lossy().into_owned()).filter(|n| !n.is_empty())
 }
 
 /// The number of worker threads to use when the user does not say.

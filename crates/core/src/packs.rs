@@ -468,7 +468,7 @@ impl OpenPack {
             Some(3),
         )?;
         let trailer_len = u32::try_from(trailer.len())
-            .map_err(|_| Error::InvalidInput("a pack's trailer is too large".to_string()))?;
+            .map_err(|_| Error::internal("a pack's trailer is too large"))?;
         self.bytes.extend_from_slice(&trailer);
         self.bytes.extend_from_slice(&encode_footer(trailer_len));
         let digest = *blake3::hash(&self.bytes).as_bytes();
@@ -520,7 +520,7 @@ impl<'a> PackWriter<'a> {
         let full = {
             let mut open = self.open.lock().unwrap_or_else(|p| p.into_inner());
             let length = u32::try_from(encoded.len())
-                .map_err(|_| Error::InvalidInput("an encoded chunk is too large".to_string()))?;
+                .map_err(|_| Error::internal("an encoded chunk is too large"))?;
             if open.bytes.capacity() == 0 {
                 // A buffer an uploaded pack left, or room for the pack, its
                 // last chunk and the trailer: no doubling of a 16 MiB

@@ -441,12 +441,12 @@ impl Repository {
                 Aad::from(&aad),
                 &mut wrapped,
             )
-            .map_err(|_| Error::InvalidInput("wrapping the master key failed".to_string()))?;
+            .map_err(|_| Error::internal("wrapping the master key failed"))?;
         let key_file = KeyFile {
             version: 1,
             created: chrono::Utc::now().to_rfc3339(),
             host: crate::hostname(),
-            user: std::env::var("USER").unwrap_or_default(),
+            user: crate::user_name(),
             kdf: params,
             salt: hex::encode(salt),
             wrapped: hex::encode([nonce.as_slice(), &wrapped].concat()),
@@ -620,7 +620,7 @@ impl Repository {
         value: &T,
     ) -> Result<()> {
         let json = serde_json::to_vec(value)
-            .map_err(|e| Error::InvalidInput(format!("cannot encode '{key}': {e}")))?;
+            .map_err(|e| Error::internal(format!("cannot encode '{key}': {e}")))?;
         self.put_sealed(kind, key, &json)
     }
 
@@ -651,9 +651,8 @@ impl Repository {
     pub fn write_snapshot(&self, manifest: &SnapshotManifest) -> Result<String> {
         let id = hex::encode(random_bytes::<32>()?);
         let key = format!("{SNAPSHOTS_PREFIX}{id}");
-        let json = serde_json::to_vec(manifest).map_err(|e| {
-            Error::InvalidInput(format!("cannot encode the snapshot manifest: {e}"))
-        })?;
+        let json = serde_json::to_vec(manifest)
+            .map_err(|e| Error::internal(format!("cannot encode the snapshot manifest: {e}")))?;
         let bytes = seal_object(&self.crypto, ObjectKind::Snapshot, &key, &json, Some(3))?;
         self.backend.put(&key, &bytes)?;
         Ok(id)
@@ -766,7 +765,7 @@ fn key_aad(repository_id: &str) -> Vec<u8> {
 fn kek_cipher(kek: &[u8; 32]) -> Result<LessSafeKey> {
     UnboundKey::new(&AES_256_GCM, kek)
         .map(LessSafeKey::new)
-        .map_err(|_| Error::InvalidInput("cannot set up AES-256-GCM for the key".to_string()))
+        .map_err(|_| Error::internal("cannot set up AES-256-GCM for the key"))
 }
 
 /// Tries every key object with the passphrase.
@@ -811,7 +810,12 @@ fn try_key(
     if wrapped.len() != 12 + 32 + 16 {
         return Err(Error::corrupt(key, "wrapped key has the wrong length"));
     }
-    let kek = kdf::derive(passphrase.as_bytes(), &salt, file.kdf)?;
+    // The parameters are the key file's: if Argon2id refuses them, the
+    // file is damaged, not vbackup.
+    let kek = kdf::derive(passphrase.as_bytes(), &salt, file.kdf).map_err(|e| match e {
+        Error::Internal(reason) => Error::corrupt(key, reason),
+        other => other,
+    })?;
     let (nonce, sealed) = wrapped.split_at(12);
     let nonce: [u8; 12] = nonce.try_into().map_err(|_| Error::corrupt(key, "nonce"))?;
     let aad = key_aad(repository_id);

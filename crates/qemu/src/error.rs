@@ -10,10 +10,15 @@
 //!   chain reads the same and nothing is printed twice.
 //! - [`Error`] converts into [`std::io::Error`] with a fitting
 //!   [`std::io::ErrorKind`], so it travels through `vbackup_core`'s
-//!   `io::Result` traits without losing its text.
+//!   `io::Result` traits without losing its text nor its class: it goes in
+//!   a [`vbackup_core::Classified`], so the engine's error reports
+//!   [`Error::class`] (an image in use stays a runtime failure, a missing
+//!   image the user's mistake, a damaged image damaged data).
 
 use std::io;
 use std::path::{Path, PathBuf};
+
+use vbackup_core::{Classified, ErrorClass};
 
 use crate::nbd::proto;
 
@@ -59,7 +64,9 @@ pub enum Error {
     /// The server does not offer what was asked for.
     #[error("NBD server does not support {0}")]
     Unsupported(&'static str),
-    /// The caller asked for something invalid (out of range, read-only, ...).
+    /// The request makes no sense (a format, bitmap or block node name, a
+    /// socket path too long, a device too small, a read-only export): the
+    /// user's to fix. A misuse by vbackup's own code is [`Error::Internal`].
     #[error("invalid request: {0}")]
     InvalidRequest(String),
     /// A program could not be started at all.
@@ -80,6 +87,19 @@ pub enum Error {
         /// What it printed on stderr, trimmed.
         stderr: String,
     },
+    /// `qemu-img check` found the image damaged (corruption, not merely
+    /// leaked clusters); `report` is its own account.
+    #[error("`{command}` found the image damaged: {report}")]
+    Damaged {
+        /// The command line, for the user to reproduce.
+        command: String,
+        /// What qemu-img printed (details and verdict), trimmed.
+        report: String,
+    },
+    /// vbackup used this crate wrongly (a broken invariant, not the
+    /// user's request): worth a bug report.
+    #[error("internal error: {0}")]
+    Internal(String),
     /// A program's output could not be understood.
     #[error("unexpected output from `{command}`: {reason}")]
     BadOutput {
@@ -152,6 +172,14 @@ pub enum Error {
         /// What the user can do.
         advice: String,
     },
+    /// The image does not exist: `error` is how that showed (qemu-img's
+    /// own words, which name the path), kept apart from other failures
+    /// because it is the user's to fix.
+    #[error("{error}")]
+    NotFound {
+        /// The failure, as the tool reported it.
+        error: Box<Error>,
+    },
     /// Something failed for one disk of a running VM.
     #[error("disk {disk}: {error}")]
     Disk {
@@ -209,12 +237,25 @@ impl Error {
 
     /// Attaches the image path this error is about.
     pub(crate) fn for_image(self, path: impl Into<PathBuf>) -> Self {
-        if matches!(self, Error::InUse { .. }) {
+        if matches!(self, Error::InUse { .. } | Error::NotFound { .. }) {
             return self;
         }
         Error::Image {
             path: path.into(),
             error: Box::new(self),
+        }
+    }
+
+    /// This error as [`Error::NotFound`] if `path` does not exist (what
+    /// qemu-img's failure to open it then means), else as it is.
+    pub(crate) fn missing_if_absent(self, path: &Path) -> Self {
+        let absent = matches!(path.try_exists(), Ok(false));
+        if absent && !matches!(self, Error::InUse { .. } | Error::NotFound { .. }) {
+            Error::NotFound {
+                error: Box::new(self),
+            }
+        } else {
+            self
         }
     }
 
@@ -279,12 +320,43 @@ impl Error {
             Error::BadReply { .. } => io::ErrorKind::InvalidData,
             Error::MissingBitmap { .. } => io::ErrorKind::NotFound,
             Error::InUse { .. } => io::ErrorKind::ResourceBusy,
+            Error::Damaged { .. } => io::ErrorKind::InvalidData,
+            Error::Internal(_) => io::ErrorKind::Other,
             Error::OptionRejected { .. }
             | Error::Command { .. }
             | Error::QemuNbd { .. }
             | Error::Qmp { .. }
             | Error::GuestAgent { .. } => io::ErrorKind::Other,
+            Error::NotFound { .. } => io::ErrorKind::NotFound,
             Error::Image { error, .. } | Error::Disk { error, .. } => error.kind(),
+        }
+    }
+
+    /// Whose fault this is, in the engine's terms: a request that makes no
+    /// sense or an image that does not exist is the user's
+    /// ([`ErrorClass::Usage`]); a damaged image is damaged data
+    /// ([`ErrorClass::Integrity`]); a misuse of this crate is vbackup's
+    /// ([`ErrorClass::Internal`]); everything else, an image in use
+    /// included, is a runtime failure.
+    pub fn class(&self) -> ErrorClass {
+        match self {
+            Error::InvalidRequest(_) | Error::NotFound { .. } => ErrorClass::Usage,
+            Error::Damaged { .. } => ErrorClass::Integrity,
+            Error::Internal(_) => ErrorClass::Internal,
+            Error::Image { error, .. } if error.is_missing_file() => ErrorClass::Usage,
+            Error::Image { error, .. } | Error::Disk { error, .. } => error.class(),
+            _ => ErrorClass::Runtime,
+        }
+    }
+
+    /// Whether this is a file (or the folder it is to be made in) that
+    /// does not exist.
+    fn is_missing_file(&self) -> bool {
+        match self {
+            Error::Io { error, .. } => error.kind() == io::ErrorKind::NotFound,
+            Error::Image { error, .. } => error.is_missing_file(),
+            Error::NotFound { .. } => true,
+            _ => false,
         }
     }
 }
@@ -301,7 +373,7 @@ fn errno_kind(errno: u32) -> io::ErrorKind {
 
 impl From<Error> for io::Error {
     fn from(error: Error) -> Self {
-        io::Error::new(error.kind(), error)
+        Classified::io(error.kind(), error.class(), error)
     }
 }
 
@@ -396,5 +468,91 @@ mod tests {
         let io: io::Error = e.into();
         assert_eq!(io.kind(), io::ErrorKind::InvalidInput);
         assert_eq!(io.to_string(), "invalid request: read past end");
+    }
+
+    fn missing_image(path: &str) -> Error {
+        let gone = io::Error::from(io::ErrorKind::NotFound);
+        Error::io("opening", gone).for_image(path)
+    }
+
+    /// Issue 11: qemu's errors were flattened into `io::Error`, and their
+    /// class (whose fault it is) lost on the way to the exit code.
+    #[test]
+    fn issue11_classes_say_whose_fault_it_is() {
+        let path = Path::new("/vm/web1.qcow2");
+        assert_eq!(missing_image("/vm/gone.qcow2").class(), ErrorClass::Usage);
+        assert_eq!(Error::in_use(path, true).class(), ErrorClass::Runtime);
+        let damaged = Error::Damaged {
+            command: "qemu-img check -f qcow2 /vm/web1.qcow2".into(),
+            report: "2 errors were found on the image.".into(),
+        };
+        assert_eq!(damaged.for_image(path).class(), ErrorClass::Integrity);
+        assert_eq!(
+            Error::Internal("finish() called twice".into()).class(),
+            ErrorClass::Internal
+        );
+        assert_eq!(
+            Error::InvalidRequest("invalid image format name".into()).class(),
+            ErrorClass::Usage
+        );
+        let denied = Error::io("opening", io::Error::from(io::ErrorKind::PermissionDenied));
+        assert_eq!(denied.for_image(path).class(), ErrorClass::Runtime);
+        let socket_gone = Error::io("connecting", io::Error::from(io::ErrorKind::NotFound));
+        assert_eq!(socket_gone.class(), ErrorClass::Runtime);
+        let qmp = Error::Qmp {
+            command: "transaction".into(),
+            class: "GenericError".into(),
+            desc: "no".into(),
+        };
+        assert_eq!(qmp.for_disk("drive0").class(), ErrorClass::Runtime);
+    }
+
+    /// Issue 11: qemu-img's failure to open an image that does not exist
+    /// ("Could not open ...: No such file or directory") is the user's
+    /// mistake, with qemu's words kept; other failures stay as they are.
+    #[test]
+    fn issue11_a_failure_on_an_absent_image_is_not_found() {
+        let failed = || Error::Command {
+            command: "qemu-img info x".into(),
+            status: "exit status: 1".into(),
+            stderr: "Could not open 'x': No such file or directory".into(),
+        };
+        let absent = Path::new("/nonexistent-vbackup-test/gone.qcow2");
+        let err = failed().for_image(absent).missing_if_absent(absent);
+        assert!(matches!(err, Error::NotFound { .. }), "{err}");
+        assert_eq!(err.class(), ErrorClass::Usage);
+        assert_eq!(err.kind(), io::ErrorKind::NotFound);
+        let text = err.to_string();
+        assert!(
+            text.starts_with("disk image /nonexistent-vbackup-test/gone.qcow2: `qemu-img info x`"),
+            "{text}"
+        );
+        assert_eq!(err.for_image(absent).to_string(), text, "not wrapped twice");
+        let present = Path::new("/");
+        let kept = failed().for_image(present).missing_if_absent(present);
+        assert!(matches!(kept, Error::Image { .. }), "{kept}");
+        assert_eq!(kept.class(), ErrorClass::Runtime);
+    }
+
+    /// Issue 11: the class survives the trip through the engine's
+    /// `io::Result` traits, and the original error can be had back.
+    #[test]
+    fn issue11_class_survives_conversion_to_io_error() {
+        let io: io::Error = missing_image("/vm/gone.qcow2").into();
+        assert_eq!(io.kind(), io::ErrorKind::NotFound);
+        assert_eq!(Classified::class_of(&io), ErrorClass::Usage);
+        let original = Classified::find(&io).and_then(|c| c.inner().downcast_ref::<Error>());
+        assert!(matches!(original, Some(Error::Image { .. })), "{io}");
+        let core = vbackup_core::Error::Source {
+            disk: "vda".into(),
+            source: Error::in_use(Path::new("/vm/a.qcow2"), true).into(),
+        };
+        assert_eq!(core.class(), ErrorClass::Runtime);
+        assert!(core.to_string().contains("/vm/a.qcow2 is in use"), "{core}");
+        let core = vbackup_core::Error::Target {
+            disk: "vda".into(),
+            source: Error::Internal("writer after finish".into()).into(),
+        };
+        assert_eq!(core.class(), ErrorClass::Internal);
     }
 }

@@ -143,7 +143,11 @@ pub fn check_format(format: &str) -> Result<()> {
 /// Describes the image at `path` (format detected by qemu-img).
 pub fn image_info(path: &Path) -> Result<ImageInfo> {
     // qemu-img info takes the locks of a reader that shares no writing.
-    info(path).map_err(|e| e.for_image(path).in_use_if_locked(path, true))
+    info(path).map_err(|e| {
+        e.for_image(path)
+            .in_use_if_locked(path, true)
+            .missing_if_absent(path)
+    })
 }
 
 fn info(path: &Path) -> Result<ImageInfo> {
@@ -191,8 +195,9 @@ pub fn compare(a: &Path, b: &Path) -> Result<bool> {
 /// Needed because qemu opens a truncated or damaged image without complaint
 /// and reads the missing parts as zeroes; only a check notices. Leaked
 /// clusters (exit 3) are harmless for reading and pass, as do formats that
-/// have no check (exit 63, e.g. raw, vpc). Corruption (exit 2) or an image
-/// that cannot be checked (exit 1) is an error carrying qemu-img's report.
+/// have no check (exit 63, e.g. raw, vpc). Corruption (exit 2) is
+/// [`Error::Damaged`], an image that cannot be checked (exit 1) a failed
+/// command; both carry qemu-img's report.
 pub fn check(path: &Path, format: &str) -> Result<()> {
     let run = || {
         check_format(format)?;
@@ -201,21 +206,39 @@ pub fn check(path: &Path, format: &str) -> Result<()> {
         let output = process::output(&mut cmd)?;
         match output.status.code() {
             Some(0 | 3 | 63) => Ok(()),
+            Some(2) => Err(damaged(&cmd, &output)),
             _ => Err(check_failure(&cmd, &output)),
         }
     };
-    run().map_err(|e| e.for_image(path).in_use_if_locked(path, true))
+    run().map_err(|e| {
+        e.for_image(path)
+            .in_use_if_locked(path, true)
+            .missing_if_absent(path)
+    })
 }
 
 /// `qemu-img check` prints details on stderr and its verdict on stdout;
 /// the user needs both.
 fn check_failure(cmd: &Command, output: &std::process::Output) -> Error {
-    let report = [output.stderr.as_slice(), b"\n", output.stdout.as_slice()].concat();
     Error::Command {
         command: process::command_line(cmd),
         status: output.status.to_string(),
-        stderr: process::stderr_text(&report),
+        stderr: check_report(output),
     }
+}
+
+/// `qemu-img check`'s verdict that the image is corrupt.
+fn damaged(cmd: &Command, output: &std::process::Output) -> Error {
+    Error::Damaged {
+        command: process::command_line(cmd),
+        report: check_report(output),
+    }
+}
+
+/// Both halves of `qemu-img check`'s report, trimmed.
+fn check_report(output: &std::process::Output) -> String {
+    let report = [output.stderr.as_slice(), b"\n", output.stdout.as_slice()].concat();
+    process::stderr_text(&report)
 }
 
 /// Checks a dirty bitmap name: QEMU allows up to 1023 bytes; we also

@@ -86,7 +86,7 @@ impl JsonLines {
     /// Sends one JSON message followed by a newline.
     pub(crate) fn send(&mut self, message: &Value, timeout: Duration) -> Result<()> {
         let mut bytes = serde_json::to_vec(message)
-            .map_err(|e| Error::InvalidRequest(format!("cannot encode a message: {e}")))?;
+            .map_err(|e| Error::Internal(format!("cannot encode a message: {e}")))?;
         bytes.push(b'\n');
         self.send_raw(&bytes, timeout)
     }

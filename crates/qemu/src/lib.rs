@@ -33,7 +33,9 @@
 
 mod disk;
 mod error;
-#[doc(hidden)]
+/// Entry points for the fuzz targets and property tests: only with the
+/// `fuzzing` feature (never in the `vbackup` binary).
+#[cfg(any(test, feature = "fuzzing"))]
 pub mod fuzzing;
 pub mod img;
 mod jsonline;
@@ -43,7 +45,10 @@ mod process;
 mod qemu_nbd;
 pub mod qga;
 pub mod qmp;
-#[doc(hidden)]
+/// Starting real qemu-storage-daemon and QEMU processes for integration
+/// tests: only with the `testing` feature, which test builds enable as a
+/// dev-dependency (never in the `vbackup` binary).
+#[cfg(feature = "testing")]
 pub mod testing;
 
 pub use disk::{

@@ -11,6 +11,7 @@ use std::process::Command;
 use std::thread;
 
 use vbackup_core::source::{DiskSource, Extent, ExtentKind};
+use vbackup_core::ErrorClass;
 use vbackup_qemu::nbd::proto::{NBD_STATE_HOLE, NBD_STATE_ZERO};
 use vbackup_qemu::nbd::BASE_ALLOCATION;
 use vbackup_qemu::{
@@ -327,7 +328,9 @@ fn truncated_qcow2_is_refused_with_qemus_reason() {
     // qemu opens it and would read the lost clusters as zeroes: only
     // `qemu-img check` notices.
     for format in [None, Some("qcow2")] {
-        let err = open_disk(&cut, format).err().unwrap().to_string();
+        let err = open_disk(&cut, format).err().unwrap();
+        assert_eq!(err.class(), ErrorClass::Integrity, "issue 11: {err}");
+        let err = err.to_string();
         assert!(err.contains(&*cut.to_string_lossy()), "{err}");
         assert!(err.contains("qemu-img check"), "{format:?}: {err}");
         assert!(
@@ -372,14 +375,22 @@ fn missing_files_are_named_in_the_error() {
     let dir = tmp();
     let path = dir.path().join("nowhere.qcow2");
     for format in [None, Some("qcow2"), Some("raw")] {
-        let err = open_disk(&path, format).err().unwrap().to_string();
+        let err = open_disk(&path, format).err().unwrap();
+        assert_eq!(
+            err.class(),
+            ErrorClass::Usage,
+            "issue 11: {format:?}: {err}"
+        );
+        let err = err.to_string();
         assert!(err.contains(&*path.to_string_lossy()), "{format:?}: {err}");
         assert!(
             err.contains("No such file or directory"),
             "{format:?}: {err}"
         );
     }
-    let err = img::image_info(&path).unwrap_err().to_string();
+    let err = img::image_info(&path).unwrap_err();
+    assert_eq!(err.class(), ErrorClass::Usage, "issue 11: {err}");
+    let err = err.to_string();
     assert!(err.contains("qemu-img info"), "{err}");
 }
 

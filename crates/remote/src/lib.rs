@@ -10,10 +10,9 @@
 //! HTTP statuses map to [`ErrorKind`]s so [`RetryBackend`] retries only
 //! what may pass (5xx, lost connections, timeouts).
 //!
-//! The wire protocol, shared with the server, is in [`protocol`].
+//! The wire protocol, shared with the server, is in `vbackup-protocol`.
 #![deny(missing_docs)]
 
-pub mod protocol;
 mod tls;
 
 use std::io::{BufRead, BufReader, Read};
@@ -24,16 +23,12 @@ use vbackup_storage::{
     validate_key, Backend, ErrorKind, ObjectInfo, Result, RetryBackend, RetryPolicy, StorageError,
 };
 
-use protocol::{
-    parse_list_line, validate_repo_name, ErrorReply, ListItem, MissingReply, MissingRequest,
-    RenameRequest, WhoAmI, WireObject, API_PREFIX, CODE_NO_REPOSITORY, CODE_OVER_QUOTA,
-    ERROR_CODE_HEADER, MAX_JSON_BODY, MAX_LIST_LINE, STAT_WRITER_QUERY,
+use vbackup_protocol::{
+    parse_fingerprint, parse_list_line, validate_repo_name, ErrorReply, ListItem, MissingReply,
+    MissingRequest, RenameRequest, WhoAmI, WireObject, API_PREFIX, CODE_NO_REPOSITORY,
+    CODE_OVER_QUOTA, ERROR_CODE_HEADER, MAX_JSON_BODY, MAX_LIST_LINE, OBJECT_SIZE_HEADER,
+    STAT_WRITER_QUERY,
 };
-pub use tls::{fingerprint, parse_fingerprint};
-
-/// Header of ranged-read replies giving the whole object's size, so the
-/// client knows how many bytes the range must hold.
-pub const OBJECT_SIZE_HEADER: &str = "vbackup-object-size";
 
 /// Keys per chunk-presence request.
 const MISSING_BATCH: usize = 1000;
@@ -671,6 +666,20 @@ mod tests {
             "https://u@h/r",
         ] {
             assert!(parse_url(bad).is_err(), "{bad} accepted");
+        }
+    }
+
+    proptest::proptest! {
+        #[test]
+        fn hostile_repository_urls_never_panic_and_name_one_plain_repository(
+            url in "(https?://)?[a-z0-9.:@\\[\\]-]{0,12}(/[a-zA-Z0-9._%-]{0,12}){0,2}/?",
+        ) {
+            if let Ok((origin, name)) = parse_url(&url) {
+                proptest::prop_assert!(origin.starts_with("https://") && !origin.contains('@'));
+                proptest::prop_assert!(validate_repo_name(&name).is_ok());
+                let location = format!("{origin}/{name}");
+                proptest::prop_assert!(url.starts_with(&location));
+            }
         }
     }
 

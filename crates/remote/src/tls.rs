@@ -10,23 +10,7 @@ use rustls::client::WebPkiServerVerifier;
 use rustls::crypto::CryptoProvider;
 use rustls::pki_types::{CertificateDer, ServerName, UnixTime};
 use rustls::{DigitallySignedStruct, RootCertStore, SignatureScheme};
-use sha2::{Digest, Sha256};
-
-/// The SHA-256 fingerprint of a DER certificate, as lowercase hex.
-pub fn fingerprint(der: &[u8]) -> String {
-    hex::encode(Sha256::digest(der))
-}
-
-/// Parses a fingerprint given by a user: 64 hex digits, optionally
-/// separated by `:` (as `openssl x509 -fingerprint` prints them).
-pub fn parse_fingerprint(text: &str) -> Result<[u8; 32], String> {
-    let digits: String = text.trim().chars().filter(|c| *c != ':').collect();
-    let mut out = [0u8; 32];
-    hex::decode_to_slice(&digits, &mut out).map_err(|_| {
-        format!("'{text}' is not a SHA-256 fingerprint (64 hex digits, ':' separators allowed)")
-    })?;
-    Ok(out)
-}
+use vbackup_protocol::fingerprint;
 
 /// Checks the server certificate; remembers why it last refused one so
 /// the transport error can be explained.
@@ -123,21 +107,5 @@ impl ServerCertVerifier for Verifier {
         self.provider
             .signature_verification_algorithms
             .supported_schemes()
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    #![allow(clippy::unwrap_used)]
-    use super::*;
-
-    #[test]
-    fn fingerprints_parse_with_or_without_colons() {
-        let hex = "ab".repeat(32);
-        let colons = vec!["AB"; 32].join(":");
-        assert_eq!(parse_fingerprint(&hex).unwrap(), [0xab; 32]);
-        assert_eq!(parse_fingerprint(&colons).unwrap(), [0xab; 32]);
-        assert!(parse_fingerprint("abc").is_err());
-        assert!(parse_fingerprint(&"zz".repeat(32)).is_err());
     }
 }

@@ -17,7 +17,7 @@
 //! - `admin`: everything, including deletes, moves and creating a
 //!   repository.
 
-use vbackup_core::roles::Role;
+use vbackup_protocol::Role;
 
 /// Object folders a backup token may add to.
 pub const BACKUP_PREFIXES: [&str; 6] = [

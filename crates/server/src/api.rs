@@ -16,8 +16,8 @@ use axum::routing::{get, post};
 use axum::{Json, Router};
 use serde::Deserialize;
 use vbackup_core::format::{parse_plain_json, Config, ObjectKind};
-use vbackup_core::roles::Role;
-use vbackup_remote::protocol::{
+use vbackup_protocol::Role;
+use vbackup_protocol::{
     encode_list_line, validate_repo_name, ErrorReply, ListLine, MissingReply, MissingRequest,
     RenameRequest, WhoAmI, WireObject, CODE_NO_REPOSITORY, ERROR_CODE_HEADER, MAX_JSON_BODY,
     MAX_MISSING_BATCH,
@@ -633,14 +633,9 @@ async fn whoami(
     headers: HeaderMap,
 ) -> ApiResult<Json<WhoAmI>> {
     let access = authorize(&shared, &headers, &repo)?;
-    let role = match access.token.role {
-        Role::Read => "read",
-        Role::Backup => "backup",
-        Role::Admin => "admin",
-    };
     Ok(Json(WhoAmI {
         id: access.token.id,
         repo: access.token.repo,
-        role: role.to_string(),
+        role: access.token.role,
     }))
 }

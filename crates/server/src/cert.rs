@@ -60,7 +60,7 @@ fn load(cert: &Path, key: &Path, created: bool) -> Result<Identity, Error> {
     let Some(leaf) = chain.first() else {
         return Err(bad(cert, &"no certificate in the file"));
     };
-    let fingerprint = vbackup_remote::fingerprint(leaf.as_ref());
+    let fingerprint = vbackup_protocol::fingerprint(leaf.as_ref());
     let key = PrivateKeyDer::from_pem_file(key).map_err(|e| bad(key, &e))?;
     Ok(Identity {
         chain,

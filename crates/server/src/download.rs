@@ -10,7 +10,7 @@ use std::path::Path;
 use axum::body::{Body, Bytes};
 use axum::http::header;
 use axum::response::{IntoResponse, Response};
-use vbackup_remote::OBJECT_SIZE_HEADER;
+use vbackup_protocol::OBJECT_SIZE_HEADER;
 use vbackup_storage::{ErrorKind, StorageError};
 
 use crate::api::ApiError;

@@ -11,7 +11,7 @@ use std::path::{Path, PathBuf};
 use std::sync::Mutex;
 
 use axum::http::StatusCode;
-use vbackup_remote::protocol::CODE_OVER_QUOTA;
+use vbackup_protocol::CODE_OVER_QUOTA;
 
 use crate::api::ApiError;
 use crate::tokens::TokenEntry;
@@ -180,7 +180,7 @@ impl Usage {
 mod tests {
     #![allow(clippy::unwrap_used)]
     use super::*;
-    use vbackup_core::roles::Role;
+    use vbackup_protocol::Role;
 
     fn token(quota: Option<u64>) -> TokenEntry {
         TokenEntry {

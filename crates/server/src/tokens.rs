@@ -13,8 +13,7 @@ use std::time::SystemTime;
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 use subtle::ConstantTimeEq;
-use vbackup_core::roles::Role;
-use vbackup_remote::protocol::validate_repo_name;
+use vbackup_protocol::{validate_repo_name, Role};
 
 use crate::Error;
 

@@ -209,13 +209,13 @@ fn lock_vm(qmp_socket: &Path) -> Result<File> {
         .write(true)
         .open(&path)
         .map_err(|e| {
-            Error::Invalid(format!(
+            Error::Lock(format!(
                 "cannot create the lock file {}: {e}",
                 path.display()
             ))
         })?;
     file.try_lock().map_err(|_| {
-        Error::Invalid(format!(
+        Error::Lock(format!(
             "another vbackup is backing up the VM behind {} (lock {})",
             qmp_socket.display(),
             path.display()
@@ -318,5 +318,27 @@ fn definition(qmp: &mut QmpClient, config_file: Option<ConfigFile>) -> VmDefinit
     VmDefinition {
         qmp: Some(Value::Object(report)),
         config_file,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use vbackup_core::ErrorClass;
+
+    /// Issue 11: a VM another vbackup is backing up was reported as an
+    /// invalid request; it is a lock held elsewhere, a runtime failure.
+    #[test]
+    fn issue11_a_vm_locked_by_another_backup_is_a_runtime_failure() {
+        let dir = tempfile::tempdir().expect("temporary folder");
+        let socket = dir.path().join("web1.qmp");
+        let _held = lock_vm(&socket).expect("the first lock is taken");
+        let error = lock_vm(&socket).expect_err("the second is refused");
+        assert!(matches!(error, Error::Lock(_)), "{error}");
+        assert_eq!(error.class(), ErrorClass::Runtime);
+        assert!(error.to_string().contains("another vbackup"), "{error}");
+        let nowhere = dir.path().join("gone").join("web1.qmp");
+        let error = lock_vm(&nowhere).expect_err("no folder for the lock file");
+        assert_eq!(error.class(), ErrorClass::Runtime, "{error}");
     }
 }

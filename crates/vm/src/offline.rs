@@ -53,6 +53,7 @@ struct Inspected {
 
 /// Runs an offline backup and records its snapshot.
 pub fn backup(repo: &Repository, request: &OfflineBackup, progress: &Progress) -> Result<Snapshot> {
+    refuse_duplicates(&request.images)?;
     let inspected: Vec<Inspected> = request.images.iter().map(inspect).collect::<Result<_>>()?;
     // The lease first: planning checks base snapshots against the chunk
     // listing the backup itself then trusts.
@@ -83,11 +84,65 @@ pub fn backup(repo: &Repository, request: &OfflineBackup, progress: &Progress) -
     Ok(prepared.commit(repo)?)
 }
 
+/// Refuses an image given twice (under any spelling of its path): its
+/// bitmaps would be rotated twice and the snapshot would hold it twice.
+fn refuse_duplicates(images: &[Image]) -> Result<()> {
+    let mut seen: Vec<(PathBuf, &Image)> = Vec::new();
+    for image in images {
+        let real = std::fs::canonicalize(&image.path).unwrap_or_else(|_| image.path.clone());
+        if let Some((_, first)) = seen.iter().find(|(path, _)| *path == real) {
+            return Err(Error::Invalid(format!(
+                "the disk image {} is given twice (as disk '{}' and as disk '{}'); name each disk once",
+                real.display(),
+                first.name,
+                image.name
+            )));
+        }
+        seen.push((real, image));
+    }
+    Ok(())
+}
+
+/// Formats whose images start with a header qemu-img recognises, by the
+/// file-name extensions that name them.
+const EXTENSION_FORMATS: [(&str, &str); 8] = [
+    ("qcow2", "qcow2"),
+    ("qcow", "qcow"),
+    ("vmdk", "vmdk"),
+    ("vhdx", "vhdx"),
+    ("vdi", "vdi"),
+    ("vhd", "vpc"),
+    ("vpc", "vpc"),
+    ("qed", "qed"),
+];
+
+/// Refuses a file whose name says one format while qemu-img, finding no
+/// header, reads it as raw bytes (a damaged or wrong file): backing it up
+/// as raw would store the wrong thing silently. An explicit `--format raw`
+/// (`format` given) says the bytes are meant.
+pub fn check_detected_format(path: &Path, given: Option<&str>, detected: &str) -> Result<()> {
+    if given.is_some() || detected != "raw" {
+        return Ok(());
+    }
+    let extension = path
+        .extension()
+        .map(|e| e.to_string_lossy().to_ascii_lowercase())
+        .unwrap_or_default();
+    let Some((_, named)) = EXTENSION_FORMATS.iter().find(|(ext, _)| *ext == extension) else {
+        return Ok(());
+    };
+    Err(Error::Invalid(format!(
+        "{} is named like a {named} image, but qemu-img finds no {named} header in it and would read it as raw bytes: it is no {named} image (damaged, or another file). If it really is a raw disk image, pass --format raw",
+        path.display()
+    )))
+}
+
 fn inspect(image: &Image) -> Result<Inspected> {
     vbackup_qemu::check_not_in_use(&image.path)
         .map_err(Error::qemu(format!("inspecting disk '{}'", image.name)))?;
     let info = img::image_info(&image.path)
         .map_err(Error::qemu(format!("inspecting disk '{}'", image.name)))?;
+    check_detected_format(&image.path, image.format.as_deref(), &info.format)?;
     let format = image.format.clone().unwrap_or_else(|| info.format.clone());
     let untrackable = match format.as_str() {
         "qcow2" if info.backing_file.is_none() => None,
@@ -141,12 +196,19 @@ fn open_disks(
                     .map_err(Error::qemu(format!("opening disk '{}'", item.image.name)))?;
             Ok(BackupDisk {
                 name: item.image.name.clone(),
-                source_label: item.image.path.display().to_string(),
+                source_label: absolute(&item.image.path).display().to_string(),
                 source,
                 base: plan.changes.as_ref().map(|(_, base)| base.clone()),
             })
         })
         .collect()
+}
+
+/// The image's path made absolute (without resolving links: the path as
+/// the VM's definition names it), so the snapshot records where the disk
+/// was, wherever the backup ran from.
+fn absolute(path: &Path) -> PathBuf {
+    std::path::absolute(path).unwrap_or_else(|_| path.to_path_buf())
 }
 
 /// Rotates the disk's bitmaps (unless the disk was not read at all) and
@@ -199,4 +261,50 @@ fn rotate_bitmaps(path: &Path, format: &str, plan: &DiskPlan) -> vbackup_qemu::R
         img::bitmap_remove(path, format, name)?;
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn random_bytes_named_qcow2_are_refused_unless_raw_is_given() {
+        let path = Path::new("/images/web1.qcow2");
+        let err = check_detected_format(path, None, "raw")
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains("/images/web1.qcow2")
+                && err.contains("qcow2")
+                && err.contains("--format raw"),
+            "{err}"
+        );
+        assert!(check_detected_format(path, Some("raw"), "raw").is_ok());
+        assert!(check_detected_format(path, None, "qcow2").is_ok());
+        assert!(check_detected_format(Path::new("/images/web1.img"), None, "raw").is_ok());
+        assert!(check_detected_format(Path::new("/dev/vg/web1"), None, "raw").is_ok());
+        let vhd = check_detected_format(Path::new("a.VHD"), None, "raw").unwrap_err();
+        assert!(vhd.to_string().contains("vpc"), "{vhd}");
+    }
+
+    #[test]
+    fn the_same_disk_given_twice_is_refused_naming_it() {
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join("d.qcow2");
+        std::fs::write(&file, b"x").unwrap();
+        let image = |name: &str, path: PathBuf| Image {
+            name: name.to_string(),
+            path,
+            format: None,
+        };
+        let twice = [
+            image("d", file.clone()),
+            image("d-2", dir.path().join(".").join("d.qcow2")),
+        ];
+        let err = refuse_duplicates(&twice).unwrap_err().to_string();
+        assert!(err.contains("d.qcow2") && err.contains("'d-2'"), "{err}");
+        let other = dir.path().join("e.qcow2");
+        std::fs::write(&other, b"x").unwrap();
+        assert!(refuse_duplicates(&[image("d", file), image("e", other)]).is_ok());
+    }
 }

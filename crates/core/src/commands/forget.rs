@@ -42,6 +42,37 @@ pub struct ForgetOptions {
     /// ([`crate::client_state::ClientState::newest_policy_revision`]): a
     /// stored policy with a lower one is refused as a rollback.
     pub newest_policy_seen: u64,
+    /// Forget exactly these snapshots (full ids or unique prefixes) instead
+    /// of applying rules; exclusive with `keep`.
+    pub ids: Vec<String>,
+    /// Only this VM's snapshots are considered (by rules or by id).
+    pub vm: Option<String>,
+    /// Whether a VM may lose every snapshot it has.
+    pub emptying: Emptying,
+}
+
+/// Whether a forget may remove every snapshot of a VM. Refused by default:
+/// a rule that matches nothing (a mistyped `--keep-tag`) would otherwise
+/// wipe whole VMs without a word.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub enum Emptying {
+    /// Refuse the whole forget if any VM would lose every snapshot.
+    #[default]
+    Refuse,
+    /// Only these VMs may (the ones a user confirmed).
+    Only(Vec<String>),
+    /// Any VM may (`--yes`).
+    Allow,
+}
+
+impl Emptying {
+    fn allows(&self, vm: &str) -> bool {
+        match self {
+            Emptying::Refuse => false,
+            Emptying::Only(vms) => vms.iter().any(|v| v == vm),
+            Emptying::Allow => true,
+        }
+    }
 }
 
 /// The fate of one snapshot.
@@ -97,46 +128,47 @@ pub struct ForgetReport {
     /// The stored policy applied, if the rules came from it.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub policy: Option<PolicyFile>,
+    /// The snapshots named by id (full ids), when forgetting by id.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub ids: Vec<String>,
+    /// The VMs that lose (or would lose) every snapshot they have.
+    pub emptied_vms: Vec<String>,
 }
 
-/// Applies the rules: deletes the snapshots no rule keeps.
+/// Applies the rules (or removes the snapshots named by id): deletes the
+/// snapshots no rule keeps. A VM that would lose every snapshot is refused
+/// unless [`ForgetOptions::emptying`] allows it.
 pub fn forget(repo: &Repository, options: &ForgetOptions) -> Result<ForgetReport> {
-    let stored = match &options.keep {
-        Some(_) => None,
-        None => Some(read_policy(repo)?.ok_or_else(|| {
-            Error::InvalidInput(
-                "no keep rule given and no policy stored in the repository; give rules such as --keep-daily 7, or store them with `vbackup policy set`".to_string(),
-            )
-        })?),
-    };
-    if let Some(policy) = &stored {
-        refuse_old_policy(policy, options.newest_policy_seen)?;
+    if !options.ids.is_empty() && options.keep.is_some() {
+        return Err(Error::InvalidInput(
+            "give either snapshot ids or --keep-* rules to forget, not both".to_string(),
+        ));
     }
+    let stored = match options.keep.is_none() && options.ids.is_empty() {
+        true => Some(stored_policy(repo, options.newest_policy_seen)?),
+        false => None,
+    };
     let keep = options
         .keep
         .clone()
-        .or_else(|| stored.as_ref().map(|p| p.keep.clone()));
-    let keep = keep.unwrap_or_default();
+        .or_else(|| stored.as_ref().map(|p| p.keep.clone()))
+        .unwrap_or_default();
     let group_by = options
         .group_by
         .or_else(|| stored.as_ref().map(|p| p.group_by))
         .unwrap_or_default();
-    let (snapshots, unreadable) = repo.list_snapshots_checked()?;
-    let groups = plan(&snapshots, &keep, group_by)?;
-    let removed: Vec<&Decision> = groups
-        .iter()
-        .flat_map(|g| &g.decisions)
-        .filter(|d| !d.keep)
-        .collect();
+    let (all, unreadable) = repo.list_snapshots_checked()?;
+    let snapshots = of_vm(all, options.vm.as_deref())?;
+    let (groups, ids) = match options.ids.is_empty() {
+        true => (plan(&snapshots, &keep, group_by)?, Vec::new()),
+        false => plan_ids(&snapshots, &options.ids, group_by)?,
+    };
+    let emptied_vms = emptied_vms(&snapshots, &groups);
     if !options.dry_run {
-        for decision in &removed {
-            repo.backend()
-                .delete(&format!("{SNAPSHOTS_PREFIX}{}", decision.snapshot))?;
-            repo.backend()
-                .delete(&format!("{DAMAGED_PREFIX}{}", decision.snapshot))?;
-        }
+        refuse_emptying(&emptied_vms, &options.emptying)?;
+        delete_removed(repo, &groups)?;
     }
-    let removed = removed.len();
+    let removed = removed(&groups).count();
     Ok(ForgetReport {
         keep,
         group_by,
@@ -147,7 +179,177 @@ pub fn forget(repo: &Repository, options: &ForgetOptions) -> Result<ForgetReport
         groups,
         unreadable: unreadable.len(),
         policy: stored,
+        ids,
+        emptied_vms,
     })
+}
+
+/// The policy stored in the repository, refused when missing or older
+/// than the newest revision this client saw.
+fn stored_policy(repo: &Repository, newest_seen: u64) -> Result<PolicyFile> {
+    let policy = read_policy(repo)?.ok_or_else(|| {
+        Error::InvalidInput(
+            "no keep rule given and no policy stored in the repository; give rules such as --keep-daily 7, or store them with `vbackup policy set`".to_string(),
+        )
+    })?;
+    refuse_old_policy(&policy, newest_seen)?;
+    Ok(policy)
+}
+
+/// The snapshots of `vm` (all when `None`); a VM with none is refused,
+/// naming the VMs there are (a mistyped name must not look like success).
+fn of_vm(snapshots: Vec<Snapshot>, vm: Option<&str>) -> Result<Vec<Snapshot>> {
+    let Some(vm) = vm else {
+        return Ok(snapshots);
+    };
+    let mut names: Vec<&str> = snapshots.iter().map(|s| s.manifest.vm.as_str()).collect();
+    names.sort_unstable();
+    names.dedup();
+    if !names.contains(&vm) {
+        return Err(Error::InvalidInput(format!(
+            "the repository holds no snapshot of VM '{vm}'; its VMs: {}",
+            if names.is_empty() {
+                "none".to_string()
+            } else {
+                names.join(", ")
+            }
+        )));
+    }
+    Ok(snapshots
+        .into_iter()
+        .filter(|s| s.manifest.vm == vm)
+        .collect())
+}
+
+fn removed(groups: &[ForgetGroup]) -> impl Iterator<Item = &Decision> {
+    groups.iter().flat_map(|g| &g.decisions).filter(|d| !d.keep)
+}
+
+/// Deletes the manifests (and damage markers) of the removed snapshots.
+fn delete_removed(repo: &Repository, groups: &[ForgetGroup]) -> Result<()> {
+    for decision in removed(groups) {
+        repo.backend()
+            .delete(&format!("{SNAPSHOTS_PREFIX}{}", decision.snapshot))?;
+        repo.backend()
+            .delete(&format!("{DAMAGED_PREFIX}{}", decision.snapshot))?;
+    }
+    Ok(())
+}
+
+/// The VMs whose every snapshot the plan removes, sorted.
+pub fn emptied_vms(snapshots: &[Snapshot], groups: &[ForgetGroup]) -> Vec<String> {
+    let gone: std::collections::BTreeSet<&str> =
+        removed(groups).map(|d| d.snapshot.as_str()).collect();
+    let mut left: BTreeMap<&str, usize> = BTreeMap::new();
+    for s in snapshots {
+        let count = left.entry(s.manifest.vm.as_str()).or_default();
+        if !gone.contains(s.id.as_str()) {
+            *count += 1;
+        }
+    }
+    left.into_iter()
+        .filter(|(_, n)| *n == 0)
+        .map(|(vm, _)| vm.to_string())
+        .collect()
+}
+
+/// Refuses a forget that removes every snapshot of a VM it may not empty.
+fn refuse_emptying(emptied: &[String], emptying: &Emptying) -> Result<()> {
+    let refused: Vec<&str> = emptied
+        .iter()
+        .filter(|vm| !emptying.allows(vm))
+        .map(String::as_str)
+        .collect();
+    if refused.is_empty() {
+        return Ok(());
+    }
+    Err(Error::InvalidInput(format!(
+        "this forget would remove every snapshot of VM(s) {}; nothing was removed. Check the rules with --dry-run (a --keep-tag that matches no snapshot keeps nothing), or confirm with --yes",
+        quoted(&refused)
+    )))
+}
+
+fn quoted(names: &[&str]) -> String {
+    names
+        .iter()
+        .map(|n| format!("'{n}'"))
+        .collect::<Vec<_>>()
+        .join(", ")
+}
+
+/// The plan that removes exactly the snapshots `ids` name (full ids or
+/// unique prefixes), grouped as [`plan`] groups, with only the groups
+/// they touch; and their full ids. Unknown and ambiguous ids are refused
+/// together, each named.
+pub fn plan_ids(
+    snapshots: &[Snapshot],
+    ids: &[String],
+    group_by: GroupBy,
+) -> Result<(Vec<ForgetGroup>, Vec<String>)> {
+    let mut named = Vec::new();
+    let mut problems = Vec::new();
+    for id in ids {
+        match resolve(snapshots, id) {
+            Ok(full) => named.push(full),
+            Err(problem) => problems.push(problem),
+        }
+    }
+    if !problems.is_empty() {
+        return Err(Error::SnapshotSelection(format!(
+            "{}; nothing was removed",
+            problems.join("; ")
+        )));
+    }
+    named.sort();
+    named.dedup();
+    let mut groups: BTreeMap<String, Vec<&Snapshot>> = BTreeMap::new();
+    for snapshot in snapshots {
+        groups
+            .entry(group_key(snapshot, group_by))
+            .or_default()
+            .push(snapshot);
+    }
+    let groups = groups
+        .into_iter()
+        .filter(|(_, members)| members.iter().any(|s| named.contains(&s.id)))
+        .map(|(group, members)| ForgetGroup {
+            group,
+            decisions: decide_named(members, &named),
+        })
+        .collect();
+    Ok((groups, named))
+}
+
+/// The one snapshot whose id starts with `id`, or why there is none.
+fn resolve(snapshots: &[Snapshot], id: &str) -> std::result::Result<String, String> {
+    let matching: Vec<&Snapshot> = snapshots.iter().filter(|s| s.id.starts_with(id)).collect();
+    match matching.as_slice() {
+        [one] if !id.is_empty() => Ok(one.id.clone()),
+        [] => Err(format!("no snapshot has an id starting with '{id}'")),
+        _ => Err(format!(
+            "'{id}' matches {} snapshots; give more digits",
+            matching.len()
+        )),
+    }
+}
+
+/// Decisions for a group when forgetting by id: the named ones go.
+fn decide_named(mut members: Vec<&Snapshot>, named: &[String]) -> Vec<Decision> {
+    members.sort_by(|a, b| b.time().cmp(&a.time()).then_with(|| b.id.cmp(&a.id)));
+    members
+        .into_iter()
+        .map(|snapshot| {
+            let gone = named.contains(&snapshot.id);
+            decision(Member {
+                snapshot,
+                time: snapshot.time(),
+                reasons: match gone {
+                    true => Vec::new(),
+                    false => vec!["not named".to_string()],
+                },
+            })
+        })
+        .collect()
 }
 
 /// Refuses a stored policy older than the newest revision the client saw.

@@ -491,7 +491,7 @@ impl Shared {
             let mut file = self.file.lock().unwrap_or_else(|p| p.into_inner());
             file.refreshed = now_rfc3339();
             serde_json::to_vec(&*file)
-                .map_err(|e| Error::InvalidInput(format!("cannot encode a lock: {e}")))?
+                .map_err(|e| Error::internal(format!("cannot encode a lock: {e}")))?
         };
         let bytes = seal_object(&self.crypto, ObjectKind::Lock, &self.key, &json, None)?;
         let result = self.backend.put(&self.key, &bytes);
@@ -619,7 +619,7 @@ impl Lease {
         let thread = std::thread::Builder::new()
             .name("vbackup-lease".to_string())
             .spawn(move || refresh_loop(&worker, &stopped))
-            .map_err(|e| Error::InvalidInput(format!("cannot start the lease thread: {e}")))?;
+            .map_err(|e| Error::internal(format!("cannot start the lease thread: {e}")))?;
         Ok(Self {
             shared,
             stop: Some(stop),

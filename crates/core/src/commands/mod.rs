@@ -23,11 +23,9 @@ where
         let handles: Vec<_> = (0..threads.max(1)).map(|_| scope.spawn(&work)).collect();
         let mut first_error = None;
         for handle in handles {
-            let result = handle.join().unwrap_or_else(|_| {
-                Err(crate::Error::InvalidInput(
-                    "a worker thread panicked; this is a bug in vbackup".to_string(),
-                ))
-            });
+            let result = handle
+                .join()
+                .unwrap_or_else(|_| Err(crate::Error::internal("a worker thread panicked")));
             if let Err(e) = result {
                 first_error.get_or_insert(e);
             }
@@ -81,4 +79,24 @@ pub(crate) fn with_writer(
 /// A time as RFC 3339 UTC with seconds, for messages and reports.
 pub(crate) fn rfc3339(time: std::time::SystemTime) -> String {
     chrono::DateTime::<chrono::Utc>::from(time).to_rfc3339_opts(chrono::SecondsFormat::Secs, true)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::ErrorClass;
+
+    /// Issue 11: a panicked worker was reported as bad usage (exit 2).
+    #[test]
+    fn issue11_panicked_worker_is_an_internal_error() {
+        let error = run_workers(2, || -> crate::Result<()> { panic!("worker bug") })
+            .expect_err("a panicked worker fails the run");
+        assert_eq!(error.class(), ErrorClass::Internal, "{error}");
+        assert!(
+            error.to_string().contains("worker thread panicked"),
+            "{error}"
+        );
+        let usage = run_workers(2, || Err(crate::Error::InvalidInput("bad".into())));
+        assert_eq!(usage.map_err(|e| e.class()), Err(ErrorClass::Usage));
+    }
 }

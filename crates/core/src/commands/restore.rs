@@ -340,8 +340,8 @@ fn write_in_order(
     }
     drop(pending);
     if written < total {
-        return Err(Error::InvalidInput(
-            "restore workers stopped early".to_string(),
+        return Err(Error::internal(
+            "restore workers stopped before every chunk was written",
         ));
     }
     out.flush().map_err(target_error)?;

@@ -142,7 +142,7 @@ impl PruneList {
     /// and 32-byte digests. Integers are little-endian.
     pub fn encode(&self) -> Result<Vec<u8>> {
         let json = serde_json::to_vec(&self.header)
-            .map_err(|e| Error::InvalidInput(format!("cannot encode a prune list: {e}")))?;
+            .map_err(|e| Error::internal(format!("cannot encode a prune list: {e}")))?;
         let ids = (self.chunks.len() + self.indexes.len()) * 32;
         let mut out = Vec::with_capacity(4 + 1 + 4 + json.len() + 16 + ids);
         out.extend_from_slice(&PRUNE_LIST_VERSION.to_le_bytes());

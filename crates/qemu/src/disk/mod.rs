@@ -344,7 +344,7 @@ impl Slots {
             .fetch_update(Ordering::AcqRel, Ordering::Acquire, |n| (n < limit).then_some(n + 1))
             .map(|_| Slot(Arc::clone(&self.used)))
             .map_err(|_| {
-                Error::InvalidRequest(format!(
+                Error::Internal(format!(
                     "all {limit} connections to the NBD server are in use; open fewer readers or allow more connections"
                 ))
             })

@@ -333,9 +333,7 @@ impl NbdTarget {
 impl DiskTarget for NbdTarget {
     fn open_writer(&self) -> io::Result<Box<dyn DiskWriter>> {
         if !self.is_running() {
-            return Err(
-                Error::InvalidRequest("the restore target is already finished".into()).into(),
-            );
+            return Err(Error::Internal("the restore target is already finished".into()).into());
         }
         let slot = self.slots.take()?;
         let client = NbdClient::connect_unix(&self.socket, &Default::default())?;
@@ -352,7 +350,7 @@ impl DiskTarget for NbdTarget {
             return Ok(());
         }
         let slot = self.slots.take().map_err(|_| {
-            Error::InvalidRequest("finish() called while all writers are still open".into())
+            Error::Internal("finish() called while all writers are still open".into())
         })?;
         let Some(server) = self.take_server() else {
             return Ok(());

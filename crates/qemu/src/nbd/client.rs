@@ -182,12 +182,12 @@ impl<S: Read + Write> NbdClient<S> {
             ));
         }
         if !self.context_ids.contains(&context) {
-            return Err(Error::InvalidRequest(format!(
+            return Err(Error::Internal(format!(
                 "metadata context id {context} was not negotiated"
             )));
         }
         if length == 0 {
-            return Err(Error::InvalidRequest("block status of 0 bytes".into()));
+            return Err(Error::Internal("block status of 0 bytes".into()));
         }
         check_range(self.size(), offset, u64::from(length), "block status")?;
         let negotiated = self.context_ids.clone();
@@ -272,7 +272,7 @@ impl<S: Read + Write> NbdClient<S> {
             State::Broken => Err(Error::protocol(
                 "connection abandoned after an earlier invalid reply",
             )),
-            State::Closed => Err(Error::InvalidRequest("NBD connection is closed".into())),
+            State::Closed => Err(Error::Internal("NBD connection is closed".into())),
         }
     }
 
@@ -374,7 +374,7 @@ fn push_merged(out: &mut Vec<BlockStatusExtent>, e: BlockStatusExtent) -> Result
         }
     }
     if out.len() >= MAX_RANGE_EXTENTS {
-        return Err(Error::InvalidRequest(format!(
+        return Err(Error::Internal(format!(
             "more than {MAX_RANGE_EXTENTS} extents in the range; query smaller ranges"
         )));
     }

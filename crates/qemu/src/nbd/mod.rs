@@ -175,7 +175,7 @@ pub(crate) fn negotiate<S: Read + Write>(
 pub(crate) fn check_range(size: u64, offset: u64, length: u64, what: &str) -> Result<()> {
     match offset.checked_add(length) {
         Some(end) if end <= size => Ok(()),
-        _ => Err(Error::InvalidRequest(format!(
+        _ => Err(Error::Internal(format!(
             "{what} of {length} bytes at offset {offset} goes past the end of the {size}-byte export"
         ))),
     }

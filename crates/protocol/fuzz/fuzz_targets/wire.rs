@@ -1,13 +1,14 @@
 //! Feeds arbitrary bytes to every parser of the server protocol: listing
-//! lines (client side), repository and object names (server side), the
-//! JSON bodies of chunk-presence queries, moves, replies and fingerprints.
-//! None may panic, and whatever a name check accepts must be a plain path.
+//! lines (client side), repository and object names (server side), roles,
+//! the JSON bodies of chunk-presence queries, moves, replies and
+//! fingerprints. None may panic, whatever a name check accepts must be a
+//! plain path, and a role parses only from its own name.
 #![no_main]
 
 use libfuzzer_sys::fuzz_target;
-use vbackup_remote::protocol::{
-    parse_list_line, validate_repo_name, ListItem, MissingReply, MissingRequest, RenameRequest,
-    WhoAmI, WireObject, MAX_WRITER,
+use vbackup_protocol::{
+    parse_fingerprint, parse_list_line, validate_repo_name, ListItem, MissingReply, MissingRequest,
+    RenameRequest, Role, WhoAmI, WireObject, MAX_WRITER,
 };
 
 fuzz_target!(|data: &[u8]| {
@@ -27,7 +28,13 @@ fuzz_target!(|data: &[u8]| {
     if vbackup_storage::validate_key(&text).is_ok() {
         assert!(!text.split('/').any(|p| p == ".." || p.is_empty()));
     }
-    let _ = vbackup_remote::parse_fingerprint(&text);
+    let _ = parse_fingerprint(&text);
+    if let Ok(role) = text.parse::<Role>() {
+        assert_eq!(role.name(), text);
+    }
+    if let Ok(role) = serde_json::from_slice::<Role>(data) {
+        assert!(Role::ALL.contains(&role));
+    }
     let _ = serde_json::from_slice::<MissingRequest>(data);
     let _ = serde_json::from_slice::<MissingReply>(data);
     let _ = serde_json::from_slice::<RenameRequest>(data);

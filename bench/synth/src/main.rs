@@ -1,6 +1,6 @@
-//! `vbackup synth` (hidden): fills a repository with synthetic chunks and
-//! snapshots through the core API, fast, for the prune benchmark
-//! (`bench/prune.sh`).
+//! `vbackup-synth`: fills a repository with synthetic chunks and snapshots
+//! through the core API, fast, for the prune benchmark (`bench/prune.sh`).
+//! A benchmark tool, kept out of the `vbackup` binary.
 //!
 //! Chunks are tiny (16 bytes of plaintext, sealed like real chunks), so the
 //! repository has the metadata shape of a large one — a million chunk
@@ -17,14 +17,35 @@ use std::sync::{Arc, Mutex};
 use std::time::Instant;
 
 use anyhow::{Context as _, Result};
+use clap::Parser;
 use vbackup_core::format::{
     BackupStats, DiskIndex, DiskRecord, SnapshotManifest, SNAPSHOT_VERSION,
 };
 use vbackup_core::{ChunkId, Repository};
 use vbackup_storage::{Backend, LocalBackend, ObjectInfo};
 
-use crate::args::SynthArgs;
-use crate::commands::Context;
+/// A synthetic repository for benchmarks, in an initialized local
+/// repository (the passphrase from VBACKUP_PASSWORD).
+#[derive(Debug, Parser)]
+#[command(name = "vbackup-synth", version)]
+struct SynthArgs {
+    /// The repository folder (initialized with `vbackup init`).
+    #[arg(long, env = "VBACKUP_REPOSITORY")]
+    repo: PathBuf,
+    /// Chunk objects to write (tiny synthetic chunks).
+    #[arg(long, default_value_t = 1_000_000)]
+    chunks: u64,
+    /// Snapshots to write; snapshot i references a window of chunks starting
+    /// at i * chunks / snapshots, twice that long.
+    #[arg(long, default_value_t = 1000)]
+    snapshots: u64,
+    /// VMs the snapshots are spread over (round robin).
+    #[arg(long, default_value_t = 10)]
+    vms: u64,
+    /// Worker threads (default: cores + 2).
+    #[arg(long)]
+    threads: Option<usize>,
+}
 
 /// A local backend whose `put` writes the file in place, without a
 /// temporary file or fsync: only for synthesizing benchmark repositories.
@@ -72,28 +93,30 @@ impl Backend for FastBackend {
     }
 }
 
-/// Runs `vbackup synth`.
-pub fn run(ctx: &Context, args: &SynthArgs) -> Result<()> {
-    let Some(root) = &ctx.global.repo else {
-        anyhow::bail!("synth needs --repo (a local folder holding an initialized repository)");
-    };
+fn main() -> Result<()> {
+    let args = SynthArgs::parse();
     let backend = Arc::new(FastBackend {
-        inner: LocalBackend::new(PathBuf::from(root)),
+        inner: LocalBackend::new(args.repo.clone()),
         folders: Mutex::new(HashSet::new()),
     });
-    let repo = Repository::open(backend, || ctx.passphrase("Passphrase: "))?;
+    let passphrase = std::env::var("VBACKUP_PASSWORD").ok();
+    let repo = Repository::open(backend, || Ok(passphrase))?;
+    let threads = args
+        .threads
+        .unwrap_or_else(vbackup_core::default_threads)
+        .max(1);
     let started = Instant::now();
-    let ids = write_chunks(&repo, args.chunks, ctx.threads())?;
+    let ids = write_chunks(&repo, args.chunks, threads)?;
     let chunk_seconds = started.elapsed().as_secs_f64();
-    write_snapshots(&repo, &ids, args, ctx.threads())?;
-    ctx.say(format!(
+    write_snapshots(&repo, &ids, &args, threads)?;
+    println!(
         "synthesized {} chunks in {:.1} s and {} snapshots of {} VMs in {:.1} s",
         ids.len(),
         chunk_seconds,
         args.snapshots,
         args.vms,
         started.elapsed().as_secs_f64() - chunk_seconds
-    ));
+    );
     Ok(())
 }
 

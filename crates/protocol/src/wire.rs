@@ -1,14 +1,15 @@
-//! The wire protocol of vbackup's backup server, shared by the client
-//! ([`crate::RemoteBackend`]) and the server (`vbackup-server`), described
-//! for people in `docs/server.md`.
-//!
-//! Everything here parses bytes that come from the other side of a network
-//! connection, so every function is total: hostile input gives an error,
-//! never a panic (see the fuzz target in `crates/remote/fuzz`).
+//! The requests and replies of the server's HTTP API (`/v1/...`), their
+//! limits, the streamed listing lines, and repository-name validation.
 
 use serde::{Deserialize, Serialize};
 use std::time::{Duration, SystemTime};
 use vbackup_storage::{validate_key, ObjectInfo};
+
+use crate::Role;
+
+/// Header of ranged-read replies giving the whole object's size, so the
+/// client knows how many bytes the range must hold.
+pub const OBJECT_SIZE_HEADER: &str = "vbackup-object-size";
 
 /// The API version prefix of every request path.
 pub const API_PREFIX: &str = "/v1";
@@ -202,8 +203,9 @@ pub struct WhoAmI {
     pub id: String,
     /// The repository it opens, or `*`.
     pub repo: String,
-    /// `read`, `backup` or `admin`.
-    pub role: String,
+    /// The token's role (`read`, `backup` or `admin` on the wire; any
+    /// other string fails to parse rather than being guessed).
+    pub role: Role,
 }
 
 /// The error body every refusal carries.
@@ -270,6 +272,42 @@ mod tests {
             "x".repeat(MAX_WRITER + 1)
         );
         assert!(parse_list_line(long.as_bytes(), "").is_err());
+    }
+
+    #[test]
+    fn whoami_replies_keep_the_json_of_older_versions() {
+        // What servers wrote when the role was a plain string.
+        let old = r#"{"id":"3f2a","repo":"vm1","role":"backup"}"#;
+        let parsed: WhoAmI = serde_json::from_str(old).unwrap();
+        assert_eq!(
+            parsed,
+            WhoAmI {
+                id: "3f2a".into(),
+                repo: "vm1".into(),
+                role: Role::Backup,
+            }
+        );
+        assert_eq!(serde_json::to_string(&parsed).unwrap(), old);
+        for role in Role::ALL {
+            let reply = WhoAmI {
+                id: "i".into(),
+                repo: "*".into(),
+                role,
+            };
+            let json = serde_json::to_value(&reply).unwrap();
+            assert_eq!(json["role"], role.name());
+        }
+    }
+
+    #[test]
+    fn regression_a_whoami_reply_with_an_unknown_role_is_refused() {
+        for role in ["superuser", "Admin", "", "owner"] {
+            let reply = format!(r#"{{"id":"3f2a","repo":"vm1","role":"{role}"}}"#);
+            let error = serde_json::from_str::<WhoAmI>(&reply).unwrap_err();
+            assert!(error.to_string().contains("unknown role"), "{error}");
+        }
+        assert!(serde_json::from_str::<WhoAmI>(r#"{"id":"a","repo":"b"}"#).is_err());
+        assert!(serde_json::from_str::<WhoAmI>(r#"{"id":"a","repo":"b","role":2}"#).is_err());
     }
 
     proptest! {

@@ -743,14 +743,24 @@ fn write_definition(
     let Some(definition) = &snapshot.manifest.definition else {
         return Ok(Vec::new());
     };
+    // A hypervisor resolves no relative path: the definition names the
+    // restored files absolutely, whatever --target was.
+    let absolute: Vec<String> = restored
+        .iter()
+        .map(|r| {
+            std::path::absolute(&r.path)
+                .map_or_else(|_| r.path.clone(), |p| p.display().to_string())
+        })
+        .collect();
     let images: Vec<vbackup_vm::definition::RestoredImage> = restored
         .iter()
-        .filter_map(|r| {
+        .zip(&absolute)
+        .filter_map(|(r, path)| {
             let record = snapshot.manifest.disks.iter().find(|d| d.name == r.disk)?;
             Some(vbackup_vm::definition::RestoredImage {
                 source: &record.source,
                 source_format: &record.format,
-                path: &r.path,
+                path,
                 format: &r.format,
             })
         })
@@ -770,7 +780,7 @@ fn write_definition(
             "vm": snapshot.manifest.vm,
             "snapshot": snapshot.id,
             "time": snapshot.manifest.time,
-            "disks": restored.iter().map(|r| serde_json::json!({"name": r.disk, "path": r.path, "format": r.format})).collect::<Vec<_>>(),
+            "disks": restored.iter().zip(&absolute).map(|(r, path)| serde_json::json!({"name": r.disk, "path": path, "format": r.format})).collect::<Vec<_>>(),
             "qmp": qmp,
         });
         write_private(&path, serde_json::to_string_pretty(&document)?.as_bytes())?;

@@ -253,4 +253,35 @@ mod tests {
         let context = missing.context("reading the password file").unwrap_err();
         assert_eq!(exit_code(&context), EXIT_FAILURE);
     }
+
+    #[test]
+    fn storage_errors_name_the_repository_they_concern() {
+        let storage = vbackup_storage::StorageError::new(
+            vbackup_storage::ErrorKind::PermissionDenied,
+            "config",
+            "reading the object: the server refused it",
+        );
+        let error = anyhow::Error::new(vbackup_core::Error::Storage(storage));
+        let url = "https://backup.example:8443/web1";
+        assert_eq!(
+            naming_repository(chain(&error), &error, Some(url)),
+            format!(
+                "repository {url}: reading the object: the server refused it (object 'config')"
+            )
+        );
+        // Already named, or not a storage failure, or no repository: as it is.
+        let named = error.context(format!("cannot create the repository at {url}"));
+        let text = chain(&named);
+        assert_eq!(naming_repository(text.clone(), &named, Some(url)), text);
+        let usage = anyhow::Error::new(vbackup_core::Error::InvalidInput("no disks".into()));
+        assert_eq!(
+            naming_repository("no disks".into(), &usage, Some(url)),
+            "no disks"
+        );
+        let io = anyhow::Error::new(io::Error::other("disk on fire"));
+        assert_eq!(
+            naming_repository("disk on fire".into(), &io, None),
+            "disk on fire"
+        );
+    }
 }

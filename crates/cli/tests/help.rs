@@ -407,4 +407,17 @@ fn driver_type_in_the_restored_definition_matches_the_restored_image() {
         );
         assert_eq!(xml, expected, "--format {format}");
     }
+    // A relative --target still gives the hypervisor an absolute path.
+    let mut cmd = Command::new(env!("CARGO_BIN_EXE_vbackup"));
+    common::local_env(&mut cmd, dir.path(), PASSWORD)
+        .current_dir(dir.path())
+        .args(["restore", "latest", "--target", "relative"]);
+    let out = cmd.output().unwrap();
+    assert!(out.status.success(), "{}", text(&out));
+    let xml = std::fs::read_to_string(dir.path().join("relative/web1.xml")).unwrap();
+    let restored = dir.path().join("relative/web1.raw");
+    assert!(
+        xml.contains(&format!("<source file='{}'/>", restored.display())),
+        "{xml}"
+    );
 }

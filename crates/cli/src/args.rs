@@ -185,21 +185,26 @@ const CLIENT_ONLY_GLOBALS: [&str; 6] = [
 /// under `vbackup server`: what parsing, help, completions and the manual
 /// page all use.
 pub fn command() -> clap::Command {
-    let mut cmd = <Cli as clap::CommandFactory>::command();
+    built(<Cli as clap::CommandFactory>::command())
+}
+
+/// `cmd` built, then with the repository-client globals hidden under
+/// `server`. Only changes that keep every argument in its place (`hide`,
+/// help text) are made after the build: clap indexes the arguments then.
+fn built(mut cmd: clap::Command) -> clap::Command {
     cmd.build();
-    cmd.mut_subcommand("server", hide_client_globals)
+    cmd.mut_subcommands(|sub| match sub.get_name() {
+        "server" => hide_client_globals(sub),
+        _ => sub,
+    })
 }
 
 /// `cmd` and its subcommands without the repository-client globals in
 /// their help; `--repo` is described as what it means there (the
 /// repository a token opens) or hidden where it means nothing.
 fn hide_client_globals(cmd: clap::Command) -> clap::Command {
-    let names: Vec<String> = cmd
-        .get_subcommands()
-        .map(|sub| sub.get_name().to_string())
-        .collect();
     let names_repository = cmd.get_name() == "add";
-    let cmd = cmd.mut_args(|arg| {
+    cmd.mut_args(|arg| {
         let id = arg.get_id().as_str();
         if CLIENT_ONLY_GLOBALS.contains(&id) || (id == "repo" && !names_repository) {
             arg.hide(true)
@@ -210,10 +215,8 @@ fn hide_client_globals(cmd: clap::Command) -> clap::Command {
         } else {
             arg
         }
-    });
-    names.iter().fold(cmd, |cmd, name| {
-        cmd.mut_subcommand(name, hide_client_globals)
     })
+    .mut_subcommands(hide_client_globals)
 }
 
 /// The cipher to choose at `init`.
@@ -589,10 +592,12 @@ pub struct QuickstartArgs {
 /// shell user: otherwise clap reports a missing value for a flag
 /// (`--password-file`) that was never typed.
 pub fn parse() -> Cli {
-    use clap::FromArgMatches;
-    let matches = without_empty_env(command(), &|name| {
+    use clap::{CommandFactory, FromArgMatches};
+    // Environment variables are detached before the build, which indexes
+    // the arguments (see [`built`]).
+    let matches = built(without_empty_env(Cli::command(), &|name| {
         std::env::var_os(name).is_some_and(|v| v.is_empty())
-    })
+    }))
     .get_matches();
     Cli::from_arg_matches(&matches).unwrap_or_else(|e| e.exit())
 }

@@ -17,10 +17,16 @@ use vbackup_core::ReadData;
 ///        then  vbackup backup --repo /srv/vbackup --vm web1 /var/lib/libvirt/images/web1.qcow2
 ///        then  vbackup restore --repo /srv/vbackup latest --vm web1 --target /tmp/restored
 #[derive(Debug, Parser)]
-#[command(name = "vbackup", version, max_term_width = 100, after_help = EXIT_CODES)]
+#[command(
+    name = "vbackup",
+    version,
+    max_term_width = 100,
+    after_help = EXIT_CODES,
+    verbatim_doc_comment
+)]
 pub struct Cli {
     /// Options every command shares.
-    #[command(flatten)]
+    #[command(flatten, next_help_heading = "Global options")]
     pub global: GlobalArgs,
     /// What to do.
     #[command(subcommand)]
@@ -140,6 +146,77 @@ pub enum Command {
     Quickstart(QuickstartArgs),
     /// Serve repositories over HTTPS to other hosts' vbackup (and manage its tokens).
     Server(crate::server::ServerArgs),
+    /// Print a shell completion script (e.g. `vbackup completions bash > /etc/bash_completion.d/vbackup`).
+    Completions(CompletionsArgs),
+    /// Print the manual page in roff (e.g. `vbackup man | man -l -`).
+    Man(ManArgs),
+}
+
+/// `vbackup completions`.
+#[derive(Debug, Args)]
+pub struct CompletionsArgs {
+    /// The shell to complete for.
+    #[arg(value_enum)]
+    pub shell: clap_complete::Shell,
+}
+
+/// `vbackup man`.
+#[derive(Debug, Args)]
+pub struct ManArgs {
+    /// The page of this command (`backup`, `server token add`, ...) instead
+    /// of the page of vbackup itself.
+    #[arg(value_name = "COMMAND")]
+    pub command: Vec<String>,
+}
+
+/// The globals that only a client of a repository uses: `vbackup server`
+/// serves repositories and never opens one, so its help leaves them out.
+const CLIENT_ONLY_GLOBALS: [&str; 6] = [
+    "password_file",
+    "threads",
+    "no_cache",
+    "token_file",
+    "server_fingerprint",
+    "allow_unencrypted",
+];
+
+/// The one definition of the command line, built (global options copied
+/// into every subcommand) and with the repository-client globals hidden
+/// under `vbackup server`: what parsing, help, completions and the manual
+/// page all use.
+pub fn command() -> clap::Command {
+    built(<Cli as clap::CommandFactory>::command())
+}
+
+/// `cmd` built, then with the repository-client globals hidden under
+/// `server`. Only changes that keep every argument in its place (`hide`,
+/// help text) are made after the build: clap indexes the arguments then.
+fn built(mut cmd: clap::Command) -> clap::Command {
+    cmd.build();
+    cmd.mut_subcommands(|sub| match sub.get_name() {
+        "server" => hide_client_globals(sub),
+        _ => sub,
+    })
+}
+
+/// `cmd` and its subcommands without the repository-client globals in
+/// their help; `--repo` is described as what it means there (the
+/// repository a token opens) or hidden where it means nothing.
+fn hide_client_globals(cmd: clap::Command) -> clap::Command {
+    let names_repository = cmd.get_name() == "add";
+    cmd.mut_args(|arg| {
+        let id = arg.get_id().as_str();
+        if CLIENT_ONLY_GLOBALS.contains(&id) || (id == "repo" && !names_repository) {
+            arg.hide(true)
+        } else if id == "repo" {
+            arg.help("The repository the token opens on this server (`*` for all)")
+                .long_help(None::<&str>)
+                .value_name("NAME")
+        } else {
+            arg
+        }
+    })
+    .mut_subcommands(hide_client_globals)
 }
 
 /// The cipher to choose at `init`.
@@ -198,21 +275,37 @@ pub struct BackupArgs {
     pub disks: Vec<PathBuf>,
     /// Back up a running VM through this QMP socket (QEMU or
     /// qemu-storage-daemon): all its disks at one instant, while it runs.
-    #[arg(long, value_name = "SOCKET")]
+    #[arg(help_heading = "Live VM", long, value_name = "SOCKET")]
     pub qmp: Option<PathBuf>,
     /// The guest agent's socket: freeze the guest's filesystems for the
     /// instant (application-consistent) and thaw them right after.
-    #[arg(long, value_name = "SOCKET", requires = "qmp")]
+    #[arg(
+        help_heading = "Live VM",
+        long,
+        value_name = "SOCKET",
+        requires = "qmp"
+    )]
     pub qga: Option<PathBuf>,
     /// The VM's own NBD server socket, if it already runs one (QEMU allows
     /// one); otherwise vbackup starts a private one for the backup.
-    #[arg(long, value_name = "SOCKET", requires = "qmp")]
+    #[arg(
+        help_heading = "Live VM",
+        long,
+        value_name = "SOCKET",
+        requires = "qmp"
+    )]
     pub nbd_socket: Option<PathBuf>,
     /// full: read everything; incremental: what changed since the VM's
     /// previous snapshot; differential: since its last full; auto:
     /// incremental when a valid base exists, else full. Changes come from
     /// vbackup's dirty bitmaps in qcow2 images or in the running VM.
-    #[arg(long = "type", value_enum, default_value_t = BackupTypeArg::Auto)]
+    #[arg(
+        help_heading = "Changed-block tracking",
+        long = "type",
+        value_name = "TYPE",
+        value_enum,
+        default_value_t = BackupTypeArg::Auto
+    )]
     pub backup_type: BackupTypeArg,
     /// Store this VM configuration with the snapshot (libvirt domain XML,
     /// a QEMU command line); restore writes it beside the disks.
@@ -233,7 +326,7 @@ pub struct BackupArgs {
     /// Look at every disk, even an image file whose fingerprint (inode,
     /// size, mtime, ctime) is unchanged since the VM's previous snapshot.
     /// Changed-block tracking still applies; `--type full` reads everything.
-    #[arg(long)]
+    #[arg(help_heading = "Changed-block tracking", long)]
     pub force_read: bool,
 }
 
@@ -500,9 +593,11 @@ pub struct QuickstartArgs {
 /// (`--password-file`) that was never typed.
 pub fn parse() -> Cli {
     use clap::{CommandFactory, FromArgMatches};
-    let matches = without_empty_env(Cli::command(), &|name| {
+    // Environment variables are detached before the build, which indexes
+    // the arguments (see [`built`]).
+    let matches = built(without_empty_env(Cli::command(), &|name| {
         std::env::var_os(name).is_some_and(|v| v.is_empty())
-    })
+    }))
     .get_matches();
     Cli::from_arg_matches(&matches).unwrap_or_else(|e| e.exit())
 }
@@ -606,6 +701,7 @@ mod tests {
     #[test]
     fn the_command_line_definition_is_consistent() {
         Cli::command().debug_assert();
+        command().debug_assert();
     }
 
     #[test]

@@ -54,6 +54,8 @@ pub fn run(cli: Cli) -> Result<()> {
         Command::Speed => speed(&ctx),
         Command::Quickstart(args) => crate::quickstart::run(&ctx, &args),
         Command::Server(args) => crate::server::run(&ctx, &args),
+        Command::Completions(args) => crate::docs::completions(&args),
+        Command::Man(args) => crate::docs::man(&args),
     }
 }
 
@@ -375,7 +377,8 @@ fn init(ctx: &Context, args: &InitArgs) -> Result<()> {
     if passphrase.as_deref() == Some("") {
         return Err(usage_error("the passphrase is empty; choose a real one"));
     }
-    let repo = vbackup_open::init(&location, passphrase.as_deref(), &options)?;
+    let repo = vbackup_open::init(&location, passphrase.as_deref(), &options)
+        .map_err(|e| creating_repository(e, &location.repository))?;
     let config = repo.config();
     let output = InitOutput {
         repository: repo.location(),
@@ -407,6 +410,18 @@ fn init(ctx: &Context, args: &InitArgs) -> Result<()> {
         }
     }
     Ok(())
+}
+
+/// A failed `init`: a storage failure says that the repository at
+/// `location` could not be created (the storage error says which file
+/// and why); other errors speak for themselves.
+fn creating_repository(error: vbackup_core::Error, location: &str) -> anyhow::Error {
+    match error {
+        vbackup_core::Error::Storage(_) => {
+            anyhow::Error::new(error).context(format!("cannot create the repository at {location}"))
+        }
+        other => other.into(),
+    }
 }
 
 /// Default disk names: file names without extension, made unique.
@@ -718,7 +733,8 @@ fn restore(ctx: &Context, args: &RestoreArgs) -> Result<()> {
 }
 
 /// Writes the snapshot's VM definition beside the restored disks, with
-/// the disks' original paths replaced by the restored ones.
+/// the disks' original paths and formats replaced by the restored ones
+/// (see `vbackup_vm::definition`).
 fn write_definition(
     snapshot: &Snapshot,
     restored: &[RestoredDisk],
@@ -727,33 +743,47 @@ fn write_definition(
     let Some(definition) = &snapshot.manifest.definition else {
         return Ok(Vec::new());
     };
-    let mut written = Vec::new();
-    let replace = |text: &str| {
-        restored.iter().fold(text.to_string(), |text, r| {
-            match snapshot.manifest.disks.iter().find(|d| d.name == r.disk) {
-                Some(record) if !record.source.is_empty() => text.replace(&record.source, &r.path),
-                _ => text,
-            }
+    // A hypervisor resolves no relative path: the definition names the
+    // restored files absolutely, whatever --target was.
+    let absolute: Vec<String> = restored
+        .iter()
+        .map(|r| {
+            std::path::absolute(&r.path)
+                .map_or_else(|_| r.path.clone(), |p| p.display().to_string())
         })
-    };
+        .collect();
+    let images: Vec<vbackup_vm::definition::RestoredImage> = restored
+        .iter()
+        .zip(&absolute)
+        .filter_map(|(r, path)| {
+            let record = snapshot.manifest.disks.iter().find(|d| d.name == r.disk)?;
+            Some(vbackup_vm::definition::RestoredImage {
+                source: &record.source,
+                source_format: &record.format,
+                path,
+                format: &r.format,
+            })
+        })
+        .collect();
+    let mut written = Vec::new();
     if let Some(config) = &definition.config_file {
         let path = file_in(dir, &config.name, "configuration file name", "")?;
-        write_private(&path, replace(&config.content).as_bytes())?;
+        let content = vbackup_vm::definition::rewrite_config(&config.content, &images);
+        write_private(&path, content.as_bytes())?;
         written.push(path);
     }
     if let Some(qmp) = &definition.qmp {
         let path = dir.join("vm-definition.json");
+        let mut qmp = qmp.clone();
+        vbackup_vm::definition::rewrite_qmp_report(&mut qmp, &images);
         let document = serde_json::json!({
             "vm": snapshot.manifest.vm,
             "snapshot": snapshot.id,
             "time": snapshot.manifest.time,
-            "disks": restored.iter().map(|r| serde_json::json!({"name": r.disk, "path": r.path, "format": r.format})).collect::<Vec<_>>(),
+            "disks": restored.iter().zip(&absolute).map(|(r, path)| serde_json::json!({"name": r.disk, "path": path, "format": r.format})).collect::<Vec<_>>(),
             "qmp": qmp,
         });
-        write_private(
-            &path,
-            replace(&serde_json::to_string_pretty(&document)?).as_bytes(),
-        )?;
+        write_private(&path, serde_json::to_string_pretty(&document)?.as_bytes())?;
         written.push(path);
     }
     Ok(written)

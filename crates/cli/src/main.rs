@@ -4,6 +4,7 @@
 
 mod args;
 mod commands;
+mod docs;
 mod lifecycle;
 mod quickstart;
 mod server;
@@ -49,10 +50,12 @@ impl std::error::Error for ExitError {}
 fn main() -> ExitCode {
     restore_sigpipe();
     let cli = args::parse();
+    let repository = cli.global.repo.clone();
     match commands::run(cli) {
         Ok(()) => ExitCode::from(EXIT_OK),
         Err(error) => {
-            eprintln!("vbackup: error: {}", chain(&error));
+            let text = naming_repository(chain(&error), &error, repository.as_deref());
+            eprintln!("vbackup: error: {text}");
             let code = exit_code(&error);
             if let Some(hint) = hint(code) {
                 eprintln!("vbackup: {hint}");
@@ -74,6 +77,33 @@ fn chain(error: &anyhow::Error) -> String {
         }
     }
     text
+}
+
+/// The error text, prefixed with the repository's location when a
+/// storage failure's text does not name it: "Not a directory" or "the
+/// server refused" alone does not say which repository.
+fn naming_repository(text: String, error: &anyhow::Error, repository: Option<&str>) -> String {
+    match repository {
+        Some(location) if is_storage_error(error) && !text.contains(location) => {
+            format!("repository {location}: {text}")
+        }
+        _ => text,
+    }
+}
+
+/// Whether a storage backend's failure is in the error's chain (also
+/// inside a VM job's error).
+fn is_storage_error(error: &anyhow::Error) -> bool {
+    error.chain().any(|cause| {
+        let core = cause
+            .downcast_ref::<vbackup_core::Error>()
+            .or_else(|| match cause.downcast_ref::<vbackup_vm::Error>() {
+                Some(vbackup_vm::Error::Core(core)) => Some(core),
+                _ => None,
+            });
+        cause.is::<vbackup_storage::StorageError>()
+            || matches!(core, Some(vbackup_core::Error::Storage(_)))
+    })
 }
 
 /// The class of one link of an error chain, if it is one of vbackup's
@@ -237,5 +267,36 @@ mod tests {
         let missing: Result<(), io::Error> = Err(io::Error::from(io::ErrorKind::NotFound));
         let context = missing.context("reading the password file").unwrap_err();
         assert_eq!(exit_code(&context), EXIT_FAILURE);
+    }
+
+    #[test]
+    fn storage_errors_name_the_repository_they_concern() {
+        let storage = vbackup_storage::StorageError::new(
+            vbackup_storage::ErrorKind::PermissionDenied,
+            "config",
+            "reading the object: the server refused it",
+        );
+        let error = anyhow::Error::new(vbackup_core::Error::Storage(storage));
+        let url = "https://backup.example:8443/web1";
+        assert_eq!(
+            naming_repository(chain(&error), &error, Some(url)),
+            format!(
+                "repository {url}: reading the object: the server refused it (object 'config')"
+            )
+        );
+        // Already named, or not a storage failure, or no repository: as it is.
+        let named = error.context(format!("cannot create the repository at {url}"));
+        let text = chain(&named);
+        assert_eq!(naming_repository(text.clone(), &named, Some(url)), text);
+        let usage = anyhow::Error::new(vbackup_core::Error::InvalidInput("no disks".into()));
+        assert_eq!(
+            naming_repository("no disks".into(), &usage, Some(url)),
+            "no disks"
+        );
+        let io = anyhow::Error::new(io::Error::other("disk on fire"));
+        assert_eq!(
+            naming_repository("disk on fire".into(), &io, None),
+            "disk on fire"
+        );
     }
 }

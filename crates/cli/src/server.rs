@@ -31,22 +31,22 @@ pub struct ServerArgs {
     #[arg(long, value_name = "DIR")]
     pub data: Option<PathBuf>,
     /// Certificate chain (PEM) instead of the self-signed one.
-    #[arg(long, value_name = "PEM", requires = "key")]
+    #[arg(help_heading = "TLS", long, value_name = "PEM", requires = "key")]
     pub cert: Option<PathBuf>,
     /// Private key (PEM) of --cert.
-    #[arg(long, value_name = "PEM", requires = "cert")]
+    #[arg(help_heading = "TLS", long, value_name = "PEM", requires = "cert")]
     pub key: Option<PathBuf>,
     /// How long a client may keep the server waiting for the next bytes of
     /// a request (headers, body, an idle connection); a body also gets one
     /// second per 32 KiB.
-    #[arg(long, value_name = "DURATION", default_value = "60s", value_parser = crate::args::parse_duration)]
+    #[arg(help_heading = "Limits", long, value_name = "DURATION", default_value = "60s", value_parser = crate::args::parse_duration)]
     pub timeout: std::time::Duration,
     /// The most connections served at once; more are closed at once.
-    #[arg(long, value_name = "N", default_value_t = vbackup_server::DEFAULT_MAX_CONNECTIONS)]
+    #[arg(help_heading = "Limits", long, value_name = "N", default_value_t = vbackup_server::DEFAULT_MAX_CONNECTIONS)]
     pub max_connections: usize,
     /// The most bytes of uploads held in memory at once, e.g. 1G (at least
     /// 80M); more uploads wait for room.
-    #[arg(long, value_name = "SIZE", default_value = "1G", value_parser = crate::args::parse_size)]
+    #[arg(help_heading = "Limits", long, value_name = "SIZE", default_value = "1G", value_parser = crate::args::parse_size)]
     pub max_upload_memory: u64,
 }
 

@@ -196,9 +196,14 @@ impl Env {
     }
 
     fn command(&self, token: &str, args: &[&str]) -> Command {
+        self.command_at(&self.server.url("r"), token, args)
+    }
+
+    /// [`Env::command`] for the repository URL `url`.
+    fn command_at(&self, url: &str, token: &str, args: &[&str]) -> Command {
         let mut cmd = Command::new(VBACKUP);
         cmd.arg("--repo")
-            .arg(self.server.url("r"))
+            .arg(url)
             .args(args)
             .env_remove("VBACKUP_REPOSITORY")
             .env_remove("VBACKUP_TOKEN_FILE")
@@ -1601,4 +1606,62 @@ fn attack_local_user_reads_the_servers_data_folder_everything_is_private() {
     }
     let tokens = data.join("tokens.json");
     assert_eq!(mode(&tokens) & 0o077, 0, "{}", tokens.display());
+}
+
+#[test]
+fn a_server_url_with_a_trailing_slash_names_the_same_repository() {
+    let env = Env::new();
+    let image = env.path("disk.raw");
+    raw_image(&image, MIB as usize, 11);
+    let slash = format!("{}/", env.server.url("r"));
+    let out = env
+        .command_at(
+            &slash,
+            &env.backup,
+            &["--json", "backup", "--vm", "web1", s(&image)],
+        )
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", text(&out));
+    let listed = env.ok(&env.read, &["--json", "snapshots"]);
+    let listed: Value = serde_json::from_str(&listed).unwrap();
+    assert_eq!(listed.as_array().unwrap().len(), 1, "{listed}");
+    let out = env
+        .command_at(&slash, &env.admin, &["--json", "snapshots"])
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", text(&out));
+    // A URL without a name is refused, naming it, with no empty object name.
+    let bare = format!("https://{}/", env.server.addr);
+    let out = env
+        .command_at(&bare, &env.read, &["snapshots"])
+        .output()
+        .unwrap();
+    let err = stderr(&out);
+    assert_eq!(out.status.code(), Some(2), "{}", text(&out));
+    assert!(err.contains(&format!("repository URL '{bare}'")), "{err}");
+    assert!(!err.contains("(object '')"), "{err}");
+}
+
+#[test]
+fn a_token_for_another_repository_says_which_repository_it_opens() {
+    let env = Env::new();
+    let other = add_token(&env.data(), "other", "admin");
+    let url = env.server.url("r");
+    for args in [&["snapshots"][..], &["prune", "--dry-run"]] {
+        let out = env.run(&other, args);
+        let err = stderr(&out);
+        assert_eq!(out.status.code(), Some(1), "{args:?}: {}", text(&out));
+        assert!(
+            err.contains("this token opens repository 'other', not 'r'"),
+            "{args:?}: {err}"
+        );
+        assert!(
+            err.contains("vbackup server token add --repo r"),
+            "{args:?}: {err}"
+        );
+        assert!(err.contains(&url), "{args:?}: the URL is not named: {err}");
+        assert!(!err.contains("(object '')"), "{args:?}: {err}");
+        assert!(!err.contains("role does not allow"), "{args:?}: {err}");
+    }
 }

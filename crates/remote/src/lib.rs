@@ -332,7 +332,8 @@ fn status_error(key: &str, what: &str, status: u16, response: ureq::Response) ->
         ),
         403 => (
             ErrorKind::PermissionDenied,
-            format!("{what}: the token's role does not allow this ({detail})"),
+            // The token's role, or its repository: the detail says which.
+            format!("{what}: the server refused it ({detail})"),
         ),
         400 => (ErrorKind::InvalidKey, format!("{what}: the server refused the request ({detail})")),
         404 if code.as_deref() == Some(CODE_NO_REPOSITORY) => (

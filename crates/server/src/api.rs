@@ -213,7 +213,7 @@ fn authorize(shared: &AppState, headers: &HeaderMap, repo: &str) -> ApiResult<Ac
     };
     if !token.covers(repo) {
         return Err(ApiError::forbidden(format!(
-            "this token opens repository '{}', not '{repo}'",
+            "this token opens repository '{}', not '{repo}': use a token made for '{repo}' (`vbackup server token add --repo {repo}`)",
             token.repo
         )));
     }

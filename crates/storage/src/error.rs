@@ -110,7 +110,11 @@ fn classify_io(err: &io::Error) -> ErrorKind {
 
 impl fmt::Display for StorageError {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "{} (object '{}')", self.message, self.key)?;
+        f.write_str(&self.message)?;
+        // An error about the repository as a whole concerns no object.
+        if !self.key.is_empty() {
+            write!(f, " (object '{}')", self.key)?;
+        }
         if let Some(source) = &self.source {
             write!(f, ": {source}")?;
         }

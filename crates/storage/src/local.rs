@@ -52,16 +52,29 @@ impl LocalBackend {
                 temporary.push(path);
             }
         })
-        .map_err(|e| io_err("", "listing the repository", e))?;
+        .map_err(|e| io_err("", format!("listing {}", self.root.display()), e))?;
         for path in &temporary {
-            fs::remove_file(path).map_err(|e| io_err("", "removing a temporary file", e))?;
+            fs::remove_file(path).map_err(|e| {
+                io_err(
+                    "",
+                    format!("removing the temporary file {}", path.display()),
+                    e,
+                )
+            })?;
         }
         Ok(temporary.len())
     }
 }
 
-fn io_err(key: &str, what: &str, err: io::Error) -> StorageError {
-    StorageError::from_io(key, what, err)
+/// An I/O error about `key`; `what` says what was being done, naming the
+/// file or folder, since "Not a directory" alone tells the user nothing.
+fn io_err(key: &str, what: String, err: io::Error) -> StorageError {
+    StorageError::from_io(key, &what, err)
+}
+
+/// `what` and the path it was done to, for [`io_err`].
+fn doing(what: &str, path: &Path) -> String {
+    format!("{what} {}", path.display())
 }
 
 fn is_temporary(path: &Path) -> bool {
@@ -186,18 +199,20 @@ impl Backend for LocalBackend {
     fn put(&self, key: &str, data: &[u8]) -> Result<()> {
         let path = self.path_of(key)?;
         let dir = path.parent().unwrap_or(&self.root);
-        create_private_dir_all(dir).map_err(|e| io_err(key, "creating the object's folder", e))?;
-        let temp = write_temporary(dir, data).map_err(|e| io_err(key, "writing the object", e))?;
+        create_private_dir_all(dir)
+            .map_err(|e| io_err(key, doing("creating the folder", dir), e))?;
+        let temp = write_temporary(dir, data)
+            .map_err(|e| io_err(key, doing("writing a temporary file in", dir), e))?;
         if let Err(e) = fs::rename(&temp, &path) {
             let _ = fs::remove_file(&temp);
-            return Err(io_err(key, "renaming the object into place", e));
+            return Err(io_err(key, doing("renaming into place", &path), e));
         }
-        sync_dir(dir).map_err(|e| io_err(key, "syncing the object's folder", e))
+        sync_dir(dir).map_err(|e| io_err(key, doing("syncing the folder", dir), e))
     }
 
     fn get(&self, key: &str) -> Result<Vec<u8>> {
         let path = self.path_of(key)?;
-        fs::read(path).map_err(|e| io_err(key, "reading the object", e))
+        fs::read(&path).map_err(|e| io_err(key, doing("reading", &path), e))
     }
 
     fn get_range(&self, key: &str, offset: u64, length: u64) -> Result<Vec<u8>> {
@@ -209,7 +224,7 @@ impl Backend for LocalBackend {
             file.take(length).read_to_end(&mut data)?;
             Ok(data)
         };
-        read().map_err(|e| io_err(key, "reading part of the object", e))
+        read().map_err(|e| io_err(key, doing("reading part of", &path), e))
     }
 
     fn list(&self, prefix: &str) -> Result<Vec<ObjectInfo>> {
@@ -230,12 +245,12 @@ impl Backend for LocalBackend {
                 visit(info(key, &meta));
             }
         })
-        .map_err(|e| io_err(prefix, "listing objects", e))
+        .map_err(|e| io_err(prefix, doing("listing", &start), e))
     }
 
     fn stat(&self, key: &str) -> Result<Option<ObjectInfo>> {
         let path = self.path_of(key)?;
-        match fs::metadata(path) {
+        match fs::metadata(&path) {
             Ok(meta) if meta.is_file() => Ok(Some(info(key.to_string(), &meta))),
             Ok(_) => Err(StorageError::new(
                 ErrorKind::Other,
@@ -243,16 +258,16 @@ impl Backend for LocalBackend {
                 "expected a file, found a folder",
             )),
             Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(None),
-            Err(e) => Err(io_err(key, "reading object metadata", e)),
+            Err(e) => Err(io_err(key, doing("reading the metadata of", &path), e)),
         }
     }
 
     fn delete(&self, key: &str) -> Result<()> {
         let path = self.path_of(key)?;
-        match fs::remove_file(path) {
+        match fs::remove_file(&path) {
             Ok(()) => Ok(()),
             Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(()),
-            Err(e) => Err(io_err(key, "deleting the object", e)),
+            Err(e) => Err(io_err(key, doing("deleting", &path), e)),
         }
     }
 
@@ -264,8 +279,12 @@ impl Backend for LocalBackend {
         let source = self.path_of(from)?;
         let target = self.path_of(to)?;
         let dir = target.parent().unwrap_or(&self.root);
-        create_private_dir_all(dir).map_err(|e| io_err(to, "creating the object's folder", e))?;
-        fs::rename(&source, &target).map_err(|e| io_err(from, "moving the object", e))
+        create_private_dir_all(dir)
+            .map_err(|e| io_err(to, doing("creating the folder", dir), e))?;
+        fs::rename(&source, &target).map_err(|e| {
+            let what = format!("moving {} to {}", source.display(), target.display());
+            io_err(from, what, e)
+        })
     }
 
     fn leftovers(&self) -> Result<Vec<ObjectInfo>> {
@@ -277,7 +296,7 @@ impl Backend for LocalBackend {
                 }
             }
         })
-        .map_err(|e| io_err("", "listing the repository", e))?;
+        .map_err(|e| io_err("", doing("listing", &self.root), e))?;
         Ok(found)
     }
 
@@ -295,7 +314,7 @@ impl Backend for LocalBackend {
         }
         match fs::remove_file(&path) {
             Err(e) if e.kind() != io::ErrorKind::NotFound => {
-                Err(io_err(name, "removing a temporary file", e))
+                Err(io_err(name, doing("removing the temporary file", &path), e))
             }
             _ => Ok(()),
         }
@@ -381,6 +400,37 @@ mod tests {
         assert!(err.is_not_found(), "{err}");
         let listed = b.list("trash/").unwrap();
         assert_eq!(listed[0].modified, before.modified);
+    }
+
+    #[test]
+    fn storage_errors_name_the_path_when_the_root_is_a_file() {
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join("file");
+        fs::write(&file, "x").unwrap();
+        let backend = LocalBackend::new(&file);
+        let text = backend.stat("config").unwrap_err().to_string();
+        let path = file.join("config");
+        assert!(
+            text.starts_with(&format!(
+                "reading the metadata of {} (object 'config'): ",
+                path.display()
+            )),
+            "{text}"
+        );
+        let text = backend.put("keys/k1", b"x").unwrap_err().to_string();
+        assert!(
+            text.contains(&format!(
+                "creating the folder {}",
+                file.join("keys").display()
+            )),
+            "{text}"
+        );
+        let text = backend.remove_temporary_files().unwrap_err().to_string();
+        assert!(
+            text.starts_with(&format!("listing {}: ", file.display())),
+            "{text}"
+        );
+        assert!(!text.contains("(object '')"), "{text}");
     }
 
     #[test]

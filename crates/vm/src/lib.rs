@@ -17,6 +17,7 @@
 //! full read, with its reason.
 #![deny(missing_docs)]
 
+pub mod definition;
 mod error;
 pub mod live;
 pub mod offline;

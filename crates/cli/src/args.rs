@@ -46,7 +46,8 @@ pub const EXIT_CODES: &str = "Exit codes:
        quarantine on S3
   4    wrong or missing passphrase
   70   internal error: vbackup itself failed (please report it)
-  130  interrupted (Ctrl-C, SIGTERM); nothing was recorded";
+  130  interrupted (Ctrl-C, SIGTERM); nothing was recorded
+  141  the reader of the output went away (a closed pipe)";
 
 /// Options shared by all commands.
 #[derive(Debug, Args)]

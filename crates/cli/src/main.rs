@@ -28,6 +28,9 @@ pub const EXIT_AUTH: u8 = 4;
 pub const EXIT_INTERNAL: u8 = 70;
 /// Exit code: interrupted.
 pub const EXIT_INTERRUPTED: u8 = 130;
+/// Exit code: the reader of stdout or stderr went away (a shell reports
+/// 128 + SIGPIPE the same way).
+pub const EXIT_BROKEN_PIPE: u8 = 141;
 
 /// An error that carries its own exit code (for outcomes that are not core
 /// errors, such as "verify found damage").
@@ -48,7 +51,7 @@ impl std::fmt::Display for ExitError {
 impl std::error::Error for ExitError {}
 
 fn main() -> ExitCode {
-    restore_sigpipe();
+    quiet_on_closed_output();
     let cli = args::parse();
     let repository = cli.global.repo.clone();
     match commands::run(cli) {
@@ -123,18 +126,29 @@ fn link_class(cause: &(dyn std::error::Error + 'static)) -> Option<ErrorClass> {
     vbackup_core::Classified::find(io).map(vbackup_core::Classified::class)
 }
 
-/// Lets a closed pipe end vbackup quietly, as it ends any Unix tool
-/// (`vbackup snapshots | head -1`), instead of a panic in the middle of
-/// printing: Rust starts programs with SIGPIPE ignored. Nothing is lost:
-/// a backup killed this way records nothing, like one killed by Ctrl-C.
-#[allow(unsafe_code)]
-fn restore_sigpipe() {
-    // SAFETY: called first in `main`, before any thread exists; SIG_DFL
-    // is a valid disposition for SIGPIPE and no handler is replaced that
-    // another part of the program relies on.
-    unsafe {
-        libc::signal(libc::SIGPIPE, libc::SIG_DFL);
-    }
+/// Lets a closed pipe on stdout or stderr end vbackup quietly, as it
+/// ends any Unix tool (`vbackup snapshots | head -1`), with exit code
+/// [`EXIT_BROKEN_PIPE`] instead of a panic message from `println!`.
+/// (SIGPIPE stays ignored: network writes of the S3 and server code use
+/// `writev`, which would raise it for a peer that went away.) Nothing is
+/// lost: a backup stopped this way records nothing, like one stopped by
+/// Ctrl-C.
+fn quiet_on_closed_output() {
+    let default = std::panic::take_hook();
+    std::panic::set_hook(Box::new(move |info| {
+        let payload = info.payload();
+        let message = payload
+            .downcast_ref::<String>()
+            .map(String::as_str)
+            .or_else(|| payload.downcast_ref::<&str>().copied())
+            .unwrap_or("");
+        let printing = message.starts_with("failed printing to stdout")
+            || message.starts_with("failed printing to stderr");
+        if printing && message.contains("Broken pipe") {
+            std::process::exit(i32::from(EXIT_BROKEN_PIPE));
+        }
+        default(info);
+    }));
 }
 
 /// The exit code of a failed command: its own ([`ExitError`]), else the

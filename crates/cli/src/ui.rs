@@ -105,6 +105,12 @@ fn watch(
     done: &std::sync::mpsc::Receiver<()>,
 ) {
     let bar = (!quiet && std::io::stderr().is_terminal()).then(|| new_bar(label, unit));
+    // Drawn at once, so even a short operation shows what it is doing.
+    if let Some(bar) = &bar {
+        bar.set_length(progress.total().max(1));
+        bar.set_position(progress.done());
+        bar.tick();
+    }
     let started = Instant::now();
     let mut last_log = Instant::now();
     while let Err(std::sync::mpsc::RecvTimeoutError::Timeout) =

@@ -112,12 +112,41 @@ pub(crate) async fn read_body(
         };
         if let Ok(data) = frame.into_data() {
             if out.len() + data.len() > limit {
+                drain(body).await;
                 return Err(too_large(limit, what));
             }
             out.extend_from_slice(&data);
         }
     }
     Ok(Bytes::from(out))
+}
+
+/// Bytes of an oversized body read and thrown away before the refusal.
+const DRAIN_BYTES: usize = 4 << 20;
+/// How long an oversized body is read and thrown away at most.
+const DRAIN_TIME: Duration = Duration::from_secs(2);
+/// How long the drain waits for the next piece of the body.
+const DRAIN_IDLE: Duration = Duration::from_millis(500);
+
+/// Reads and discards what the client is still sending of a body refused
+/// as too large (a bounded amount, for a bounded time, holding nothing):
+/// closing a connection whose peer is still sending makes the kernel
+/// answer with a reset, which can destroy the refusal before the client
+/// reads it, so the client would see "connection reset" instead of 413.
+async fn drain(mut body: Body) {
+    let until = Instant::now() + DRAIN_TIME;
+    let mut drained = 0;
+    while drained < DRAIN_BYTES {
+        let wait = until
+            .saturating_duration_since(Instant::now())
+            .min(DRAIN_IDLE);
+        match tokio::time::timeout(wait, body.frame()).await {
+            Ok(Some(Ok(frame))) => {
+                drained += frame.data_ref().map_or(0, |d| d.len());
+            }
+            _ => return,
+        }
+    }
 }
 
 /// The refusal of a body that did not arrive in time.

@@ -191,6 +191,13 @@ impl Context {
         }
     }
 
+    /// Whether a command's text report is wanted: prints `value` as JSON
+    /// instead with `--json`, and nothing with `--quiet` (the one output
+    /// layer every reporting command goes through).
+    pub fn text_wanted<T: Serialize>(&self, value: &T) -> Result<bool> {
+        Ok(!self.json(value)? && !self.global.quiet)
+    }
+
     /// Prints a value as JSON when --json was given; returns whether it did.
     pub fn json<T: Serialize>(&self, value: &T) -> Result<bool> {
         if self.global.json {
@@ -1052,7 +1059,7 @@ fn snapshots(ctx: &Context, args: &SnapshotsArgs) -> Result<()> {
             "vbackup: warning: {future} snapshot(s) dated later than this host's clock allows (forged, or a host with a wrong clock): marked FUTURE, never counted by retention rules nor used as a base"
         );
     }
-    if ctx.json(&rows)? {
+    if !ctx.text_wanted(&rows)? {
         return Ok(());
     }
     println!(
@@ -1103,7 +1110,7 @@ fn consistency_column(consistency: Option<&str>) -> &str {
 fn stats(ctx: &Context) -> Result<()> {
     let repo = ctx.open()?;
     let s = vbackup_core::stats(&repo)?;
-    if ctx.json(&s)? {
+    if !ctx.text_wanted(&s)? {
         return Ok(());
     }
     println!(
@@ -1164,7 +1171,7 @@ fn key(ctx: &Context, command: &KeyCommand) -> Result<()> {
         }
         KeyCommand::List => {
             let keys = repo.list_keys()?;
-            if !ctx.json(&keys)? {
+            if ctx.text_wanted(&keys)? {
                 println!(
                     "  {:<32}  {:<20}  {:<16}  USER",
                     "ID", "CREATED (UTC)", "HOST"
@@ -1202,7 +1209,7 @@ fn to_the_second(time: &str) -> String {
 
 fn speed(ctx: &Context) -> Result<()> {
     let results = vbackup_core::speed::measure(std::time::Duration::from_millis(700));
-    if !ctx.json(&results)? {
+    if ctx.text_wanted(&results)? {
         println!("single-thread throughput on a 4 MiB chunk (half text, half random):");
         for r in results {
             println!("  {:<26} {:>8.0} MiB/s", r.name, r.mib_per_sec);

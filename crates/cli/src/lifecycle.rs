@@ -496,7 +496,7 @@ pub fn policy(ctx: &Context, command: &PolicyCommand) -> Result<()> {
         PolicyCommand::Show => match vbackup_core::read_policy(&repo)? {
             Some(policy) => {
                 note_policy(ctx, &repo, &policy)?;
-                if !ctx.json(&policy)? {
+                if ctx.text_wanted(&policy)? {
                     println!("keep      {}", policy.keep);
                     println!("group by  {}", policy.group_by);
                     println!("set       {} on host '{}'", policy.updated, policy.host);
@@ -556,7 +556,7 @@ fn note_policy(
 pub fn locks(ctx: &Context) -> Result<()> {
     let repo = ctx.open()?;
     let locks = vbackup_core::list_locks(&repo, None)?;
-    if ctx.json(&locks)? {
+    if !ctx.text_wanted(&locks)? {
         return Ok(());
     }
     println!(

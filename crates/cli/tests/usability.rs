@@ -558,3 +558,22 @@ fn regression_a_closed_pipe_ends_vbackup_quietly_not_with_a_panic() {
     // The repository was made before the output failed, and is whole.
     assert!(dir.path().join("repo/config").exists());
 }
+
+#[test]
+fn quiet_holds_for_every_reporting_command_and_json_still_prints() {
+    let env = Env::new();
+    env.backup("web1", 1);
+    for command in [&["snapshots"][..], &["stats"], &["locks"], &["key", "list"]] {
+        let mut args = vec!["--quiet"];
+        args.extend_from_slice(command);
+        assert_eq!(env.ok(&args), "", "{command:?} printed with --quiet");
+        let mut args = vec!["--json"];
+        args.extend_from_slice(command);
+        let out = env.ok(&args);
+        assert!(
+            serde_json::from_str::<serde_json::Value>(&out).is_ok(),
+            "{command:?}: {out}"
+        );
+        assert!(!env.ok(command).is_empty(), "{command:?} printed nothing");
+    }
+}

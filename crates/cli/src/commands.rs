@@ -2,7 +2,6 @@
 //! operation under a progress display and prints text or JSON.
 
 use std::io::IsTerminal;
-use std::os::unix::fs::DirBuilderExt;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::AtomicBool;
 use std::sync::Arc;
@@ -13,6 +12,7 @@ use vbackup_core::crypto::{kdf::KdfParams, CipherKind, DigestKind};
 use vbackup_core::format::DiskRecord;
 use vbackup_core::{BackupOptions, InitOptions, Repository, Snapshot};
 use vbackup_open::{Purpose, RepositoryOptions};
+use vbackup_vm::restore;
 
 use crate::args::{
     BackupArgs, Cli, Command, DigestArg, EncryptionArg, GlobalArgs, InitArgs, KeyCommand,
@@ -666,60 +666,61 @@ fn new_chunks_line(s: &vbackup_core::format::BackupStats) -> String {
     )
 }
 
-fn selected_disks<'a>(snapshot: &'a Snapshot, disk: Option<&str>) -> Result<Vec<&'a DiskRecord>> {
-    let disks: Vec<&DiskRecord> = snapshot
-        .manifest
-        .disks
-        .iter()
-        .filter(|d| disk.is_none_or(|name| d.name == name))
-        .collect();
-    if disks.is_empty() {
-        let names: Vec<&str> = snapshot
-            .manifest
-            .disks
-            .iter()
-            .map(|d| d.name.as_str())
-            .collect();
-        return Err(usage_error(format!(
-            "snapshot {} has no disk named '{}'; its disks: {}",
-            snapshot.short_id(),
-            disk.unwrap_or_default(),
-            names.join(", ")
-        )));
-    }
-    Ok(disks)
-}
-
-#[derive(Serialize)]
-struct RestoredDisk {
-    disk: String,
-    path: String,
-    format: String,
-    stats: vbackup_core::RestoreStats,
-    seconds: f64,
-}
-
 fn restore(ctx: &Context, args: &RestoreArgs) -> Result<()> {
     let repo = ctx.open()?;
     let snapshot = repo.find_snapshot(&args.snapshot, args.vm.as_deref())?;
-    let disks = selected_disks(&snapshot, args.disk.as_deref())?;
+    let disks = restore::selected_disks(&snapshot, args.disk.as_deref())?;
     if args.target == "-" {
         return restore_to_stdout(ctx, &repo, &snapshot, &disks);
     }
-    if is_block_device(Path::new(&args.target)) {
-        return restore_to_device(ctx, &repo, &snapshot, &disks, args);
+    let options = restore::RestoreOptions {
+        format: args.format.clone(),
+        force: args.force,
+        threads: ctx.io_threads(&repo),
+        connections: connections(ctx.threads()),
+    };
+    match restore::Target::for_path(Path::new(&args.target)) {
+        restore::Target::Device(device) => {
+            restore_to_device(ctx, &repo, &snapshot, &disks, &device, &options)
+        }
+        restore::Target::Folder(dir) => {
+            restore_to_folder(ctx, &repo, &snapshot, &disks, &dir, &options)
+        }
     }
-    let dir = PathBuf::from(&args.target);
-    std::fs::DirBuilder::new()
-        .recursive(true)
-        .mode(0o700)
-        .create(&dir)
-        .with_context(|| format!("cannot create the target folder {}", dir.display()))?;
+}
+
+/// Runs one disk's restore with a progress display.
+fn with_restore_progress<T>(
+    ctx: &Context,
+    work: impl FnOnce(&vbackup_core::Progress) -> vbackup_vm::Result<T> + Send,
+) -> Result<T>
+where
+    T: Send,
+{
+    Ok(with_progress(
+        "restore",
+        ctx.global.quiet || ctx.global.json,
+        &ctx.signal,
+        work,
+    )?)
+}
+
+fn restore_to_folder(
+    ctx: &Context,
+    repo: &Repository,
+    snapshot: &Snapshot,
+    disks: &[&DiskRecord],
+    dir: &Path,
+    options: &restore::RestoreOptions,
+) -> Result<()> {
+    restore::prepare_folder(dir)?;
     let mut restored = Vec::new();
     for disk in disks {
-        restored.push(restore_one(ctx, &repo, disk, &dir, args)?);
+        restored.push(with_restore_progress(ctx, |progress| {
+            restore::restore_to_file(repo, disk, dir, options, progress)
+        })?);
     }
-    for written in write_definition(&snapshot, &restored, &dir)? {
+    for written in restore::write_definition(snapshot, &restored, dir)? {
         ctx.say(format!("wrote the VM definition to {}", written.display()));
     }
     if !ctx.json(&restored)? {
@@ -739,172 +740,15 @@ fn restore(ctx: &Context, args: &RestoreArgs) -> Result<()> {
     Ok(())
 }
 
-/// Writes the snapshot's VM definition beside the restored disks, with
-/// the disks' original paths and formats replaced by the restored ones
-/// (see `vbackup_vm::definition`).
-fn write_definition(
-    snapshot: &Snapshot,
-    restored: &[RestoredDisk],
-    dir: &Path,
-) -> Result<Vec<PathBuf>> {
-    let Some(definition) = &snapshot.manifest.definition else {
-        return Ok(Vec::new());
-    };
-    // A hypervisor resolves no relative path: the definition names the
-    // restored files absolutely, whatever --target was.
-    let absolute: Vec<String> = restored
-        .iter()
-        .map(|r| {
-            std::path::absolute(&r.path)
-                .map_or_else(|_| r.path.clone(), |p| p.display().to_string())
-        })
-        .collect();
-    let images: Vec<vbackup_vm::definition::RestoredImage> = restored
-        .iter()
-        .zip(&absolute)
-        .filter_map(|(r, path)| {
-            let record = snapshot.manifest.disks.iter().find(|d| d.name == r.disk)?;
-            Some(vbackup_vm::definition::RestoredImage {
-                source: &record.source,
-                source_format: &record.format,
-                path,
-                format: &r.format,
-            })
-        })
-        .collect();
-    let mut written = Vec::new();
-    if let Some(config) = &definition.config_file {
-        let path = file_in(dir, &config.name, "configuration file name", "")?;
-        let content = vbackup_vm::definition::rewrite_config(&config.content, &images);
-        write_private(&path, content.as_bytes())?;
-        written.push(path);
-    }
-    if let Some(qmp) = &definition.qmp {
-        let path = dir.join("vm-definition.json");
-        let mut qmp = qmp.clone();
-        vbackup_vm::definition::rewrite_qmp_report(&mut qmp, &images);
-        let document = serde_json::json!({
-            "vm": snapshot.manifest.vm,
-            "snapshot": snapshot.id,
-            "time": snapshot.manifest.time,
-            "disks": restored.iter().zip(&absolute).map(|(r, path)| serde_json::json!({"name": r.disk, "path": path, "format": r.format})).collect::<Vec<_>>(),
-            "qmp": qmp,
-        });
-        write_private(&path, serde_json::to_string_pretty(&document)?.as_bytes())?;
-        written.push(path);
-    }
-    Ok(written)
-}
-
-/// The path of the file `name` + `suffix` directly inside `dir`. The
-/// manifest's names are checked when it is read; this checks again where
-/// they become paths, so no name can reach outside the target folder.
-fn file_in(dir: &Path, name: &str, what: &str, suffix: &str) -> Result<PathBuf> {
-    vbackup_core::format::check_file_name(what, name).map_err(|reason| {
-        anyhow::anyhow!(
-            "refusing to restore: {reason} (the snapshot's manifest is damaged or forged)"
-        )
-    })?;
-    let file_name = format!("{name}{suffix}");
-    let path = dir.join(&file_name);
-    if path.parent() != Some(dir) || path.file_name() != Some(std::ffi::OsStr::new(&file_name)) {
-        bail!(
-            "refusing to restore: {what} {name:?} would leave the target folder {}",
-            dir.display()
-        );
-    }
-    Ok(path)
-}
-
-/// Writes a restored file only its owner can read (mode 0600, also when
-/// it replaces a file), never through a symbolic link.
-fn write_private(path: &Path, content: &[u8]) -> Result<()> {
-    use std::io::Write as _;
-    use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
-    let write = || -> std::io::Result<()> {
-        let mut file = std::fs::OpenOptions::new()
-            .write(true)
-            .create(true)
-            .truncate(true)
-            .mode(0o600)
-            .custom_flags(libc::O_NOFOLLOW)
-            .open(path)?;
-        file.set_permissions(std::fs::Permissions::from_mode(0o600))?;
-        file.write_all(content)
-    };
-    write().with_context(|| format!("cannot write {}", path.display()))
-}
-
-fn restore_one(
-    ctx: &Context,
-    repo: &Repository,
-    disk: &DiskRecord,
-    dir: &Path,
-    args: &RestoreArgs,
-) -> Result<RestoredDisk> {
-    let path = file_in(dir, &disk.name, "disk name", &format!(".{}", args.format))?;
-    if path.is_symlink() {
-        return Err(usage_error(format!(
-            "{} is a symbolic link; vbackup does not restore through links: remove it",
-            path.display()
-        )));
-    }
-    if path.exists() && !args.force {
-        return Err(usage_error(format!(
-            "{} already exists; remove it or pass --force",
-            path.display()
-        )));
-    }
-    let started = std::time::Instant::now();
-    let target = vbackup_qemu::create_target_with(
-        &path,
-        &args.format,
-        disk.virtual_size,
-        connections(ctx.threads()),
-    )
-    .with_context(|| format!("cannot create {}", path.display()))?;
-    let result = with_progress(
-        "restore",
-        ctx.global.quiet || ctx.global.json,
-        &ctx.signal,
-        |progress| {
-            vbackup_core::restore_disk(repo, disk, target.as_ref(), ctx.io_threads(repo), progress)
-        },
-    );
-    drop(target);
-    match result {
-        Ok(stats) => Ok(RestoredDisk {
-            disk: disk.name.clone(),
-            path: path.display().to_string(),
-            format: args.format.clone(),
-            stats,
-            seconds: started.elapsed().as_secs_f64(),
-        }),
-        Err(error) => {
-            let _ = std::fs::remove_file(&path);
-            Err(anyhow::Error::new(error).context(format!(
-                "restore of disk '{}' failed; the incomplete file {} was removed",
-                disk.name,
-                path.display()
-            )))
-        }
-    }
-}
-
-fn is_block_device(path: &Path) -> bool {
-    use std::os::unix::fs::FileTypeExt;
-    std::fs::metadata(path).is_ok_and(|m| m.file_type().is_block_device())
-}
-
-/// Writes one disk onto a block device, raw, zeroing the holes so none of
-/// the device's old content shows through. On failure the device is left
-/// as it is (partly written): it is the user's, never removed.
+/// Writes one disk onto a block device (see
+/// [`restore::restore_to_device`]).
 fn restore_to_device(
     ctx: &Context,
     repo: &Repository,
     snapshot: &Snapshot,
     disks: &[&DiskRecord],
-    args: &RestoreArgs,
+    device: &Path,
+    options: &restore::RestoreOptions,
 ) -> Result<()> {
     let [disk] = disks else {
         bail!(usage_error(format!(
@@ -913,49 +757,15 @@ fn restore_to_device(
             disks.len()
         )));
     };
-    if args.format != "raw" {
-        bail!(usage_error(
-            "a block device receives the raw disk; drop --format"
-        ));
-    }
-    let path = Path::new(&args.target);
-    if !args.force {
-        bail!(usage_error(format!(
-            "{} is a block device: restoring onto it overwrites all it holds; pass --force to do so",
-            path.display()
-        )));
-    }
-    let started = std::time::Instant::now();
-    let target = vbackup_qemu::create_target_with(path, "raw", disk.virtual_size, 1)
-        .with_context(|| format!("cannot use {}", path.display()))?;
-    let stats = with_progress(
-        "restore",
-        ctx.global.quiet || ctx.global.json,
-        &ctx.signal,
-        |progress| {
-            vbackup_core::restore_disk(repo, disk, target.as_ref(), ctx.io_threads(repo), progress)
-        },
-    )
-    .with_context(|| {
-        format!(
-            "restore of disk '{}' onto {} failed; the device is partly written",
-            disk.name,
-            path.display()
-        )
-    })?;
-    let restored = [RestoredDisk {
-        disk: disk.name.clone(),
-        path: path.display().to_string(),
-        format: "raw".to_string(),
-        stats,
-        seconds: started.elapsed().as_secs_f64(),
-    }];
+    let restored = [with_restore_progress(ctx, |progress| {
+        restore::restore_to_device(repo, disk, device, options, progress)
+    })?];
     if !ctx.json(&restored)? {
         ctx.say(format!(
             "restored disk '{}' of snapshot {} onto {} ({:.1} s)",
             disk.name,
             snapshot.short_id(),
-            path.display(),
+            device.display(),
             restored[0].seconds
         ));
     }
@@ -1271,24 +1081,6 @@ mod tests {
         assert_eq!(kdf_params_from(None, false), (KdfParams::default(), None));
         let (bad, warning) = kdf_params_from(Some(std::ffi::OsStr::new("lots")), true);
         assert_eq!((bad, warning.is_some()), (KdfParams::default(), true));
-    }
-
-    #[test]
-    fn attack_restore_path_traversal_file_in_keeps_every_name_inside_the_folder() {
-        let dir = Path::new("/restore");
-        assert_eq!(
-            file_in(dir, "web1", "disk name", ".raw").unwrap(),
-            Path::new("/restore/web1.raw")
-        );
-        for (name, suffix) in [("../x", ""), ("/etc/x", ""), ("..", ""), ("a", "/../../x")] {
-            let err = file_in(dir, name, "disk name", suffix)
-                .unwrap_err()
-                .to_string();
-            assert!(
-                err.starts_with("refusing to restore"),
-                "{name}{suffix}: {err}"
-            );
-        }
     }
 
     #[test]

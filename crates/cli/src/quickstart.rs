@@ -399,16 +399,19 @@ fn restore_and_compare(
     original: &Path,
     label: &str,
 ) -> Result<()> {
-    std::fs::create_dir_all(dir)?;
+    vbackup_vm::restore::prepare_folder(dir)?;
     let disk = &snapshot.manifest.disks[0];
-    let path = dir.join("vda.raw");
-    let started = Instant::now();
-    let target = vbackup_qemu::create_target(&path, "raw", disk.virtual_size)?;
-    let stats = with_progress("restore", true, &ctx.signal, |p| {
-        vbackup_core::restore_disk(repo, disk, target.as_ref(), ctx.threads(), p)
+    let options = vbackup_vm::restore::RestoreOptions {
+        format: "raw".to_string(),
+        force: true,
+        threads: ctx.io_threads(repo),
+        connections: 1,
+    };
+    let restored = with_progress("restore", true, &ctx.signal, |p| {
+        vbackup_vm::restore::restore_to_file(repo, disk, dir, &options, p)
     })?;
-    let secs = started.elapsed().as_secs_f64();
-    if !vbackup_qemu::img::compare(original, &path)? {
+    let (path, secs, stats) = (Path::new(&restored.path), restored.seconds, restored.stats);
+    if !vbackup_qemu::img::compare(original, path)? {
         bail!(
             "qemu-img compare found differences between {} and {}",
             original.display(),

@@ -17,6 +17,7 @@ use std::path::{Path, PathBuf};
 use vbackup_core::{BackupOptions, InitOptions, Progress, Repository};
 use vbackup_open::{Purpose, RepositoryOptions};
 use vbackup_vm::offline::{self, Image, OfflineBackup};
+use vbackup_vm::restore;
 use vbackup_vm::Requested;
 
 const PASSPHRASE: &str = "library example";
@@ -65,8 +66,8 @@ fn main() -> Result<(), Box<dyn Error>> {
     );
 
     for format in ["qcow2", "raw"] {
-        let restored = work.join(format!("restored.{format}"));
-        restore(&repo, &snapshot, &restored, format)?;
+        let dir = work.join(format!("restored-{format}"));
+        let restored = restore(&repo, &snapshot, &dir, format)?;
         let raw = as_raw(&restored, format, &work)?;
         if std::fs::read(&raw)? != std::fs::read(&image)? {
             return Err(format!("{} differs from the original", restored.display()).into());
@@ -76,18 +77,24 @@ fn main() -> Result<(), Box<dyn Error>> {
     Ok(())
 }
 
-/// Restores the snapshot's only disk into `path` as `format`.
+/// Restores the snapshot's only disk into the folder `dir` as `format`,
+/// the way every front end does (`vbackup_vm::restore`); returns the file.
 fn restore(
     repo: &Repository,
     snapshot: &vbackup_core::Snapshot,
-    path: &Path,
+    dir: &Path,
     format: &str,
-) -> Result<(), Box<dyn Error>> {
-    let disk = &snapshot.manifest.disks[0];
-    let target = vbackup_qemu::create_target(path, format, disk.virtual_size)?;
-    let threads = vbackup_open::io_threads(repo, None);
-    vbackup_core::restore_disk(repo, disk, target.as_ref(), threads, &Progress::new())?;
-    Ok(())
+) -> Result<PathBuf, Box<dyn Error>> {
+    let disks = restore::selected_disks(snapshot, None)?;
+    restore::prepare_folder(dir)?;
+    let options = restore::RestoreOptions {
+        format: format.to_string(),
+        force: false,
+        threads: vbackup_open::io_threads(repo, None),
+        connections: 4,
+    };
+    let restored = restore::restore_to_file(repo, disks[0], dir, &options, &Progress::new())?;
+    Ok(PathBuf::from(restored.path))
 }
 
 /// A raw copy of `path` (converted with qemu-img when it is not raw).

@@ -31,6 +31,23 @@ pub enum Error {
     /// or its file cannot be created.
     #[error("{0}")]
     Lock(String),
+    /// A restore failed, with what happened to its target.
+    #[error("{context}: {source}")]
+    Restore {
+        /// The disk, the target, and what was done about it.
+        context: String,
+        /// The engine's error.
+        source: vbackup_core::Error,
+    },
+    /// A file of the restore (the target folder, the VM definition) could
+    /// not be written.
+    #[error("{context}: {source}")]
+    Io {
+        /// What vbackup was doing.
+        context: String,
+        /// The system's error.
+        source: std::io::Error,
+    },
 }
 
 impl Error {
@@ -48,7 +65,8 @@ impl Error {
             Error::Core(error) => error.class(),
             Error::Qemu { source, .. } => source.class(),
             Error::Invalid(_) => ErrorClass::Usage,
-            Error::Lock(_) => ErrorClass::Runtime,
+            Error::Lock(_) | Error::Io { .. } => ErrorClass::Runtime,
+            Error::Restore { source, .. } => source.class(),
         }
     }
 }

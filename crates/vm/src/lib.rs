@@ -21,6 +21,7 @@ pub mod definition;
 mod error;
 pub mod live;
 pub mod offline;
+pub mod restore;
 
 pub use error::{Error, Result};
 pub use vbackup_core::cbt::Requested;

@@ -115,7 +115,7 @@ impl Context {
     /// `XDG_CACHE_HOME` or `HOME`).
     pub fn state_file(&self, repo: &Repository) -> Option<vbackup_core::client_state::StateFile> {
         Some(vbackup_core::client_state::StateFile::new(
-            &state_dir()?,
+            &RepositoryOptions::default().state_dir()?,
             &repo.config().id,
         ))
     }
@@ -205,13 +205,6 @@ impl Context {
         }
         Ok(self.global.json)
     }
-}
-
-/// This host's private records of the repositories it uses
-/// (`known-repositories.json`, `<repository id>.json`): the client state
-/// that storage cannot roll back.
-fn state_dir() -> Option<PathBuf> {
-    vbackup_open::default_cache_root().map(|root| root.join("state"))
 }
 
 /// Reads a secret from `file`, else the environment variable `env`, else a

@@ -127,6 +127,17 @@ pub enum Error {
     Interrupted,
 }
 
+/// Whether a read authenticated: `Ok(true)` when it did, `Ok(false)` when
+/// the object is missing or damaged (not a copy to rely on), the error when
+/// the storage itself failed.
+pub(crate) fn authenticated(read: Result<()>) -> Result<bool> {
+    match read {
+        Ok(()) => Ok(true),
+        Err(e) if e.is_not_found() || e.is_damage() => Ok(false),
+        Err(e) => Err(e),
+    }
+}
+
 /// Coarse classes of [`Error`], used by front ends to pick exit codes.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum ErrorClass {
@@ -172,6 +183,21 @@ impl Error {
     /// Shorthand for an [`Error::Internal`].
     pub(crate) fn internal(what: impl Into<String>) -> Self {
         Error::Internal(what.into())
+    }
+
+    /// Whether the object read was not found (deleted since it was listed,
+    /// or never there).
+    pub(crate) fn is_not_found(&self) -> bool {
+        matches!(self, Error::Storage(e) if e.is_not_found())
+    }
+
+    /// Whether the object read is damaged or of a newer format, as opposed
+    /// to the storage failing, which must stop the caller.
+    pub(crate) fn is_damage(&self) -> bool {
+        matches!(
+            self,
+            Error::Corrupt { .. } | Error::UnsupportedVersion { .. }
+        )
     }
 
     /// Shorthand for a [`Error::Corrupt`].

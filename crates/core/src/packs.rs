@@ -172,8 +172,8 @@ impl ChunkMap {
                 Ok(packs) => map.add_indexed(&positions, packs),
                 // Replaced since the listing (prune, repair): the packs it
                 // named are in a newer index, or found as orphans.
-                Err(e) if is_gone(&e) => {}
-                Err(e) if is_damage(&e) => map.problems.push(e),
+                Err(e) if e.is_not_found() => {}
+                Err(e) if e.is_damage() => map.problems.push(e),
                 Err(e) => return Err(e),
             }
         }
@@ -188,8 +188,8 @@ impl ChunkMap {
             match read {
                 Ok(entries) => map.add_entries(i, &entries),
                 // Deleted since the listing by a prune: nothing to find.
-                Err(e) if is_gone(&e) => {}
-                Err(e) if is_damage(&e) => map.problems.push(e),
+                Err(e) if e.is_not_found() => {}
+                Err(e) if e.is_damage() => map.problems.push(e),
                 Err(e) => return Err(e),
             }
         }
@@ -286,11 +286,7 @@ impl ChunkMap {
                     .map(drop)
             }
         };
-        match read {
-            Ok(()) => Ok(true),
-            Err(e) if is_gone(&e) || is_damage(&e) => Ok(false),
-            Err(e) => Err(e),
-        }
+        crate::error::authenticated(read)
     }
 
     fn relocate(&mut self, id: ChunkId, from: Location, to: Location) {
@@ -350,20 +346,6 @@ impl ChunkMap {
         }
         by_pack
     }
-}
-
-/// Whether an object was not found (deleted since it was listed).
-fn is_gone(error: &Error) -> bool {
-    matches!(error, Error::Storage(e) if e.is_not_found())
-}
-
-/// Whether an error is damage of the object read (as opposed to the
-/// storage failing, which must stop the caller).
-fn is_damage(error: &Error) -> bool {
-    matches!(
-        error,
-        Error::Corrupt { .. } | Error::UnsupportedVersion { .. }
-    )
 }
 
 /// Reads and decodes one pack index.
@@ -688,7 +670,7 @@ pub fn read_unit<T>(
         // A prune may have moved the chunks to new packs since the map was
         // loaded (it writes them and their index before deleting the old
         // pack): look again, once.
-        Err(error) if is_gone(&error) && !map.reloaded => {
+        Err(error) if error.is_not_found() && !map.reloaded => {
             return read_moved(repo, unit, each);
         }
         Err(error) => {

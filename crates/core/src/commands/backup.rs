@@ -575,14 +575,7 @@ impl<'a> Job<'a> {
     /// the right digest. Storage failures other than "not found" stop the
     /// backup.
     fn stored_copy_is_good(&self, id: &ChunkId) -> Result<bool> {
-        match self.repo.read_chunk(id) {
-            Ok(_) => Ok(true),
-            Err(Error::Storage(e)) if !e.is_not_found() => Err(Error::Storage(e)),
-            Err(Error::Storage(_) | Error::Corrupt { .. } | Error::UnsupportedVersion { .. }) => {
-                Ok(false)
-            }
-            Err(e) => Err(e),
-        }
+        crate::error::authenticated(self.repo.read_chunk(id).map(drop))
     }
 
     /// Compresses, seals and stores a chunk, and counts it.

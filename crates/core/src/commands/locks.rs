@@ -183,7 +183,7 @@ pub(crate) fn list_locks_by(
         let id = object.key.trim_start_matches(LOCKS_PREFIX).to_string();
         let info = match read_listed(repo, &object.key) {
             Ok(lock) => judge(id, lock, object, clock, stale_after),
-            Err(e) if is_gone(&e) => continue,
+            Err(e) if e.is_not_found() => continue,
             Err(e @ Error::Corrupt { .. }) => junk(id, &e, object, clock),
             Err(e) => unreadable(id, &e, object, clock, stale_after),
         };
@@ -233,10 +233,6 @@ pub(crate) fn list_locks_carefully(
         }
     }
     Ok(locks)
-}
-
-fn is_gone(error: &Error) -> bool {
-    matches!(error, Error::Storage(e) if e.is_not_found())
 }
 
 fn parse_time(text: &str) -> Option<SystemTime> {

@@ -685,14 +685,7 @@ fn object_authenticates(repo: &Repository, key: &str) -> Result<bool> {
         Some(id) if key.starts_with(CHUNKS_PREFIX) => repo.read_chunk(&id).map(drop),
         _ => repo.read_index(key).map(drop),
     };
-    match read {
-        Ok(()) => Ok(true),
-        Err(Error::Storage(e)) if !e.is_not_found() => Err(Error::Storage(e)),
-        Err(Error::Storage(_) | Error::Corrupt { .. } | Error::UnsupportedVersion { .. }) => {
-            Ok(false)
-        }
-        Err(e) => Err(e),
-    }
+    crate::error::authenticated(read)
 }
 
 /// Puts back everything an interrupted sweep left in `trash/`; returns how
@@ -909,14 +902,10 @@ impl<'a> References<'a> {
             }
             // Acknowledged by `repair`: its chunks cannot be known.
             Err(_) if self.damaged.contains(snapshot) => Ok(()),
-            Err(e @ Error::Storage(_)) if !is_not_found(&e) => Err(e),
+            Err(e @ Error::Storage(_)) if !e.is_not_found() => Err(e),
             Err(e) => Err(unreadable_index(snapshot, key, &e)),
         }
     }
-}
-
-fn is_not_found(error: &Error) -> bool {
-    matches!(error, Error::Storage(e) if e.is_not_found())
 }
 
 /// Prune's refusal over a snapshot manifest it cannot read: names the

@@ -121,20 +121,7 @@ impl StorageDaemon {
             meta_contexts: Vec::new(),
             ..ConnectOptions::default()
         };
-        // The daemon creates the socket file when it binds, a moment
-        // before it listens: a connection in between is refused.
-        let deadline = Instant::now() + Duration::from_secs(10);
-        loop {
-            match NbdClient::connect_unix(&socket, &opts) {
-                Err(Error::Io { error, .. })
-                    if error.kind() == std::io::ErrorKind::ConnectionRefused
-                        && Instant::now() < deadline =>
-                {
-                    thread::sleep(Duration::from_millis(20));
-                }
-                other => return other,
-            }
-        }
+        NbdClient::connect_unix(&socket, &opts)
     }
 
     /// The daemon's process id, while it runs.

@@ -308,10 +308,10 @@ impl StorageDaemon {
                 }
             }
             let guest_ready = match self.guest_socket() {
-                Some(socket) if self.kind == Kind::Daemon => socket.exists(),
+                Some(socket) if self.kind == Kind::Daemon => listening(&socket),
                 _ => true,
             };
-            if self.qmp_socket().exists() && guest_ready {
+            if listening(&self.qmp_socket()) && guest_ready {
                 return Ok(());
             }
             if Instant::now() >= deadline {
@@ -343,4 +343,11 @@ impl Drop for StorageDaemon {
             self.kill();
         }
     }
+}
+
+/// Whether something accepts connections on the unix socket `path`: the
+/// socket file appears when QEMU binds it, a moment before it listens, so
+/// its existence alone lets a connection be refused under load.
+fn listening(path: &Path) -> bool {
+    std::os::unix::net::UnixStream::connect(path).is_ok()
 }

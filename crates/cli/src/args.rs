@@ -53,7 +53,8 @@ pub const EXIT_CODES: &str = "Exit codes:
 #[derive(Debug, Args)]
 pub struct GlobalArgs {
     /// Repository location: a folder, s3:https://HOST:PORT/BUCKET/PREFIX on
-    /// S3-compatible storage, or https://HOST:PORT/NAME on a `vbackup server`.
+    /// S3-compatible storage, or https://HOST:PORT/NAME on a `vbackup server`;
+    /// or the name of a repository in the configuration file.
     #[arg(
         short = 'r',
         long,
@@ -71,6 +72,12 @@ pub struct GlobalArgs {
         value_name = "FILE"
     )]
     pub password_file: Option<PathBuf>,
+    /// Read named repositories and VMs from this TOML file (default:
+    /// ~/.config/vbackup/vbackup.toml, else /etc/vbackup/vbackup.toml, if
+    /// one exists). `--repo NAME` then picks its `[repository.NAME]`, and
+    /// `backup --vm NAME` takes the disks of its `[vm.NAME]`; flags win.
+    #[arg(long, env = "VBACKUP_CONFIG", global = true, value_name = "FILE")]
+    pub config: Option<PathBuf>,
     /// Print machine-readable JSON on stdout instead of text.
     #[arg(long, global = true)]
     pub json: bool,
@@ -172,7 +179,8 @@ pub struct ManArgs {
 
 /// The globals that only a client of a repository uses: `vbackup server`
 /// serves repositories and never opens one, so its help leaves them out.
-const CLIENT_ONLY_GLOBALS: [&str; 6] = [
+const CLIENT_ONLY_GLOBALS: [&str; 7] = [
+    "config",
     "password_file",
     "threads",
     "no_cache",
@@ -272,6 +280,7 @@ pub struct BackupArgs {
     pub vm: String,
     /// Disk images (raw, qcow2, vmdk, vhdx, vdi, ... anything qemu reads);
     /// with --qmp, the names of the devices or nodes to back up (default: all).
+    /// Default: the disks of the VM's section in the configuration file.
     #[arg(value_name = "DISK")]
     pub disks: Vec<PathBuf>,
     /// Back up a running VM through this QMP socket (QEMU or
@@ -308,10 +317,10 @@ pub struct BackupArgs {
         default_value_t = BackupTypeArg::Auto
     )]
     pub backup_type: BackupTypeArg,
-    /// Store this VM configuration with the snapshot (libvirt domain XML,
+    /// Store this VM definition with the snapshot (libvirt domain XML,
     /// a QEMU command line); restore writes it beside the disks.
     #[arg(long, value_name = "FILE")]
-    pub config: Option<PathBuf>,
+    pub definition: Option<PathBuf>,
     /// Image format of the disks (default: detected by qemu-img).
     #[arg(long, value_name = "FMT")]
     pub format: Option<String>,

@@ -4,14 +4,16 @@
 use std::io::IsTerminal;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::AtomicBool;
-use std::sync::Arc;
+use std::sync::{Arc, OnceLock};
 
-use anyhow::{bail, Context as _, Result};
+use anyhow::{bail, Result};
 use serde::Serialize;
 use vbackup_core::crypto::{kdf::KdfParams, CipherKind, DigestKind};
 use vbackup_core::format::DiskRecord;
-use vbackup_core::{BackupOptions, InitOptions, Repository, Snapshot};
+use vbackup_core::{InitOptions, Repository, Snapshot};
 use vbackup_open::{Purpose, RepositoryOptions};
+use vbackup_vm::config::Config;
+use vbackup_vm::job::{BackupJob, BackupOutcome, VmSource};
 use vbackup_vm::restore;
 
 use crate::args::{
@@ -27,6 +29,11 @@ pub struct Context {
     pub global: GlobalArgs,
     /// Set by SIGINT / SIGTERM.
     pub signal: Arc<AtomicBool>,
+    /// The VM the command is about, whose configuration section may name
+    /// the repository.
+    pub vm: Option<String>,
+    /// The configuration file, once read (`None` inside: there is none).
+    config: OnceLock<Option<Config>>,
 }
 
 /// Runs the parsed command line.
@@ -34,8 +41,10 @@ pub fn run(cli: Cli) -> Result<()> {
     let ctx = Context {
         global: cli.global,
         signal: crate::ui::install_signal_flag(),
+        vm: commanded_vm(&cli.command),
+        config: OnceLock::new(),
     };
-    crate::server::check_role(&ctx.global, &cli.command)?;
+    crate::server::check_role(&ctx, &cli.command)?;
     match cli.command {
         Command::Init(args) => init(&ctx, &args),
         Command::Backup(args) => backup(&ctx, &args),
@@ -56,6 +65,16 @@ pub fn run(cli: Cli) -> Result<()> {
         Command::Server(args) => crate::server::run(&ctx, &args),
         Command::Completions(args) => crate::docs::completions(&args),
         Command::Man(args) => crate::docs::man(&args),
+    }
+}
+
+/// The VM a command names with `--vm`, if any.
+fn commanded_vm(command: &Command) -> Option<String> {
+    match command {
+        Command::Backup(args) => Some(args.vm.clone()),
+        Command::Restore(args) => args.vm.clone(),
+        Command::Snapshots(args) => args.vm.clone(),
+        _ => None,
     }
 }
 
@@ -82,68 +101,79 @@ impl Context {
         vbackup_open::io_threads(repo, self.global.threads)
     }
 
-    /// How to reach the repository named by `--repo` /
-    /// `VBACKUP_REPOSITORY`: the library's options, filled from the flags
-    /// and the environment (the server token read from its file or
-    /// variable only for a server).
+    /// The configuration file: `--config` / `VBACKUP_CONFIG`, else the
+    /// user's or the system's if one exists; read once.
+    pub fn config(&self) -> Result<Option<&Config>> {
+        if let Some(config) = self.config.get() {
+            return Ok(config.as_ref());
+        }
+        let path = match &self.global.config {
+            Some(path) => Some(path.clone()),
+            None => Config::default_path(),
+        };
+        let config = path.map(|path| Config::load(&path)).transpose()?;
+        Ok(self.config.get_or_init(|| config).as_ref())
+    }
+
+    /// How to reach the repository: `--repo` / `VBACKUP_REPOSITORY` (a
+    /// location, or the name of a configuration file section), else the
+    /// section the command's VM names, else the file's only one; the
+    /// flags and the environment over the section's keys, and the server
+    /// token read from its file or variable only for a server.
     pub fn repository_options(&self) -> Result<RepositoryOptions> {
-        let Some(repo) = self.global.repo.clone().filter(|r| !r.is_empty()) else {
+        let config = self.config()?;
+        let named = self
+            .global
+            .repo
+            .clone()
+            .filter(|r| !r.is_empty())
+            .or_else(|| {
+                config
+                    .and_then(|c| c.default_repository(self.vm.as_deref()))
+                    .map(str::to_string)
+            });
+        let Some(named) = named else {
             return Err(usage_error(
-                "no repository given: use --repo PATH or set VBACKUP_REPOSITORY",
+                "no repository given: use --repo PATH or set VBACKUP_REPOSITORY \
+                 (or name one in the configuration file, see --config)",
             ));
         };
-        let token = match repo.starts_with("https://") {
-            true => Some(crate::server::read_token(
-                self.global.token_file.as_deref(),
-            )?),
-            false => None,
-        };
-        Ok(RepositoryOptions {
-            repository: repo,
-            token,
+        let flags = RepositoryOptions {
+            location: String::new(),
+            password_file: self.global.password_file.clone(),
+            token: None,
+            token_file: self.global.token_file.clone(),
             server_fingerprint: self.global.server_fingerprint.clone(),
             no_cache: self.global.no_cache,
             cache_dir: None,
             allow_unencrypted: self.global.allow_unencrypted,
             threads: self.global.threads,
-        })
-    }
-
-    /// This host's record of what it saw of `repo` (forgotten snapshots, the
-    /// newest policy): `<cache dir>/state/<repository id>.json`; `None`
-    /// when no cache folder can be chosen (no `VBACKUP_CACHE_DIR`,
-    /// `XDG_CACHE_HOME` or `HOME`).
-    pub fn state_file(&self, repo: &Repository) -> Option<vbackup_core::client_state::StateFile> {
-        Some(vbackup_core::client_state::StateFile::new(
-            &RepositoryOptions::default().state_dir()?,
-            &repo.config().id,
-        ))
-    }
-
-    /// This host's record of `repo`, or an empty one (with a warning when
-    /// the file cannot be read): for commands that only warn.
-    pub fn client_state(&self, repo: &Repository) -> vbackup_core::client_state::ClientState {
-        let empty = vbackup_core::client_state::ClientState::new(&repo.config().id);
-        let Some(file) = self.state_file(repo) else {
-            return empty;
         };
-        file.load().unwrap_or_else(|e| {
-            eprintln!("vbackup: warning: {e}");
-            empty
-        })
+        let mut options = match config.and_then(|c| c.repository(&named)) {
+            Some(section) => flags.over(section),
+            None => RepositoryOptions {
+                location: named,
+                ..flags
+            },
+        };
+        if options.location.starts_with("https://") {
+            options.token = Some(crate::server::read_token(options.token_file.as_deref())?);
+        }
+        Ok(options)
     }
 
-    /// Updates this host's record of `repo` (nothing when there is no cache
-    /// folder).
-    pub fn update_state(
+    /// This host's record of `repo` (forgotten snapshots, the newest
+    /// policy), or an empty one with a warning when its file cannot be
+    /// read: for commands that only warn.
+    pub fn client_state(
         &self,
         repo: &Repository,
-        change: impl FnOnce(&mut vbackup_core::client_state::ClientState),
-    ) -> Result<()> {
-        if let Some(file) = self.state_file(repo) {
-            file.update(change)?;
+    ) -> Result<vbackup_core::client_state::ClientState> {
+        let (state, warning) = vbackup_open::state::load(&self.repository_options()?, repo);
+        if let Some(warning) = warning {
+            eprintln!("vbackup: warning: {warning}");
         }
-        Ok(())
+        Ok(state)
     }
 
     /// Opens the repository, asking for the passphrase only if needed.
@@ -159,29 +189,10 @@ impl Context {
 
     fn open_for(&self, purpose: Purpose) -> Result<Repository> {
         let options = self.repository_options()?;
-        Ok(vbackup_open::open(
-            &options,
-            purpose,
-            self.passphrase_given(),
-            || self.passphrase("Passphrase: "),
-        )?)
-    }
-
-    /// Whether a passphrase was supplied without a prompt (file or
-    /// environment): the user expects an encrypted repository.
-    fn passphrase_given(&self) -> bool {
-        self.global.password_file.is_some()
-            || std::env::var_os("VBACKUP_PASSWORD").is_some_and(|v| !v.is_empty())
-    }
-
-    /// The passphrase from the file, the environment, or a prompt.
-    pub fn passphrase(&self, prompt: &str) -> Result<Option<String>, vbackup_core::Error> {
-        read_secret(
-            self.global.password_file.as_deref(),
-            "VBACKUP_PASSWORD",
-            prompt,
-            false,
-        )
+        let given = passphrase_given(&options);
+        Ok(vbackup_open::open(&options, purpose, given, || {
+            passphrase(&options, "Passphrase: ", false)
+        })?)
     }
 
     /// Prints a line for people (not in --json or --quiet mode).
@@ -207,9 +218,46 @@ impl Context {
     }
 }
 
-/// Reads a secret from `file`, else the environment variable `env`, else a
-/// prompt on the terminal (twice with `confirm`). `None` when there is no
-/// source (not a terminal).
+/// Whether a passphrase was supplied without a prompt (file or
+/// environment): the user expects an encrypted repository.
+fn passphrase_given(options: &RepositoryOptions) -> bool {
+    options.password_file.is_some()
+        || std::env::var_os("VBACKUP_PASSWORD").is_some_and(|v| !v.is_empty())
+}
+
+/// The passphrase of `options`: from its file (with a warning when others
+/// can read it), else `VBACKUP_PASSWORD`, else a prompt on the terminal
+/// (twice with `confirm`). `None` when there is no source (not a terminal).
+pub fn passphrase(
+    options: &RepositoryOptions,
+    prompt: &str,
+    confirm: bool,
+) -> Result<Option<String>, vbackup_core::Error> {
+    read_secret(
+        options.password_file.as_deref(),
+        "VBACKUP_PASSWORD",
+        prompt,
+        confirm,
+    )
+}
+
+/// The new passphrase of `key add`: `VBACKUP_NEW_PASSWORD_FILE`, else
+/// `VBACKUP_NEW_PASSWORD`, else a prompt, twice.
+fn new_passphrase() -> Result<Option<String>, vbackup_core::Error> {
+    let file = std::env::var_os("VBACKUP_NEW_PASSWORD_FILE")
+        .filter(|v| !v.is_empty())
+        .map(PathBuf::from);
+    read_secret(
+        file.as_deref(),
+        "VBACKUP_NEW_PASSWORD",
+        "New passphrase: ",
+        true,
+    )
+}
+
+/// Reads a secret from `file` (with a warning when others can read it),
+/// else the environment variable `env`, else a prompt on the terminal
+/// (twice with `confirm`). `None` when there is no source (not a terminal).
 fn read_secret(
     file: Option<&Path>,
     env: &str,
@@ -217,14 +265,10 @@ fn read_secret(
     confirm: bool,
 ) -> Result<Option<String>, vbackup_core::Error> {
     if let Some(file) = file {
-        warn_if_exposed(file);
-        let text = std::fs::read_to_string(file).map_err(|e| {
-            vbackup_core::Error::InvalidInput(format!(
-                "cannot read the passphrase file {}: {e}",
-                file.display()
-            ))
-        })?;
-        return Ok(Some(text.lines().next().unwrap_or_default().to_string()));
+        if let Some(warning) = vbackup_open::secret_file_exposure(file, "passphrase") {
+            eprintln!("vbackup: WARNING: {warning}");
+        }
+        return vbackup_open::read_secret_file(file, "passphrase").map(Some);
     }
     // Set but empty counts as unset, as for the options' variables.
     if let Some(value) = std::env::var(env).ok().filter(|v| !v.is_empty()) {
@@ -247,30 +291,6 @@ fn read_secret(
         }
     }
     Ok(Some(first))
-}
-
-/// Warns, as ssh does for keys, when a passphrase file can be read or
-/// written by users other than its owner: anyone who reads it can open the
-/// repository. A warning rather than a refusal, so a scheduled backup does
-/// not stop over a mode; the file still works.
-fn warn_if_exposed(file: &Path) {
-    if let Some(warning) = exposure_warning(file) {
-        eprintln!("vbackup: WARNING: {warning}");
-    }
-}
-
-/// The warning for a passphrase file with group or other permissions.
-fn exposure_warning(file: &Path) -> Option<String> {
-    use std::os::unix::fs::PermissionsExt;
-    let mode = std::fs::metadata(file).ok()?.permissions().mode() & 0o777;
-    (mode & 0o077 != 0).then(|| {
-        format!(
-            "the passphrase file {} has mode {mode:04o}: other users can read or change it; \
-             make it its owner's alone (chmod 600 {})",
-            file.display(),
-            file.display()
-        )
-    })
 }
 
 fn init_options(args: &InitArgs) -> Result<InitOptions> {
@@ -359,17 +379,12 @@ fn init(ctx: &Context, args: &InitArgs) -> Result<()> {
     let location = ctx.repository_options()?;
     let options = init_options(args)?;
     let passphrase = if options.cipher == CipherKind::None {
-        if ctx.passphrase_given() {
+        if passphrase_given(&location) {
             return Err(usage_error("--encryption none was asked, but a passphrase is set (VBACKUP_PASSWORD or --password-file); every later command would refuse an unencrypted repository while it is set (so that storage cannot switch encryption off), so unset it, or drop --encryption none"));
         }
         None
     } else {
-        let secret = read_secret(
-            ctx.global.password_file.as_deref(),
-            "VBACKUP_PASSWORD",
-            "New passphrase: ",
-            true,
-        )?;
+        let secret = passphrase(&location, "New passphrase: ", true)?;
         Some(secret.ok_or_else(|| {
             usage_error("a new encrypted repository needs a passphrase: set VBACKUP_PASSWORD or VBACKUP_PASSWORD_FILE, or run on a terminal (or choose --encryption none)")
         })?)
@@ -378,7 +393,7 @@ fn init(ctx: &Context, args: &InitArgs) -> Result<()> {
         return Err(usage_error("the passphrase is empty; choose a real one"));
     }
     let repo = vbackup_open::init(&location, passphrase.as_deref(), &options)
-        .map_err(|e| creating_repository(e, &location.repository))?;
+        .map_err(|e| creating_repository(e, &location.location))?;
     let config = repo.config();
     let output = InitOutput {
         repository: repo.location(),
@@ -424,32 +439,27 @@ fn creating_repository(error: vbackup_core::Error, location: &str) -> anyhow::Er
     }
 }
 
-/// Default disk names: file names without extension, made unique.
-fn disk_names(args: &BackupArgs) -> Result<Vec<String>> {
-    if !args.disk_names.is_empty() {
-        if args.disk_names.len() != args.disks.len() {
-            return Err(usage_error(format!(
-                "{} --disk-name values for {} disks; give one per disk or none",
-                args.disk_names.len(),
-                args.disks.len()
-            )));
-        }
-        return Ok(args.disk_names.clone());
-    }
-    let mut names: Vec<String> = Vec::new();
-    for path in &args.disks {
-        let stem = path
-            .file_stem()
-            .map_or("disk".into(), |s| s.to_string_lossy().into_owned());
-        let mut name = stem.clone();
-        let mut n = 1;
-        while names.contains(&name) {
-            n += 1;
-            name = format!("{stem}-{n}");
-        }
-        names.push(name);
-    }
-    Ok(names)
+/// The VM's source: the flags, over its configuration file section.
+fn vm_source(ctx: &Context, args: &BackupArgs) -> Result<VmSource> {
+    let flags = VmSource {
+        disks: args.disks.clone(),
+        disk_names: args.disk_names.clone(),
+        format: args.format.clone(),
+        qmp: args.qmp.clone(),
+        qga: args.qga.clone(),
+        nbd_socket: args.nbd_socket.clone(),
+        definition: args.definition.clone(),
+        repository: None,
+        tags: args.tags.clone(),
+        host: args.host.clone(),
+    };
+    let section = ctx.config()?.and_then(|c| c.vm(&args.vm));
+    Ok(match section {
+        // A running VM's flags describe it whole: the file's disk paths
+        // would be taken for node names.
+        Some(section) if flags.qmp.is_none() || section.qmp.is_some() => flags.over(section),
+        _ => flags,
+    })
 }
 
 /// One qemu-nbd connection per worker thread.
@@ -457,96 +467,17 @@ fn connections(threads: usize) -> u32 {
     u32::try_from(threads).unwrap_or(u32::MAX).max(1)
 }
 
-/// The disks named on the command line, with their names in the VM.
-fn images(args: &BackupArgs) -> Result<Vec<vbackup_vm::offline::Image>> {
-    let names = disk_names(args)?;
-    Ok(args
-        .disks
-        .iter()
-        .zip(names)
-        .map(|(path, name)| vbackup_vm::offline::Image {
-            name,
-            path: path.clone(),
-            format: args.format.clone(),
-        })
-        .collect())
-}
-
-/// The VM definition to store: the `--config` file, if given.
-fn definition(args: &BackupArgs) -> Result<Option<vbackup_core::format::VmDefinition>> {
-    let Some(path) = &args.config else {
-        return Ok(None);
-    };
-    let content = std::fs::read_to_string(path)
-        .with_context(|| format!("cannot read the VM configuration {}", path.display()))?;
-    let name = path
-        .file_name()
-        .map_or("vm-config".into(), |n| n.to_string_lossy().into_owned());
-    Ok(Some(vbackup_core::format::VmDefinition {
-        qmp: None,
-        config_file: Some(vbackup_core::format::ConfigFile { name, content }),
-    }))
-}
-
-fn backup_offline(
-    ctx: &Context,
-    repo: &Repository,
-    args: &BackupArgs,
-    options: BackupOptions,
-) -> Result<Snapshot> {
-    if args.disks.is_empty() {
-        return Err(usage_error(
-            "name the VM's disk images (or, for a running VM, use --qmp)",
-        ));
-    }
-    let request = vbackup_vm::offline::OfflineBackup {
-        vm: args.vm.clone(),
-        images: images(args)?,
-        requested: args.backup_type.into(),
-        options,
-        definition: definition(args)?,
-    };
-    let quiet = ctx.global.quiet || ctx.global.json;
-    Ok(with_progress("backup", quiet, &ctx.signal, |progress| {
-        vbackup_vm::offline::backup(repo, &request, progress)
-    })?)
-}
-
-fn backup_live(
-    ctx: &Context,
-    repo: &Repository,
-    args: &BackupArgs,
-    qmp: &Path,
-    options: BackupOptions,
-) -> Result<Snapshot> {
-    let request = vbackup_vm::live::LiveBackup {
-        vm: args.vm.clone(),
-        qmp_socket: qmp.to_path_buf(),
-        guest_agent: args.qga.clone(),
-        nbd_socket: args.nbd_socket.clone(),
-        only: args
-            .disks
-            .iter()
-            .map(|d| d.to_string_lossy().into_owned())
-            .collect(),
-        requested: args.backup_type.into(),
-        options,
-        config_file: definition(args)?.and_then(|d| d.config_file),
-    };
-    let quiet = ctx.global.quiet || ctx.global.json;
-    let outcome = with_progress("backup", quiet, &ctx.signal, |progress| {
-        vbackup_vm::live::backup(repo, &request, progress)
-    })?;
+/// Prints what a backup did besides its snapshot.
+fn report_backup_outcome(outcome: &BackupOutcome) {
     for removed in &outcome.leftovers_removed {
         eprintln!("vbackup: removed from QEMU what an interrupted backup left: {removed}");
     }
-    if let Some(error) = &outcome.freeze.thaw_error {
+    if let Some(error) = outcome.freeze.as_ref().and_then(|f| f.thaw_error.as_ref()) {
         eprintln!("vbackup: WARNING: thawing the guest's filesystems failed, the guest may still be frozen: {error}");
     }
     for warning in &outcome.warnings {
         eprintln!("vbackup: warning: {warning}");
     }
-    Ok(outcome.snapshot)
 }
 
 #[derive(Serialize)]
@@ -562,18 +493,22 @@ struct BackupOutput<'a> {
 }
 
 fn backup(ctx: &Context, args: &BackupArgs) -> Result<()> {
+    let source = vm_source(ctx, args)?;
+    source.validate()?;
     let repo = ctx.open()?;
-    let options = BackupOptions {
+    let job = BackupJob {
         vm: args.vm.clone(),
-        tags: args.tags.clone(),
-        host: args.host.clone(),
+        source,
+        requested: args.backup_type.into(),
         threads: ctx.io_threads(&repo),
         skip_unchanged: !args.force_read,
     };
-    let snapshot = match &args.qmp {
-        Some(qmp) => backup_live(ctx, &repo, args, qmp, options)?,
-        None => backup_offline(ctx, &repo, args, options)?,
-    };
+    let quiet = ctx.global.quiet || ctx.global.json;
+    let outcome = with_progress("backup", quiet, &ctx.signal, |progress| {
+        vbackup_vm::job::backup(&repo, &job, progress)
+    })?;
+    report_backup_outcome(&outcome);
+    let snapshot = outcome.snapshot;
     let m = &snapshot.manifest;
     let output = BackupOutput {
         snapshot: &snapshot.id,
@@ -824,7 +759,7 @@ fn snapshots(ctx: &Context, args: &SnapshotsArgs) -> Result<()> {
     for error in &damaged {
         eprintln!("vbackup: warning: {error}");
     }
-    let state = ctx.client_state(&repo);
+    let state = ctx.client_state(&repo)?;
     let back: std::collections::HashSet<&str> = state
         .reappeared(all.iter().map(|s| s.id.as_str()))
         .into_iter()
@@ -959,10 +894,7 @@ fn key(ctx: &Context, command: &KeyCommand) -> Result<()> {
     let repo = ctx.open()?;
     match command {
         KeyCommand::Add => {
-            let file = std::env::var_os("VBACKUP_NEW_PASSWORD_FILE")
-                .filter(|v| !v.is_empty())
-                .map(PathBuf::from);
-            let passphrase = read_secret(file.as_deref(), "VBACKUP_NEW_PASSWORD", "New passphrase: ", true)?
+            let passphrase = new_passphrase()?
                 .ok_or_else(|| usage_error("no new passphrase: set VBACKUP_NEW_PASSWORD or VBACKUP_NEW_PASSWORD_FILE, or run on a terminal"))?;
             if passphrase.is_empty() {
                 return Err(usage_error("the new passphrase is empty"));
@@ -1074,30 +1006,5 @@ mod tests {
         assert_eq!(kdf_params_from(None, false), (KdfParams::default(), None));
         let (bad, warning) = kdf_params_from(Some(std::ffi::OsStr::new("lots")), true);
         assert_eq!((bad, warning.is_some()), (KdfParams::default(), true));
-    }
-
-    #[test]
-    fn passphrase_files_open_to_group_or_others_are_named_with_their_mode() {
-        use std::os::unix::fs::PermissionsExt;
-        let dir = tempfile::tempdir().unwrap();
-        let file = dir.path().join("pw");
-        std::fs::write(&file, "secret").unwrap();
-        for (mode, warned) in [
-            (0o600, false),
-            (0o400, false),
-            (0o640, true),
-            (0o604, true),
-            (0o620, true),
-        ] {
-            std::fs::set_permissions(&file, std::fs::Permissions::from_mode(mode)).unwrap();
-            let warning = exposure_warning(&file);
-            assert_eq!(warning.is_some(), warned, "{mode:o}: {warning:?}");
-            if let Some(w) = warning {
-                assert!(
-                    w.contains(&format!("{mode:04o}")) && w.contains("chmod 600"),
-                    "{w}"
-                );
-            }
-        }
     }
 }

@@ -47,7 +47,7 @@ fn run_check(
         &ctx.signal,
         |progress| vbackup_core::check(&repo, &options, progress),
     )?;
-    let state = ctx.client_state(&repo);
+    let state = ctx.client_state(&repo)?;
     report.rollback = vbackup_core::client_state::rollback_findings(&repo, &state)?;
     if !ctx.json(&report)? {
         print_check(ctx, &report, started.elapsed().as_secs_f64());
@@ -268,7 +268,7 @@ pub fn forget(ctx: &Context, args: &ForgetArgs) -> Result<()> {
         keep: args.keep.rules(),
         group_by: args.keep.group_by,
         dry_run: args.dry_run,
-        newest_policy_seen: ctx.client_state(&repo).newest_policy_revision(),
+        newest_policy_seen: 0,
         ids: args.ids.clone(),
         vm: args.vm.clone(),
         emptying: match args.yes {
@@ -277,10 +277,9 @@ pub fn forget(ctx: &Context, args: &ForgetArgs) -> Result<()> {
         },
     };
     if !args.dry_run && !args.yes && std::io::stdin().is_terminal() {
-        options.emptying = confirm_emptying(&repo, &options)?;
+        options.emptying = confirm_emptying(ctx, &repo, &options)?;
     }
-    let report = vbackup_core::forget(&repo, &options)?;
-    record_forget(ctx, &repo, &report)?;
+    let report = vbackup_open::state::forget(&ctx.repository_options()?, &repo, &options)?;
     if !ctx.global.json {
         print_forget(ctx, &report);
     }
@@ -305,12 +304,12 @@ pub fn forget(ctx: &Context, args: &ForgetArgs) -> Result<()> {
 /// On a terminal: plans the forget first and, when it would remove every
 /// snapshot of some VMs, shows the plan and asks; the VMs confirmed may be
 /// emptied, and a "no" removes nothing.
-fn confirm_emptying(repo: &Repository, options: &ForgetOptions) -> Result<Emptying> {
+fn confirm_emptying(ctx: &Context, repo: &Repository, options: &ForgetOptions) -> Result<Emptying> {
     let dry = ForgetOptions {
         dry_run: true,
         ..options.clone()
     };
-    let plan = vbackup_core::forget(repo, &dry)?;
+    let plan = vbackup_open::state::forget(&ctx.repository_options()?, repo, &dry)?;
     if plan.emptied_vms.is_empty() {
         return Ok(Emptying::Refuse);
     }
@@ -330,24 +329,6 @@ fn confirm_emptying(repo: &Repository, options: &ForgetOptions) -> Result<Emptyi
         message: "not confirmed; nothing was removed".to_string(),
     }
     .into())
-}
-
-/// Records the snapshots forget removed and the policy it applied in this
-/// host's record, so a storage that puts them back is noticed.
-fn record_forget(ctx: &Context, repo: &Repository, report: &ForgetReport) -> Result<()> {
-    if report.dry_run {
-        return Ok(());
-    }
-    ctx.update_state(repo, |state| {
-        for d in report.groups.iter().flat_map(|g| &g.decisions) {
-            if !d.keep {
-                state.record_forgotten(&d.snapshot, &d.vm, &d.time);
-            }
-        }
-        if let Some(policy) = &report.policy {
-            state.record_policy(policy);
-        }
-    })
 }
 
 fn print_forget(ctx: &Context, report: &ForgetReport) {
@@ -513,10 +494,13 @@ pub fn policy(ctx: &Context, command: &PolicyCommand) -> Result<()> {
         },
         PolicyCommand::Set(keep) => {
             let rules = keep.rules().unwrap_or_default();
-            let seen = ctx.client_state(&repo).newest_policy_revision();
             let group_by = keep.group_by.unwrap_or_default();
-            let policy = vbackup_core::set_policy(&repo, rules, group_by, seen)?;
-            ctx.update_state(&repo, |state| state.record_policy(&policy))?;
+            let policy = vbackup_open::state::set_policy(
+                &ctx.repository_options()?,
+                &repo,
+                rules,
+                group_by,
+            )?;
             if !ctx.json(&policy)? {
                 ctx.say(format!(
                     "stored policy: {}, grouped by {}",
@@ -545,9 +529,10 @@ fn note_policy(
     repo: &Repository,
     policy: &vbackup_core::format::lifecycle::PolicyFile,
 ) -> Result<()> {
-    match ctx.client_state(repo).check_policy(policy) {
-        Err(e) => eprintln!("vbackup: warning: {e}"),
-        Ok(()) => ctx.update_state(repo, |state| state.record_policy(policy))?,
+    if let Some(warning) =
+        vbackup_open::state::note_policy(&ctx.repository_options()?, repo, policy)?
+    {
+        eprintln!("vbackup: warning: {warning}");
     }
     Ok(())
 }

@@ -12,7 +12,7 @@ use std::sync::Arc;
 use std::time::Instant;
 
 use anyhow::{bail, Context as _, Result};
-use vbackup_core::{BackupOptions, InitOptions, Repository};
+use vbackup_core::{InitOptions, Repository};
 use vbackup_storage::LocalBackend;
 
 use crate::args::QuickstartArgs;
@@ -366,26 +366,22 @@ fn backup(
     disk: &Path,
     label: &str,
 ) -> Result<vbackup_core::Snapshot> {
-    let request = vbackup_vm::offline::OfflineBackup {
+    let job = vbackup_vm::job::BackupJob {
         vm: VM.to_string(),
-        images: vec![vbackup_vm::offline::Image {
-            name: "vda".to_string(),
-            path: disk.to_path_buf(),
-            format: None,
-        }],
-        requested: vbackup_vm::Requested::Auto,
-        options: BackupOptions {
-            vm: VM.to_string(),
+        source: vbackup_vm::job::VmSource {
+            disks: vec![disk.to_path_buf()],
+            disk_names: vec!["vda".to_string()],
             tags: vec!["quickstart".into()],
-            host: None,
-            threads: ctx.threads(),
-            skip_unchanged: true,
+            ..Default::default()
         },
-        definition: None,
+        requested: vbackup_vm::Requested::Auto,
+        threads: ctx.threads(),
+        skip_unchanged: true,
     };
     let snapshot = with_progress("backup", true, &ctx.signal, |p| {
-        vbackup_vm::offline::backup(repo, &request, p)
-    })?;
+        vbackup_vm::job::backup(repo, &job, p)
+    })?
+    .snapshot;
     ctx.say(format!("{label}:"));
     print_backup_summary(ctx, &snapshot);
     Ok(snapshot)

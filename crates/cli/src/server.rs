@@ -13,7 +13,7 @@ use vbackup_remote::RemoteConfig;
 use vbackup_server::tokens::TokenEntry;
 use vbackup_server::ServerConfig;
 
-use crate::args::{Command, GlobalArgs, PolicyCommand};
+use crate::args::{Command, PolicyCommand};
 use crate::commands::Context;
 use crate::{ExitError, EXIT_USAGE};
 
@@ -305,17 +305,21 @@ fn operation(command: &Command) -> Option<Operation> {
 /// For a repository on a server, refuses at once a command the token's
 /// role does not allow (the server would refuse its first change anyway,
 /// possibly after work was done).
-pub fn check_role(global: &GlobalArgs, command: &Command) -> Result<()> {
-    let (Some(url), Some(operation)) = (global.repo.as_deref(), operation(command)) else {
+pub fn check_role(ctx: &Context, command: &Command) -> Result<()> {
+    let Some(operation) = operation(command) else {
         return Ok(());
     };
-    if !url.starts_with("https://") {
+    // Without a repository the command itself says what is missing.
+    let Ok(options) = ctx.repository_options() else {
         return Ok(());
-    }
+    };
+    let (url, Some(token)) = (&options.location, options.token) else {
+        return Ok(());
+    };
     let client = vbackup_remote::RemoteBackend::new(&RemoteConfig {
         url: url.to_string(),
-        token: read_token(global.token_file.as_deref())?,
-        fingerprint: global.server_fingerprint.clone(),
+        token,
+        fingerprint: options.server_fingerprint.clone(),
     })
     .map_err(|e| usage(e.to_string()))?;
     let me = client.whoami().with_context(|| {

@@ -281,7 +281,14 @@ fn the_vm_configuration_is_restored_beside_the_disks_with_their_new_paths() {
         ),
     )
     .unwrap();
-    env.ok(&["backup", "--vm", "guest", "--config", s(&config), s(&image)]);
+    env.ok(&[
+        "backup",
+        "--vm",
+        "guest",
+        "--definition",
+        s(&config),
+        s(&image),
+    ]);
     let out = env.path("restored");
     env.ok(&["restore", "latest", "--target", s(&out)]);
     let restored = std::fs::read_to_string(out.join("guest.xml")).unwrap();

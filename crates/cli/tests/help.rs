@@ -385,7 +385,14 @@ fn driver_type_in_the_restored_definition_matches_the_restored_image() {
     ok(dir.path(), &["init"]);
     ok(
         dir.path(),
-        &["backup", "--vm", "web1", "--config", s(&config), s(&image)],
+        &[
+            "backup",
+            "--vm",
+            "web1",
+            "--definition",
+            s(&config),
+            s(&image),
+        ],
     );
     for format in ["raw", "qcow2"] {
         let target = dir.path().join(format!("restored-{format}"));

@@ -167,7 +167,7 @@ fn attack_restore_path_traversal_forged_config_file_name_writes_nothing_outside(
     let image = env.raw_image("web1.raw", 4);
     let config = env.path("web1.xml");
     std::fs::write(&config, "<domain/>").unwrap();
-    let id = env.backup("web1", &["--config", s(&config), s(&image)]);
+    let id = env.backup("web1", &["--definition", s(&config), s(&image)]);
     let forged = forge(&env, &id, |m| {
         let file = m.definition.as_mut().unwrap().config_file.as_mut().unwrap();
         file.name = "../evil.xml".to_string();
@@ -184,7 +184,7 @@ fn attack_local_user_copies_repository_and_restored_files_everything_is_private(
     let image = env.raw_image("web1.raw", 4);
     let config = env.path("web1.xml");
     std::fs::write(&config, "<domain/>").unwrap();
-    let id = env.backup("web1", &["--config", s(&config), s(&image)]);
+    let id = env.backup("web1", &["--definition", s(&config), s(&image)]);
     assert_eq!(mode(&env.repo()), 0o700);
     let files = walk(&env.repo());
     assert!(files.iter().any(|f| f.starts_with(env.repo().join("keys"))));

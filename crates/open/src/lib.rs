@@ -24,7 +24,9 @@
 //! (kebab-case TOML or JSON), tests build it literally.
 #![deny(missing_docs)]
 
-use std::path::PathBuf;
+pub mod state;
+
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use serde::{Deserialize, Serialize};
@@ -98,15 +100,26 @@ pub enum Purpose {
 }
 
 /// How to reach and open a repository: one struct for the library, the
-/// CLI's flags and environment, and configuration files.
+/// CLI's flags and environment, and the `[repository.NAME]` sections of a
+/// configuration file (kebab-case keys: `location`, `password-file`, ...).
 #[derive(Clone, Default, Serialize, Deserialize)]
 #[serde(rename_all = "kebab-case", deny_unknown_fields)]
 pub struct RepositoryOptions {
     /// The location: a folder, `s3:…` or `https://HOST:PORT/NAME`.
-    pub repository: String,
-    /// For a server: the access token (a secret; never printed by `Debug`).
     #[serde(default)]
+    pub location: String,
+    /// The file whose first line is the passphrase.
+    #[serde(default)]
+    pub password_file: Option<PathBuf>,
+    /// For a server: the access token (a secret; never printed by `Debug`,
+    /// never read from or written to a configuration file: those name a
+    /// `token-file`).
+    #[serde(skip)]
     pub token: Option<String>,
+    /// For a server: the file whose first line is the access token, read
+    /// when `token` is not given.
+    #[serde(default)]
+    pub token_file: Option<PathBuf>,
     /// For a server with a self-signed certificate: its SHA-256
     /// fingerprint (hex), pinned.
     #[serde(default)]
@@ -130,8 +143,10 @@ pub struct RepositoryOptions {
 impl std::fmt::Debug for RepositoryOptions {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("RepositoryOptions")
-            .field("repository", &self.repository)
+            .field("location", &self.location)
+            .field("password_file", &self.password_file)
             .field("token", &self.token.as_ref().map(|_| "<redacted>"))
+            .field("token_file", &self.token_file)
             .field("server_fingerprint", &self.server_fingerprint)
             .field("no_cache", &self.no_cache)
             .field("cache_dir", &self.cache_dir)
@@ -142,17 +157,61 @@ impl std::fmt::Debug for RepositoryOptions {
 }
 
 impl RepositoryOptions {
-    /// Options for `repository` with every default.
-    pub fn new(repository: impl Into<String>) -> Self {
+    /// Options for the repository at `location` with every default.
+    pub fn new(location: impl Into<String>) -> Self {
         Self {
-            repository: repository.into(),
+            location: location.into(),
             ..Self::default()
+        }
+    }
+
+    /// These options, with what they leave unset taken from `lower` (a
+    /// configuration file's section under the command line's flags): the
+    /// location and every optional value where this one has none, and the
+    /// switches on when either turns them on.
+    pub fn over(self, lower: &RepositoryOptions) -> Self {
+        let location = match self.location.is_empty() {
+            true => lower.location.clone(),
+            false => self.location,
+        };
+        Self {
+            location,
+            password_file: self.password_file.or_else(|| lower.password_file.clone()),
+            token: self.token.or_else(|| lower.token.clone()),
+            token_file: self.token_file.or_else(|| lower.token_file.clone()),
+            server_fingerprint: self
+                .server_fingerprint
+                .or_else(|| lower.server_fingerprint.clone()),
+            no_cache: self.no_cache || lower.no_cache,
+            cache_dir: self.cache_dir.or_else(|| lower.cache_dir.clone()),
+            allow_unencrypted: self.allow_unencrypted || lower.allow_unencrypted,
+            threads: self.threads.or(lower.threads),
         }
     }
 
     /// The parsed location.
     pub fn location(&self) -> Result<Location> {
-        Location::parse(&self.repository)
+        Location::parse(&self.location)
+    }
+
+    /// The server token: `token`, else the first line of `token_file`;
+    /// `None` when neither is given.
+    pub fn token(&self) -> Result<Option<String>> {
+        if let Some(token) = self.token.as_ref().filter(|t| !t.trim().is_empty()) {
+            return Ok(Some(token.trim().to_string()));
+        }
+        match &self.token_file {
+            Some(file) => read_secret_file(file, "token").map(Some),
+            None => Ok(None),
+        }
+    }
+
+    /// The passphrase from `password_file`, if one is named.
+    pub fn passphrase(&self) -> Result<Option<String>> {
+        match &self.password_file {
+            Some(file) => read_secret_file(file, "passphrase").map(Some),
+            None => Ok(None),
+        }
     }
 
     /// The client's cache folder (remote repositories' metadata copies).
@@ -172,6 +231,41 @@ impl RepositoryOptions {
             .unwrap_or_else(vbackup_core::default_threads)
             .max(1)
     }
+}
+
+/// The first line of the secret file `file` (a passphrase or a token,
+/// named by `what` in the error), without its line ending; a token also
+/// without surrounding spaces, a passphrase with them.
+pub fn read_secret_file(file: &Path, what: &str) -> Result<String> {
+    let text = std::fs::read_to_string(file).map_err(|e| {
+        Error::InvalidInput(format!(
+            "cannot read the {what} file {}: {e}",
+            file.display()
+        ))
+    })?;
+    let line = text.lines().next().unwrap_or_default();
+    Ok(match what {
+        "token" => line.trim().to_string(),
+        _ => line.to_string(),
+    })
+}
+
+/// A warning, as ssh gives for keys, when the secret file `file` (a
+/// passphrase or a token, named by `what`) can be read or written by users
+/// other than its owner: anyone who reads it can open the repository.
+/// Front ends print it and go on, so a scheduled backup does not stop
+/// over a mode.
+pub fn secret_file_exposure(file: &Path, what: &str) -> Option<String> {
+    use std::os::unix::fs::PermissionsExt;
+    let mode = std::fs::metadata(file).ok()?.permissions().mode() & 0o777;
+    (mode & 0o077 != 0).then(|| {
+        format!(
+            "the {what} file {} has mode {mode:04o}: other users can read or change it; \
+             make it its owner's alone (chmod 600 {})",
+            file.display(),
+            file.display()
+        )
+    })
 }
 
 /// `VBACKUP_CACHE_DIR`, else `$XDG_CACHE_HOME/vbackup`, else
@@ -204,7 +298,7 @@ fn raw_backend(options: &RepositoryOptions, location: &Location) -> Result<Arc<d
         Location::Folder(path) => Ok(Arc::new(LocalBackend::new(path.clone()))),
         Location::S3(text) => Ok(Arc::new(vbackup_s3::open(text)?)),
         Location::Server(url) => {
-            let token = options.token.clone().ok_or_else(|| {
+            let token = options.token()?.ok_or_else(|| {
                 Error::InvalidInput(format!(
                     "the repository {url} is on a vbackup server, which needs an access token"
                 ))
@@ -320,15 +414,74 @@ mod tests {
 
     #[test]
     fn options_read_from_a_config_file_and_never_print_the_token() {
-        let options: RepositoryOptions = serde_json::from_str(
-            r#"{"repository": "https://backup:8007/web", "token": "vb1.abc.s3cr3tvalue", "threads": 4}"#,
+        let mut options: RepositoryOptions = serde_json::from_str(
+            r#"{"location": "https://backup:8007/web", "token-file": "/etc/vbackup/token", "threads": 4}"#,
         )
         .unwrap();
         assert_eq!(options.threads(), 4);
-        assert!(!format!("{options:?}").contains("s3cr3tvalue"));
-        assert!(
-            serde_json::from_str::<RepositoryOptions>(r#"{"repository": "x", "typo": 1}"#).is_err()
+        assert_eq!(
+            options.token_file,
+            Some(PathBuf::from("/etc/vbackup/token"))
         );
+        options.token = Some("vb1.abc.s3cr3tvalue".into());
+        assert!(!format!("{options:?}").contains("s3cr3tvalue"));
+        assert!(!serde_json::to_string(&options)
+            .unwrap()
+            .contains("s3cr3tvalue"));
+        assert!(
+            serde_json::from_str::<RepositoryOptions>(r#"{"location": "x", "typo": 1}"#).is_err()
+        );
+        assert!(
+            serde_json::from_str::<RepositoryOptions>(r#"{"token": "inline"}"#).is_err(),
+            "a token is never read from a configuration file"
+        );
+    }
+
+    #[test]
+    fn flags_win_over_the_configuration_file_and_fill_from_it() {
+        let file = RepositoryOptions {
+            password_file: Some("/etc/vbackup/pw".into()),
+            threads: Some(8),
+            allow_unencrypted: true,
+            ..RepositoryOptions::new("/srv/vbackup")
+        };
+        let flags = RepositoryOptions {
+            threads: Some(2),
+            ..RepositoryOptions::default()
+        };
+        let merged = flags.over(&file);
+        assert_eq!(merged.location, "/srv/vbackup");
+        assert_eq!(merged.threads, Some(2));
+        assert_eq!(merged.password_file, Some("/etc/vbackup/pw".into()));
+        assert!(merged.allow_unencrypted);
+        let elsewhere = RepositoryOptions::new("/mnt/other").over(&file);
+        assert_eq!(elsewhere.location, "/mnt/other");
+    }
+
+    #[test]
+    fn secret_files_give_their_first_line_and_exposed_ones_are_named() {
+        use std::os::unix::fs::PermissionsExt;
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join("pw");
+        std::fs::write(&file, " pass phrase \nsecond\n").unwrap();
+        std::fs::set_permissions(&file, std::fs::Permissions::from_mode(0o600)).unwrap();
+        assert_eq!(
+            read_secret_file(&file, "passphrase").unwrap(),
+            " pass phrase "
+        );
+        assert_eq!(read_secret_file(&file, "token").unwrap(), "pass phrase");
+        assert_eq!(secret_file_exposure(&file, "passphrase"), None);
+        std::fs::set_permissions(&file, std::fs::Permissions::from_mode(0o644)).unwrap();
+        let warning = secret_file_exposure(&file, "passphrase").unwrap();
+        assert!(
+            warning.contains("passphrase file")
+                && warning.contains("0644")
+                && warning.contains("chmod 600"),
+            "{warning}"
+        );
+        let missing = read_secret_file(&dir.path().join("none"), "token").unwrap_err();
+        assert!(missing.to_string().contains("token file"), "{missing}");
+        assert_eq!(missing.class(), vbackup_core::ErrorClass::Usage);
     }
 
     #[test]

@@ -8,6 +8,8 @@
 //! - [`live`]: a running QEMU or qemu-storage-daemon driven over QMP: one
 //!   transaction freezes the point in time of all disks (image fleecing)
 //!   and rotates their bitmaps; the point-in-time view is read over NBD.
+//! - [`job`]: one request for both ([`job::VmSource`], [`job::backup`]),
+//!   and [`config`]: the configuration file's named repositories and VMs.
 //!
 //! Either way the order is the same, and it is what keeps tracking safe:
 //! read (nothing recorded yet) → rotate bitmaps → record the snapshot. A
@@ -17,8 +19,10 @@
 //! full read, with its reason.
 #![deny(missing_docs)]
 
+pub mod config;
 pub mod definition;
 mod error;
+pub mod job;
 pub mod live;
 pub mod offline;
 pub mod restore;

@@ -106,12 +106,14 @@ pub fn walk_dirs(dir: &Path) -> Vec<PathBuf> {
 /// Sets up `cmd` (the `vbackup` binary, or a shell that runs it) for a
 /// local repository in `dir/repo` opened with `password`, with a cheap
 /// key derivation and the client state in `dir/cache` (never the real
-/// home), and nothing inherited that could change what it does.
+/// home), no configuration file, and nothing inherited that could change
+/// what it does.
 pub fn local_env<'a>(cmd: &'a mut Command, dir: &Path, password: &str) -> &'a mut Command {
     cmd.env("VBACKUP_REPOSITORY", dir.join("repo"))
         .env("VBACKUP_PASSWORD", password)
         .env("VBACKUP_KDF_MEMORY_KIB", "1024")
         .env("VBACKUP_CACHE_DIR", dir.join("cache"))
+        .env("VBACKUP_CONFIG", "/dev/null")
         .env_remove("VBACKUP_PASSWORD_FILE")
         .env_remove("VBACKUP_ALLOW_UNENCRYPTED")
         .stdin(std::process::Stdio::null())

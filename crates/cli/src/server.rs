@@ -9,7 +9,6 @@ use anyhow::{Context as _, Result};
 use clap::{Args, Subcommand, ValueEnum};
 use serde::Serialize;
 use vbackup_protocol::{Operation, Role};
-use vbackup_remote::RemoteConfig;
 use vbackup_server::tokens::TokenEntry;
 use vbackup_server::ServerConfig;
 
@@ -303,8 +302,7 @@ fn operation(command: &Command) -> Option<Operation> {
 }
 
 /// For a repository on a server, refuses at once a command the token's
-/// role does not allow (the server would refuse its first change anyway,
-/// possibly after work was done).
+/// role does not allow (see [`vbackup_open::check_role`]).
 pub fn check_role(ctx: &Context, command: &Command) -> Result<()> {
     let Some(operation) = operation(command) else {
         return Ok(());
@@ -313,32 +311,7 @@ pub fn check_role(ctx: &Context, command: &Command) -> Result<()> {
     let Ok(options) = ctx.repository_options() else {
         return Ok(());
     };
-    let (url, Some(token)) = (&options.location, options.token) else {
-        return Ok(());
-    };
-    let client = vbackup_remote::RemoteBackend::new(&RemoteConfig {
-        url: url.to_string(),
-        token,
-        fingerprint: options.server_fingerprint.clone(),
-    })
-    .map_err(|e| usage(e.to_string()))?;
-    let me = client.whoami().with_context(|| {
-        format!("cannot learn the token's role from the server at {url}, so the command was not started")
-    })?;
-    let needed = operation.required_role();
-    if !me.role.allows(operation) {
-        return Err(usage(format!(
-            "this command needs {} token; the token {} has the role {} on the server",
-            match needed {
-                Role::Admin => "an admin",
-                Role::Backup => "a backup (or admin)",
-                Role::Read => "a read",
-            },
-            me.id,
-            me.role
-        )));
-    }
-    Ok(())
+    Ok(vbackup_open::check_role(&options, operation)?)
 }
 
 /// The server token from `file`, else `VBACKUP_TOKEN`.

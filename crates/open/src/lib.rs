@@ -358,6 +358,44 @@ pub fn init(
     Repository::init(backend, passphrase, &init)
 }
 
+/// For a repository on a server, refuses at once an operation the token's
+/// role does not allow, before any work (the server would refuse its first
+/// change anyway, possibly after much was read). Other locations, and
+/// options without a token, pass.
+pub fn check_role(
+    options: &RepositoryOptions,
+    operation: vbackup_protocol::Operation,
+) -> Result<()> {
+    let (Location::Server(url), Some(token)) = (options.location()?, options.token()?) else {
+        return Ok(());
+    };
+    let client = vbackup_remote::RemoteBackend::new(&vbackup_remote::RemoteConfig {
+        url: url.clone(),
+        token,
+        fingerprint: options.server_fingerprint.clone(),
+    })
+    .map_err(|e| Error::InvalidInput(e.to_string()))?;
+    let me = client.whoami().map_err(|e| {
+        Error::Storage(vbackup_storage::StorageError::new(
+            e.kind(),
+            e.key(),
+            format!("cannot learn the token's role from the server at {url}, so the command was not started: {e}"),
+        ))
+    })?;
+    if me.role.allows(operation) {
+        return Ok(());
+    }
+    let needed = match operation.required_role() {
+        vbackup_protocol::Role::Admin => "an admin",
+        vbackup_protocol::Role::Backup => "a backup (or admin)",
+        vbackup_protocol::Role::Read => "a read",
+    };
+    Err(Error::InvalidInput(format!(
+        "this command needs {needed} token; the token {} has the role {} on the server",
+        me.id, me.role
+    )))
+}
+
 /// Worker threads for work that mostly waits on `repo`'s backend (backup,
 /// restore, verify): `threads` when given, else enough to keep the
 /// backend's preferred number of requests in flight — but beyond the

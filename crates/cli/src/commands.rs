@@ -11,8 +11,8 @@ use serde::Serialize;
 use vbackup_core::crypto::{kdf::KdfParams, CipherKind, DigestKind};
 use vbackup_core::format::DiskRecord;
 use vbackup_core::{InitOptions, Repository, Snapshot};
+use vbackup_daemon::config::Config;
 use vbackup_open::{Purpose, RepositoryOptions};
-use vbackup_vm::config::Config;
 use vbackup_vm::job::{BackupJob, BackupOutcome, VmSource};
 use vbackup_vm::restore;
 

@@ -27,14 +27,7 @@ pub enum Error {
     /// The request does not make sense.
     #[error("{0}")]
     Invalid(String),
-    /// The configuration file cannot be read or is not valid.
-    #[error("the configuration file {}: {message}", file.display())]
-    Config {
-        /// The file.
-        file: std::path::PathBuf,
-        /// What is wrong, with the line when the parser knows it.
-        message: String,
-    },
+
     /// The VM's backup lock could not be taken: another vbackup holds it,
     /// or its file cannot be created.
     #[error("{0}")]
@@ -72,7 +65,7 @@ impl Error {
         match self {
             Error::Core(error) => error.class(),
             Error::Qemu { source, .. } => source.class(),
-            Error::Invalid(_) | Error::Config { .. } => ErrorClass::Usage,
+            Error::Invalid(_) => ErrorClass::Usage,
             Error::Lock(_) | Error::Io { .. } => ErrorClass::Runtime,
             Error::Restore { source, .. } => source.class(),
         }

@@ -9,7 +9,7 @@
 //!   transaction freezes the point in time of all disks (image fleecing)
 //!   and rotates their bitmaps; the point-in-time view is read over NBD.
 //! - [`job`]: one request for both ([`job::VmSource`], [`job::backup`]),
-//!   and [`config`]: the configuration file's named repositories and VMs.
+//!   the `[vm.NAME]` sections of the configuration file (`vbackup-daemon`).
 //!
 //! Either way the order is the same, and it is what keeps tracking safe:
 //! read (nothing recorded yet) → rotate bitmaps → record the snapshot. A
@@ -19,7 +19,6 @@
 //! full read, with its reason.
 #![deny(missing_docs)]
 
-pub mod config;
 pub mod definition;
 mod error;
 pub mod job;

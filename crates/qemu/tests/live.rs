@@ -16,7 +16,7 @@ use serde_json::json;
 use vbackup_core::source::DiskSource;
 use vbackup_qemu::live::{discover_disks, LiveDiskPlan, LiveOptions, LiveSession};
 use vbackup_qemu::qga::FreezeStatus;
-use vbackup_qemu::testing::StorageDaemon;
+use vbackup_testkit::qemu::StorageDaemon;
 use vbackup_qemu::{
     img, open_disk_with, Error, GuestAgent, NbdExportOptions, NbdExportSource, OpenDiskOptions,
     QemuNbd, QemuNbdOptions, QmpClient,

@@ -16,14 +16,14 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
+use serde_json::Value;
+use vbackup_remote::{RemoteBackend, RemoteConfig};
+use vbackup_storage::{Backend, ErrorKind};
 use vbackup_testkit::cli::{self, CliEnv};
 use vbackup_testkit::qemu::{copy_now, guest_write, identical};
 use vbackup_testkit::server::{self, Server};
 use vbackup_testkit::tls::{self, Tls};
 use vbackup_testkit::util::{noise, s, text, tool, walk, walk_dirs};
-use serde_json::Value;
-use vbackup_remote::{RemoteBackend, RemoteConfig};
-use vbackup_storage::{Backend, ErrorKind};
 
 const MIB: u64 = 1 << 20;
 const VBACKUP: &str = env!("CARGO_BIN_EXE_vbackup");
@@ -1177,7 +1177,7 @@ fn attack_connection_flood_is_capped() {
     assert!(up, "the server does not serve");
     // Two silent connections hold both places: a third is closed at once.
     let hogs: Vec<TcpStream> = (0..2)
-        .map(|_| TcpStream::connect(&env.server.addr()).unwrap())
+        .map(|_| TcpStream::connect(env.server.addr()).unwrap())
         .collect();
     std::thread::sleep(Duration::from_millis(300));
     assert_eq!(whoami(&env), "", "a connection over the cap was served");

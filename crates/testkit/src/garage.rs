@@ -223,8 +223,7 @@ impl Drop for Garage {
 
 fn start_node(binary: &Path, dir: &Path, i: usize, count: usize, rpc_secret: &str) -> Node {
     let root = dir.join(format!("node{i}"));
-    std::fs::create_dir_all(&root)
-        .unwrap_or_else(|e| panic!("creating {}: {e}", root.display()));
+    std::fs::create_dir_all(&root).unwrap_or_else(|e| panic!("creating {}: {e}", root.display()));
     let (rpc_port, s3_port, admin_port) = (free_port(), free_port(), free_port());
     let config = root.join("garage.toml");
     let toml = format!(
@@ -245,8 +244,7 @@ api_bind_addr = "127.0.0.1:{admin_port}"
 "#,
         root = root.display()
     );
-    std::fs::write(&config, toml)
-        .unwrap_or_else(|e| panic!("writing {}: {e}", config.display()));
+    std::fs::write(&config, toml).unwrap_or_else(|e| panic!("writing {}: {e}", config.display()));
     let log = std::fs::File::create(root.join("server.log"))
         .unwrap_or_else(|e| panic!("creating the server log in {}: {e}", root.display()));
     let stdout = log

@@ -56,7 +56,9 @@ impl MemDisk {
     fn range(&self, offset: u64, len: u64) -> io::Result<&[u8]> {
         let end = offset.checked_add(len);
         match end {
-            Some(end) if end <= self.data.len() as u64 => Ok(&self.data[offset as usize..end as usize]),
+            Some(end) if end <= self.data.len() as u64 => {
+                Ok(&self.data[offset as usize..end as usize])
+            }
             _ => Err(io::Error::new(
                 io::ErrorKind::UnexpectedEof,
                 format!(
@@ -147,7 +149,10 @@ impl MemTarget {
 
     /// What has been written so far (zeros elsewhere).
     pub fn contents(&self) -> Vec<u8> {
-        self.0.lock().unwrap_or_else(PoisonError::into_inner).clone()
+        self.0
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .clone()
     }
 }
 

@@ -188,3 +188,66 @@ impl DiskWriter for MemTarget {
         Ok(())
     }
 }
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+
+    use super::*;
+
+    #[test]
+    fn with_holes_reports_zero_blocks_as_holes_and_merges_runs() {
+        let mut data = vec![0u8; 4 * HOLE_BLOCK as usize];
+        data[HOLE_BLOCK as usize] = 1;
+        data[2 * HOLE_BLOCK as usize + 5] = 1;
+        let mut disk = MemDisk::with_holes(data.clone());
+        let kinds: Vec<(u64, u64, ExtentKind)> = disk
+            .extents(0, 4 * HOLE_BLOCK)
+            .unwrap()
+            .iter()
+            .map(|e| (e.offset, e.length, e.kind))
+            .collect();
+        let block = HOLE_BLOCK;
+        assert_eq!(
+            kinds,
+            vec![
+                (0, block, ExtentKind::Zero),
+                (block, 2 * block, ExtentKind::Data),
+                (3 * block, block, ExtentKind::Zero),
+            ]
+        );
+        let mut plain = MemDisk::new(data);
+        assert_eq!(plain.extents(0, 4 * block).unwrap().len(), 1);
+    }
+
+    #[test]
+    fn reads_and_writes_past_the_end_are_errors_not_panics() {
+        let mut disk = MemDisk::new(vec![7u8; 10]);
+        let mut buf = [0u8; 4];
+        disk.read_exact_at(&mut buf, 6).unwrap();
+        assert_eq!(buf, [7u8; 4]);
+        assert!(disk.read_exact_at(&mut buf, 7).is_err());
+        let target = MemTarget::new(10);
+        let mut writer = target.clone();
+        writer.write_all_at(&[1, 2], 8).unwrap();
+        assert!(writer.write_all_at(&[1, 2], 9).is_err());
+        assert_eq!(&target.contents()[8..], &[1, 2]);
+    }
+
+    #[test]
+    fn the_hook_runs_once_on_the_first_read() {
+        let runs = Arc::new(Mutex::new(0));
+        let disk = MemDisk::new(vec![0u8; 8]);
+        let counter = runs.clone();
+        *disk.hook.lock().unwrap() = Some(Box::new(move || *counter.lock().unwrap() += 1));
+        let mut reader = disk.clone();
+        let mut buf = [0u8; 2];
+        reader.read_exact_at(&mut buf, 0).unwrap();
+        reader.read_exact_at(&mut buf, 2).unwrap();
+        disk.open_reader()
+            .unwrap()
+            .read_exact_at(&mut buf, 4)
+            .unwrap();
+        assert_eq!(*runs.lock().unwrap(), 1);
+    }
+}

@@ -6,48 +6,31 @@
 // Test helpers panic on unexpected failures; that is how a test fails.
 #![allow(clippy::unwrap_used)]
 
-mod common;
-
+use std::ops::Deref;
 use std::path::{Path, PathBuf};
-use std::process::{Command, Output, Stdio};
 
-use common::{copy_now, guest_write, identical, s, text, tool};
 use serde_json::Value;
+use vbackup_testkit::cli::CliEnv;
+use vbackup_testkit::qemu::{copy_now, guest_write, identical};
+use vbackup_testkit::util::{s, tool};
 
 const MIB: u64 = 1 << 20;
 
-struct Env {
-    dir: tempfile::TempDir,
+/// A repository in a temporary folder, initialised.
+struct Env(CliEnv);
+
+impl Deref for Env {
+    type Target = CliEnv;
+    fn deref(&self) -> &CliEnv {
+        &self.0
+    }
 }
 
 impl Env {
     fn new() -> Self {
-        let env = Self {
-            dir: tempfile::tempdir().unwrap(),
-        };
+        let env = Self(CliEnv::new(env!("CARGO_BIN_EXE_vbackup")));
         env.ok(&["init"]);
         env
-    }
-
-    fn path(&self, name: &str) -> PathBuf {
-        self.dir.path().join(name)
-    }
-
-    fn run(&self, args: &[&str]) -> Output {
-        Command::new(env!("CARGO_BIN_EXE_vbackup"))
-            .args(args)
-            .env("VBACKUP_REPOSITORY", self.path("repo"))
-            .env("VBACKUP_PASSWORD", "pw")
-            .env("VBACKUP_KDF_MEMORY_KIB", "1024")
-            .stdin(Stdio::null())
-            .output()
-            .unwrap()
-    }
-
-    fn ok(&self, args: &[&str]) -> String {
-        let out = self.run(args);
-        assert!(out.status.success(), "vbackup {args:?}: {}", text(&out));
-        String::from_utf8(out.stdout).unwrap()
     }
 
     /// Backs up `image` as VM `vm` with `--type kind`; returns the JSON.

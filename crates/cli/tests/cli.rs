@@ -5,68 +5,28 @@
 // Test helpers panic on unexpected failures; that is how a test fails.
 #![allow(clippy::unwrap_used)]
 
-mod common;
-
+use std::ops::Deref;
 use std::path::{Path, PathBuf};
-use std::process::{Command, Output};
+use std::process::Command;
 
-use common::{noise, s, text, tool, walk};
-use tempfile::TempDir;
+use vbackup_testkit::cli::CliEnv;
+use vbackup_testkit::util::{noise, s, text, tool, walk};
 
 const PASSWORD: &str = "correct horse battery staple";
 
 /// A test's folder, repository and the way to run vbackup in it.
-struct Env {
-    dir: TempDir,
+struct Env(CliEnv);
+
+impl Deref for Env {
+    type Target = CliEnv;
+    fn deref(&self) -> &CliEnv {
+        &self.0
+    }
 }
 
 impl Env {
     fn new() -> Self {
-        Self {
-            dir: tempfile::tempdir().unwrap(),
-        }
-    }
-
-    fn path(&self, name: &str) -> PathBuf {
-        self.dir.path().join(name)
-    }
-
-    fn repo(&self) -> PathBuf {
-        self.path("repo")
-    }
-
-    fn command(&self, args: &[&str]) -> Command {
-        let mut cmd = Command::new(env!("CARGO_BIN_EXE_vbackup"));
-        cmd.args(args);
-        common::local_env(&mut cmd, self.dir.path(), PASSWORD);
-        cmd
-    }
-
-    fn run(&self, args: &[&str]) -> Output {
-        self.command(args).output().unwrap()
-    }
-
-    /// Runs and expects success; returns stdout.
-    fn ok(&self, args: &[&str]) -> String {
-        let out = self.run(args);
-        assert!(
-            out.status.success(),
-            "vbackup {args:?} failed:\n{}",
-            text(&out)
-        );
-        String::from_utf8(out.stdout).unwrap()
-    }
-
-    /// Runs and expects exit `code`; returns stderr.
-    fn fails(&self, args: &[&str], code: i32) -> String {
-        let out = self.run(args);
-        assert_eq!(
-            out.status.code(),
-            Some(code),
-            "vbackup {args:?}:\n{}",
-            text(&out)
-        );
-        String::from_utf8(out.stderr).unwrap()
+        Self(CliEnv::new(env!("CARGO_BIN_EXE_vbackup")).with_password(PASSWORD))
     }
 
     fn init(&self) {

@@ -6,13 +6,12 @@
 // Test helpers panic on unexpected failures; that is how a test fails.
 #![allow(clippy::unwrap_used)]
 
-mod common;
-
 use std::path::PathBuf;
 use std::process::{Command, Output};
 
-use common::{s, text, tool};
 use tempfile::TempDir;
+use vbackup_testkit::qemu::{guest_write, identical};
+use vbackup_testkit::util::{s, text, tool};
 
 const PASSWORD: &str = "config test";
 
@@ -41,7 +40,7 @@ impl Env {
                 "8M",
             ],
         );
-        common::guest_write(&env.path("web1.qcow2"), 5, 0, 1 << 20);
+        guest_write(&env.path("web1.qcow2"), 5, 0, 1 << 20);
         std::fs::write(env.path("web1.xml"), "<domain><name>web1</name></domain>\n").unwrap();
         env
     }
@@ -145,7 +144,7 @@ fn a_vm_named_in_the_file_is_backed_up_with_its_disks_definition_and_repository(
         restored.join("web1.xml").exists(),
         "the definition named in the file was stored"
     );
-    assert!(common::identical(
+    assert!(identical(
         &env.path("web1.qcow2"),
         &restored.join("web1.raw")
     ));

@@ -6,12 +6,12 @@
 // Test helpers panic on unexpected failures; that is how a test fails.
 #![allow(clippy::unwrap_used)]
 
-mod common;
-
 use std::path::Path;
 use std::process::{Command, Output, Stdio};
 
-use common::{s, text, tool};
+use vbackup_testkit::cli::local_env;
+use vbackup_testkit::qemu::guest_write;
+use vbackup_testkit::util::{s, text, tool};
 
 const PASSWORD: &str = "correct horse battery staple";
 
@@ -42,7 +42,7 @@ const COMMANDS: [&str; 19] = [
 fn vbackup(dir: &Path, args: &[&str]) -> Output {
     let mut cmd = Command::new(env!("CARGO_BIN_EXE_vbackup"));
     cmd.args(args);
-    common::local_env(&mut cmd, dir, PASSWORD);
+    local_env(&mut cmd, dir, PASSWORD);
     cmd.output().unwrap()
 }
 
@@ -379,7 +379,7 @@ fn driver_type_in_the_restored_definition_matches_the_restored_image() {
         "qemu-img",
         &["create", "-q", "-f", "qcow2", s(&image), "16M"],
     );
-    common::guest_write(&image, 7, 0, 1 << 20);
+    guest_write(&image, 7, 0, 1 << 20);
     let config = dir.path().join("web1.xml");
     std::fs::write(&config, domain_xml(&image)).unwrap();
     ok(dir.path(), &["init"]);
@@ -422,7 +422,7 @@ fn driver_type_in_the_restored_definition_matches_the_restored_image() {
     }
     // A relative --target still gives the hypervisor an absolute path.
     let mut cmd = Command::new(env!("CARGO_BIN_EXE_vbackup"));
-    common::local_env(&mut cmd, dir.path(), PASSWORD)
+    local_env(&mut cmd, dir.path(), PASSWORD)
         .current_dir(dir.path())
         .args(["restore", "latest", "--target", "relative"]);
     let out = cmd.output().unwrap();

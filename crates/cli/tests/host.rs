@@ -6,77 +6,39 @@
 // Test helpers panic on unexpected failures; that is how a test fails.
 #![allow(clippy::unwrap_used)]
 
-mod common;
-
+use std::ops::Deref;
 use std::os::unix::fs::{MetadataExt, OpenOptionsExt, PermissionsExt};
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Output, Stdio};
+use std::process::{Child, Command, Stdio};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use common::{noise, s, text, tool, walk};
-use tempfile::TempDir;
 use vbackup_core::Repository;
 use vbackup_storage::LocalBackend;
+use vbackup_testkit::cli::CliEnv;
+use vbackup_testkit::util::{noise, s, text, tool, walk};
 
 const PASSWORD: &str = "correct horse battery staple";
 
-/// A test's folder, repository and the way to run vbackup in it.
-struct Env {
-    dir: TempDir,
+/// A test's folder, repository and the way to run vbackup in it: under
+/// `umask 000`, so nothing but vbackup's own modes can keep its files
+/// private.
+struct Env(CliEnv);
+
+impl Deref for Env {
+    type Target = CliEnv;
+    fn deref(&self) -> &CliEnv {
+        &self.0
+    }
 }
 
 impl Env {
     fn new() -> Self {
-        Self {
-            dir: tempfile::tempdir().unwrap(),
-        }
-    }
-
-    fn path(&self, name: &str) -> PathBuf {
-        self.dir.path().join(name)
-    }
-
-    fn repo(&self) -> PathBuf {
-        self.path("repo")
-    }
-
-    /// vbackup under `umask 000`, so nothing but vbackup's own modes can
-    /// keep its files private.
-    fn command(&self, args: &[&str]) -> Command {
-        let mut cmd = Command::new("sh");
-        cmd.args(["-c", "umask 000; exec \"$0\" \"$@\""])
-            .arg(env!("CARGO_BIN_EXE_vbackup"))
-            .args(args);
-        common::local_env(&mut cmd, self.dir.path(), PASSWORD);
-        cmd
-    }
-
-    fn run(&self, args: &[&str]) -> Output {
-        self.command(args).output().unwrap()
-    }
-
-    /// Runs and expects success; returns stdout.
-    fn ok(&self, args: &[&str]) -> String {
-        let out = self.run(args);
-        assert!(
-            out.status.success(),
-            "vbackup {args:?} failed:\n{}",
-            text(&out)
-        );
-        String::from_utf8(out.stdout).unwrap()
-    }
-
-    /// Runs and expects exit `code`; returns stderr.
-    fn fails(&self, args: &[&str], code: i32) -> String {
-        let out = self.run(args);
-        assert_eq!(
-            out.status.code(),
-            Some(code),
-            "vbackup {args:?}:\n{}",
-            text(&out)
-        );
-        String::from_utf8(out.stderr).unwrap()
+        Self(
+            CliEnv::new(env!("CARGO_BIN_EXE_vbackup"))
+                .with_password(PASSWORD)
+                .with_umask("000"),
+        )
     }
 
     /// Backs up `image` as VM `vm` and returns the snapshot id.
@@ -461,7 +423,7 @@ fn attack_restore_onto_a_mounted_or_busy_block_device_is_refused_even_with_force
 
 #[test]
 fn attack_disk_of_a_running_qemu_vm_is_not_backed_up_as_offline() {
-    use vbackup_qemu::testing::StorageDaemon;
+    use vbackup_testkit::qemu::StorageDaemon;
     let env = Env::new();
     env.ok(&["init"]);
     let image = env.path("vda.qcow2");

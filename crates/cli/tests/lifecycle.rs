@@ -8,63 +8,38 @@
 // Test helpers panic on unexpected failures; that is how a test fails.
 #![allow(clippy::unwrap_used)]
 
-mod common;
-
 use std::collections::HashMap;
+use std::ops::Deref;
 use std::path::{Path, PathBuf};
-use std::process::{Command, Output, Stdio};
+use std::process::Stdio;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
-use common::text;
-use tempfile::TempDir;
+use vbackup_testkit::cli::CliEnv;
+use vbackup_testkit::util::text;
 
 const CHUNK: usize = 64 << 10;
 
 /// A test's folder and repository.
-struct Env {
-    dir: TempDir,
+struct Env(CliEnv);
+
+impl Deref for Env {
+    type Target = CliEnv;
+    fn deref(&self) -> &CliEnv {
+        &self.0
+    }
 }
 
 impl Env {
     fn new() -> Self {
-        let env = Self {
-            dir: tempfile::tempdir().unwrap(),
-        };
+        let env = Self(
+            CliEnv::new(env!("CARGO_BIN_EXE_vbackup"))
+                .with_password("stress test")
+                .with_first_args(&["--threads", "2"]),
+        );
         env.ok(&["init", "--chunk-size", "64K"]);
         env
-    }
-
-    fn path(&self, name: &str) -> PathBuf {
-        self.dir.path().join(name)
-    }
-
-    fn command(&self, args: &[&str]) -> Command {
-        let mut cmd = Command::new(env!("CARGO_BIN_EXE_vbackup"));
-        cmd.args(["--threads", "2"]).args(args);
-        common::local_env(&mut cmd, self.dir.path(), "stress test");
-        cmd
-    }
-
-    fn run(&self, args: &[&str]) -> Output {
-        self.command(args).output().unwrap()
-    }
-
-    fn ok(&self, args: &[&str]) -> String {
-        let out = self.run(args);
-        assert!(
-            out.status.success(),
-            "vbackup {args:?} failed:\n{}",
-            text(&out)
-        );
-        String::from_utf8(out.stdout).unwrap()
-    }
-
-    fn json(&self, args: &[&str]) -> serde_json::Value {
-        let mut all = vec!["--json"];
-        all.extend_from_slice(args);
-        serde_json::from_str(&self.ok(&all)).unwrap()
     }
 
     /// Backs up `image` as `vm` and keeps a copy of the image under the
@@ -103,6 +78,7 @@ impl Env {
     }
 }
 
+/// Every file below `dir` but hidden ones (temporary uploads).
 fn walk(dir: &Path) -> Vec<PathBuf> {
     let mut files = Vec::new();
     let Ok(entries) = std::fs::read_dir(dir) else {

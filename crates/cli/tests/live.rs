@@ -7,21 +7,29 @@
 // Test helpers panic on unexpected failures; that is how a test fails.
 #![allow(clippy::unwrap_used)]
 
-mod common;
+use std::ops::Deref;
+use std::path::Path;
+use std::process::Stdio;
 
-use std::path::{Path, PathBuf};
-use std::process::{Command, Stdio};
-
-use common::{noise, s, text, tool, walk};
 use serde_json::{json, Value};
-use vbackup_qemu::testing::StorageDaemon;
+use vbackup_testkit::cli::CliEnv;
+use vbackup_testkit::qemu::StorageDaemon;
+use vbackup_testkit::util::{noise, s, text, tool, walk};
 
 const MIB: u64 = 1 << 20;
 
+/// A repository, and a daemon (or VM) serving the disks it backs up.
 struct Env {
-    dir: tempfile::TempDir,
+    cli: CliEnv,
     daemon: StorageDaemon,
     disks: Vec<(String, u64)>,
+}
+
+impl Deref for Env {
+    type Target = CliEnv;
+    fn deref(&self) -> &CliEnv {
+        &self.cli
+    }
 }
 
 impl Env {
@@ -47,10 +55,10 @@ impl Env {
         disks: &[(&str, u64)],
         start: impl FnOnce(&[(&str, &Path)], bool) -> vbackup_qemu::Result<StorageDaemon>,
     ) -> Self {
-        let dir = tempfile::tempdir().unwrap();
+        let cli = CliEnv::new(env!("CARGO_BIN_EXE_vbackup"));
         let mut specs = Vec::new();
         for (node, size) in disks {
-            let path = dir.path().join(format!("{node}.qcow2"));
+            let path = cli.path(&format!("{node}.qcow2"));
             tool(
                 "qemu-img",
                 &["create", "-q", "-f", "qcow2", s(&path), &size.to_string()],
@@ -63,32 +71,12 @@ impl Env {
             .collect();
         let daemon = start(&refs, true).unwrap();
         let env = Self {
-            dir,
+            cli,
             daemon,
             disks: disks.iter().map(|(n, s)| (n.to_string(), *s)).collect(),
         };
-        env.vbackup(&["init"]);
+        env.ok(&["init"]);
         env
-    }
-
-    fn path(&self, name: &str) -> PathBuf {
-        self.dir.path().join(name)
-    }
-
-    fn command(&self, args: &[&str]) -> Command {
-        let mut cmd = Command::new(env!("CARGO_BIN_EXE_vbackup"));
-        cmd.args(args)
-            .env("VBACKUP_REPOSITORY", self.path("repo"))
-            .env("VBACKUP_PASSWORD", "pw")
-            .env("VBACKUP_KDF_MEMORY_KIB", "1024")
-            .stdin(Stdio::null());
-        cmd
-    }
-
-    fn vbackup(&self, args: &[&str]) -> String {
-        let out = self.command(args).output().unwrap();
-        assert!(out.status.success(), "vbackup {args:?}: {}", text(&out));
-        String::from_utf8(out.stdout).unwrap()
     }
 
     fn backup_args(&self, kind: &str) -> Vec<String> {
@@ -114,7 +102,7 @@ impl Env {
     fn backup(&self, kind: &str) -> Value {
         let args = self.backup_args(kind);
         let refs: Vec<&str> = args.iter().map(String::as_str).collect();
-        serde_json::from_str(&self.vbackup(&refs)).unwrap()
+        serde_json::from_str(&self.ok(&refs)).unwrap()
     }
 
     /// Writes `len` bytes of `byte` at `offset` of `node`, as the guest.
@@ -150,7 +138,7 @@ impl Env {
     /// Restores every disk of `snapshot` and returns their bytes.
     fn restore(&self, snapshot: &str) -> Vec<Vec<u8>> {
         let out = self.path(&format!("restored-{snapshot}"));
-        self.vbackup(&["restore", snapshot, "--target", s(&out)]);
+        self.ok(&["restore", snapshot, "--target", s(&out)]);
         self.disks
             .iter()
             .map(|(node, _)| std::fs::read(out.join(format!("{node}.raw"))).unwrap())
@@ -207,7 +195,7 @@ fn a_real_qemu_vm_backs_up_full_incremental_and_differential_at_one_instant() {
     let last = full_incremental_differential(&env);
     // The definition restored beside the disks is what the VM's QMP said.
     let out = env.path("definition");
-    env.vbackup(&[
+    env.ok(&[
         "restore",
         last["snapshot"].as_str().unwrap(),
         "--target",
@@ -425,7 +413,7 @@ fn an_interrupted_live_backup_leaves_nothing_behind_and_keeps_tracking_valid() {
     let out = child.wait_with_output().unwrap();
     assert_eq!(out.status.code(), Some(130), "{}", text(&out));
     env.assert_clean(2);
-    let list: Value = serde_json::from_str(&env.vbackup(&["--json", "snapshots"])).unwrap();
+    let list: Value = serde_json::from_str(&env.ok(&["--json", "snapshots"])).unwrap();
     assert_eq!(
         list.as_array().unwrap().len(),
         1,

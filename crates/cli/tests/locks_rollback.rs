@@ -6,73 +6,40 @@
 // Test helpers panic on unexpected failures; that is how a test fails.
 #![allow(clippy::unwrap_used)]
 
-mod common;
-
+use std::ops::Deref;
 use std::os::unix::fs::PermissionsExt;
 use std::path::PathBuf;
-use std::process::{Command, Output};
 use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
-use common::{noise, s, text};
-use tempfile::TempDir;
 use vbackup_core::format::lifecycle::{LockFile, LockKind};
 use vbackup_core::format::ObjectKind;
 use vbackup_core::Repository;
 use vbackup_storage::LocalBackend;
+use vbackup_testkit::cli::CliEnv;
+use vbackup_testkit::util::{noise, s, text, walk};
 
 const PASSWORD: &str = "attack test";
 
 /// A repository, a disk image and a cache folder (the client's state).
-struct Env {
-    dir: TempDir,
+struct Env(CliEnv);
+
+impl Deref for Env {
+    type Target = CliEnv;
+    fn deref(&self) -> &CliEnv {
+        &self.0
+    }
 }
 
 impl Env {
     fn new() -> Self {
-        let env = Self {
-            dir: tempfile::tempdir().unwrap(),
-        };
+        let env = Self(
+            CliEnv::new(env!("CARGO_BIN_EXE_vbackup"))
+                .with_password(PASSWORD)
+                .with_first_args(&["--threads", "2"]),
+        );
         env.ok(&["init", "--chunk-size", "64K"]);
         env
-    }
-
-    fn path(&self, name: &str) -> PathBuf {
-        self.dir.path().join(name)
-    }
-
-    fn run(&self, args: &[&str]) -> Output {
-        let mut cmd = Command::new(env!("CARGO_BIN_EXE_vbackup"));
-        cmd.args(["--threads", "2"]).args(args);
-        common::local_env(&mut cmd, self.dir.path(), PASSWORD)
-            .output()
-            .unwrap()
-    }
-
-    fn ok(&self, args: &[&str]) -> String {
-        let out = self.run(args);
-        assert!(out.status.success(), "vbackup {args:?}:\n{}", text(&out));
-        String::from_utf8(out.stdout).unwrap()
-    }
-
-    /// Runs a command that must fail; returns its exit code and stderr.
-    fn fails(&self, args: &[&str]) -> (Option<i32>, String) {
-        let out = self.run(args);
-        assert!(
-            !out.status.success(),
-            "vbackup {args:?} succeeded:\n{}",
-            text(&out)
-        );
-        (
-            out.status.code(),
-            String::from_utf8_lossy(&out.stderr).into_owned(),
-        )
-    }
-
-    fn json(&self, args: &[&str]) -> serde_json::Value {
-        let mut all = vec!["--json"];
-        all.extend_from_slice(args);
-        serde_json::from_str(&self.ok(&all)).unwrap()
     }
 
     /// Backs up a fresh image of VM `vm`; returns the snapshot id.
@@ -102,7 +69,7 @@ impl Env {
     }
 
     fn chunks(&self) -> usize {
-        common::walk(&self.path("repo/chunks")).len()
+        walk(&self.path("repo/chunks")).len()
     }
 }
 
@@ -133,7 +100,7 @@ fn attack_forged_lock_blocks_backups_only_until_it_is_stale_and_unlock_stale_onl
     let env = Env::new();
     env.backup("a", 1);
     let key = forge_lock(&env);
-    let (code, err) = env.fails(&["backup", "--vm", "a", s(&env.path("a-1.raw"))]);
+    let (code, err) = env.fails_somehow(&["backup", "--vm", "a", s(&env.path("a-1.raw"))]);
     assert_eq!(code, Some(1), "{err}");
     assert!(
         err.contains(&format!("object '{key}' (last written ")) && err.contains("vbackup unlock"),
@@ -186,7 +153,7 @@ fn attack_junk_snapshot_object_is_named_and_cleared_by_one_repair() {
     env.ok(&["forget", "--keep-last", "1"]);
     let key = format!("snapshots/{}", "9".repeat(32));
     std::fs::write(env.object(&key), b"junk").unwrap();
-    let (code, err) = env.fails(&["prune", "--grace", "0"]);
+    let (code, err) = env.fails_somehow(&["prune", "--grace", "0"]);
     assert_eq!(code, Some(3), "{err}");
     assert!(
         err.contains(&format!("object '{key}' (last written ")) && err.contains("`vbackup repair`"),
@@ -256,14 +223,14 @@ fn attack_rollback_old_policy_put_back_is_not_applied() {
     let shown = env.json(&["policy", "show"]);
     assert_eq!(shown["revision"], 2, "{shown}");
     std::fs::write(&policy, old).unwrap();
-    let (code, err) = env.fails(&["forget"]);
+    let (code, err) = env.fails_somehow(&["forget"]);
     assert_eq!(code, Some(3), "{err}");
     assert!(
         err.contains("revision 1") && err.contains("revision 2"),
         "{err}"
     );
     assert_eq!(
-        common::walk(&env.path("repo/snapshots")).len(),
+        walk(&env.path("repo/snapshots")).len(),
         3,
         "nothing forgotten"
     );

@@ -7,10 +7,6 @@
 // Test helpers panic on unexpected failures; that is how a test fails.
 #![allow(clippy::unwrap_used)]
 
-mod common;
-#[path = "common/garage.rs"]
-mod garage;
-
 use std::io::{Read, Write};
 use std::net::{Shutdown, TcpListener, TcpStream};
 use std::path::{Path, PathBuf};
@@ -19,17 +15,19 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use common::{copy_now, guest_write, identical, noise, s, text, tool};
-use garage::Garage;
 use serde_json::Value;
 use vbackup_core::format::lifecycle::LockKind;
 use vbackup_core::{Lease, LeaseTiming, Repository};
+use vbackup_testkit::cli::{self, CliEnv};
+use vbackup_testkit::garage::{self, Garage};
+use vbackup_testkit::qemu::{copy_now, guest_write, identical};
+use vbackup_testkit::util::{noise, s, text, tool, walk};
 
 const MIB: u64 = 1 << 20;
 
 /// A test folder and the way to run vbackup against one S3 repository.
 struct Env {
-    dir: tempfile::TempDir,
+    cli: CliEnv,
     repo: String,
     garage: Option<Garage>,
     extra_env: Vec<(String, String)>,
@@ -39,7 +37,7 @@ impl Env {
     /// A repository under `prefix` of the Garage's bucket (not initialised).
     fn new(garage: Garage, prefix: &str) -> Self {
         Self {
-            dir: tempfile::tempdir().unwrap(),
+            cli: CliEnv::new(env!("CARGO_BIN_EXE_vbackup")),
             repo: garage.repo(prefix),
             garage: Some(garage),
             extra_env: Vec::new(),
@@ -55,7 +53,7 @@ impl Env {
             ("VBACKUP_RETRIES", "1"),
         ];
         Self {
-            dir: tempfile::tempdir().unwrap(),
+            cli: CliEnv::new(env!("CARGO_BIN_EXE_vbackup")),
             repo: String::new(),
             garage: None,
             extra_env: vars
@@ -70,20 +68,15 @@ impl Env {
     }
 
     fn path(&self, name: &str) -> PathBuf {
-        self.dir.path().join(name)
+        self.cli.path(name)
     }
 
+    /// vbackup with the local environment (passphrase "pw", cheap KDF, the
+    /// cache in the test's folder) on the S3 repository.
     fn command(&self, args: &[&str]) -> Command {
-        let mut cmd = Command::new(env!("CARGO_BIN_EXE_vbackup"));
-        cmd.args(args)
-            .env("VBACKUP_REPOSITORY", &self.repo)
-            .env("VBACKUP_PASSWORD", "pw")
-            .env("VBACKUP_KDF_MEMORY_KIB", "1024")
-            .env("VBACKUP_RETRIES", "3")
-            .env("VBACKUP_CACHE_DIR", self.dir.path().join("cache"))
-            .env_remove("VBACKUP_NO_CACHE")
-            .env_remove("VBACKUP_PASSWORD_FILE")
-            .stdin(Stdio::null());
+        let mut cmd = self.cli.command(args);
+        cmd.env("VBACKUP_REPOSITORY", &self.repo)
+            .env("VBACKUP_RETRIES", "3");
         if let Some(garage) = &self.garage {
             garage.credentials(&mut cmd);
         }
@@ -94,13 +87,11 @@ impl Env {
     }
 
     fn run(&self, args: &[&str]) -> Output {
-        self.command(args).output().unwrap()
+        cli::output(self.command(args))
     }
 
     fn ok(&self, args: &[&str]) -> String {
-        let out = self.run(args);
-        assert!(out.status.success(), "vbackup {args:?}: {}", text(&out));
-        String::from_utf8(out.stdout).unwrap()
+        cli::stdout_of(self.command(args), args)
     }
 
     /// Runs, expects failure; returns stderr.
@@ -162,7 +153,7 @@ fn full_and_incremental_backups_restore_identical_from_garage() {
     let env = Env::new(Garage::single(), "repos/cycle");
     let init = env.ok(&["init"]);
     assert!(init.contains("packs of about 16.0 MiB"), "{init}");
-    let image = noisy_qcow2(env.dir.path(), "vm", 64 * MIB, 40 * MIB, 1);
+    let image = noisy_qcow2(env.cli.dir(), "vm", 64 * MIB, 40 * MIB, 1);
 
     let admin = env.garage().admin_port(0);
     let puts_before = s3_requests(admin, "PutObject");
@@ -231,12 +222,12 @@ fn full_and_incremental_backups_restore_identical_from_garage() {
 fn metadata_is_cached_locally_and_check_still_reads_the_storage() {
     let env = Env::new(Garage::single(), "repos/cache");
     env.ok(&["init"]);
-    let image = noisy_qcow2(env.dir.path(), "vm", 32 * MIB, 16 * MIB, 21);
+    let image = noisy_qcow2(env.cli.dir(), "vm", 32 * MIB, 16 * MIB, 21);
     let first = env.backup("web", &image, &[]);
     for _ in 0..3 {
         env.backup("web", &image, &["--type", "full"]);
     }
-    let cached = common::walk(&env.path("cache"));
+    let cached = walk(&env.path("cache"));
     let count = |folder: &str| {
         cached
             .iter()
@@ -304,7 +295,7 @@ fn num(json: &Value, name: &str) -> u64 {
 fn prune_reclaims_space_on_s3_with_the_repository_to_itself() {
     let env = Env::new(Garage::single(), "repos/prune");
     env.ok(&["init"]);
-    let image = noisy_qcow2(env.dir.path(), "vm", 32 * MIB, 24 * MIB, 5);
+    let image = noisy_qcow2(env.cli.dir(), "vm", 32 * MIB, 24 * MIB, 5);
     env.backup("web", &image, &[]);
     guest_write(&image, 0x31, 0, 4 * MIB);
     env.backup("web", &image, &[]);
@@ -497,7 +488,7 @@ fn a_connection_cut_mid_upload_fails_cleanly_and_the_retry_reuses_what_was_store
     let direct = garage.repo("repos/cut");
     let mut env = Env::new(garage, "repos/cut");
     env.ok(&["init"]);
-    let image = noisy_qcow2(env.dir.path(), "vm", 64 * MIB, 48 * MIB, 7);
+    let image = noisy_qcow2(env.cli.dir(), "vm", 64 * MIB, 48 * MIB, 7);
 
     // 48 MiB of noise goes up in three 16 MiB packs: the cut comes in the
     // third, after two whole packs.
@@ -670,7 +661,7 @@ fn the_node_vbackup_talks_to_killed_during_a_backup_fails_over_to_another() {
 /// under way; the backup completes, restores identical and verifies.
 fn node_killed_during_a_backup(mut env: Env, victim: usize) {
     env.ok(&["init"]);
-    let image = noisy_qcow2(env.dir.path(), "vm", 320 * MIB, 256 * MIB, 11);
+    let image = noisy_qcow2(env.cli.dir(), "vm", 320 * MIB, 256 * MIB, 11);
     copy_now(&image, &env.path("source.raw"));
 
     let mut backup = env

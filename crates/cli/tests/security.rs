@@ -4,52 +4,34 @@
 // Test helpers panic on unexpected failures; that is how a test fails.
 #![allow(clippy::unwrap_used)]
 
-mod common;
-
+use std::ops::Deref;
 use std::path::PathBuf;
-use std::process::{Command, Output};
+use std::process::Output;
 
-use common::{noise, s, text, walk};
-use tempfile::TempDir;
+use vbackup_testkit::cli::CliEnv;
+use vbackup_testkit::util::{noise, s, text, walk};
 
 const PASSWORD: &str = "correct horse battery staple";
 
-struct Env {
-    dir: TempDir,
+/// A test's folder and repository (not initialised).
+struct Env(CliEnv);
+
+impl Deref for Env {
+    type Target = CliEnv;
+    fn deref(&self) -> &CliEnv {
+        &self.0
+    }
+}
+
+/// `out` must have ended with exit `code`; returns its stderr.
+fn fails_with(out: Output, code: i32) -> String {
+    assert_eq!(out.status.code(), Some(code), "{}", text(&out));
+    String::from_utf8(out.stderr).unwrap()
 }
 
 impl Env {
     fn new() -> Self {
-        Self {
-            dir: tempfile::tempdir().unwrap(),
-        }
-    }
-
-    fn path(&self, name: &str) -> PathBuf {
-        self.dir.path().join(name)
-    }
-
-    /// vbackup with this test's repository, passphrase and client state.
-    fn command(&self, args: &[&str]) -> Command {
-        let mut cmd = Command::new(env!("CARGO_BIN_EXE_vbackup"));
-        cmd.args(args);
-        common::local_env(&mut cmd, self.dir.path(), PASSWORD);
-        cmd
-    }
-
-    fn run(&self, args: &[&str]) -> Output {
-        self.command(args).output().unwrap()
-    }
-
-    fn ok(&self, args: &[&str]) -> String {
-        let out = self.run(args);
-        assert!(out.status.success(), "vbackup {args:?}:\n{}", text(&out));
-        String::from_utf8(out.stdout).unwrap()
-    }
-
-    fn fails(&self, out: Output, code: i32) -> String {
-        assert_eq!(out.status.code(), Some(code), "{}", text(&out));
-        String::from_utf8(out.stderr).unwrap()
+        Self(CliEnv::new(env!("CARGO_BIN_EXE_vbackup")).with_password(PASSWORD))
     }
 
     fn image(&self) -> PathBuf {
@@ -87,7 +69,7 @@ fn attack_encryption_downgrade_makes_the_next_backup_refuse_and_write_nothing() 
     for extra in [&[][..], &["--allow-unencrypted"][..]] {
         let mut args = extra.to_vec();
         args.extend(["backup", "--vm", "web1", s(&image)]);
-        let stderr = env.fails(env.run(&args), 3);
+        let stderr = env.fails(&args, 3);
         assert!(stderr.contains("refusing the repository"), "{stderr}");
         assert!(stderr.contains("key file"), "{stderr}");
     }
@@ -95,7 +77,7 @@ fn attack_encryption_downgrade_makes_the_next_backup_refuse_and_write_nothing() 
     // With the keys deleted too, the passphrase in the environment and the
     // record of this client still refuse it.
     std::fs::remove_dir_all(env.path("repo/keys")).unwrap();
-    let stderr = env.fails(env.run(&["snapshots"]), 3);
+    let stderr = env.fails(&["snapshots"], 3);
     assert!(stderr.contains("encrypted before"), "{stderr}");
 }
 
@@ -103,7 +85,7 @@ fn attack_encryption_downgrade_makes_the_next_backup_refuse_and_write_nothing() 
 fn an_unencrypted_repository_is_an_explicit_choice_remembered_per_host() {
     let env = Env::new();
     // A passphrase in the environment means the user expects encryption.
-    let stderr = env.fails(env.run(&["init", "--encryption", "none"]), 2);
+    let stderr = env.fails(&["init", "--encryption", "none"], 2);
     assert!(stderr.contains("passphrase"), "{stderr}");
     let plain = |args: &[&str], state: &str| {
         let mut cmd = env.command(args);
@@ -116,7 +98,7 @@ fn an_unencrypted_repository_is_an_explicit_choice_remembered_per_host() {
     let out = plain(&["snapshots"], "cache");
     assert!(out.status.success(), "{}", text(&out));
     // Another host (another client state) must say so once.
-    let stderr = env.fails(plain(&["snapshots"], "other"), 2);
+    let stderr = fails_with(plain(&["snapshots"], "other"), 2);
     assert!(stderr.contains("--allow-unencrypted"), "{stderr}");
     let out = plain(&["--allow-unencrypted", "snapshots"], "other");
     assert!(out.status.success(), "{}", text(&out));

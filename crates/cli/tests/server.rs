@@ -8,9 +8,7 @@
 // Test helpers panic on unexpected failures; that is how a test fails.
 #![allow(clippy::unwrap_used)]
 
-mod common;
-
-use std::io::{BufRead, BufReader, Read, Write};
+use std::io::{Read, Write};
 use std::net::{TcpListener, TcpStream};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Output, Stdio};
@@ -18,130 +16,30 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
-use common::{copy_now, guest_write, identical, noise, s, text, tool, walk};
 use serde_json::Value;
 use vbackup_remote::{RemoteBackend, RemoteConfig};
 use vbackup_storage::{Backend, ErrorKind};
+use vbackup_testkit::cli::{self, CliEnv};
+use vbackup_testkit::qemu::{copy_now, guest_write, identical};
+use vbackup_testkit::server::{self, Server};
+use vbackup_testkit::tls::{self, Tls};
+use vbackup_testkit::util::{noise, s, text, tool, walk, walk_dirs};
 
 const MIB: u64 = 1 << 20;
 const VBACKUP: &str = env!("CARGO_BIN_EXE_vbackup");
 
-/// A running `vbackup server`, stopped (SIGKILL) when dropped.
-struct Server {
-    child: Child,
-    addr: String,
-    fingerprint: String,
-}
-
-impl Server {
-    fn start(data: &Path) -> Self {
-        Self::start_with(data, &[], None)
-    }
-
-    /// A server with more options, its stderr written to `log` if given.
-    fn start_with(data: &Path, options: &[&str], log: Option<&Path>) -> Self {
-        let stderr = match log {
-            Some(path) => Stdio::from(std::fs::File::create(path).unwrap()),
-            None => Stdio::inherit(),
-        };
-        let mut child = Command::new(VBACKUP)
-            .args(["server", "--listen", "127.0.0.1:0", "--data", s(data)])
-            .args(options)
-            .stdin(Stdio::null())
-            .stdout(Stdio::piped())
-            .stderr(stderr)
-            .spawn()
-            .unwrap();
-        let stdout = child.stdout.take().unwrap();
-        match read_banner(stdout) {
-            Some((addr, fingerprint)) => Self {
-                child,
-                addr,
-                fingerprint,
-            },
-            None => {
-                let _ = child.kill();
-                let status = child.wait();
-                panic!("the server exited before listening: {status:?}");
-            }
-        }
-    }
-
-    fn url(&self, repo: &str) -> String {
-        format!("https://{}/{repo}", self.addr)
-    }
-
-    fn kill(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-
-    /// SIGTERM, and the server must exit cleanly.
-    fn stop(mut self) {
-        let pid = i32::try_from(self.child.id()).unwrap();
-        assert_eq!(send_signal(pid, libc::SIGTERM), 0);
-        let status = self.child.wait().unwrap();
-        assert!(status.success(), "server exit: {status:?}");
-    }
-}
-
-/// Sends `signal` to `pid` with the shell's `kill` (the workspace denies
-/// unsafe code, so no direct `libc::kill`).
-fn send_signal(pid: i32, signal: i32) -> i32 {
-    let status = Command::new("sh")
-        .args(["-c", &format!("kill -{signal} {pid}")])
-        .status()
-        .unwrap();
-    if status.success() {
-        0
-    } else {
-        -1
-    }
-}
-
-/// Reads the server's start lines: the fingerprint, then
-/// `listening on https://ADDR`.
-fn read_banner(stdout: std::process::ChildStdout) -> Option<(String, String)> {
-    let mut fingerprint = String::new();
-    for line in BufReader::new(stdout).lines() {
-        let line = line.ok()?;
-        if let Some(rest) = line.split("fingerprint ").nth(1) {
-            if fingerprint.is_empty() {
-                fingerprint = rest.split_whitespace().next()?.to_string();
-            }
-        }
-        if let Some(addr) = line.strip_prefix("listening on https://") {
-            assert_eq!(fingerprint.len(), 64, "fingerprint printed before: {line}");
-            return Some((addr.to_string(), fingerprint));
-        }
-    }
-    None
-}
-
-impl Drop for Server {
-    fn drop(&mut self) {
-        self.kill();
-    }
-}
-
 /// A server data folder with tokens, a running server and one repository.
 struct Env {
-    dir: tempfile::TempDir,
+    cli: CliEnv,
     server: Server,
     admin: String,
     backup: String,
     read: String,
 }
 
+/// A token for `repo` with `role` (and that label) in the data folder `data`.
 fn add_token(data: &Path, repo: &str, role: &str) -> String {
-    let out = Command::new(VBACKUP)
-        .args(["--json", "server", "token", "add", "--data", s(data)])
-        .args(["--repo", repo, "--role", role, "--label", role])
-        .output()
-        .unwrap();
-    assert!(out.status.success(), "{}", text(&out));
-    let json: Value = serde_json::from_slice(&out.stdout).unwrap();
-    json["token"].as_str().unwrap().to_string()
+    server::add_token(VBACKUP, data, repo, role)
 }
 
 impl Env {
@@ -163,15 +61,15 @@ impl Env {
     }
 
     fn build(init: &[&str], options: &[&str], log: bool) -> Self {
-        let dir = tempfile::tempdir().unwrap();
-        let data = dir.path().join("data");
+        let cli = CliEnv::new(VBACKUP);
+        let data = cli.path("data");
         let admin = add_token(&data, "*", "admin");
         let backup = add_token(&data, "r", "backup");
         let read = add_token(&data, "r", "read");
-        let log = log.then(|| dir.path().join("server.log"));
-        let server = Server::start_with(&data, options, log.as_deref());
+        let log = log.then(|| cli.path("server.log"));
+        let server = Server::start_with(VBACKUP, &data, options, log.as_deref());
         let env = Self {
-            dir,
+            cli,
             server,
             admin,
             backup,
@@ -183,7 +81,7 @@ impl Env {
     }
 
     fn data(&self) -> PathBuf {
-        self.dir.path().join("data")
+        self.cli.path("data")
     }
 
     /// What the server wrote to stderr so far (with [`Env::with_server`]).
@@ -192,7 +90,7 @@ impl Env {
     }
 
     fn path(&self, name: &str) -> PathBuf {
-        self.dir.path().join(name)
+        self.cli.path(name)
     }
 
     fn command(&self, token: &str, args: &[&str]) -> Command {
@@ -201,31 +99,26 @@ impl Env {
 
     /// [`Env::command`] for the repository URL `url`.
     fn command_at(&self, url: &str, token: &str, args: &[&str]) -> Command {
-        let mut cmd = Command::new(VBACKUP);
+        // The local environment (passphrase "pw", cheap KDF, the cache in
+        // the test's folder), less the local repository.
+        let mut cmd = self.cli.cmd();
         cmd.arg("--repo")
             .arg(url)
             .args(args)
             .env_remove("VBACKUP_REPOSITORY")
             .env_remove("VBACKUP_TOKEN_FILE")
             .env("VBACKUP_TOKEN", token)
-            .env("VBACKUP_SERVER_FINGERPRINT", &self.server.fingerprint)
-            .env("VBACKUP_PASSWORD", "pw")
-            .env("VBACKUP_KDF_MEMORY_KIB", "1024")
-            .env("VBACKUP_RETRIES", "1")
-            .env("VBACKUP_CACHE_DIR", self.dir.path().join("cache"))
-            .env_remove("VBACKUP_NO_CACHE")
-            .stdin(Stdio::null());
+            .env("VBACKUP_SERVER_FINGERPRINT", self.server.fingerprint())
+            .env("VBACKUP_RETRIES", "1");
         cmd
     }
 
     fn run(&self, token: &str, args: &[&str]) -> Output {
-        self.command(token, args).output().unwrap()
+        cli::output(self.command(token, args))
     }
 
     fn ok(&self, token: &str, args: &[&str]) -> String {
-        let out = self.run(token, args);
-        assert!(out.status.success(), "vbackup {args:?}: {}", text(&out));
-        String::from_utf8(out.stdout).unwrap()
+        cli::stdout_of(self.command(token, args), args)
     }
 
     fn backup(&self, vm: &str, image: &Path) -> Value {
@@ -254,7 +147,7 @@ impl Env {
         RemoteBackend::new(&RemoteConfig {
             url: self.server.url("r"),
             token: token.to_string(),
-            fingerprint: Some(self.server.fingerprint.clone()),
+            fingerprint: Some(self.server.fingerprint().to_string()),
         })
         .unwrap()
     }
@@ -440,7 +333,7 @@ fn a_repository_with_packs_backs_up_restores_and_prunes_through_the_server() {
     let client = RemoteBackend::new(&RemoteConfig {
         url: env.server.url("big"),
         token: env.admin.clone(),
-        fingerprint: Some(env.server.fingerprint.clone()),
+        fingerprint: Some(env.server.fingerprint().to_string()),
     })
     .unwrap();
     let options = vbackup_core::InitOptions {
@@ -494,9 +387,9 @@ fn raw_status(env: &Env, method: &str, path: &str) -> String {
         "{method} {path} HTTP/1.1\r\nHost: localhost\r\nAuthorization: Bearer {}\r\nContent-Length: 0\r\nConnection: close\r\n\r\n",
         env.admin
     );
-    let reply = vbackup_remote::raw_exchange(
-        &env.server.addr,
-        &env.server.fingerprint,
+    let reply = tls::raw_exchange(
+        env.server.addr(),
+        env.server.fingerprint(),
         request.as_bytes(),
     )
     .unwrap();
@@ -536,7 +429,7 @@ fn path_traversal_in_names_is_refused() {
     let out = env
         .command(&env.admin, &["snapshots"])
         .arg("--repo")
-        .arg(format!("https://{}/..", env.server.addr))
+        .arg(format!("https://{}/..", env.server.addr()))
         .output()
         .unwrap();
     refused(&out, "invalid repository name");
@@ -550,7 +443,7 @@ fn an_unpinned_self_signed_certificate_is_refused_with_its_fingerprint() {
         .env_remove("VBACKUP_SERVER_FINGERPRINT")
         .output()
         .unwrap();
-    refused(&out, &env.server.fingerprint);
+    refused(&out, env.server.fingerprint());
     assert!(
         stderr(&out).contains("--server-fingerprint"),
         "{}",
@@ -708,7 +601,7 @@ fn a_server_killed_mid_upload_fails_the_backup_clearly_and_the_retry_reuses_chun
     let mut env = Env::new();
     let image = env.path("big.raw");
     raw_image(&image, 64 * MIB as usize, 5);
-    let relay = relay(env.server.addr.clone());
+    let relay = relay(env.server.addr().to_string());
     let url = format!("https://{}/r", relay.addr);
     let child = env
         .command(&env.backup, &["--json", "backup", "--vm", "big", s(&image)])
@@ -738,7 +631,7 @@ fn a_server_killed_mid_upload_fails_the_backup_clearly_and_the_retry_reuses_chun
     let stored = env.chunk_files();
     assert!(stored > 0, "some chunks were stored before the kill");
 
-    env.server = Server::start(&env.data());
+    env.server = Server::start(VBACKUP, &env.data());
     let temporary = walk(&env.data().join("repos/r"))
         .into_iter()
         .filter(|p| {
@@ -1035,11 +928,9 @@ VBACKUP_TOKEN=$BK {bin} verify >/dev/null 2>&1; echo "verify-exit=$?"
 
 // ---- Issue 10: attacks on the server that must fail ----
 
-type Tls = rustls::StreamOwned<rustls::ClientConnection, TcpStream>;
-
 /// A TLS connection to the server that fails a test rather than hang.
 fn connect(env: &Env) -> Tls {
-    let stream = vbackup_remote::raw_connect(&env.server.addr, &env.server.fingerprint).unwrap();
+    let stream = tls::raw_connect(env.server.addr(), env.server.fingerprint()).unwrap();
     stream
         .sock
         .set_read_timeout(Some(Duration::from_secs(30)))
@@ -1271,9 +1162,9 @@ fn attack_connection_flood_is_capped() {
             "GET /v1/repos/r/whoami HTTP/1.1\r\nHost: localhost\r\nAuthorization: Bearer {}\r\nConnection: close\r\n\r\n",
             env.read
         );
-        vbackup_remote::raw_exchange(
-            &env.server.addr,
-            &env.server.fingerprint,
+        tls::raw_exchange(
+            env.server.addr(),
+            env.server.fingerprint(),
             request.as_bytes(),
         )
         .map(|r| String::from_utf8_lossy(&r).into_owned())
@@ -1286,7 +1177,7 @@ fn attack_connection_flood_is_capped() {
     assert!(up, "the server does not serve");
     // Two silent connections hold both places: a third is closed at once.
     let hogs: Vec<TcpStream> = (0..2)
-        .map(|_| TcpStream::connect(&env.server.addr).unwrap())
+        .map(|_| TcpStream::connect(env.server.addr()).unwrap())
         .collect();
     std::thread::sleep(Duration::from_millis(300));
     assert_eq!(whoami(&env), "", "a connection over the cap was served");
@@ -1595,7 +1486,7 @@ fn attack_local_user_reads_the_servers_data_folder_everything_is_private() {
     env.backup("a", &image);
     let mode = |p: &Path| std::fs::metadata(p).unwrap().permissions().mode() & 0o777;
     let data = env.data();
-    for dir in common::walk_dirs(&data) {
+    for dir in walk_dirs(&data) {
         assert_eq!(
             mode(&dir) & 0o077,
             0,
@@ -1632,7 +1523,7 @@ fn a_server_url_with_a_trailing_slash_names_the_same_repository() {
         .unwrap();
     assert!(out.status.success(), "{}", text(&out));
     // A URL without a name is refused, naming it, with no empty object name.
-    let bare = format!("https://{}/", env.server.addr);
+    let bare = format!("https://{}/", env.server.addr());
     let out = env
         .command_at(&bare, &env.read, &["snapshots"])
         .output()

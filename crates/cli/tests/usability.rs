@@ -8,66 +8,44 @@
 // Test helpers panic on unexpected failures; that is how a test fails.
 #![allow(clippy::unwrap_used)]
 
-mod common;
-
+use std::ops::Deref;
 use std::path::PathBuf;
-use std::process::{Command, Output};
+use std::process::Command;
 
-use common::{noise, s, text, tool};
-use tempfile::TempDir;
+use vbackup_testkit::cli::{local_env, CliEnv};
+use vbackup_testkit::qemu::guest_write;
+use vbackup_testkit::util::{noise, s, text, tool};
 
 const PASSWORD: &str = "usability test";
 
-/// A test's folder and repository.
-struct Env {
-    dir: TempDir,
+/// A test's folder and repository; vbackup runs in the folder.
+struct Env(CliEnv);
+
+impl Deref for Env {
+    type Target = CliEnv;
+    fn deref(&self) -> &CliEnv {
+        &self.0
+    }
 }
 
 impl Env {
     fn new() -> Self {
-        let env = Self {
-            dir: tempfile::tempdir().unwrap(),
-        };
+        let env = Self(
+            CliEnv::new(env!("CARGO_BIN_EXE_vbackup"))
+                .with_password(PASSWORD)
+                .with_first_args(&["--threads", "2"])
+                .run_in_dir(),
+        );
         env.ok(&["init", "--chunk-size", "64K"]);
         env
     }
 
-    fn path(&self, name: &str) -> PathBuf {
-        self.dir.path().join(name)
-    }
-
-    fn command(&self, args: &[&str]) -> Command {
-        let mut cmd = Command::new(env!("CARGO_BIN_EXE_vbackup"));
-        cmd.args(["--threads", "2"]).args(args);
-        common::local_env(&mut cmd, self.dir.path(), PASSWORD);
-        cmd.current_dir(self.dir.path());
-        cmd
-    }
-
-    fn run(&self, args: &[&str]) -> Output {
-        self.command(args).output().unwrap()
-    }
-
-    fn ok(&self, args: &[&str]) -> String {
-        let out = self.run(args);
-        assert!(out.status.success(), "vbackup {args:?}:\n{}", text(&out));
-        String::from_utf8(out.stdout).unwrap()
-    }
-
-    /// Runs a command that must fail; returns its exit code and stderr.
+    /// Runs a command that must fail (and not by a signal); returns its
+    /// exit code and stderr. (Here in place of [`CliEnv::fails`], which
+    /// expects one code.)
     fn fails(&self, args: &[&str]) -> (i32, String) {
-        let out = self.run(args);
-        assert!(!out.status.success(), "vbackup {args:?}:\n{}", text(&out));
-        (
-            out.status.code().unwrap(),
-            String::from_utf8(out.stderr).unwrap(),
-        )
-    }
-
-    fn json(&self, args: &[&str]) -> serde_json::Value {
-        let mut all = vec!["--json"];
-        all.extend_from_slice(args);
-        serde_json::from_str(&self.ok(&all)).unwrap()
+        let (code, err) = self.fails_somehow(args);
+        (code.unwrap(), err)
     }
 
     /// A qcow2 image `name` of 1 MiB with `seed`'s data in its first half
@@ -110,8 +88,8 @@ impl Env {
         let line = format!("stty cols {cols} rows 24; {bin} --threads 2 {args}");
         let mut cmd = Command::new("script");
         cmd.args(["-qec", &line, "/dev/null"]);
-        common::local_env(&mut cmd, self.dir.path(), PASSWORD);
-        cmd.current_dir(self.dir.path())
+        local_env(&mut cmd, self.dir(), PASSWORD);
+        cmd.current_dir(self.dir())
             .stdin(std::process::Stdio::piped())
             .stdout(std::process::Stdio::piped())
             .stderr(std::process::Stdio::piped());
@@ -314,7 +292,7 @@ fn snapshots_show_type_and_consistency_and_record_the_absolute_source() {
         "{table}"
     );
     let json = env.json(&["snapshots"]);
-    let absolute = env.dir.path().join("disk.qcow2");
+    let absolute = env.dir().join("disk.qcow2");
     for snapshot in json.as_array().unwrap() {
         assert_eq!(snapshot["consistency"], "offline", "{snapshot}");
         assert_eq!(snapshot["disks"][0]["source"], s(&absolute), "{snapshot}");
@@ -384,7 +362,7 @@ fn backup_summary_figures_say_what_they_count() {
             "1M",
         ],
     );
-    common::guest_write(&sparse, 7, 0, 4096);
+    guest_write(&sparse, 7, 0, 4096);
     let out = env.ok(&["backup", "--vm", "b", s(&sparse)]);
     assert!(
         out.contains("new chunks: 64.0 KiB before compression (counted whole: their unallocated parts as zeros)"),
@@ -400,7 +378,7 @@ fn quickstart_says_it_removes_its_temporary_folder_and_keep_keeps_it() {
         cmd.args(["quickstart", "--size-mib", "32"])
             .args(extra)
             .env("TMPDIR", tmp.path());
-        common::local_env(&mut cmd, tmp.path(), PASSWORD);
+        local_env(&mut cmd, tmp.path(), PASSWORD);
         cmd.env_remove("VBACKUP_REPOSITORY");
         let out = cmd.output().unwrap();
         assert!(out.status.success(), "{}", text(&out));
@@ -543,7 +521,7 @@ fn regression_a_closed_pipe_ends_vbackup_quietly_not_with_a_panic() {
     let dir = tempfile::tempdir().unwrap();
     let mut cmd = std::process::Command::new(env!("CARGO_BIN_EXE_vbackup"));
     cmd.args(["init", "--chunk-size", "64K"]);
-    common::local_env(&mut cmd, dir.path(), "pw");
+    local_env(&mut cmd, dir.path(), "pw");
     let mut child = cmd
         .stdout(std::process::Stdio::piped())
         .stderr(std::process::Stdio::piped())

@@ -6,85 +6,19 @@
 #![allow(clippy::unwrap_used)]
 
 use std::io;
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 
 use vbackup_core::crypto::kdf::KdfParams;
 use vbackup_core::crypto::CipherKind;
 use vbackup_core::{
-    BackupDisk, BackupOptions, DiskReader, DiskSource, DiskTarget, DiskWriter, Error, Extent,
-    ExtentKind, InitOptions, Progress, Repository,
+    BackupDisk, BackupOptions, DiskReader, DiskSource, Error, Extent, InitOptions, Progress,
+    Repository,
 };
 use vbackup_storage::{Backend, MemoryBackend};
+// Disks whose 4 KiB all-zero blocks are holes (`MemDisk::with_holes`).
+use vbackup_testkit::memory::{MemDisk, MemTarget};
 
 const CHUNK: u32 = 64 << 10;
-
-/// A disk in memory that reports 4 KiB all-zero blocks as holes.
-#[derive(Clone)]
-struct MemDisk(Arc<Vec<u8>>);
-
-impl DiskSource for MemDisk {
-    fn virtual_size(&self) -> u64 {
-        self.0.len() as u64
-    }
-    fn format(&self) -> &str {
-        "raw"
-    }
-    fn open_reader(&self) -> io::Result<Box<dyn DiskReader>> {
-        Ok(Box::new(self.clone()))
-    }
-}
-
-impl DiskReader for MemDisk {
-    fn extents(&mut self, offset: u64, length: u64) -> io::Result<Vec<Extent>> {
-        let mut out: Vec<Extent> = Vec::new();
-        let mut pos = offset;
-        while pos < offset + length {
-            let end = ((pos / 4096 + 1) * 4096).min(offset + length);
-            let zero = self.0[pos as usize..end as usize].iter().all(|b| *b == 0);
-            let kind = if zero {
-                ExtentKind::Zero
-            } else {
-                ExtentKind::Data
-            };
-            match out.last_mut() {
-                Some(last) if last.kind == kind => last.length += end - pos,
-                _ => out.push(Extent {
-                    offset: pos,
-                    length: end - pos,
-                    kind,
-                }),
-            }
-            pos = end;
-        }
-        Ok(out)
-    }
-    fn read_exact_at(&mut self, buf: &mut [u8], offset: u64) -> io::Result<()> {
-        buf.copy_from_slice(&self.0[offset as usize..offset as usize + buf.len()]);
-        Ok(())
-    }
-}
-
-#[derive(Clone)]
-struct MemTarget(Arc<Mutex<Vec<u8>>>);
-
-impl DiskTarget for MemTarget {
-    fn open_writer(&self) -> io::Result<Box<dyn DiskWriter>> {
-        Ok(Box::new(self.clone()))
-    }
-    fn finish(&self) -> io::Result<()> {
-        Ok(())
-    }
-}
-
-impl DiskWriter for MemTarget {
-    fn write_all_at(&mut self, buf: &[u8], offset: u64) -> io::Result<()> {
-        self.0.lock().unwrap()[offset as usize..offset as usize + buf.len()].copy_from_slice(buf);
-        Ok(())
-    }
-    fn flush(&mut self) -> io::Result<()> {
-        Ok(())
-    }
-}
 
 fn options(cipher: CipherKind) -> InitOptions {
     InitOptions {
@@ -125,7 +59,7 @@ fn backup(repo: &Repository, disks: &[(&str, &Vec<u8>)]) -> vbackup_core::Snapsh
         .map(|(name, data)| BackupDisk {
             name: name.to_string(),
             source_label: format!("mem:{name}"),
-            source: Box::new(MemDisk(Arc::new((*data).clone()))),
+            source: Box::new(MemDisk::with_holes((*data).clone())),
             base: None,
         })
         .collect();
@@ -141,12 +75,9 @@ fn backup(repo: &Repository, disks: &[(&str, &Vec<u8>)]) -> vbackup_core::Snapsh
 
 fn restore(repo: &Repository, snapshot: &vbackup_core::Snapshot, disk: usize) -> Vec<u8> {
     let record = &snapshot.manifest.disks[disk];
-    let target = MemTarget(Arc::new(Mutex::new(vec![
-        0u8;
-        record.virtual_size as usize
-    ])));
+    let target = MemTarget::new(record.virtual_size as usize);
     vbackup_core::restore_disk(repo, record, &target, 3, &Progress::new()).unwrap();
-    let data = target.0.lock().unwrap().clone();
+    let data = target.contents();
     let mut streamed = Vec::new();
     vbackup_core::restore_disk_to_writer(repo, record, &mut streamed, 2, &Progress::new()).unwrap();
     assert_eq!(streamed, data, "streamed and positional restores agree");
@@ -346,10 +277,7 @@ fn damaged_and_missing_chunks_are_named_with_what_they_break() {
     );
 
     let record = &second.manifest.disks[0];
-    let target = MemTarget(Arc::new(Mutex::new(vec![
-        0u8;
-        record.virtual_size as usize
-    ])));
+    let target = MemTarget::new(record.virtual_size as usize);
     let err = vbackup_core::restore_disk(&repo, record, &target, 2, &Progress::new()).unwrap_err();
     assert!(matches!(err, Error::Corrupt { .. }), "{err}");
 }
@@ -382,7 +310,7 @@ fn a_failing_source_records_no_snapshot_and_the_retry_reuses_chunks() {
     }
     let (_, repo) = new_repo(CipherKind::Aes256Gcm);
     let disk = sample_disk(4);
-    let source = Box::new(Failing(MemDisk(Arc::new(disk.clone()))));
+    let source = Box::new(Failing(MemDisk::with_holes(disk.clone())));
     let disks = [BackupDisk {
         name: "vda".into(),
         source_label: "x".into(),
@@ -429,7 +357,7 @@ fn an_unchanged_source_is_not_read_again_and_a_changed_one_is() {
     let (_, repo) = new_repo(CipherKind::Aes256Gcm);
     let disk = sample_disk(5);
     let run = |identity: &'static str, skip_unchanged: bool| {
-        let source = Box::new(Fingerprinted(MemDisk(Arc::new(disk.clone())), identity));
+        let source = Box::new(Fingerprinted(MemDisk::with_holes(disk.clone()), identity));
         let disks = [BackupDisk {
             name: "vda".into(),
             source_label: "x".into(),
@@ -518,7 +446,7 @@ fn changed_block_tracking_reads_only_dirty_chunks_and_restores_the_whole_disk() 
     dirty[20] = true;
     let reads = Arc::new(std::sync::atomic::AtomicU64::new(0));
     let source = Tracked {
-        disk: MemDisk(Arc::new(changed.clone())),
+        disk: MemDisk::with_holes(changed.clone()),
         dirty: Arc::new(dirty),
         reads: reads.clone(),
     };
@@ -570,7 +498,7 @@ fn a_base_of_another_size_is_refused() {
     let disks = [BackupDisk {
         name: "vda".into(),
         source_label: "x".into(),
-        source: Box::new(MemDisk(Arc::new(grown))),
+        source: Box::new(MemDisk::with_holes(grown)),
         base: Some(vbackup_core::BaseIndex {
             snapshot: full.id.clone(),
             index: base_index,

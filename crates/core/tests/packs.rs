@@ -9,7 +9,7 @@ mod common;
 
 use std::sync::Arc;
 
-use common::{backup, check_all, new_repo_with, restore, CHUNK};
+use common::{backup, check_all, new_repo_with, restore, MemDisk, CHUNK};
 use vbackup_core::crypto::CipherKind;
 use vbackup_core::packs::{PACKS_PREFIX, PACK_INDEXES_PREFIX};
 use vbackup_core::{
@@ -366,41 +366,34 @@ fn repair_takes_a_damaged_packed_chunk_out_and_the_next_backup_heals_the_snapsho
     assert!(check_all(&repo).problems.is_empty());
 }
 
-/// A disk whose reads fail from chunk `fail_from` on.
+/// An in-memory disk whose reads fail from chunk `fail_from` on.
+#[derive(Clone)]
 struct FailingDisk {
-    data: Arc<Vec<u8>>,
+    disk: MemDisk,
     fail_from: u64,
 }
 
 impl vbackup_core::DiskSource for FailingDisk {
     fn virtual_size(&self) -> u64 {
-        self.data.len() as u64
+        self.disk.virtual_size()
     }
     fn format(&self) -> &str {
         "raw"
     }
     fn open_reader(&self) -> std::io::Result<Box<dyn vbackup_core::DiskReader>> {
-        Ok(Box::new(FailingDisk {
-            data: self.data.clone(),
-            fail_from: self.fail_from,
-        }))
+        Ok(Box::new(self.clone()))
     }
 }
 
 impl vbackup_core::DiskReader for FailingDisk {
     fn extents(&mut self, offset: u64, length: u64) -> std::io::Result<Vec<vbackup_core::Extent>> {
-        Ok(vec![vbackup_core::Extent {
-            offset,
-            length,
-            kind: vbackup_core::ExtentKind::Data,
-        }])
+        self.disk.extents(offset, length)
     }
     fn read_exact_at(&mut self, buf: &mut [u8], offset: u64) -> std::io::Result<()> {
         if offset >= self.fail_from * u64::from(CHUNK) {
             return Err(std::io::Error::other("I/O error on the source"));
         }
-        buf.copy_from_slice(&self.data[offset as usize..offset as usize + buf.len()]);
-        Ok(())
+        self.disk.read_exact_at(buf, offset)
     }
 }
 
@@ -412,7 +405,7 @@ fn a_failed_backup_indexes_the_packs_it_uploaded_and_the_retry_reuses_them() {
         name: "vda".into(),
         source_label: "x".into(),
         source: Box::new(FailingDisk {
-            data: Arc::new(data.clone()),
+            disk: MemDisk::new(data.clone()),
             fail_from: 40,
         }),
         base: None,

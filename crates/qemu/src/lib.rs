@@ -45,11 +45,6 @@ mod process;
 mod qemu_nbd;
 pub mod qga;
 pub mod qmp;
-/// Starting real qemu-storage-daemon and QEMU processes for integration
-/// tests: only with the `testing` feature, which test builds enable as a
-/// dev-dependency (never in the `vbackup` binary).
-#[cfg(feature = "testing")]
-pub mod testing;
 
 pub use disk::{
     check_not_in_use, create_target, create_target_with, file_identity, open_disk,

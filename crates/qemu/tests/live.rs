@@ -16,11 +16,11 @@ use serde_json::json;
 use vbackup_core::source::DiskSource;
 use vbackup_qemu::live::{discover_disks, LiveDiskPlan, LiveOptions, LiveSession};
 use vbackup_qemu::qga::FreezeStatus;
-use vbackup_qemu::testing::StorageDaemon;
 use vbackup_qemu::{
     img, open_disk_with, Error, GuestAgent, NbdExportOptions, NbdExportSource, OpenDiskOptions,
     QemuNbd, QemuNbdOptions, QmpClient,
 };
+use vbackup_testkit::qemu::StorageDaemon;
 
 const KIB: u64 = 1 << 10;
 const MIB: u64 = 1 << 20;

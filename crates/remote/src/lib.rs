@@ -273,51 +273,6 @@ fn missing_batches(keys: &[String]) -> Vec<&[String]> {
     batches
 }
 
-/// Sends `request` byte for byte over TLS to `address` (a server whose
-/// certificate has fingerprint `fingerprint`) and returns the whole reply.
-/// Tests use it to send what the client itself never would (paths with
-/// `..` or percent-encoded separators, which URL parsers normalise away).
-#[doc(hidden)]
-pub fn raw_exchange(address: &str, fingerprint: &str, request: &[u8]) -> std::io::Result<Vec<u8>> {
-    use std::io::Write;
-    let mut stream = raw_connect(address, fingerprint)?;
-    stream.write_all(request)?;
-    stream.flush()?;
-    let mut reply = Vec::new();
-    match stream.read_to_end(&mut reply) {
-        Ok(_) => Ok(reply),
-        // Servers may close without a TLS close_notify.
-        Err(e) if e.kind() == std::io::ErrorKind::UnexpectedEof && !reply.is_empty() => Ok(reply),
-        Err(e) => Err(e),
-    }
-}
-
-/// A TLS connection to `address` (a server whose certificate has
-/// fingerprint `fingerprint`), on which tests write requests the client
-/// never would, at the pace they choose (slow or cut bodies).
-pub fn raw_connect(
-    address: &str,
-    fingerprint: &str,
-) -> std::io::Result<rustls::StreamOwned<rustls::ClientConnection, std::net::TcpStream>> {
-    let invalid = |e: String| std::io::Error::new(std::io::ErrorKind::InvalidInput, e);
-    let pin = parse_fingerprint(fingerprint).map_err(invalid)?;
-    let provider = Arc::new(rustls::crypto::ring::default_provider());
-    let verifier =
-        tls::Verifier::new(Some(pin), provider.clone(), Arc::default()).map_err(invalid)?;
-    let config = rustls::ClientConfig::builder_with_provider(provider)
-        .with_safe_default_protocol_versions()
-        .map_err(|e| invalid(e.to_string()))?
-        .dangerous()
-        .with_custom_certificate_verifier(Arc::new(verifier))
-        .with_no_client_auth();
-    let name =
-        rustls::pki_types::ServerName::try_from("localhost").map_err(|e| invalid(e.to_string()))?;
-    let connection = rustls::ClientConnection::new(Arc::new(config), name)
-        .map_err(|e| invalid(e.to_string()))?;
-    let tcp = std::net::TcpStream::connect(address)?;
-    Ok(rustls::StreamOwned::new(connection, tcp))
-}
-
 /// A refusal or failure reply as an error of the matching kind.
 fn status_error(key: &str, what: &str, status: u16, response: ureq::Response) -> StorageError {
     let code = response.header(ERROR_CODE_HEADER).map(str::to_string);

@@ -1,99 +1,20 @@
-//! Helpers shared by the lifecycle tests: in-memory disks (optionally with
-//! a fingerprint and a hook run on the first read), an in-memory restore
-//! target, and repositories over the in-memory backend.
+//! Helpers shared by the lifecycle tests: repositories over the in-memory
+//! backend, backups of in-memory disks and restores into memory (the disks
+//! and targets themselves are the test kit's).
 
 // Test helpers panic on unexpected failures; that is how a test fails.
 #![allow(clippy::unwrap_used, dead_code)]
 
-use std::io;
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 
 use vbackup_core::crypto::kdf::KdfParams;
 use vbackup_core::crypto::CipherKind;
-use vbackup_core::{
-    BackupDisk, BackupOptions, DiskReader, DiskSource, DiskTarget, DiskWriter, Extent, ExtentKind,
-    InitOptions, Progress, Repository, Snapshot,
-};
+use vbackup_core::{BackupDisk, BackupOptions, InitOptions, Progress, Repository, Snapshot};
 use vbackup_storage::MemoryBackend;
+pub use vbackup_testkit::memory::{MemDisk, MemTarget};
 
 /// The chunk size of test repositories.
 pub const CHUNK: u32 = 64 << 10;
-
-/// Something to run once, the first time a disk is read.
-pub type Hook = Arc<Mutex<Option<Box<dyn FnOnce() + Send>>>>;
-
-/// A disk in memory.
-#[derive(Clone)]
-pub struct MemDisk {
-    pub data: Arc<Vec<u8>>,
-    pub identity: Option<String>,
-    pub hook: Hook,
-}
-
-impl MemDisk {
-    pub fn new(data: Vec<u8>) -> Self {
-        Self {
-            data: Arc::new(data),
-            identity: None,
-            hook: Arc::new(Mutex::new(None)),
-        }
-    }
-}
-
-impl DiskSource for MemDisk {
-    fn virtual_size(&self) -> u64 {
-        self.data.len() as u64
-    }
-    fn format(&self) -> &str {
-        "raw"
-    }
-    fn open_reader(&self) -> io::Result<Box<dyn DiskReader>> {
-        Ok(Box::new(self.clone()))
-    }
-    fn identity(&self) -> Option<String> {
-        self.identity.clone()
-    }
-}
-
-impl DiskReader for MemDisk {
-    fn extents(&mut self, offset: u64, length: u64) -> io::Result<Vec<Extent>> {
-        Ok(vec![Extent {
-            offset,
-            length,
-            kind: ExtentKind::Data,
-        }])
-    }
-    fn read_exact_at(&mut self, buf: &mut [u8], offset: u64) -> io::Result<()> {
-        let hook = self.hook.lock().unwrap().take();
-        if let Some(hook) = hook {
-            hook();
-        }
-        buf.copy_from_slice(&self.data[offset as usize..offset as usize + buf.len()]);
-        Ok(())
-    }
-}
-
-#[derive(Clone)]
-pub struct MemTarget(pub Arc<Mutex<Vec<u8>>>);
-
-impl DiskTarget for MemTarget {
-    fn open_writer(&self) -> io::Result<Box<dyn DiskWriter>> {
-        Ok(Box::new(self.clone()))
-    }
-    fn finish(&self) -> io::Result<()> {
-        Ok(())
-    }
-}
-
-impl DiskWriter for MemTarget {
-    fn write_all_at(&mut self, buf: &[u8], offset: u64) -> io::Result<()> {
-        self.0.lock().unwrap()[offset as usize..offset as usize + buf.len()].copy_from_slice(buf);
-        Ok(())
-    }
-    fn flush(&mut self) -> io::Result<()> {
-        Ok(())
-    }
-}
 
 /// A new encrypted repository over a fresh in-memory backend.
 pub fn new_repo() -> (Arc<MemoryBackend>, Repository) {
@@ -166,11 +87,7 @@ pub fn backup(repo: &Repository, vm: &str, data: &[u8]) -> Snapshot {
 /// Restores disk 0 of `snapshot`.
 pub fn restore(repo: &Repository, snapshot: &Snapshot) -> vbackup_core::Result<Vec<u8>> {
     let record = &snapshot.manifest.disks[0];
-    let target = MemTarget(Arc::new(Mutex::new(vec![
-        0u8;
-        record.virtual_size as usize
-    ])));
+    let target = MemTarget::new(record.virtual_size as usize);
     vbackup_core::restore_disk(repo, record, &target, 2, &Progress::new())?;
-    let data = target.0.lock().unwrap().clone();
-    Ok(data)
+    Ok(target.contents())
 }

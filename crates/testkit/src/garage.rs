@@ -7,15 +7,12 @@
 //! Garage v2 must be installed (`cargo install garage --locked`); a test
 //! that needs it fails, never skips, when it is missing.
 
-#![allow(dead_code)]
-#![allow(clippy::unwrap_used)]
-
 use std::net::TcpListener;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
-use super::{noise, text};
+use crate::util::{noise, s, text};
 
 /// The region the servers announce.
 pub const REGION: &str = "garage";
@@ -61,9 +58,8 @@ pub fn garage_binary() -> PathBuf {
 /// A TCP port on 127.0.0.1 that was free a moment ago.
 pub fn free_port() -> u16 {
     TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
+        .and_then(|listener| listener.local_addr())
+        .unwrap_or_else(|e| panic!("no free port on 127.0.0.1: {e}"))
         .port()
 }
 
@@ -76,8 +72,7 @@ fn hex(bytes: &[u8]) -> String {
 fn random_bytes(len: usize) -> Vec<u8> {
     let seed = std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
-        .unwrap()
-        .as_nanos() as u64
+        .map_or(0, |d| d.as_nanos()) as u64
         ^ u64::from(std::process::id()) << 32;
     noise(len, seed)
 }
@@ -91,7 +86,7 @@ impl Garage {
     /// `count` nodes in zones dc1, dc2, … with replication factor `count`.
     pub fn cluster(count: usize) -> Self {
         let binary = garage_binary();
-        let dir = tempfile::tempdir().unwrap();
+        let dir = tempfile::tempdir().expect("a temporary folder for Garage");
         let secret_rpc = hex(&random_bytes(32));
         let mut nodes: Vec<Node> = (0..count)
             .map(|i| start_node(&binary, dir.path(), i, count, &secret_rpc))
@@ -228,7 +223,7 @@ impl Drop for Garage {
 
 fn start_node(binary: &Path, dir: &Path, i: usize, count: usize, rpc_secret: &str) -> Node {
     let root = dir.join(format!("node{i}"));
-    std::fs::create_dir_all(&root).unwrap();
+    std::fs::create_dir_all(&root).unwrap_or_else(|e| panic!("creating {}: {e}", root.display()));
     let (rpc_port, s3_port, admin_port) = (free_port(), free_port(), free_port());
     let config = root.join("garage.toml");
     let toml = format!(
@@ -249,13 +244,17 @@ api_bind_addr = "127.0.0.1:{admin_port}"
 "#,
         root = root.display()
     );
-    std::fs::write(&config, toml).unwrap();
-    let log = std::fs::File::create(root.join("server.log")).unwrap();
+    std::fs::write(&config, toml).unwrap_or_else(|e| panic!("writing {}: {e}", config.display()));
+    let log = std::fs::File::create(root.join("server.log"))
+        .unwrap_or_else(|e| panic!("creating the server log in {}: {e}", root.display()));
+    let stdout = log
+        .try_clone()
+        .unwrap_or_else(|e| panic!("sharing the server log: {e}"));
     let child = Command::new(binary)
-        .args(["-c", config.to_str().unwrap(), "server"])
+        .args(["-c", s(&config), "server"])
         .env("RUST_LOG", "warn")
         .stdin(Stdio::null())
-        .stdout(log.try_clone().unwrap())
+        .stdout(stdout)
         .stderr(log)
         .spawn()
         .unwrap_or_else(|e| panic!("starting {}: {e}", binary.display()));
@@ -275,15 +274,21 @@ fn wait_for_id(binary: &Path, node: &mut Node) -> String {
     let deadline = Instant::now() + Duration::from_secs(30);
     loop {
         let out = Command::new(binary)
-            .args(["-c", node.config.to_str().unwrap(), "node", "id", "-q"])
+            .args(["-c", s(&node.config), "node", "id", "-q"])
             .stdin(Stdio::null())
             .output()
-            .unwrap();
+            .unwrap_or_else(|e| panic!("running {}: {e}", binary.display()));
         if out.status.success() {
-            let id = String::from_utf8(out.stdout).unwrap();
-            return id.trim().split('@').next().unwrap().to_string();
+            let id = String::from_utf8_lossy(&out.stdout);
+            let id = id.trim();
+            return id.split_once('@').map_or(id, |(id, _)| id).to_string();
         }
-        let exited = node.child.as_mut().unwrap().try_wait().unwrap();
+        let exited = match node.child.as_mut() {
+            Some(child) => child
+                .try_wait()
+                .unwrap_or_else(|e| panic!("waiting for garage server: {e}")),
+            None => panic!("garage server was already stopped"),
+        };
         if exited.is_some() || Instant::now() > deadline {
             let log = node.config.with_file_name("server.log");
             panic!(
@@ -301,13 +306,13 @@ fn retry_cli(binary: &Path, config: &Path, args: &[&str]) -> String {
     let deadline = Instant::now() + Duration::from_secs(30);
     loop {
         let out = Command::new(binary)
-            .args(["-c", config.to_str().unwrap()])
+            .args(["-c", s(config)])
             .args(args)
             .stdin(Stdio::null())
             .output()
-            .unwrap();
+            .unwrap_or_else(|e| panic!("running {}: {e}", binary.display()));
         if out.status.success() {
-            return String::from_utf8(out.stdout).unwrap();
+            return String::from_utf8_lossy(&out.stdout).into_owned();
         }
         assert!(
             Instant::now() < deadline,

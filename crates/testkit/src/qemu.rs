@@ -1,6 +1,7 @@
 //! Test harness: a real `qemu-storage-daemon`, or a real QEMU virtual
-//! machine, serving qcow2 disks. Used by this crate's and the CLI's
-//! integration tests; not a stable API.
+//! machine, serving qcow2 disks; and the `qemu-img` / `qemu-io` helpers
+//! the tests use to write and compare images. Used by vbackup-qemu's and
+//! the CLI's integration tests.
 //!
 //! Why qemu-storage-daemon: it runs QEMU's block layer — dirty bitmaps,
 //! block jobs, transactions, NBD exports, QMP — without a guest or a
@@ -16,17 +17,22 @@
 //! is `VBACKUP_QEMU_SYSTEM` or `qemu-system-x86_64` on PATH, its firmware
 //! folders `VBACKUP_QEMU_FIRMWARE` (colon-separated); see
 //! `scripts/qemu-system.sh`.
+//!
+//! The harness speaks to QEMU only through vbackup-qemu's public API
+//! ([`QmpClient`], [`NbdClient`]) and reports failures as its [`Error`],
+//! so a test's `?` and `unwrap` work as they would on the real clients.
 
 use std::fs::{self, File};
+use std::io;
+use std::os::unix::process::ExitStatusExt;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::process::{Child, Command, ExitStatus, Stdio};
 use std::thread;
 use std::time::{Duration, Instant};
 
-use crate::error::{Error, Result};
-use crate::nbd::{ConnectOptions, NbdClient};
-use crate::process;
-use crate::qmp::QmpClient;
+use vbackup_qemu::{ConnectOptions, Error, NbdClient, QmpClient, Result};
+
+use crate::util::{s, send_sigterm, tool};
 
 /// How long the daemon has to come up or shut down.
 const PROCESS_TIMEOUT: Duration = Duration::from_secs(10);
@@ -79,7 +85,7 @@ impl StorageDaemon {
         let dir = tempfile::Builder::new()
             .prefix("vbackup-qsd-")
             .tempdir()
-            .map_err(|e| Error::io("creating a folder for qemu-storage-daemon", e))?;
+            .map_err(|e| io_error("creating a folder for qemu-storage-daemon", e))?;
         let mut daemon = StorageDaemon {
             kind,
             child: None,
@@ -144,9 +150,9 @@ impl StorageDaemon {
         let Some(mut child) = self.child.take() else {
             return Ok(());
         };
-        let _ = process::send_sigterm(child.id());
+        let _ = send_sigterm(&child);
         let deadline = Instant::now() + PROCESS_TIMEOUT;
-        let wait_error = |e| Error::io("waiting for qemu-storage-daemon", e);
+        let wait_error = |e| io_error("waiting for qemu-storage-daemon", e);
         while Instant::now() < deadline {
             if let Some(status) = child.try_wait().map_err(wait_error)? {
                 return self.check_exit(status);
@@ -164,8 +170,8 @@ impl StorageDaemon {
         self.spawn()
     }
 
-    fn check_exit(&self, status: std::process::ExitStatus) -> Result<()> {
-        if status.success() || process::terminated_by(status, libc::SIGTERM) {
+    fn check_exit(&self, status: ExitStatus) -> Result<()> {
+        if status.success() || status.signal() == Some(libc::SIGTERM) {
             Ok(())
         } else {
             Err(self.failed(&format!("exited with {status}")))
@@ -176,7 +182,7 @@ impl StorageDaemon {
         let qmp = self.qmp_socket();
         let _ = fs::remove_file(&qmp);
         let log = self.dir.path().join("qsd.log");
-        let stderr = File::create(&log).map_err(|e| Error::io("creating the daemon log", e))?;
+        let stderr = File::create(&log).map_err(|e| io_error("creating the daemon log", e))?;
         let child = self
             .command()
             .stdin(Stdio::null())
@@ -327,7 +333,7 @@ impl StorageDaemon {
         Error::InvalidRequest(format!(
             "{} {what}: {}",
             self.program().display(),
-            process::stderr_text(&log)
+            stderr_text(&log)
         ))
     }
 }
@@ -350,4 +356,48 @@ impl Drop for StorageDaemon {
 /// its existence alone lets a connection be refused under load.
 fn listening(path: &Path) -> bool {
     std::os::unix::net::UnixStream::connect(path).is_ok()
+}
+
+/// Wraps an I/O error with what was being done (vbackup-qemu's own
+/// constructor is private to it).
+fn io_error(context: &str, error: io::Error) -> Error {
+    Error::Io {
+        context: context.to_owned(),
+        error,
+    }
+}
+
+/// A QEMU program's log as one line of text for an error message.
+fn stderr_text(log: &[u8]) -> String {
+    let text = String::from_utf8_lossy(log);
+    let text = text.trim();
+    if text.is_empty() {
+        "(nothing on stderr)".to_owned()
+    } else {
+        text.to_owned()
+    }
+}
+
+/// Writes `len` bytes of `pattern` at `offset` into the qcow2 `image`
+/// (with `qemu-io`), as a guest of a stopped VM's disk would have.
+pub fn guest_write(image: &Path, pattern: u8, offset: u64, len: u64) {
+    let cmd = format!("write -P {pattern} {offset} {len}");
+    tool("qemu-io", &["-f", "qcow2", "-c", &cmd, s(image)]);
+}
+
+/// A raw copy of the qcow2 `image`'s content now, to compare restores with.
+pub fn copy_now(image: &Path, to: &Path) {
+    tool(
+        "qemu-img",
+        &["convert", "-f", "qcow2", "-O", "raw", s(image), s(to)],
+    );
+}
+
+/// Whether two images hold the same content (`qemu-img compare`).
+pub fn identical(a: &Path, b: &Path) -> bool {
+    Command::new("qemu-img")
+        .args(["compare", "-q", s(a), s(b)])
+        .status()
+        .unwrap_or_else(|e| panic!("qemu-img compare: {e}"))
+        .success()
 }

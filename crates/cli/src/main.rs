@@ -110,11 +110,15 @@ fn is_storage_error(error: &anyhow::Error) -> bool {
 }
 
 /// The class of one link of an error chain, if it is one of vbackup's
-/// errors: the engine's, a VM job's, QEMU's, or an I/O error carrying one
-/// of them ([`vbackup_core::Classified`]).
+/// errors: the engine's, a VM job's, QEMU's, the daemon's (its
+/// configuration file), or an I/O error carrying one of them
+/// ([`vbackup_core::Classified`]).
 fn link_class(cause: &(dyn std::error::Error + 'static)) -> Option<ErrorClass> {
     if let Some(core) = cause.downcast_ref::<vbackup_core::Error>() {
         return Some(core.class());
+    }
+    if let Some(daemon) = cause.downcast_ref::<vbackup_daemon::Error>() {
+        return Some(daemon.class());
     }
     if let Some(vm) = cause.downcast_ref::<vbackup_vm::Error>() {
         return Some(vm.class());

@@ -4,6 +4,10 @@
 //!   repositories and VMs for the CLI; schedules, retention, verify and
 //!   prune jobs for the daemon).
 //! - [`schedule`]: calendar expressions (systemd-like and cron).
+//! - [`history`]: every run and the scheduler's memory, in SQLite.
+//! - [`jobs`]: the jobs a configuration defines, run through the library.
+//! - [`scheduler`]: what runs when (catch-up, limits, conflicts, retries,
+//!   timeouts), on an injectable clock.
 //!
 //! The daemon calls the engine as a library (`vbackup-open`,
 //! `vbackup-vm`, `vbackup-core`), never the `vbackup` binary.
@@ -11,6 +15,9 @@
 
 pub mod config;
 mod error;
+pub mod history;
+pub mod jobs;
 pub mod schedule;
+pub mod scheduler;
 
 pub use error::{Error, Result};

@@ -1,0 +1,607 @@
+//! Deciding what runs when, and running it.
+//!
+//! Each job's next run is computed from the scheduled time of its last
+//! run (the history's `jobs` table), never from "now": after the daemon
+//! was down, or the host slept, across any number of scheduled times, the
+//! job is due once, for the newest of them ("catch-up"), and a clock that
+//! jumps eight hours forward gives one run, not eight. A job that cannot
+//! start (its VM or repository is busy, the host's or the repository's
+//! limit is reached) stays due and starts when it can: a prune waits its
+//! turn. Failed runs are retried with a doubling delay; a run longer than
+//! the timeout is cancelled.
+//!
+//! Time comes from a [`Clock`], so tests run simulated days in seconds
+//! with real backups.
+
+use std::collections::{HashMap, VecDeque};
+use std::sync::{Arc, Mutex};
+use std::thread::JoinHandle;
+
+use chrono::{DateTime, Utc};
+use serde::Serialize;
+use vbackup_core::Progress;
+
+use crate::config::Config;
+use crate::history::{History, NewRun, Status};
+use crate::jobs::{self, JobKind, JobSpec};
+use crate::{Error, Result};
+
+/// Where the daemon's time comes from.
+pub trait Clock: Send + Sync {
+    /// The current time.
+    fn now(&self) -> DateTime<Utc>;
+}
+
+/// The system's clock.
+#[derive(Debug, Default, Clone, Copy)]
+pub struct SystemClock;
+
+impl Clock for SystemClock {
+    fn now(&self) -> DateTime<Utc> {
+        Utc::now()
+    }
+}
+
+/// A clock that moves only when told: simulated days in seconds.
+#[derive(Debug)]
+pub struct ManualClock(Mutex<DateTime<Utc>>);
+
+impl ManualClock {
+    /// A clock showing `time`.
+    pub fn new(time: DateTime<Utc>) -> Self {
+        Self(Mutex::new(time))
+    }
+
+    /// Moves the clock to `time` (forward or back).
+    pub fn set(&self, time: DateTime<Utc>) {
+        if let Ok(mut now) = self.0.lock() {
+            *now = time;
+        }
+    }
+
+    /// Moves the clock forward by `duration`.
+    pub fn advance(&self, duration: chrono::Duration) {
+        if let Ok(mut now) = self.0.lock() {
+            *now += duration;
+        }
+    }
+}
+
+impl Clock for ManualClock {
+    fn now(&self) -> DateTime<Utc> {
+        self.0.lock().map_or_else(|_| Utc::now(), |now| *now)
+    }
+}
+
+/// Why a run starts.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum Trigger {
+    /// Its scheduled time came.
+    Schedule,
+    /// Scheduled times passed while the daemon was down or the host slept:
+    /// one run for all of them.
+    CatchUp,
+    /// Asked for (`vbackup jobs run`).
+    Manual,
+    /// A failed run, tried again.
+    Retry,
+}
+
+impl Trigger {
+    /// The word recorded in the history.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Trigger::Schedule => "schedule",
+            Trigger::CatchUp => "catch-up",
+            Trigger::Manual => "manual",
+            Trigger::Retry => "retry",
+        }
+    }
+}
+
+/// A run that is due.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Due {
+    /// The scheduled time it stands for (the newest one passed).
+    pub scheduled_for: DateTime<Utc>,
+    /// Schedule or catch-up.
+    pub trigger: Trigger,
+}
+
+/// How late a scheduled run may start and still count as on time rather
+/// than caught up.
+const ON_TIME: chrono::Duration = chrono::Duration::minutes(1);
+
+/// Whether `job` is due at `now`, given the scheduled time of its last run
+/// (or, for a job never run, when the daemon first saw it).
+pub fn due(job: &JobSpec, last: DateTime<Utc>, now: DateTime<Utc>) -> Option<Due> {
+    let schedule = job.schedule.as_ref()?;
+    let next = schedule.next_after(last)?;
+    if next > now {
+        return None;
+    }
+    let newest = schedule.latest_at_or_before(now).unwrap_or(next).max(next);
+    let trigger = match newest > next || now - newest > ON_TIME {
+        true => Trigger::CatchUp,
+        false => Trigger::Schedule,
+    };
+    Some(Due {
+        scheduled_for: newest,
+        trigger,
+    })
+}
+
+/// A run waiting to start: asked for, or a retry whose time has come.
+#[derive(Debug, Clone)]
+struct Waiting {
+    job: String,
+    trigger: Trigger,
+    attempt: u32,
+    scheduled_for: Option<DateTime<Utc>>,
+    not_before: DateTime<Utc>,
+}
+
+/// A run in progress.
+struct Running {
+    job: JobSpec,
+    started: DateTime<Utc>,
+    progress: Arc<Progress>,
+    thread: Option<JoinHandle<()>>,
+}
+
+/// A job as the API shows it.
+#[derive(Debug, Clone, Serialize)]
+#[serde(rename_all = "kebab-case")]
+pub struct JobStatus {
+    /// Its name.
+    pub name: String,
+    /// `backup`, `verify` or `prune`.
+    pub kind: String,
+    /// The VM, for backups.
+    pub vm: Option<String>,
+    /// The repository.
+    pub repository: String,
+    /// Its schedule, as written.
+    pub schedule: Option<String>,
+    /// When it runs next (RFC 3339), if scheduled.
+    pub next_run: Option<String>,
+    /// Its newest run.
+    pub last_run: Option<crate::history::Run>,
+    /// Its newest successful run's end.
+    pub last_success: Option<String>,
+    /// The run in progress, if any.
+    pub running: Option<RunProgress>,
+}
+
+/// A running job's progress.
+#[derive(Debug, Clone, Serialize)]
+#[serde(rename_all = "kebab-case")]
+pub struct RunProgress {
+    /// The run's id.
+    pub run: i64,
+    /// When it started.
+    pub started: String,
+    /// Bytes to read (known once the job has planned).
+    pub total_bytes: u64,
+    /// Bytes read so far.
+    pub done_bytes: u64,
+}
+
+/// The scheduler: the configuration, the history, the clock, and the runs
+/// in progress.
+pub struct Daemon {
+    config: Config,
+    jobs: Vec<JobSpec>,
+    history: Arc<History>,
+    clock: Arc<dyn Clock>,
+    running: Mutex<HashMap<i64, Running>>,
+    waiting: Mutex<VecDeque<Waiting>>,
+}
+
+impl std::fmt::Debug for Daemon {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Daemon")
+            .field("jobs", &self.jobs.len())
+            .field("history", &self.history)
+            .finish()
+    }
+}
+
+impl Daemon {
+    /// Starts the scheduler on `config`'s state folder: the history is
+    /// opened and runs cut off by an earlier crash are recorded as
+    /// interrupted.
+    pub fn new(config: Config, clock: Arc<dyn Clock>) -> Result<Self> {
+        let history = Arc::new(History::open(&config.daemon.state)?);
+        history.mark_interrupted(clock.now())?;
+        let jobs = jobs::jobs(&config);
+        let now = clock.now();
+        for job in &jobs {
+            history.job_state(&job.name, now)?;
+        }
+        Ok(Self {
+            config,
+            jobs,
+            history,
+            clock,
+            running: Mutex::new(HashMap::new()),
+            waiting: Mutex::new(VecDeque::new()),
+        })
+    }
+
+    /// The configuration.
+    pub fn config(&self) -> &Config {
+        &self.config
+    }
+
+    /// The history.
+    pub fn history(&self) -> &History {
+        &self.history
+    }
+
+    /// The jobs.
+    pub fn jobs(&self) -> &[JobSpec] {
+        &self.jobs
+    }
+
+    /// Starts what is due now and may start: scheduled and caught-up runs,
+    /// then waiting ones (asked for, retries); cancels runs past the
+    /// timeout; reaps finished ones. Returns the ids of the runs started.
+    pub fn tick(&self) -> Result<Vec<i64>> {
+        self.reap()?;
+        self.enforce_timeout();
+        let now = self.clock.now();
+        let mut started = Vec::new();
+        for job in &self.jobs {
+            let state = self.history.job_state(&job.name, now)?;
+            let last = state.last_scheduled.unwrap_or(state.first_seen);
+            let Some(due) = due(job, last, now) else {
+                continue;
+            };
+            if !self.may_start(job) {
+                continue;
+            }
+            self.history
+                .set_last_scheduled(&job.name, due.scheduled_for)?;
+            started.push(self.start(job, due.trigger, 1, Some(due.scheduled_for))?);
+        }
+        started.extend(self.start_waiting(now)?);
+        Ok(started)
+    }
+
+    /// Asks for a run of job `name` (or a VM's backup by the VM's name) as
+    /// soon as it may start; returns the run's id when it started at once.
+    pub fn run_now(&self, name: &str) -> Result<Option<i64>> {
+        let job = jobs::find(&self.jobs, name)
+            .ok_or_else(|| self.unknown_job(name))?
+            .clone();
+        self.waiting_lock()?.push_back(Waiting {
+            job: job.name.clone(),
+            trigger: Trigger::Manual,
+            attempt: 1,
+            scheduled_for: None,
+            not_before: self.clock.now(),
+        });
+        let started = self.start_waiting(self.clock.now())?;
+        Ok(started.first().copied())
+    }
+
+    /// Cancels run `id`; it ends as cancelled when its job notices.
+    pub fn cancel(&self, id: i64) -> Result<()> {
+        let running = self.running_lock()?;
+        let run = running
+            .get(&id)
+            .ok_or_else(|| Error::Invalid(format!("run {id} is not running")))?;
+        run.progress.cancel();
+        Ok(())
+    }
+
+    /// Every job with its schedule, next run, last run and progress.
+    pub fn status(&self) -> Result<Vec<JobStatus>> {
+        let now = self.clock.now();
+        let running = self.running_lock()?;
+        self.jobs
+            .iter()
+            .map(|job| {
+                let state = self.history.job_state(&job.name, now)?;
+                let last = state.last_scheduled.unwrap_or(state.first_seen);
+                let next_run = job.schedule.as_ref().and_then(|s| s.next_after(last));
+                let newest = self
+                    .history
+                    .runs(&crate::history::RunFilter {
+                        job: Some(job.name.clone()),
+                        limit: 1,
+                        ..Default::default()
+                    })?
+                    .pop();
+                let progress =
+                    running
+                        .iter()
+                        .find(|(_, r)| r.job.name == job.name)
+                        .map(|(id, r)| RunProgress {
+                            run: *id,
+                            started: r.started.to_rfc3339(),
+                            total_bytes: r.progress.total(),
+                            done_bytes: r.progress.done(),
+                        });
+                Ok(JobStatus {
+                    name: job.name.clone(),
+                    kind: job.kind.word().to_string(),
+                    vm: job.vm().map(str::to_string),
+                    repository: job.repository.clone(),
+                    schedule: job.schedule.as_ref().map(|s| s.to_string()),
+                    next_run: next_run.map(|t| t.to_rfc3339()),
+                    last_run: newest,
+                    last_success: self.history.last_success(&job.name)?.and_then(|r| r.ended),
+                    running: progress,
+                })
+            })
+            .collect()
+    }
+
+    /// Whether any run is in progress or waiting.
+    pub fn busy(&self) -> bool {
+        let running = self.running.lock().map_or(true, |r| !r.is_empty());
+        let waiting = self.waiting.lock().map_or(true, |w| !w.is_empty());
+        running || waiting
+    }
+
+    /// Waits for every run in progress to end, and records them.
+    pub fn wait_idle(&self) -> Result<()> {
+        loop {
+            let threads: Vec<JoinHandle<()>> = self
+                .running_lock()?
+                .values_mut()
+                .filter_map(|r| r.thread.take())
+                .collect();
+            if threads.is_empty() {
+                break;
+            }
+            for thread in threads {
+                let _ = thread.join();
+            }
+        }
+        self.reap()
+    }
+
+    /// Cancels every run in progress (the daemon is stopping).
+    pub fn cancel_all(&self) {
+        if let Ok(running) = self.running.lock() {
+            for run in running.values() {
+                run.progress.cancel();
+            }
+        }
+    }
+
+    fn unknown_job(&self, name: &str) -> Error {
+        let names: Vec<&str> = self.jobs.iter().map(|j| j.name.as_str()).collect();
+        Error::Invalid(format!(
+            "no job '{name}' in the configuration; the jobs are: {}",
+            names.join(", ")
+        ))
+    }
+
+    fn running_lock(&self) -> Result<std::sync::MutexGuard<'_, HashMap<i64, Running>>> {
+        self.running
+            .lock()
+            .map_err(|_| Error::Invalid("the scheduler's lock was poisoned by a panic".into()))
+    }
+
+    fn waiting_lock(&self) -> Result<std::sync::MutexGuard<'_, VecDeque<Waiting>>> {
+        self.waiting
+            .lock()
+            .map_err(|_| Error::Invalid("the scheduler's lock was poisoned by a panic".into()))
+    }
+
+    /// Starts the waiting runs whose time has come and that may start.
+    fn start_waiting(&self, now: DateTime<Utc>) -> Result<Vec<i64>> {
+        let candidates: Vec<Waiting> = self.waiting_lock()?.drain(..).collect();
+        let mut keep = VecDeque::new();
+        let mut started = Vec::new();
+        for waiting in candidates {
+            let job = jobs::find(&self.jobs, &waiting.job).cloned();
+            match job {
+                Some(job) if waiting.not_before <= now && self.may_start(&job) => {
+                    started.push(self.start(
+                        &job,
+                        waiting.trigger,
+                        waiting.attempt,
+                        waiting.scheduled_for,
+                    )?);
+                }
+                Some(_) => keep.push_back(waiting),
+                None => {}
+            }
+        }
+        self.waiting_lock()?.extend(keep);
+        Ok(started)
+    }
+
+    /// Whether `job` may start now: not already running; its VM not being
+    /// backed up; no prune on its repository, and for a prune nothing else
+    /// on it; the host's and the repository's limits not reached.
+    fn may_start(&self, job: &JobSpec) -> bool {
+        let Ok(running) = self.running.lock() else {
+            return false;
+        };
+        let on_repository = running
+            .values()
+            .filter(|r| r.job.repository == job.repository)
+            .count();
+        let conflict = running.values().any(|r| {
+            r.job.name == job.name
+                || (job.vm().is_some() && r.job.vm() == job.vm())
+                || (r.job.repository == job.repository
+                    && (r.job.kind == JobKind::Prune || job.kind == JobKind::Prune))
+        });
+        !conflict
+            && running.len() < self.config.daemon.max_jobs
+            && on_repository < self.config.daemon.max_jobs_per_repository
+    }
+
+    /// Records a run's start and starts its thread.
+    fn start(
+        &self,
+        job: &JobSpec,
+        trigger: Trigger,
+        attempt: u32,
+        scheduled_for: Option<DateTime<Utc>>,
+    ) -> Result<i64> {
+        let started = self.clock.now();
+        let id = self.history.start_run(&NewRun {
+            job: &job.name,
+            kind: job.kind.word(),
+            vm: job.vm(),
+            repository: &job.repository,
+            trigger: trigger.as_str(),
+            scheduled_for,
+            attempt,
+            started,
+        })?;
+        let progress = Arc::new(Progress::new());
+        let thread = {
+            let (config, spec, progress) = (self.config.clone(), job.clone(), progress.clone());
+            let (history, clock) = (self.history.clone(), self.clock.clone());
+            std::thread::Builder::new()
+                .name(format!("job {}", job.name))
+                .spawn(move || {
+                    let finished = jobs::execute(&config, &spec, &progress);
+                    // A failure to record is the history's, and shows as
+                    // "interrupted" at the next start.
+                    let _ = history.finish_run(id, clock.now(), &finished);
+                })
+                .map_err(Error::io(format!("starting a thread for {}", job.name)))?
+        };
+        self.running_lock()?.insert(
+            id,
+            Running {
+                job: job.clone(),
+                started,
+                progress,
+                thread: Some(thread),
+            },
+        );
+        Ok(id)
+    }
+
+    /// Removes ended runs from the running set; schedules retries of
+    /// failed ones.
+    fn reap(&self) -> Result<()> {
+        let ended: Vec<(i64, JobSpec)> = {
+            let mut running = self.running_lock()?;
+            let done: Vec<i64> = running
+                .iter()
+                .filter(|(_, r)| r.thread.as_ref().is_none_or(JoinHandle::is_finished))
+                .map(|(id, _)| *id)
+                .collect();
+            done.into_iter()
+                .filter_map(|id| {
+                    let run = running.remove(&id)?;
+                    if let Some(thread) = run.thread {
+                        let _ = thread.join();
+                    }
+                    Some((id, run.job))
+                })
+                .collect()
+        };
+        for (id, job) in ended {
+            let Some(run) = self.history.run(id)? else {
+                continue;
+            };
+            if run.status == Status::Failed && run.attempt <= self.config.daemon.retries {
+                let delay = self.config.daemon.retry_delay * 2u32.saturating_pow(run.attempt - 1);
+                let delay = chrono::Duration::from_std(delay).unwrap_or(chrono::Duration::hours(1));
+                self.waiting_lock()?.push_back(Waiting {
+                    job: job.name.clone(),
+                    trigger: Trigger::Retry,
+                    attempt: run.attempt + 1,
+                    scheduled_for: run
+                        .scheduled_for
+                        .as_deref()
+                        .and_then(|t| DateTime::parse_from_rfc3339(t).ok())
+                        .map(|t| t.with_timezone(&Utc)),
+                    not_before: self.clock.now() + delay,
+                });
+            }
+        }
+        Ok(())
+    }
+
+    /// Cancels the runs older than the timeout.
+    fn enforce_timeout(&self) {
+        let now = self.clock.now();
+        let Ok(limit) = chrono::Duration::from_std(self.config.daemon.timeout) else {
+            return;
+        };
+        if let Ok(running) = self.running.lock() {
+            for run in running.values() {
+                if now - run.started > limit {
+                    run.progress.cancel();
+                }
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+
+    use super::*;
+    use chrono::{Local, TimeZone};
+
+    fn local(d: u32, h: u32, m: u32) -> DateTime<Utc> {
+        Local
+            .with_ymd_and_hms(2026, 12, d, h, m, 0)
+            .single()
+            .unwrap()
+            .with_timezone(&Utc)
+    }
+
+    fn hourly() -> JobSpec {
+        JobSpec {
+            name: "backup/web1".into(),
+            kind: JobKind::Backup { vm: "web1".into() },
+            repository: "local".into(),
+            schedule: Some("hourly".parse().unwrap()),
+        }
+    }
+
+    #[test]
+    fn a_run_is_due_when_its_time_comes_and_not_before() {
+        let job = hourly();
+        let last = local(1, 10, 0);
+        assert_eq!(due(&job, last, local(1, 10, 59)), None);
+        let on_time = due(&job, last, local(1, 11, 0)).unwrap();
+        assert_eq!(on_time.scheduled_for, local(1, 11, 0));
+        assert_eq!(on_time.trigger, Trigger::Schedule);
+    }
+
+    #[test]
+    fn three_missed_runs_are_caught_up_once_for_the_newest() {
+        let job = hourly();
+        let due = due(&job, local(1, 10, 0), local(1, 13, 30)).unwrap();
+        assert_eq!(due.scheduled_for, local(1, 13, 0));
+        assert_eq!(due.trigger, Trigger::CatchUp);
+        // Once it started, the newest time is the last: nothing more due.
+        assert_eq!(super::due(&job, due.scheduled_for, local(1, 13, 30)), None);
+    }
+
+    #[test]
+    fn an_eight_hour_jump_gives_one_run() {
+        let job = hourly();
+        let due = due(&job, local(1, 10, 0), local(1, 18, 5)).unwrap();
+        assert_eq!(due.scheduled_for, local(1, 18, 0));
+        assert_eq!(due.trigger, Trigger::CatchUp);
+    }
+
+    #[test]
+    fn an_unscheduled_job_is_never_due() {
+        let job = JobSpec {
+            schedule: None,
+            ..hourly()
+        };
+        assert_eq!(due(&job, local(1, 10, 0), local(9, 10, 0)), None);
+    }
+}

@@ -154,6 +154,11 @@ pub enum Command {
     Quickstart(QuickstartArgs),
     /// Serve repositories over HTTPS to other hosts' vbackup (and manage its tokens).
     Server(crate::server::ServerArgs),
+    /// Run the scheduler: the jobs of the configuration file (--config, default
+    /// /etc/vbackup/vbackup.toml) on time, their history, the API for `jobs`.
+    Daemon(crate::daemon::DaemonArgs),
+    /// Ask the daemon: list, run, status, history, cancel.
+    Jobs(crate::daemon::JobsArgs),
     /// Print a shell completion script (e.g. `vbackup completions bash > /etc/bash_completion.d/vbackup`).
     Completions(CompletionsArgs),
     /// Print the manual page in roff (e.g. `vbackup man | man -l -`).

@@ -63,6 +63,8 @@ pub fn run(cli: Cli) -> Result<()> {
         Command::Speed => speed(&ctx),
         Command::Quickstart(args) => crate::quickstart::run(&ctx, &args),
         Command::Server(args) => crate::server::run(&ctx, &args),
+        Command::Daemon(args) => crate::daemon::daemon(&ctx, &args),
+        Command::Jobs(args) => crate::daemon::jobs(&ctx, &args),
         Command::Completions(args) => crate::docs::completions(&args),
         Command::Man(args) => crate::docs::man(&args),
     }

@@ -4,6 +4,7 @@
 
 mod args;
 mod commands;
+mod daemon;
 mod docs;
 mod lifecycle;
 mod quickstart;

@@ -45,6 +45,14 @@ pub fn install_signal_flag() -> Arc<AtomicBool> {
     flag
 }
 
+/// A flag set on SIGHUP (the daemon reloads its configuration).
+pub fn install_reload_flag() -> Arc<AtomicBool> {
+    let flag = Arc::new(AtomicBool::new(false));
+    // Failing to install the handler only means SIGHUP ends the process.
+    let _ = signal_hook::flag::register(signal_hook::consts::SIGHUP, Arc::clone(&flag));
+    flag
+}
+
 /// What a progress display counts.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Unit {

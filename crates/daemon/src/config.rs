@@ -335,7 +335,7 @@ impl Config {
             }
             invalid(message)
         })?;
-        config.check().map_err(invalid)?;
+        config.check(text).map_err(invalid)?;
         if let Some(folder) = origin.parent() {
             config.resolve_paths(folder);
         }
@@ -385,7 +385,7 @@ impl Config {
     /// Refuses what deserializing cannot: empty names and locations,
     /// unsupported schemes, unknown keys in VM sections, sections naming a
     /// repository that is not defined, a VM without disks or QMP socket.
-    fn check(&self) -> std::result::Result<(), String> {
+    fn check(&self, text: &str) -> std::result::Result<(), String> {
         if self.daemon.max_jobs == 0 || self.daemon.max_jobs_per_repository == 0 {
             return Err("[daemon] max-jobs and max-jobs-per-repository must be at least 1".into());
         }
@@ -399,7 +399,7 @@ impl Config {
             Location::parse(&options.location).map_err(|e| format!("[repository.{name}]: {e}"))?;
         }
         for (name, section) in &self.vm {
-            self.check_vm(name, section)?;
+            self.check_vm(name, section, text)?;
         }
         for (kind, names) in [
             ("verify", self.verify.keys().collect::<Vec<_>>()),
@@ -417,13 +417,21 @@ impl Config {
     }
 
     /// Checks one `[vm.NAME]` section.
-    fn check_vm(&self, name: &str, section: &VmSection) -> std::result::Result<(), String> {
+    fn check_vm(
+        &self,
+        name: &str,
+        section: &VmSection,
+        text: &str,
+    ) -> std::result::Result<(), String> {
         if name.trim().is_empty() {
             return Err("a [vm] section has an empty name".into());
         }
         if let Some(key) = section.unknown.keys().next() {
+            let line = key_line(text, &format!("vm.{name}"), key)
+                .map(|n| format!("line {n}: "))
+                .unwrap_or_default();
             return Err(format!(
-                "[vm.{name}] has the unknown key '{key}' (known: disks, disk-names, format, qmp, qga, nbd-socket, definition, repository, tags, host, schedule, type, keep, rpo)"
+                "{line}[vm.{name}] has the unknown key '{key}' (known: disks, disk-names, format, qmp, qga, nbd-socket, definition, repository, tags, host, schedule, type, keep, rpo)"
             ));
         }
         if let Some(repository) = &section.source.repository {
@@ -482,6 +490,26 @@ impl Config {
             }
         }
     }
+}
+
+/// The line (from 1) where `key` is set in the table `[table]` of `text`,
+/// for messages about keys found unknown after parsing.
+fn key_line(text: &str, table: &str, key: &str) -> Option<usize> {
+    let mut current = String::new();
+    for (n, line) in text.lines().enumerate() {
+        let line = line.trim();
+        if let Some(header) = line.strip_prefix('[') {
+            current = header.trim_end_matches(']').trim().replace('"', "");
+            continue;
+        }
+        let assigned = line
+            .split_once('=')
+            .map(|(k, _)| k.trim().trim_matches('"'));
+        if current == table && assigned == Some(key) {
+            return Some(n + 1);
+        }
+    }
+    None
 }
 
 #[cfg(test)]
@@ -613,7 +641,7 @@ repository = "offsite"
             (format!("[vm.web1]\nrepository = \"r\"\n{r}"), "disk images"),
             (
                 format!("{r}[vm.web1]\ndisks = [\"/a\"]\nschedul = \"hourly\"\n"),
-                "unknown key 'schedul'",
+                "line 5: [vm.web1] has the unknown key 'schedul'",
             ),
             (
                 format!("{r}[vm.web1]\ndisks = [\"/a\"]\nschedule = \"dialy\"\n"),

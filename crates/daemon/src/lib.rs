@@ -6,18 +6,22 @@
 //! - [`schedule`]: calendar expressions (systemd-like and cron).
 //! - [`history`]: every run and the scheduler's memory, in SQLite.
 //! - [`jobs`]: the jobs a configuration defines, run through the library.
+//! - [`api`]: the REST API on a unix socket; [`client`]: its client.
 //! - [`scheduler`]: what runs when (catch-up, limits, conflicts, retries,
-//!   timeouts), on an injectable clock.
+//!   timeouts), on an injectable clock; [`service`]: the main loop.
 //!
 //! The daemon calls the engine as a library (`vbackup-open`,
 //! `vbackup-vm`, `vbackup-core`), never the `vbackup` binary.
 #![deny(missing_docs)]
 
+pub mod api;
+pub mod client;
 pub mod config;
 mod error;
 pub mod history;
 pub mod jobs;
 pub mod schedule;
 pub mod scheduler;
+pub mod service;
 
 pub use error::{Error, Result};

@@ -18,7 +18,7 @@ use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
 
 use chrono::{DateTime, Utc};
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 use vbackup_core::Progress;
 
 use crate::config::Config;
@@ -151,7 +151,7 @@ struct Running {
 }
 
 /// A job as the API shows it.
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(rename_all = "kebab-case")]
 pub struct JobStatus {
     /// Its name.
@@ -175,7 +175,7 @@ pub struct JobStatus {
 }
 
 /// A running job's progress.
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(rename_all = "kebab-case")]
 pub struct RunProgress {
     /// The run's id.
@@ -188,11 +188,26 @@ pub struct RunProgress {
     pub done_bytes: u64,
 }
 
+/// The configuration and the jobs it defines, replaced whole on reload.
+#[derive(Debug)]
+struct Settings {
+    config: Config,
+    jobs: Vec<JobSpec>,
+}
+
+/// What a tick did.
+#[derive(Debug, Default)]
+pub struct TickReport {
+    /// The runs started: id, job, why.
+    pub started: Vec<(i64, String, Trigger)>,
+    /// The runs that ended since the previous tick.
+    pub ended: Vec<crate::history::Run>,
+}
+
 /// The scheduler: the configuration, the history, the clock, and the runs
 /// in progress.
 pub struct Daemon {
-    config: Config,
-    jobs: Vec<JobSpec>,
+    settings: std::sync::RwLock<Arc<Settings>>,
     history: Arc<History>,
     clock: Arc<dyn Clock>,
     running: Mutex<HashMap<i64, Running>>,
@@ -202,7 +217,7 @@ pub struct Daemon {
 impl std::fmt::Debug for Daemon {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Daemon")
-            .field("jobs", &self.jobs.len())
+            .field("jobs", &self.settings().jobs.len())
             .field("history", &self.history)
             .finish()
     }
@@ -221,8 +236,7 @@ impl Daemon {
             history.job_state(&job.name, now)?;
         }
         Ok(Self {
-            config,
-            jobs,
+            settings: std::sync::RwLock::new(Arc::new(Settings { config, jobs })),
             history,
             clock,
             running: Mutex::new(HashMap::new()),
@@ -230,9 +244,37 @@ impl Daemon {
         })
     }
 
-    /// The configuration.
-    pub fn config(&self) -> &Config {
-        &self.config
+    /// The configuration and jobs in force.
+    fn settings(&self) -> Arc<Settings> {
+        match self.settings.read() {
+            Ok(settings) => settings.clone(),
+            Err(poisoned) => poisoned.into_inner().clone(),
+        }
+    }
+
+    /// The configuration in force.
+    pub fn config(&self) -> Config {
+        self.settings().config.clone()
+    }
+
+    /// Replaces the configuration (SIGHUP): new jobs are entered as first
+    /// seen now, removed ones are no longer scheduled; runs in progress go
+    /// on. The state folder and the socket stay those of the start.
+    pub fn reload(&self, mut config: Config) -> Result<()> {
+        let old = self.settings();
+        config.daemon.state = old.config.daemon.state.clone();
+        config.daemon.socket = old.config.daemon.socket.clone();
+        let jobs = jobs::jobs(&config);
+        let now = self.clock.now();
+        for job in &jobs {
+            self.history.job_state(&job.name, now)?;
+        }
+        let mut settings = self
+            .settings
+            .write()
+            .map_err(|_| Error::Invalid("the scheduler's lock was poisoned by a panic".into()))?;
+        *settings = Arc::new(Settings { config, jobs });
+        Ok(())
     }
 
     /// The history.
@@ -240,20 +282,21 @@ impl Daemon {
         &self.history
     }
 
-    /// The jobs.
-    pub fn jobs(&self) -> &[JobSpec] {
-        &self.jobs
+    /// The jobs in force.
+    pub fn jobs(&self) -> Vec<JobSpec> {
+        self.settings().jobs.clone()
     }
 
     /// Starts what is due now and may start: scheduled and caught-up runs,
     /// then waiting ones (asked for, retries); cancels runs past the
-    /// timeout; reaps finished ones. Returns the ids of the runs started.
-    pub fn tick(&self) -> Result<Vec<i64>> {
-        self.reap()?;
+    /// timeout; reaps finished ones. Says what started and what ended.
+    pub fn tick(&self) -> Result<TickReport> {
+        let ended = self.reap()?;
         self.enforce_timeout();
         let now = self.clock.now();
+        let settings = self.settings();
         let mut started = Vec::new();
-        for job in &self.jobs {
+        for job in &settings.jobs {
             let state = self.history.job_state(&job.name, now)?;
             let last = state.last_scheduled.unwrap_or(state.first_seen);
             let Some(due) = due(job, last, now) else {
@@ -264,16 +307,18 @@ impl Daemon {
             }
             self.history
                 .set_last_scheduled(&job.name, due.scheduled_for)?;
-            started.push(self.start(job, due.trigger, 1, Some(due.scheduled_for))?);
+            let id = self.start(job, due.trigger, 1, Some(due.scheduled_for))?;
+            started.push((id, job.name.clone(), due.trigger));
         }
         started.extend(self.start_waiting(now)?);
-        Ok(started)
+        Ok(TickReport { started, ended })
     }
 
     /// Asks for a run of job `name` (or a VM's backup by the VM's name) as
     /// soon as it may start; returns the run's id when it started at once.
     pub fn run_now(&self, name: &str) -> Result<Option<i64>> {
-        let job = jobs::find(&self.jobs, name)
+        let settings = self.settings();
+        let job = jobs::find(&settings.jobs, name)
             .ok_or_else(|| self.unknown_job(name))?
             .clone();
         self.waiting_lock()?.push_back(Waiting {
@@ -284,7 +329,10 @@ impl Daemon {
             not_before: self.clock.now(),
         });
         let started = self.start_waiting(self.clock.now())?;
-        Ok(started.first().copied())
+        Ok(started
+            .iter()
+            .find(|(_, name, _)| *name == job.name)
+            .map(|(id, _, _)| *id))
     }
 
     /// Cancels run `id`; it ends as cancelled when its job notices.
@@ -301,7 +349,8 @@ impl Daemon {
     pub fn status(&self) -> Result<Vec<JobStatus>> {
         let now = self.clock.now();
         let running = self.running_lock()?;
-        self.jobs
+        self.settings()
+            .jobs
             .iter()
             .map(|job| {
                 let state = self.history.job_state(&job.name, now)?;
@@ -315,16 +364,16 @@ impl Daemon {
                         ..Default::default()
                     })?
                     .pop();
-                let progress =
-                    running
-                        .iter()
-                        .find(|(_, r)| r.job.name == job.name)
-                        .map(|(id, r)| RunProgress {
-                            run: *id,
-                            started: r.started.to_rfc3339(),
-                            total_bytes: r.progress.total(),
-                            done_bytes: r.progress.done(),
-                        });
+                let progress = running
+                    .iter()
+                    .filter(|(_, r)| r.thread.as_ref().is_some_and(|t| !t.is_finished()))
+                    .find(|(_, r)| r.job.name == job.name)
+                    .map(|(id, r)| RunProgress {
+                        run: *id,
+                        started: r.started.to_rfc3339(),
+                        total_bytes: r.progress.total(),
+                        done_bytes: r.progress.done(),
+                    });
                 Ok(JobStatus {
                     name: job.name.clone(),
                     kind: job.kind.word().to_string(),
@@ -362,7 +411,7 @@ impl Daemon {
                 let _ = thread.join();
             }
         }
-        self.reap()
+        self.reap().map(drop)
     }
 
     /// Cancels every run in progress (the daemon is stopping).
@@ -375,7 +424,8 @@ impl Daemon {
     }
 
     fn unknown_job(&self, name: &str) -> Error {
-        let names: Vec<&str> = self.jobs.iter().map(|j| j.name.as_str()).collect();
+        let settings = self.settings();
+        let names: Vec<&str> = settings.jobs.iter().map(|j| j.name.as_str()).collect();
         Error::Invalid(format!(
             "no job '{name}' in the configuration; the jobs are: {}",
             names.join(", ")
@@ -395,20 +445,22 @@ impl Daemon {
     }
 
     /// Starts the waiting runs whose time has come and that may start.
-    fn start_waiting(&self, now: DateTime<Utc>) -> Result<Vec<i64>> {
+    fn start_waiting(&self, now: DateTime<Utc>) -> Result<Vec<(i64, String, Trigger)>> {
+        let settings = self.settings();
         let candidates: Vec<Waiting> = self.waiting_lock()?.drain(..).collect();
         let mut keep = VecDeque::new();
         let mut started = Vec::new();
         for waiting in candidates {
-            let job = jobs::find(&self.jobs, &waiting.job).cloned();
+            let job = jobs::find(&settings.jobs, &waiting.job).cloned();
             match job {
                 Some(job) if waiting.not_before <= now && self.may_start(&job) => {
-                    started.push(self.start(
+                    let id = self.start(
                         &job,
                         waiting.trigger,
                         waiting.attempt,
                         waiting.scheduled_for,
-                    )?);
+                    )?;
+                    started.push((id, job.name.clone(), waiting.trigger));
                 }
                 Some(_) => keep.push_back(waiting),
                 None => {}
@@ -425,6 +477,7 @@ impl Daemon {
         let Ok(running) = self.running.lock() else {
             return false;
         };
+        let daemon = &self.settings().config.daemon;
         let on_repository = running
             .values()
             .filter(|r| r.job.repository == job.repository)
@@ -436,8 +489,8 @@ impl Daemon {
                     && (r.job.kind == JobKind::Prune || job.kind == JobKind::Prune))
         });
         !conflict
-            && running.len() < self.config.daemon.max_jobs
-            && on_repository < self.config.daemon.max_jobs_per_repository
+            && running.len() < daemon.max_jobs
+            && on_repository < daemon.max_jobs_per_repository
     }
 
     /// Records a run's start and starts its thread.
@@ -461,7 +514,11 @@ impl Daemon {
         })?;
         let progress = Arc::new(Progress::new());
         let thread = {
-            let (config, spec, progress) = (self.config.clone(), job.clone(), progress.clone());
+            let (config, spec, progress) = (
+                self.settings().config.clone(),
+                job.clone(),
+                progress.clone(),
+            );
             let (history, clock) = (self.history.clone(), self.clock.clone());
             std::thread::Builder::new()
                 .name(format!("job {}", job.name))
@@ -485,9 +542,11 @@ impl Daemon {
         Ok(id)
     }
 
-    /// Removes ended runs from the running set; schedules retries of
-    /// failed ones.
-    fn reap(&self) -> Result<()> {
+    /// Removes ended runs from the running set and returns them; schedules
+    /// retries of failed ones.
+    fn reap(&self) -> Result<Vec<crate::history::Run>> {
+        let daemon = self.settings().config.daemon.clone();
+        let mut records = Vec::new();
         let ended: Vec<(i64, JobSpec)> = {
             let mut running = self.running_lock()?;
             let done: Vec<i64> = running
@@ -509,8 +568,8 @@ impl Daemon {
             let Some(run) = self.history.run(id)? else {
                 continue;
             };
-            if run.status == Status::Failed && run.attempt <= self.config.daemon.retries {
-                let delay = self.config.daemon.retry_delay * 2u32.saturating_pow(run.attempt - 1);
+            if run.status == Status::Failed && run.attempt <= daemon.retries {
+                let delay = daemon.retry_delay * 2u32.saturating_pow(run.attempt - 1);
                 let delay = chrono::Duration::from_std(delay).unwrap_or(chrono::Duration::hours(1));
                 self.waiting_lock()?.push_back(Waiting {
                     job: job.name.clone(),
@@ -524,14 +583,15 @@ impl Daemon {
                     not_before: self.clock.now() + delay,
                 });
             }
+            records.push(run);
         }
-        Ok(())
+        Ok(records)
     }
 
     /// Cancels the runs older than the timeout.
     fn enforce_timeout(&self) {
         let now = self.clock.now();
-        let Ok(limit) = chrono::Duration::from_std(self.config.daemon.timeout) else {
+        let Ok(limit) = chrono::Duration::from_std(self.settings().config.daemon.timeout) else {
             return;
         };
         if let Ok(running) = self.running.lock() {

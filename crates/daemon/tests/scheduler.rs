@@ -139,12 +139,12 @@ fn scheduled_runs_happen_on_time_and_missed_ones_are_caught_up_exactly_once() {
     let clock = Arc::new(ManualClock::new(local(1, 10, 30)));
     let daemon = setup.daemon(&clock);
     assert!(
-        daemon.tick().unwrap().is_empty(),
+        daemon.tick().unwrap().started.is_empty(),
         "nothing due before 11:00"
     );
 
     clock.set(local(1, 11, 0) + chrono::Duration::seconds(5));
-    assert_eq!(daemon.tick().unwrap().len(), 1);
+    assert_eq!(daemon.tick().unwrap().started.len(), 1);
     daemon.wait_idle().unwrap();
     let first = runs(&daemon, "backup/web1");
     assert_eq!(first.len(), 1);
@@ -152,7 +152,7 @@ fn scheduled_runs_happen_on_time_and_missed_ones_are_caught_up_exactly_once() {
     assert_eq!(first[0].trigger, "schedule");
     assert!(first[0].snapshot.is_some());
     assert!(
-        daemon.tick().unwrap().is_empty(),
+        daemon.tick().unwrap().started.is_empty(),
         "one run per scheduled time"
     );
 
@@ -160,9 +160,9 @@ fn scheduled_runs_happen_on_time_and_missed_ones_are_caught_up_exactly_once() {
     drop(daemon);
     clock.set(local(1, 14, 20));
     let daemon = setup.daemon(&clock);
-    assert_eq!(daemon.tick().unwrap().len(), 1, "one catch-up");
+    assert_eq!(daemon.tick().unwrap().started.len(), 1, "one catch-up");
     daemon.wait_idle().unwrap();
-    assert!(daemon.tick().unwrap().is_empty(), "and only one");
+    assert!(daemon.tick().unwrap().started.is_empty(), "and only one");
     let caught_up = &runs(&daemon, "backup/web1")[0];
     assert_eq!(caught_up.trigger, "catch-up");
     assert_eq!(caught_up.status, Status::Succeeded, "{caught_up:?}");
@@ -177,9 +177,9 @@ fn scheduled_runs_happen_on_time_and_missed_ones_are_caught_up_exactly_once() {
 
     // The host sleeps eight hours: one run, not eight.
     clock.set(local(1, 22, 40));
-    assert_eq!(daemon.tick().unwrap().len(), 1);
+    assert_eq!(daemon.tick().unwrap().started.len(), 1);
     daemon.wait_idle().unwrap();
-    assert!(daemon.tick().unwrap().is_empty());
+    assert!(daemon.tick().unwrap().started.is_empty());
     assert_eq!(runs(&daemon, "backup/web1").len(), 3);
     assert_eq!(setup.snapshots(), 3);
 }
@@ -203,10 +203,10 @@ fn two_runs_of_one_vm_never_overlap_and_a_prune_waits_its_turn() {
     );
     daemon.wait_idle().unwrap();
     // The second backup and the prune conflict too: one at a time.
-    let started = daemon.tick().unwrap();
+    let started = daemon.tick().unwrap().started;
     assert_eq!(started.len(), 1, "{started:?}");
     daemon.wait_idle().unwrap();
-    assert_eq!(daemon.tick().unwrap().len(), 1);
+    assert_eq!(daemon.tick().unwrap().started.len(), 1);
     daemon.wait_idle().unwrap();
     assert!(!daemon.busy());
     let backups = runs(&daemon, "backup/web1");
@@ -246,11 +246,11 @@ repository = "local"
     daemon.run_now("gone").unwrap().unwrap();
     daemon.wait_idle().unwrap();
     assert!(
-        daemon.tick().unwrap().is_empty(),
+        daemon.tick().unwrap().started.is_empty(),
         "the retry waits its delay"
     );
     clock.advance(chrono::Duration::minutes(10));
-    assert_eq!(daemon.tick().unwrap().len(), 1, "one retry");
+    assert_eq!(daemon.tick().unwrap().started.len(), 1, "one retry");
     daemon.wait_idle().unwrap();
     clock.advance(chrono::Duration::minutes(45));
     daemon.tick().unwrap();
@@ -279,10 +279,10 @@ fn the_prune_job_applies_each_vms_retention() {
     assert_eq!(setup.snapshots(), 4);
     // At 04:00 the hourly backup catches up too; the prune waits for it.
     clock.set(local(4, 4, 0) + chrono::Duration::seconds(1));
-    assert_eq!(daemon.tick().unwrap().len(), 1);
+    assert_eq!(daemon.tick().unwrap().started.len(), 1);
     daemon.wait_idle().unwrap();
     assert_eq!(setup.snapshots(), 5);
-    assert_eq!(daemon.tick().unwrap().len(), 1);
+    assert_eq!(daemon.tick().unwrap().started.len(), 1);
     daemon.wait_idle().unwrap();
     let prune = &runs(&daemon, "prune/local")[0];
     assert_eq!(prune.status, Status::Succeeded, "{prune:?}");

@@ -1,0 +1,322 @@
+//! `vbackup daemon` and `vbackup jobs` as a user runs them (issue 15):
+//! the configuration file as written, scheduled runs observed, a run on
+//! demand, the history, a broken configuration refused on SIGHUP, the
+//! daemon SIGKILLed mid-backup and restarted (the run is "interrupted",
+//! the repository checks clean), and a clean stop on SIGTERM. Real
+//! processes, a real qcow2 image, a local repository, a unix socket.
+
+// Test helpers panic on unexpected failures; that is how a test fails.
+#![allow(clippy::unwrap_used)]
+
+use std::path::PathBuf;
+use std::process::{Child, Command, Output, Stdio};
+use std::time::{Duration, Instant};
+
+use vbackup_testkit::util::{noise, s, text, tool};
+
+/// A folder with a configuration file, a repository and a VM image.
+struct Env {
+    dir: tempfile::TempDir,
+}
+
+impl Env {
+    fn new(schedule: &str) -> Self {
+        let env = Self {
+            dir: tempfile::tempdir().unwrap(),
+        };
+        let pw = env.path("pw");
+        std::fs::write(&pw, "daemon test\n").unwrap();
+        use std::os::unix::fs::PermissionsExt;
+        std::fs::set_permissions(&pw, std::fs::Permissions::from_mode(0o600)).unwrap();
+        // Enough data that a backup takes a moment, so one can be caught
+        // running.
+        let raw = env.path("web1.raw");
+        std::fs::write(&raw, noise(96 << 20, 11)).unwrap();
+        tool(
+            "qemu-img",
+            &[
+                "convert",
+                "-q",
+                "-f",
+                "raw",
+                "-O",
+                "qcow2",
+                s(&raw),
+                s(&env.path("web1.qcow2")),
+            ],
+        );
+        std::fs::remove_file(&raw).unwrap();
+        env.write_config(schedule, "auto");
+        let out = env.run(&["init", "--repo", "local", "--chunk-size", "1M"]);
+        assert!(out.status.success(), "{}", text(&out));
+        env
+    }
+
+    fn write_config(&self, schedule: &str, backup_type: &str) {
+        std::fs::write(
+            self.path("vbackup.toml"),
+            format!(
+                r#"
+[daemon]
+state = "state"
+socket = "vbackup.sock"
+
+[repository.local]
+location = "repo"
+password-file = "pw"
+
+[vm.web1]
+disks = ["web1.qcow2"]
+repository = "local"
+schedule = "{schedule}"
+type = "{backup_type}"
+keep = {{ last = 24, daily = 7, weekly = 4, monthly = 12 }}
+rpo = "2h"
+
+[verify.local]
+schedule = "weekly"
+read-data-subset = "10%"
+
+[prune.local]
+schedule = "daily 04:00"
+"#
+            ),
+        )
+        .unwrap();
+    }
+
+    fn path(&self, name: &str) -> PathBuf {
+        self.dir.path().join(name)
+    }
+
+    fn command(&self, args: &[&str]) -> Command {
+        let mut cmd = Command::new(env!("CARGO_BIN_EXE_vbackup"));
+        cmd.arg("--config")
+            .arg(self.path("vbackup.toml"))
+            .args(args);
+        cmd.env("VBACKUP_KDF_MEMORY_KIB", "1024")
+            .env("VBACKUP_CACHE_DIR", self.path("cache"))
+            .env_remove("VBACKUP_REPOSITORY")
+            .env_remove("VBACKUP_PASSWORD")
+            .env_remove("VBACKUP_PASSWORD_FILE")
+            .stdin(Stdio::null());
+        cmd
+    }
+
+    fn run(&self, args: &[&str]) -> Output {
+        self.command(args).output().unwrap()
+    }
+
+    fn json(&self, args: &[&str]) -> serde_json::Value {
+        let mut all = vec!["--json"];
+        all.extend_from_slice(args);
+        let out = self.run(&all);
+        assert!(out.status.success(), "{args:?}: {}", text(&out));
+        serde_json::from_slice(&out.stdout).unwrap()
+    }
+
+    /// Starts `vbackup daemon`, its log in `daemon-N.log`, and waits for
+    /// its API.
+    fn start_daemon(&self, n: u32) -> Daemon {
+        let log = std::fs::File::create(self.path(&format!("daemon-{n}.log"))).unwrap();
+        let child = self
+            .command(&["daemon"])
+            .stderr(log)
+            .stdout(Stdio::null())
+            .spawn()
+            .unwrap();
+        let daemon = Daemon {
+            child,
+            log: self.path(&format!("daemon-{n}.log")),
+        };
+        self.wait_for(
+            || std::os::unix::net::UnixStream::connect(self.path("vbackup.sock")).is_ok(),
+            "the daemon's socket",
+        );
+        daemon
+    }
+
+    /// The runs of the history, oldest first.
+    fn history(&self) -> Vec<serde_json::Value> {
+        let mut runs = self.json(&["jobs", "history", "--limit", "1000"]);
+        let runs = runs.as_array_mut().unwrap();
+        runs.reverse();
+        runs.clone()
+    }
+
+    fn wait_for(&self, mut ready: impl FnMut() -> bool, what: &str) {
+        let deadline = Instant::now() + Duration::from_secs(120);
+        while !ready() {
+            assert!(Instant::now() < deadline, "timed out waiting for {what}");
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    }
+}
+
+/// A running daemon; killed when dropped.
+struct Daemon {
+    child: Child,
+    log: PathBuf,
+}
+
+impl Daemon {
+    fn signal(&self, signal: i32) {
+        let rc = std::process::Command::new("kill")
+            .arg(format!("-{signal}"))
+            .arg(self.child.id().to_string())
+            .status()
+            .unwrap();
+        assert!(rc.success());
+    }
+
+    fn log(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+}
+
+impl Drop for Daemon {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn statuses(runs: &[serde_json::Value]) -> Vec<String> {
+    runs.iter()
+        .map(|r| r["status"].as_str().unwrap().to_string())
+        .collect()
+}
+
+#[test]
+fn the_daemon_runs_scheduled_and_asked_for_backups_and_survives_a_kill() {
+    let env = Env::new("*:*:0/3");
+    let daemon = env.start_daemon(1);
+    // The jobs of the file, as written.
+    let jobs = env.json(&["jobs", "list"]);
+    let names: Vec<&str> = jobs
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|j| j["name"].as_str().unwrap())
+        .collect();
+    assert_eq!(names, ["backup/web1", "verify/local", "prune/local"]);
+    assert!(jobs[0]["next-run"].is_string(), "{jobs}");
+
+    // Scheduled runs happen.
+    env.wait_for(
+        || {
+            env.history()
+                .iter()
+                .filter(|r| r["status"] == "succeeded" && r["trigger"] != "manual")
+                .count()
+                >= 2
+        },
+        "two scheduled backups",
+    );
+    let runs = env.history();
+    assert!(runs.iter().all(|r| r["job"] == "backup/web1"), "{runs:?}");
+    assert!(runs[0]["snapshot"].is_string() && runs[0]["bytes-read"].as_u64() > Some(0));
+
+    // A run asked for, on a job that is not scheduled often.
+    let out = env.run(&["jobs", "run", "verify/local"]);
+    assert!(out.status.success(), "{}", text(&out));
+    env.wait_for(
+        || {
+            env.history()
+                .iter()
+                .any(|r| r["job"] == "verify/local" && r["status"] == "succeeded")
+        },
+        "the verify run",
+    );
+    let unknown = env.run(&["jobs", "run", "nope"]);
+    assert!(!unknown.status.success());
+    assert!(
+        String::from_utf8_lossy(&unknown.stderr).contains("no job 'nope'"),
+        "{}",
+        text(&unknown)
+    );
+
+    // A broken configuration is refused on SIGHUP, with the line; the
+    // daemon goes on.
+    std::fs::write(env.path("vbackup.toml"), "[vm.web1]\nschedul = 3\n").unwrap();
+    daemon.signal(1);
+    env.wait_for(
+        || daemon.log().contains("reload refused"),
+        "the refused reload",
+    );
+    assert!(daemon.log().contains("line 2"), "{}", daemon.log());
+    // A good one is taken: full backups from now on, which read the
+    // whole disk (long enough to be caught running).
+    env.write_config("*:*:0/3", "full");
+    daemon.signal(1);
+    env.wait_for(|| daemon.log().contains("reloaded"), "the reload");
+    let status = env.run(&["jobs", "status"]);
+    assert!(status.status.success(), "{}", text(&status));
+
+    // SIGKILL while a backup runs, before its second half.
+    env.wait_for(
+        || {
+            let running = &env.json(&["jobs", "list"])[0]["running"];
+            let (done, total) = (
+                running["done-bytes"].as_u64(),
+                running["total-bytes"].as_u64(),
+            );
+            matches!((done, total), (Some(d), Some(t)) if t > 0 && d < t / 2)
+        },
+        "a backup in its first half",
+    );
+    daemon.signal(9);
+    drop(daemon);
+    assert!(
+        env.path("vbackup.sock").exists(),
+        "a killed daemon leaves its socket"
+    );
+    let daemon = env.start_daemon(2);
+    let runs = env.history();
+    let interrupted: Vec<&serde_json::Value> = runs
+        .iter()
+        .filter(|r| r["status"] == "interrupted")
+        .collect();
+    assert_eq!(interrupted.len(), 1, "{:?}", statuses(&runs));
+    assert!(interrupted[0]["error"]
+        .as_str()
+        .unwrap()
+        .contains("stopped while it ran"));
+    // The repository is consistent, and backups go on.
+    let before = runs.len();
+    env.wait_for(
+        || env.history().len() > before + 1,
+        "backups after the restart",
+    );
+
+    // SIGTERM: the run in progress is cancelled and recorded, the socket
+    // removed, exit 0.
+    daemon.signal(15);
+    let mut daemon = daemon;
+    let status = daemon.child.wait().unwrap();
+    assert!(status.success(), "{}", daemon.log());
+    assert!(!env.path("vbackup.sock").exists());
+    assert!(!statuses(&read_history(&env)).contains(&"running".to_string()));
+    let check = env.run(&["check", "--repo", "local"]);
+    assert!(check.status.success(), "{}", text(&check));
+}
+
+/// The history straight from the database's owner, the daemon being
+/// stopped: through a short-lived daemon.
+fn read_history(env: &Env) -> Vec<serde_json::Value> {
+    env.write_config("yearly", "auto");
+    let _daemon = env.start_daemon(3);
+    env.history()
+}
+
+#[test]
+fn jobs_without_a_daemon_says_how_to_reach_one() {
+    let env = Env::new("hourly");
+    let out = env.run(&["jobs", "list"]);
+    assert_eq!(out.status.code(), Some(1), "{}", text(&out));
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        stderr.contains("vbackup daemon") && stderr.contains(s(&env.path("vbackup.sock"))),
+        "{stderr}"
+    );
+}

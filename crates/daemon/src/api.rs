@@ -1,0 +1,257 @@
+//! The daemon's REST API, on a unix socket for local root.
+//!
+//! JSON over HTTP/1.1 (axum on a private tokio runtime, so nothing async
+//! leaks out of this module):
+//!
+//! | method | path | what |
+//! |---|---|---|
+//! | GET | `/api/v1/jobs` | every job: schedule, next run, last run, progress |
+//! | POST | `/api/v1/runs` `{"job": NAME}` | run a job now (or as soon as it may) |
+//! | GET | `/api/v1/runs?job=&vm=&status=&limit=` | the history, newest first |
+//! | GET | `/api/v1/runs/{id}` | one run |
+//! | POST | `/api/v1/runs/{id}/cancel` | cancel a running run |
+//!
+//! Errors are `{"error": "..."}` with 400 (bad request), 404 (unknown job
+//! or run) or 500. The socket is created 0600: whoever can open it can run
+//! and cancel backups, which is root's business. Described in
+//! `docs/daemon.md`.
+
+use std::os::unix::fs::PermissionsExt;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use axum::extract::{Path as UrlPath, Query, State};
+use axum::http::StatusCode;
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use axum::{Json, Router};
+use serde::{Deserialize, Serialize};
+
+use crate::history::{RunFilter, Status};
+use crate::scheduler::Daemon;
+use crate::{Error, Result};
+
+/// A running API server; dropping it stops it and removes the socket.
+pub struct ApiServer {
+    socket: PathBuf,
+    stop: Option<tokio::sync::oneshot::Sender<()>>,
+    thread: Option<std::thread::JoinHandle<()>>,
+}
+
+impl std::fmt::Debug for ApiServer {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ApiServer")
+            .field("socket", &self.socket)
+            .finish()
+    }
+}
+
+impl Drop for ApiServer {
+    fn drop(&mut self) {
+        if let Some(stop) = self.stop.take() {
+            let _ = stop.send(());
+        }
+        if let Some(thread) = self.thread.take() {
+            let _ = thread.join();
+        }
+        let _ = std::fs::remove_file(&self.socket);
+    }
+}
+
+/// Serves `daemon`'s API on the unix socket `socket`. A socket file left
+/// by a killed daemon is replaced; one that a running daemon answers on is
+/// refused.
+pub fn serve_unix(daemon: Arc<Daemon>, socket: &Path) -> Result<ApiServer> {
+    if std::os::unix::net::UnixStream::connect(socket).is_ok() {
+        return Err(Error::Invalid(format!(
+            "another daemon answers on {}; stop it first",
+            socket.display()
+        )));
+    }
+    let _ = std::fs::remove_file(socket);
+    if let Some(parent) = socket.parent() {
+        std::fs::create_dir_all(parent).map_err(Error::io(format!(
+            "creating the folder of {}",
+            socket.display()
+        )))?;
+    }
+    let listener = std::os::unix::net::UnixListener::bind(socket)
+        .map_err(Error::io(format!("listening on {}", socket.display())))?;
+    std::fs::set_permissions(socket, std::fs::Permissions::from_mode(0o600))
+        .map_err(Error::io(format!("making {} private", socket.display())))?;
+    listener
+        .set_nonblocking(true)
+        .map_err(Error::io("preparing the API socket"))?;
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .map_err(Error::io("starting the API's runtime"))?;
+    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+    let router = router(daemon);
+    let thread = std::thread::Builder::new()
+        .name("api".into())
+        .spawn(move || {
+            runtime.block_on(async move {
+                let Ok(listener) = tokio::net::UnixListener::from_std(listener) else {
+                    return;
+                };
+                let _ = axum::serve(listener, router)
+                    .with_graceful_shutdown(async {
+                        let _ = stopped.await;
+                    })
+                    .await;
+            });
+        })
+        .map_err(Error::io("starting the API thread"))?;
+    Ok(ApiServer {
+        socket: socket.to_path_buf(),
+        stop: Some(stop),
+        thread: Some(thread),
+    })
+}
+
+/// The routes.
+fn router(daemon: Arc<Daemon>) -> Router {
+    Router::new()
+        .route("/api/v1/jobs", get(list_jobs))
+        .route("/api/v1/runs", get(list_runs).post(start_run))
+        .route("/api/v1/runs/{id}", get(show_run))
+        .route("/api/v1/runs/{id}/cancel", post(cancel_run))
+        .with_state(daemon)
+}
+
+/// An error as the API answers it.
+struct ApiError(StatusCode, String);
+
+impl IntoResponse for ApiError {
+    fn into_response(self) -> Response {
+        (self.0, Json(serde_json::json!({ "error": self.1 }))).into_response()
+    }
+}
+
+impl From<Error> for ApiError {
+    fn from(error: Error) -> Self {
+        let status = match &error {
+            Error::Invalid(text)
+                if text.starts_with("no job") || text.contains("is not running") =>
+            {
+                StatusCode::NOT_FOUND
+            }
+            Error::Invalid(_) | Error::Config { .. } => StatusCode::BAD_REQUEST,
+            _ => StatusCode::INTERNAL_SERVER_ERROR,
+        };
+        ApiError(status, error.to_string())
+    }
+}
+
+/// Runs blocking daemon work off the runtime's thread.
+async fn blocking<T: Send + 'static>(
+    work: impl FnOnce() -> Result<T> + Send + 'static,
+) -> std::result::Result<T, ApiError> {
+    tokio::task::spawn_blocking(work)
+        .await
+        .map_err(|e| ApiError(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()))?
+        .map_err(ApiError::from)
+}
+
+async fn list_jobs(State(daemon): State<Arc<Daemon>>) -> std::result::Result<Response, ApiError> {
+    let jobs = blocking(move || daemon.status()).await?;
+    Ok(Json(jobs).into_response())
+}
+
+/// The body of `POST /api/v1/runs`.
+#[derive(Debug, Deserialize, Serialize)]
+pub struct RunRequest {
+    /// The job's name, or a VM's for its backup.
+    pub job: String,
+}
+
+/// The answer to `POST /api/v1/runs`.
+#[derive(Debug, Deserialize, Serialize)]
+pub struct RunStarted {
+    /// The run's id when it started at once.
+    pub run: Option<i64>,
+    /// Whether it waits for its VM, its repository or a limit.
+    pub queued: bool,
+}
+
+async fn start_run(
+    State(daemon): State<Arc<Daemon>>,
+    Json(request): Json<RunRequest>,
+) -> std::result::Result<Response, ApiError> {
+    let run = blocking(move || daemon.run_now(&request.job)).await?;
+    let answer = RunStarted {
+        run,
+        queued: run.is_none(),
+    };
+    Ok((StatusCode::ACCEPTED, Json(answer)).into_response())
+}
+
+/// The query of `GET /api/v1/runs`.
+#[derive(Debug, Default, Deserialize)]
+struct RunQuery {
+    job: Option<String>,
+    vm: Option<String>,
+    status: Option<String>,
+    limit: Option<usize>,
+}
+
+async fn list_runs(
+    State(daemon): State<Arc<Daemon>>,
+    Query(query): Query<RunQuery>,
+) -> std::result::Result<Response, ApiError> {
+    let status = match query.status.as_deref() {
+        None => None,
+        Some(text) => Some(parse_status(text).ok_or_else(|| {
+            ApiError(
+                StatusCode::BAD_REQUEST,
+                format!(
+                    "unknown status '{text}': running, succeeded, failed, interrupted or cancelled"
+                ),
+            )
+        })?),
+    };
+    let filter = RunFilter {
+        job: query.job,
+        vm: query.vm,
+        status,
+        limit: query.limit.unwrap_or(50).min(10_000),
+    };
+    let runs = blocking(move || daemon.history().runs(&filter)).await?;
+    Ok(Json(runs).into_response())
+}
+
+/// A status word.
+fn parse_status(text: &str) -> Option<Status> {
+    [
+        Status::Running,
+        Status::Succeeded,
+        Status::Failed,
+        Status::Interrupted,
+        Status::Cancelled,
+    ]
+    .into_iter()
+    .find(|s| s.as_str() == text)
+}
+
+async fn show_run(
+    State(daemon): State<Arc<Daemon>>,
+    UrlPath(id): UrlPath<i64>,
+) -> std::result::Result<Response, ApiError> {
+    match blocking(move || daemon.history().run(id)).await? {
+        Some(run) => Ok(Json(run).into_response()),
+        None => Err(ApiError(StatusCode::NOT_FOUND, format!("no run {id}"))),
+    }
+}
+
+async fn cancel_run(
+    State(daemon): State<Arc<Daemon>>,
+    UrlPath(id): UrlPath<i64>,
+) -> std::result::Result<Response, ApiError> {
+    blocking(move || daemon.cancel(id)).await?;
+    Ok((
+        StatusCode::ACCEPTED,
+        Json(serde_json::json!({ "cancelled": id })),
+    )
+        .into_response())
+}

@@ -192,6 +192,20 @@ fn status(ctx: &Context, jobs: &[JobStatus]) -> Result<()> {
             );
         }
     }
+    let breached: Vec<&JobStatus> = jobs
+        .iter()
+        .filter(|j| j.rpo.as_ref().is_some_and(|r| r.breached))
+        .collect();
+    for job in &breached {
+        if let Some(rpo) = &job.rpo {
+            println!(
+                "PROBLEM  {}: the newest good backup is {} old, past its RPO of {}",
+                job.name,
+                human_duration(rpo.age_seconds),
+                human_duration(rpo.rpo_seconds)
+            );
+        }
+    }
     let mut running = 0;
     for job in jobs {
         if let Some(progress) = &job.running {
@@ -210,7 +224,7 @@ fn status(ctx: &Context, jobs: &[JobStatus]) -> Result<()> {
             );
         }
     }
-    if failed.is_empty() && running == 0 {
+    if failed.is_empty() && breached.is_empty() && running == 0 {
         println!("no job running, no problem ({} job(s))", jobs.len());
     }
     Ok(())
@@ -241,6 +255,17 @@ fn history(ctx: &Context, runs: &[Run]) -> Result<()> {
         );
     }
     Ok(())
+}
+
+/// Seconds as `3h 20m`, `45m`, `12s`.
+fn human_duration(seconds: u64) -> String {
+    let (h, m, s) = (seconds / 3600, seconds % 3600 / 60, seconds % 60);
+    match (h, m) {
+        (0, 0) => format!("{s}s"),
+        (0, m) => format!("{m}m"),
+        (h, 0) => format!("{h}h"),
+        (h, m) => format!("{h}h {m}m"),
+    }
 }
 
 /// An RFC 3339 time to the second, without the zone suffix's noise.

@@ -86,6 +86,8 @@ pub enum Trigger {
     Manual,
     /// A failed run, tried again.
     Retry,
+    /// The VM's newest good backup is older than its `rpo`: run early.
+    Rpo,
 }
 
 impl Trigger {
@@ -96,6 +98,7 @@ impl Trigger {
             Trigger::CatchUp => "catch-up",
             Trigger::Manual => "manual",
             Trigger::Retry => "retry",
+            Trigger::Rpo => "rpo",
         }
     }
 }
@@ -172,6 +175,20 @@ pub struct JobStatus {
     pub last_success: Option<String>,
     /// The run in progress, if any.
     pub running: Option<RunProgress>,
+    /// For a VM with an `rpo`: how old its newest good backup is.
+    pub rpo: Option<RpoState>,
+}
+
+/// A VM's recovery point against its objective.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub struct RpoState {
+    /// The objective, in seconds.
+    pub rpo_seconds: u64,
+    /// The age of the newest good backup, in seconds.
+    pub age_seconds: u64,
+    /// Whether the age is past the objective.
+    pub breached: bool,
 }
 
 /// A running job's progress.
@@ -212,6 +229,8 @@ pub struct Daemon {
     clock: Arc<dyn Clock>,
     running: Mutex<HashMap<i64, Running>>,
     waiting: Mutex<VecDeque<Waiting>>,
+    /// When each job last got a run for its RPO: at most one per period.
+    rpo_fired: Mutex<HashMap<String, DateTime<Utc>>>,
 }
 
 impl std::fmt::Debug for Daemon {
@@ -241,6 +260,7 @@ impl Daemon {
             clock,
             running: Mutex::new(HashMap::new()),
             waiting: Mutex::new(VecDeque::new()),
+            rpo_fired: Mutex::new(HashMap::new()),
         })
     }
 
@@ -311,7 +331,80 @@ impl Daemon {
             started.push((id, job.name.clone(), due.trigger));
         }
         started.extend(self.start_waiting(now)?);
+        for job in &settings.jobs {
+            if self.rpo_due(&settings.config, job, now)? && self.may_start(job) {
+                self.rpo_lock()?.insert(job.name.clone(), now);
+                let id = self.start(job, Trigger::Rpo, 1, None)?;
+                started.push((id, job.name.clone(), Trigger::Rpo));
+            }
+        }
         Ok(TickReport { started, ended })
+    }
+
+    /// How old a VM's newest good backup is: since the end of its job's
+    /// last successful run, else since the daemon first saw the job.
+    fn backup_age(&self, job: &JobSpec, now: DateTime<Utc>) -> Result<chrono::Duration> {
+        let newest = self
+            .history
+            .last_success(&job.name)?
+            .and_then(|run| run.ended)
+            .and_then(|t| DateTime::parse_from_rfc3339(&t).ok())
+            .map(|t| t.with_timezone(&Utc));
+        let since = match newest {
+            Some(t) => t,
+            None => self.history.job_state(&job.name, now)?.first_seen,
+        };
+        Ok(now - since)
+    }
+
+    /// Whether `job` is a backup past its RPO that has not had its early
+    /// run for this period, and is neither running nor waiting.
+    fn rpo_due(&self, config: &Config, job: &JobSpec, now: DateTime<Utc>) -> Result<bool> {
+        let Some(rpo) = job
+            .vm()
+            .and_then(|vm| config.vm.get(vm)?.rpo)
+            .and_then(|rpo| chrono::Duration::from_std(rpo).ok())
+        else {
+            return Ok(false);
+        };
+        if self.backup_age(job, now)? <= rpo {
+            return Ok(false);
+        }
+        let fired_recently = self
+            .rpo_lock()?
+            .get(&job.name)
+            .is_some_and(|fired| now - *fired <= rpo);
+        let busy = self
+            .running_lock()?
+            .values()
+            .any(|r| r.job.name == job.name)
+            || self.waiting_lock()?.iter().any(|w| w.job == job.name);
+        Ok(!fired_recently && !busy)
+    }
+
+    /// The RPO state of `job`: its age and whether it is past its RPO.
+    fn rpo_state(
+        &self,
+        config: &Config,
+        job: &JobSpec,
+        now: DateTime<Utc>,
+    ) -> Result<Option<RpoState>> {
+        let Some(rpo) = job.vm().and_then(|vm| config.vm.get(vm)?.rpo) else {
+            return Ok(None);
+        };
+        let age = self.backup_age(job, now)?;
+        let seconds = u64::try_from(age.num_seconds()).unwrap_or(0);
+        Ok(Some(RpoState {
+            rpo_seconds: rpo.as_secs(),
+            age_seconds: seconds,
+            breached: seconds > rpo.as_secs(),
+        }))
+    }
+
+    fn rpo_lock(&self) -> Result<std::sync::MutexGuard<'_, HashMap<String, DateTime<Utc>>>> {
+        self.rpo_fired
+            .lock()
+            .map_err(|_| Error::Invalid("the scheduler's lock was poisoned by a panic".into()))
     }
 
     /// Asks for a run of job `name` (or a VM's backup by the VM's name) as
@@ -348,11 +441,18 @@ impl Daemon {
     /// Every job with its schedule, next run, last run and progress.
     pub fn status(&self) -> Result<Vec<JobStatus>> {
         let now = self.clock.now();
-        let running = self.running_lock()?;
-        self.settings()
+        let settings = self.settings();
+        let rpo: Vec<Option<RpoState>> = settings
             .jobs
             .iter()
-            .map(|job| {
+            .map(|job| self.rpo_state(&settings.config, job, now))
+            .collect::<Result<_>>()?;
+        let running = self.running_lock()?;
+        settings
+            .jobs
+            .iter()
+            .zip(rpo)
+            .map(|(job, rpo)| {
                 let state = self.history.job_state(&job.name, now)?;
                 let last = state.last_scheduled.unwrap_or(state.first_seen);
                 let next_run = job.schedule.as_ref().and_then(|s| s.next_after(last));
@@ -384,6 +484,7 @@ impl Daemon {
                     last_run: newest,
                     last_success: self.history.last_success(&job.name)?.and_then(|r| r.ended),
                     running: progress,
+                    rpo,
                 })
             })
             .collect()

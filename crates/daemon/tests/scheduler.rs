@@ -296,3 +296,58 @@ fn the_prune_job_applies_each_vms_retention() {
     );
     assert_eq!(setup.snapshots(), 2, "keep = {{ last = 2 }}");
 }
+
+#[test]
+fn a_vm_past_its_rpo_is_backed_up_early_once_per_period() {
+    let setup = Setup::new(
+        r#"
+[vm.db]
+disks = ["web1.qcow2"]
+disk-names = ["db"]
+repository = "local"
+rpo = "2h"
+"#,
+    );
+    let clock = Arc::new(ManualClock::new(local(5, 10, 0)));
+    let daemon = setup.daemon(&clock);
+    clock.set(local(5, 10, 50));
+    assert!(
+        !daemon
+            .tick()
+            .unwrap()
+            .started
+            .iter()
+            .any(|(_, job, _)| job == "backup/db"),
+        "within the RPO"
+    );
+    let status = daemon.status().unwrap();
+    let db = status.iter().find(|j| j.name == "backup/db").unwrap();
+    assert!(!db.rpo.as_ref().unwrap().breached);
+
+    clock.set(local(5, 12, 1));
+    let started = daemon.tick().unwrap().started;
+    let early: Vec<_> = started
+        .iter()
+        .filter(|(_, job, _)| job == "backup/db")
+        .collect();
+    assert_eq!(early.len(), 1, "{started:?}");
+    assert_eq!(early[0].2.as_str(), "rpo");
+    daemon.wait_idle().unwrap();
+    assert_eq!(runs(&daemon, "backup/db")[0].status, Status::Succeeded);
+    let status = daemon.status().unwrap();
+    let db = status.iter().find(|j| j.name == "backup/db").unwrap();
+    assert!(!db.rpo.as_ref().unwrap().breached, "fresh again");
+
+    clock.set(local(5, 13, 0));
+    daemon.tick().unwrap();
+    daemon.wait_idle().unwrap();
+    assert_eq!(
+        runs(&daemon, "backup/db").len(),
+        1,
+        "not before the next breach"
+    );
+    clock.set(local(5, 14, 30));
+    daemon.tick().unwrap();
+    daemon.wait_idle().unwrap();
+    assert_eq!(runs(&daemon, "backup/db").len(), 2);
+}

@@ -320,3 +320,140 @@ fn jobs_without_a_daemon_says_how_to_reach_one() {
         "{stderr}"
     );
 }
+
+/// A free port on loopback (bound, then released for the daemon).
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+/// Receives one HTTP POST on `listener` and answers 200; returns its body.
+fn receive_post(listener: std::net::TcpListener) -> std::thread::JoinHandle<String> {
+    use std::io::{BufRead, BufReader, Read, Write};
+    std::thread::spawn(move || {
+        listener.set_nonblocking(true).unwrap();
+        let deadline = Instant::now() + Duration::from_secs(120);
+        let stream = loop {
+            match listener.accept() {
+                Ok((stream, _)) => break stream,
+                Err(_) if Instant::now() < deadline => {
+                    std::thread::sleep(Duration::from_millis(50))
+                }
+                Err(e) => panic!("no webhook call within 120 s: {e}"),
+            }
+        };
+        stream.set_nonblocking(false).unwrap();
+        let mut reader = BufReader::new(stream);
+        let mut length = 0usize;
+        loop {
+            let mut line = String::new();
+            reader.read_line(&mut line).unwrap();
+            if let Some(value) = line.to_ascii_lowercase().strip_prefix("content-length:") {
+                length = value.trim().parse().unwrap();
+            }
+            if line == "\r\n" {
+                break;
+            }
+        }
+        let mut body = vec![0; length];
+        reader.read_exact(&mut body).unwrap();
+        reader
+            .get_mut()
+            .write_all(b"HTTP/1.1 200 OK\r\ncontent-length: 0\r\nconnection: close\r\n\r\n")
+            .unwrap();
+        String::from_utf8(body).unwrap()
+    })
+}
+
+/// One plain HTTP request to `port`; the status code and the body.
+fn http(port: u16, method: &str, path: &str) -> (u16, String) {
+    use std::io::{Read, Write};
+    let mut stream = std::net::TcpStream::connect(("127.0.0.1", port)).unwrap();
+    write!(
+        stream,
+        "{method} {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\nContent-Length: 0\r\n\r\n"
+    )
+    .unwrap();
+    let mut answer = String::new();
+    stream.read_to_string(&mut answer).unwrap();
+    let code = answer.split_whitespace().nth(1).unwrap().parse().unwrap();
+    let body = answer.split_once("\r\n\r\n").unwrap().1.to_string();
+    (code, body)
+}
+
+/// The value of the sample `name{labels}` in a metrics text.
+fn sample(metrics: &str, name: &str, labels: &str) -> Option<f64> {
+    metrics.lines().find_map(|line| {
+        let (series, value) = line.rsplit_once(' ')?;
+        (!line.starts_with('#') && series == format!("{name}{{{labels}}}"))
+            .then(|| value.parse().ok())?
+    })
+}
+
+#[test]
+fn a_failure_is_notified_by_webhook_and_counted_in_the_metrics() {
+    let env = Env::new("yearly");
+    let hook = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let hook_url = format!("http://{}/hook", hook.local_addr().unwrap());
+    let received = receive_post(hook);
+    let port = free_port();
+    let config = std::fs::read_to_string(env.path("vbackup.toml")).unwrap();
+    let config = config.replace(
+        "socket = \"vbackup.sock\"\n",
+        &format!("socket = \"vbackup.sock\"\nlisten = \"127.0.0.1:{port}\"\nretries = 0\n"),
+    );
+    std::fs::write(
+        env.path("vbackup.toml"),
+        format!(
+            "{config}\n[vm.gone]\ndisks = [\"missing.qcow2\"]\nrepository = \"local\"\n\n[notify]\nwebhook = \"{hook_url}\"\n"
+        ),
+    )
+    .unwrap();
+    let _daemon = env.start_daemon(1);
+    let out = env.run(&["jobs", "run", "gone"]);
+    assert!(out.status.success(), "{}", text(&out));
+
+    let body: serde_json::Value = serde_json::from_str(&received.join().unwrap()).unwrap();
+    assert_eq!(body["event"], "failure", "{body}");
+    assert_eq!(body["job"], "backup/gone");
+    assert!(
+        body["text"].as_str().unwrap().contains("missing.qcow2"),
+        "{body}"
+    );
+    assert_eq!(body["run"]["status"], "failed");
+
+    let (code, metrics) = http(port, "GET", "/metrics");
+    assert_eq!(code, 200, "{metrics}");
+    assert_eq!(
+        sample(
+            &metrics,
+            "vbackup_job_runs_total",
+            "job=\"backup/gone\",status=\"failed\""
+        ),
+        Some(1.0),
+        "{metrics}"
+    );
+    assert_eq!(
+        sample(
+            &metrics,
+            "vbackup_job_last_run_success",
+            "job=\"backup/gone\""
+        ),
+        Some(0.0),
+        "{metrics}"
+    );
+    assert_eq!(
+        sample(&metrics, "vbackup_vm_rpo_seconds", "vm=\"web1\""),
+        Some(7200.0),
+        "{metrics}"
+    );
+    // The TCP listener reads, it never starts or cancels anything.
+    let (code, jobs) = http(port, "GET", "/api/v1/jobs");
+    assert_eq!(code, 200);
+    assert!(jobs.contains("backup/gone"));
+    assert_eq!(http(port, "POST", "/api/v1/runs").0, 405);
+    assert_eq!(http(port, "POST", "/api/v1/runs/1/cancel").0, 404);
+}

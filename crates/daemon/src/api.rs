@@ -13,7 +13,9 @@
 //!
 //! Errors are `{"error": "..."}` with 400 (bad request), 404 (unknown job
 //! or run) or 500. The socket is created 0600: whoever can open it can run
-//! and cancel backups, which is root's business. Described in
+//! and cancel backups, which is root's business. The TCP listener
+//! (`[daemon] listen`) serves the same reads and `GET /metrics`, and no
+//! request that changes anything: it has no authentication. Described in
 //! `docs/daemon.md`.
 
 use std::os::unix::fs::PermissionsExt;
@@ -31,9 +33,9 @@ use crate::history::{RunFilter, Status};
 use crate::scheduler::Daemon;
 use crate::{Error, Result};
 
-/// A running API server; dropping it stops it and removes the socket.
+/// A running API server; dropping it stops it (and removes its socket).
 pub struct ApiServer {
-    socket: PathBuf,
+    socket: Option<PathBuf>,
     stop: Option<tokio::sync::oneshot::Sender<()>>,
     thread: Option<std::thread::JoinHandle<()>>,
 }
@@ -54,7 +56,9 @@ impl Drop for ApiServer {
         if let Some(thread) = self.thread.take() {
             let _ = thread.join();
         }
-        let _ = std::fs::remove_file(&self.socket);
+        if let Some(socket) = &self.socket {
+            let _ = std::fs::remove_file(socket);
+        }
     }
 }
 
@@ -104,20 +108,79 @@ pub fn serve_unix(daemon: Arc<Daemon>, socket: &Path) -> Result<ApiServer> {
         })
         .map_err(Error::io("starting the API thread"))?;
     Ok(ApiServer {
-        socket: socket.to_path_buf(),
+        socket: Some(socket.to_path_buf()),
         stop: Some(stop),
         thread: Some(thread),
     })
 }
 
-/// The routes.
+/// Serves the reads of `daemon`'s API and `/metrics` on the TCP address
+/// `listen` (`127.0.0.1:8470`).
+pub fn serve_tcp(daemon: Arc<Daemon>, listen: &str) -> Result<ApiServer> {
+    let listener =
+        std::net::TcpListener::bind(listen).map_err(Error::io(format!("listening on {listen}")))?;
+    listener
+        .set_nonblocking(true)
+        .map_err(Error::io("preparing the TCP listener"))?;
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .map_err(Error::io("starting the listener's runtime"))?;
+    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+    let router = read_only_router(daemon);
+    let thread = std::thread::Builder::new()
+        .name("listen".into())
+        .spawn(move || {
+            runtime.block_on(async move {
+                let Ok(listener) = tokio::net::TcpListener::from_std(listener) else {
+                    return;
+                };
+                let _ = axum::serve(listener, router)
+                    .with_graceful_shutdown(async {
+                        let _ = stopped.await;
+                    })
+                    .await;
+            });
+        })
+        .map_err(Error::io("starting the listener thread"))?;
+    Ok(ApiServer {
+        socket: None,
+        stop: Some(stop),
+        thread: Some(thread),
+    })
+}
+
+/// The routes of the unix socket: everything.
 fn router(daemon: Arc<Daemon>) -> Router {
     Router::new()
         .route("/api/v1/jobs", get(list_jobs))
         .route("/api/v1/runs", get(list_runs).post(start_run))
         .route("/api/v1/runs/{id}", get(show_run))
         .route("/api/v1/runs/{id}/cancel", post(cancel_run))
+        .route("/metrics", get(metrics))
         .with_state(daemon)
+}
+
+/// The routes of the TCP listener: reads only.
+fn read_only_router(daemon: Arc<Daemon>) -> Router {
+    Router::new()
+        .route("/api/v1/jobs", get(list_jobs))
+        .route("/api/v1/runs", get(list_runs))
+        .route("/api/v1/runs/{id}", get(show_run))
+        .route("/metrics", get(metrics))
+        .with_state(daemon)
+}
+
+async fn metrics(State(daemon): State<Arc<Daemon>>) -> std::result::Result<Response, ApiError> {
+    let text = blocking(move || crate::metrics::render(&daemon)).await?;
+    Ok((
+        [(
+            axum::http::header::CONTENT_TYPE,
+            "application/openmetrics-text; version=1.0.0; charset=utf-8",
+        )],
+        text,
+    )
+        .into_response())
 }
 
 /// An error as the API answers it.

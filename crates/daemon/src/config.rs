@@ -70,6 +70,9 @@ pub struct Config {
     /// Prune jobs by repository name (`[prune.NAME]`).
     #[serde(default)]
     pub prune: BTreeMap<String, PruneSection>,
+    /// Where failures and RPO breaches are reported (`[notify]`).
+    #[serde(default)]
+    pub notify: crate::notify::NotifySection,
 }
 
 /// `[daemon]`: where the daemon keeps its state and listens, and how many
@@ -386,6 +389,13 @@ impl Config {
     /// unsupported schemes, unknown keys in VM sections, sections naming a
     /// repository that is not defined, a VM without disks or QMP socket.
     fn check(&self, text: &str) -> std::result::Result<(), String> {
+        if let Some(url) = &self.notify.webhook {
+            if !(url.starts_with("http://") || url.starts_with("https://")) {
+                return Err(format!(
+                    "[notify] webhook '{url}' is not an http:// or https:// URL"
+                ));
+            }
+        }
         if self.daemon.max_jobs == 0 || self.daemon.max_jobs_per_repository == 0 {
             return Err("[daemon] max-jobs and max-jobs-per-repository must be at least 1".into());
         }

@@ -455,6 +455,66 @@ impl History {
     }
 }
 
+/// Totals over a job's recorded runs, for metrics.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct JobTotals {
+    /// The job.
+    pub job: String,
+    /// Its VM, for backups.
+    pub vm: Option<String>,
+    /// Runs by status word.
+    pub runs: Vec<(String, u64)>,
+    /// Bytes read over all runs.
+    pub bytes_read: u64,
+    /// Bytes of new data over all runs.
+    pub bytes_new: u64,
+    /// Bytes stored over all runs.
+    pub bytes_stored: u64,
+}
+
+impl History {
+    /// Totals per job over the whole history.
+    pub fn totals(&self) -> Result<Vec<JobTotals>> {
+        self.with(|c| {
+            let mut by_status = c.prepare(
+                "SELECT job, vm, status, COUNT(*), COALESCE(SUM(bytes_read), 0),
+                        COALESCE(SUM(bytes_new), 0), COALESCE(SUM(bytes_stored), 0)
+                 FROM runs GROUP BY job, status ORDER BY job",
+            )?;
+            let rows = by_status.query_map([], |row| {
+                Ok((
+                    row.get::<_, String>(0)?,
+                    row.get::<_, Option<String>>(1)?,
+                    row.get::<_, String>(2)?,
+                    row.get::<_, i64>(3)?,
+                    row.get::<_, i64>(4)?,
+                    row.get::<_, i64>(5)?,
+                    row.get::<_, i64>(6)?,
+                ))
+            })?;
+            let mut totals: Vec<JobTotals> = Vec::new();
+            for row in rows {
+                let (job, vm, status, count, read, new, stored) = row?;
+                let n = |v: i64| u64::try_from(v).unwrap_or(0);
+                if totals.last().is_none_or(|t| t.job != job) {
+                    totals.push(JobTotals {
+                        job,
+                        vm,
+                        ..JobTotals::default()
+                    });
+                }
+                if let Some(total) = totals.last_mut() {
+                    total.runs.push((status, n(count)));
+                    total.bytes_read += n(read);
+                    total.bytes_new += n(new);
+                    total.bytes_stored += n(stored);
+                }
+            }
+            Ok(totals)
+        })
+    }
+}
+
 /// Decodes one `runs` row.
 fn row_to_run(row: &rusqlite::Row<'_>) -> rusqlite::Result<Run> {
     let list = |text: Option<String>| -> Vec<String> {

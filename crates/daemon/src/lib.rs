@@ -6,7 +6,9 @@
 //! - [`schedule`]: calendar expressions (systemd-like and cron).
 //! - [`history`]: every run and the scheduler's memory, in SQLite.
 //! - [`jobs`]: the jobs a configuration defines, run through the library.
-//! - [`api`]: the REST API on a unix socket; [`client`]: its client.
+//! - [`api`]: the REST API on a unix socket (and reads on TCP);
+//!   [`client`]: its client; [`metrics`]: Prometheus `/metrics`;
+//!   [`notify`]: webhooks on failures and RPO breaches.
 //! - [`scheduler`]: what runs when (catch-up, limits, conflicts, retries,
 //!   timeouts), on an injectable clock; [`service`]: the main loop.
 //!
@@ -20,6 +22,8 @@ pub mod config;
 mod error;
 pub mod history;
 pub mod jobs;
+pub mod metrics;
+pub mod notify;
 pub mod schedule;
 pub mod scheduler;
 pub mod service;

@@ -269,11 +269,11 @@ fn read_indexes(
         }
         let state = match repo.read_index(&disk.index) {
             Ok(index) => {
-                referenced.extend(index.chunks.iter().flatten());
+                referenced.extend(index.ids());
                 IndexState::Read {
                     virtual_size: index.virtual_size,
                     chunk_size: index.chunk_size,
-                    data_chunks: index.chunks.iter().flatten().count() as u64,
+                    data_chunks: index.data_chunks(),
                 }
             }
             Err(Error::Storage(e)) if e.is_not_found() => IndexState::Missing,
@@ -472,11 +472,9 @@ fn chunk_damage(
         let index = repo.read_index(key)?;
         let mut objects = Vec::new();
         let mut bad_bytes = 0;
-        for (i, id) in index.chunks.iter().enumerate() {
-            if let Some(id) = id.filter(|id| bad.contains_key(id)) {
-                objects.push(map.object_of(&id));
-                bad_bytes += index.chunk_range(i as u64).1 as u64;
-            }
+        for (i, id) in index.data().iter().filter(|(_, id)| bad.contains_key(id)) {
+            objects.push(map.object_of(id));
+            bad_bytes += index.chunk_range(*i).1 as u64;
         }
         if objects.is_empty() {
             continue;

@@ -216,6 +216,30 @@ impl DiskReader for ExportReader {
         Ok(out)
     }
 
+    /// One block status request per 2 GiB (qemu describes a long hole in
+    /// a few extents), stopping after the reply that brings the count to
+    /// `max_extents`.
+    fn extents_from(
+        &mut self,
+        offset: u64,
+        length: u64,
+        max_extents: usize,
+    ) -> io::Result<Vec<Extent>> {
+        let mut out = Vec::new();
+        let Some(context) = self.allocation else {
+            push_extent(&mut out, offset, length, ExtentKind::Data);
+            return Ok(out);
+        };
+        if length > 0 {
+            self.client
+                .for_each_extent_while(context, offset, length, |e| {
+                    push_extent(&mut out, e.offset, e.length, allocation_kind(e.flags));
+                    Ok(out.len() < max_extents)
+                })?;
+        }
+        Ok(out)
+    }
+
     fn read_exact_at(&mut self, buf: &mut [u8], offset: u64) -> io::Result<()> {
         Ok(self.client.read_at(buf, offset)?)
     }
@@ -260,6 +284,32 @@ impl DiskReader for ExportReader {
             .dirty_window
             .as_ref()
             .map(|w| w.any_dirty(offset, length)))
+    }
+
+    /// The dirty ranges of the whole range from the bitmap, one block
+    /// status request per 2 GiB.
+    fn changed_ranges(
+        &mut self,
+        offset: u64,
+        length: u64,
+        _granule: u64,
+    ) -> io::Result<Option<Vec<(u64, u64)>>> {
+        let Some(context) = self.dirty else {
+            return Ok(None);
+        };
+        let mut dirty: Vec<(u64, u64)> = Vec::new();
+        if length > 0 {
+            self.client.for_each_extent(context, offset, length, |e| {
+                if e.flags & NBD_STATE_DIRTY != 0 {
+                    match dirty.last_mut() {
+                        Some(last) if last.1 == e.offset => last.1 = e.end(),
+                        _ => dirty.push((e.offset, e.end())),
+                    }
+                }
+                Ok(())
+            })?;
+        }
+        Ok(Some(dirty))
     }
 }
 
@@ -331,6 +381,13 @@ impl NbdTarget {
 }
 
 impl DiskTarget for NbdTarget {
+    /// 64 KiB, qcow2's default cluster (and vmdk's grain): smaller zero
+    /// runs inside a written cluster would be allocated anyway, and each
+    /// run written is one NBD request.
+    fn hole_granularity(&self) -> usize {
+        64 << 10
+    }
+
     fn open_writer(&self) -> io::Result<Box<dyn DiskWriter>> {
         if !self.is_running() {
             return Err(Error::Internal("the restore target is already finished".into()).into());

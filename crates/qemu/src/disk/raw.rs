@@ -75,6 +75,19 @@ impl DiskReader for RawReader {
         sparse_extents(&self.file, offset, length)
     }
 
+    /// `SEEK_DATA`/`SEEK_HOLE` from `offset`, stopping after
+    /// `max_extents` extents: one pair of calls per data extent, none per
+    /// chunk of a hole.
+    fn extents_from(
+        &mut self,
+        offset: u64,
+        length: u64,
+        max_extents: usize,
+    ) -> io::Result<Vec<Extent>> {
+        crate::nbd::check_range(self.size, offset, length, "extents query")?;
+        sparse_extents_max(&self.file, offset, length, max_extents)
+    }
+
     fn read_exact_at(&mut self, buf: &mut [u8], offset: u64) -> io::Result<()> {
         self.file.read_exact_at(buf, offset)
     }
@@ -83,10 +96,21 @@ impl DiskReader for RawReader {
 /// Data and holes of `[offset, offset + length)` from `SEEK_DATA` /
 /// `SEEK_HOLE`. Where the file system cannot tell, everything is data.
 pub(crate) fn sparse_extents(file: &File, offset: u64, length: u64) -> io::Result<Vec<Extent>> {
+    sparse_extents_max(file, offset, length, usize::MAX)
+}
+
+/// [`sparse_extents`] of a prefix of the range: stops once `max_extents`
+/// extents are collected.
+fn sparse_extents_max(
+    file: &File,
+    offset: u64,
+    length: u64,
+    max_extents: usize,
+) -> io::Result<Vec<Extent>> {
     let end = offset + length;
     let mut out = Vec::new();
     let mut pos = offset;
-    while pos < end {
+    while pos < end && out.len() < max_extents {
         let data = match seek(file, pos, libc::SEEK_DATA) {
             Ok(Some(data)) => data.clamp(pos, end),
             Ok(None) => end,

@@ -406,3 +406,34 @@ fn issue12_version_1_indexes_of_old_repositories_still_restore_and_are_reused_by
         1
     );
 }
+
+#[test]
+fn issue12_an_index_of_a_newer_version_is_a_notice_for_check_not_damage_to_repair() {
+    let (_, repo) = new_repo();
+    let disk = SparseDisk::new(
+        8 * u64::from(CHUNK),
+        scattered(8 * u64::from(CHUNK), 2, 5000),
+    );
+    let snapshot = backup(&repo, disk, None);
+    let key = &snapshot.manifest.disks[0].index;
+    let mut payload = repo.read_index(key).unwrap().encode();
+    payload[0] = 3;
+    repo.put_sealed(vbackup_core::format::ObjectKind::Index, key, &payload)
+        .unwrap();
+    let options = vbackup_core::CheckOptions {
+        read_data: vbackup_core::ReadData::None,
+        threads: 1,
+        stale_after: None,
+    };
+    let report = vbackup_core::check(&repo, &options, &Progress::new()).unwrap();
+    assert!(report.problems.is_empty(), "{:?}", report.problems);
+    assert!(report.affected.is_empty());
+    assert!(
+        report
+            .notices
+            .iter()
+            .any(|n| &n.object == key && n.note.contains("not checked")),
+        "{:?}",
+        report.notices
+    );
+}

@@ -160,6 +160,9 @@ impl CheckReport {
 enum IndexState {
     Missing,
     Damaged(String),
+    /// Of a newer format than this build reads: not checked, and never
+    /// damage (a `repair` of an older build must not quarantine it).
+    Newer(String),
     Read {
         virtual_size: u64,
         chunk_size: u32,
@@ -280,6 +283,7 @@ fn read_indexes(
             Err(e @ Error::Storage(_)) if stored_indexes.contains_key(&disk.index) => {
                 return Err(e)
             }
+            Err(e @ Error::UnsupportedVersion { .. }) => IndexState::Newer(e.to_string()),
             Err(e) => IndexState::Damaged(e.to_string()),
         };
         states.insert(disk.index.clone(), state);
@@ -299,6 +303,15 @@ fn index_problems(
             let Some(state) = states.get(&disk.index) else {
                 continue;
             };
+            if let IndexState::Newer(reason) = state {
+                if reported.insert(disk.index.clone()) {
+                    report.notices.push(Notice {
+                        object: disk.index.clone(),
+                        note: format!("not checked: {reason}"),
+                    });
+                }
+                continue;
+            }
             let Some((kind, problem)) = index_problem(disk, state) else {
                 continue;
             };
@@ -333,6 +346,7 @@ fn index_problem(disk: &DiskRecord, state: &IndexState) -> Option<(ProblemKind, 
     match state {
         IndexState::Missing => Some((ProblemKind::MissingIndex, "missing".to_string())),
         IndexState::Damaged(reason) => Some((ProblemKind::DamagedIndex, reason.clone())),
+        IndexState::Newer(_) => None,
         IndexState::Read {
             virtual_size,
             chunk_size,

@@ -342,6 +342,8 @@ impl NbdTarget {
             read_only: false,
             shared: connections,
             unmap_zeroes: true,
+            // `finish` fsyncs the image once qemu-nbd has closed it.
+            unsafe_cache: true,
             ..QemuNbdOptions::new(path)
         };
         let server = QemuNbd::start(&opts)?;
@@ -401,7 +403,10 @@ impl DiskTarget for NbdTarget {
     }
 
     /// Flushes through a last connection, then stops qemu-nbd cleanly so
-    /// the image is closed (qcow2 metadata written, dirty flag cleared).
+    /// the image is closed (qcow2 metadata written, dirty flag cleared),
+    /// then fsyncs the image and its folder: qemu-nbd runs with
+    /// `--cache=unsafe` (see [`QemuNbdOptions::unsafe_cache`]), so this
+    /// one fsync is what makes the restore durable.
     fn finish(&self) -> io::Result<()> {
         if !self.is_running() {
             return Ok(());
@@ -420,6 +425,7 @@ impl DiskTarget for NbdTarget {
         let stopped = server.stop();
         result
             .and(stopped)
+            .and_then(|()| sync_closed_image(&self.path))
             .map_err(|e| e.for_image(&self.path).into())
     }
 }
@@ -438,6 +444,18 @@ impl DiskWriter for NbdWriter {
     fn flush(&mut self) -> io::Result<()> {
         Ok(self.client.flush()?)
     }
+}
+
+/// Makes a closed image file and its directory entry durable.
+fn sync_closed_image(path: &Path) -> Result<()> {
+    std::fs::File::open(path)
+        .and_then(|file| file.sync_all())
+        .map_err(|e| Error::io("syncing", e))?;
+    if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
+        // Directories cannot be fsynced on every file system; best effort.
+        let _ = std::fs::File::open(dir).and_then(|d| d.sync_all());
+    }
+    Ok(())
 }
 
 /// Creates `path` empty with mode 0600 for `qemu-img create` to fill, or,

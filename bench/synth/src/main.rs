@@ -210,11 +210,11 @@ fn write_snapshot(
     time: chrono::DateTime<chrono::Utc>,
 ) -> Result<()> {
     let chunk_size = repo.config().chunk_size;
-    let index = DiskIndex {
-        virtual_size: chunks.len() as u64 * u64::from(chunk_size),
+    let index = DiskIndex::from_chunks(
+        chunks.len() as u64 * u64::from(chunk_size),
         chunk_size,
-        chunks: chunks.iter().copied().map(Some).collect(),
-    };
+        chunks.iter().copied().map(Some),
+    )?;
     let record = DiskRecord {
         name: "vda".to_string(),
         source: "synthetic".to_string(),

@@ -417,12 +417,7 @@ struct Found {
 }
 
 fn check_index_complete(index: &DiskIndex, known: &HashSet<ChunkId>) -> Result<(), String> {
-    let missing = index
-        .chunks
-        .iter()
-        .flatten()
-        .filter(|id| !known.contains(id))
-        .count();
+    let missing = index.ids().filter(|id| !known.contains(id)).count();
     match missing {
         0 => Ok(()),
         n => Err(format!("{n} of its chunks are missing from the repository")),
@@ -522,11 +517,7 @@ mod tests {
         let id = repo.crypto().chunk_id(&data);
         repo.put_chunk(&id, &repo.encode_chunk(&id, &data).unwrap())
             .unwrap();
-        let index = DiskIndex {
-            virtual_size: SIZE,
-            chunk_size: 1 << 20,
-            chunks: vec![Some(id), None, None, None],
-        };
+        let index = DiskIndex::from_chunks(SIZE, 1 << 20, [Some(id), None, None, None]).unwrap();
         let record = DiskRecord {
             name: "vda".into(),
             source: "/img".into(),

@@ -10,10 +10,12 @@ use serde::{Deserialize, Serialize};
 
 use crate::crypto::{kdf::KdfParams, CipherKind, Crypto, DigestKind, SALT_LEN, TAG_LEN};
 use crate::error::{Error, Result};
-use crate::ChunkId;
 
+mod index;
 pub mod lifecycle;
 pub mod pack;
+
+pub use index::{DiskIndex, INDEX_VERSION, LEGACY_INDEX_VERSION};
 
 /// The four bytes every vbackup object starts with.
 pub const MAGIC: [u8; 4] = *b"VBAK";
@@ -592,112 +594,6 @@ pub fn check_manifest_names(manifest: &SnapshotManifest) -> std::result::Result<
 
 /// The manifest format version this build writes.
 pub const SNAPSHOT_VERSION: u32 = 1;
-/// The index payload version this build writes.
-pub const INDEX_VERSION: u32 = 1;
-
-/// The chunk list of one disk: `None` marks a hole (reads as zeros).
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct DiskIndex {
-    /// Virtual size of the disk.
-    pub virtual_size: u64,
-    /// Chunk size.
-    pub chunk_size: u32,
-    /// One entry per chunk, in disk order.
-    pub chunks: Vec<Option<ChunkId>>,
-}
-
-/// Bytes before the entries of an index payload.
-const INDEX_PREFIX_LEN: usize = 4 + 8 + 4 + 8;
-
-impl DiskIndex {
-    /// Number of chunks a disk of this size has.
-    pub fn chunk_count(virtual_size: u64, chunk_size: u32) -> u64 {
-        virtual_size.div_ceil(u64::from(chunk_size))
-    }
-
-    /// The byte range `(offset, length)` of chunk `i`.
-    pub fn chunk_range(&self, i: u64) -> (u64, usize) {
-        let offset = i * u64::from(self.chunk_size);
-        let length = (self.virtual_size - offset).min(u64::from(self.chunk_size));
-        (offset, length as usize)
-    }
-
-    /// Encodes the payload: version, size, chunk size, count, then 32 bytes
-    /// per chunk, all-zero for a hole. Integers are little-endian.
-    pub fn encode(&self) -> Vec<u8> {
-        let mut out = Vec::with_capacity(INDEX_PREFIX_LEN + self.chunks.len() * 32);
-        out.extend_from_slice(&INDEX_VERSION.to_le_bytes());
-        out.extend_from_slice(&self.virtual_size.to_le_bytes());
-        out.extend_from_slice(&self.chunk_size.to_le_bytes());
-        out.extend_from_slice(&(self.chunks.len() as u64).to_le_bytes());
-        for chunk in &self.chunks {
-            out.extend_from_slice(chunk.as_ref().map_or(&[0u8; 32], |id| &id.0));
-        }
-        out
-    }
-
-    /// Decodes and validates a payload made by [`DiskIndex::encode`].
-    pub fn decode(key: &str, bytes: &[u8]) -> Result<Self> {
-        let field = |range: std::ops::Range<usize>| -> Result<&[u8]> {
-            bytes
-                .get(range)
-                .ok_or_else(|| Error::corrupt(key, "index truncated"))
-        };
-        let version = u32::from_le_bytes(
-            field(0..4)?
-                .try_into()
-                .map_err(|_| Error::corrupt(key, "index"))?,
-        );
-        if version > INDEX_VERSION || version == 0 {
-            return Err(Error::UnsupportedVersion {
-                what: format!("index '{key}'"),
-                found: version,
-                supported: INDEX_VERSION,
-            });
-        }
-        let virtual_size = u64::from_le_bytes(
-            field(4..12)?
-                .try_into()
-                .map_err(|_| Error::corrupt(key, "index"))?,
-        );
-        let chunk_size = u32::from_le_bytes(
-            field(12..16)?
-                .try_into()
-                .map_err(|_| Error::corrupt(key, "index"))?,
-        );
-        let count = u64::from_le_bytes(
-            field(16..24)?
-                .try_into()
-                .map_err(|_| Error::corrupt(key, "index"))?,
-        );
-        if chunk_size == 0 || count != Self::chunk_count(virtual_size, chunk_size) {
-            return Err(Error::corrupt(
-                key,
-                "index chunk count does not match the disk size",
-            ));
-        }
-        let entries = &bytes[INDEX_PREFIX_LEN..];
-        if entries.len() as u64 != count.saturating_mul(32) {
-            return Err(Error::corrupt(
-                key,
-                "index length does not match its chunk count",
-            ));
-        }
-        let chunks = entries
-            .chunks_exact(32)
-            .map(|e| {
-                let id: [u8; 32] = e.try_into().unwrap_or([0u8; 32]);
-                (id != [0u8; 32]).then_some(ChunkId(id))
-            })
-            .collect();
-        Ok(Self {
-            virtual_size,
-            chunk_size,
-            chunks,
-        })
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -790,22 +686,6 @@ mod tests {
     }
 
     proptest! {
-        #[test]
-        fn index_round_trip(size in 1u64..1 << 40, shift in 12u32..24, seed in any::<u8>()) {
-            let chunk_size = 1u32 << shift;
-            let n = DiskIndex::chunk_count(size, chunk_size).min(5000);
-            let size = size.min(n * u64::from(chunk_size));
-            let n = DiskIndex::chunk_count(size, chunk_size);
-            let chunks = (0..n).map(|i| (i % 3 != 0).then_some(ChunkId([seed ^ (i as u8) | 1; 32]))).collect();
-            let index = DiskIndex { virtual_size: size, chunk_size, chunks };
-            prop_assert_eq!(DiskIndex::decode("i", &index.encode()).unwrap(), index);
-        }
-
-        #[test]
-        fn hostile_index_bytes_never_panic(bytes in proptest::collection::vec(any::<u8>(), 0..200)) {
-            let _ = DiskIndex::decode("i", &bytes);
-        }
-
         #[test]
         fn hostile_objects_never_panic(bytes in proptest::collection::vec(any::<u8>(), 0..200)) {
             let _ = open_object(&crypto(), ObjectKind::Chunk, "k", &bytes, 1 << 20);

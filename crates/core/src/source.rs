@@ -62,6 +62,24 @@ pub trait DiskReader: Send {
     /// the whole range without gaps. Sources that cannot tell report one
     /// `Data` extent.
     fn extents(&mut self, offset: u64, length: u64) -> io::Result<Vec<Extent>>;
+    /// Describes a prefix of `[offset, offset + length)` for planning a
+    /// backup over a long range: extents in order from `offset`, without
+    /// gaps, covering at least one byte and at most `length`, stopping
+    /// early once about `max_extents` are collected (so a fragmented range
+    /// costs bounded memory). Sources should answer with few requests per
+    /// many GiB of holes (one NBD block status request per 2 GiB, one
+    /// `SEEK_DATA` per hole): a backup costs in proportion to the data,
+    /// not the virtual size. The default describes the whole range with
+    /// [`DiskReader::extents`].
+    fn extents_from(
+        &mut self,
+        offset: u64,
+        length: u64,
+        max_extents: usize,
+    ) -> io::Result<Vec<Extent>> {
+        let _ = max_extents;
+        self.extents(offset, length)
+    }
     /// Fills `buf` with the bytes at `offset`; a short read is an error.
     fn read_exact_at(&mut self, buf: &mut [u8], offset: u64) -> io::Result<()>;
     /// For sources that track changes (a QEMU dirty bitmap exported over
@@ -72,6 +90,36 @@ pub trait DiskReader: Send {
     fn changed(&mut self, offset: u64, length: u64) -> io::Result<Option<bool>> {
         let _ = (offset, length);
         Ok(None)
+    }
+    /// [`DiskReader::changed`] over a long range at once: the parts of
+    /// `[offset, offset + length)` that may have been written, as sorted,
+    /// non-overlapping `(start, end)` byte ranges, or `Ok(None)` when the
+    /// source does not track changes. A backup asks this once per window
+    /// of many GiB instead of once per chunk. The default asks `changed`
+    /// about each `granule` bytes (a chunk); sources that track changes
+    /// should answer from one query.
+    fn changed_ranges(
+        &mut self,
+        offset: u64,
+        length: u64,
+        granule: u64,
+    ) -> io::Result<Option<Vec<(u64, u64)>>> {
+        let end = offset + length;
+        let mut ranges: Vec<(u64, u64)> = Vec::new();
+        let mut pos = offset;
+        while pos < end {
+            let piece_end = end.min(pos + granule.max(1));
+            match self.changed(pos, piece_end - pos)? {
+                None => return Ok(None),
+                Some(false) => {}
+                Some(true) => match ranges.last_mut() {
+                    Some(last) if last.1 == pos => last.1 = piece_end,
+                    _ => ranges.push((pos, piece_end)),
+                },
+            }
+            pos = piece_end;
+        }
+        Ok(Some(ranges))
     }
 }
 
@@ -87,6 +135,15 @@ pub trait DiskTarget: Send + Sync {
     /// write zeros there instead of skipping them.
     fn holes_need_zeroing(&self) -> bool {
         false
+    }
+    /// The smallest run of zeros inside a chunk worth leaving unwritten on
+    /// a fresh target (one that reads zeros where nothing was written):
+    /// its allocation unit, such as a qcow2 cluster. A restore never
+    /// writes an aligned block of this many zero bytes there, so the
+    /// restored image allocates no more than its source held. At least
+    /// 4 KiB is used.
+    fn hole_granularity(&self) -> usize {
+        4096
     }
 }
 

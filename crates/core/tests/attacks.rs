@@ -61,7 +61,7 @@ fn prune_now(repo: &Repository) -> vbackup_core::PruneReport {
 
 fn chunk_ids(repo: &Repository, snapshot: &Snapshot) -> Vec<vbackup_core::ChunkId> {
     let index = repo.read_index(&snapshot.manifest.disks[0].index).unwrap();
-    index.chunks.into_iter().flatten().collect()
+    index.ids().copied().collect()
 }
 
 // ---- 1. Encryption downgrade -------------------------------------------
@@ -378,11 +378,7 @@ fn attack_junk_raced_into_a_trashed_chunks_name_does_not_replace_it() {
 /// point to an all-holes index, as a compromised host could write.
 fn forge_future(repo: &Repository, real: &Snapshot, time: &str) -> Vec<String> {
     let record = &real.manifest.disks[0];
-    let holes = DiskIndex {
-        virtual_size: record.virtual_size,
-        chunk_size: record.chunk_size,
-        chunks: vec![None; record.data_chunks as usize],
-    };
+    let holes = DiskIndex::empty(record.virtual_size, record.chunk_size);
     let index = repo.write_index(&holes).unwrap();
     (0..3)
         .map(|_| {

@@ -45,7 +45,7 @@ fn two_snapshots(repo: &Repository) -> (Vec<u8>, Snapshot, Snapshot) {
 
 fn chunk_key(repo: &Repository, snapshot: &Snapshot, i: usize) -> String {
     let index = repo.read_index(&snapshot.manifest.disks[0].index).unwrap();
-    Repository::chunk_key(&index.chunks[i].unwrap())
+    Repository::chunk_key(&index.get(i as u64).unwrap())
 }
 
 fn affected_ids(report: &CheckReport) -> Vec<&str> {

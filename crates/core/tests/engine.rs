@@ -242,14 +242,14 @@ fn damaged_and_missing_chunks_are_named_with_what_they_break() {
 
     // Chunk 1 is shared by both snapshots; damage it, and delete chunk 0 of the first.
     let index = repo.read_index(&first.manifest.disks[0].index).unwrap();
-    let shared = index.chunks[1].unwrap();
+    let shared = index.get(1).unwrap();
     let key = Repository::chunk_key(&shared);
     let mut bytes = backend.get(&key).unwrap();
     let last = bytes.len() - 1;
     bytes[last] ^= 0x40;
     backend.corrupt(&key, bytes);
     backend
-        .delete(&Repository::chunk_key(&index.chunks[0].unwrap()))
+        .delete(&Repository::chunk_key(&index.get(0).unwrap()))
         .unwrap();
 
     let report = vbackup_core::verify(&repo, 2, &Progress::new()).unwrap();
@@ -441,7 +441,7 @@ fn changed_block_tracking_reads_only_dirty_chunks_and_restores_the_whole_disk() 
     let mut changed = original.clone();
     changed[5 * CHUNK as usize + 17] ^= 0xff; // chunk 5
     changed[20 * CHUNK as usize..21 * CHUNK as usize].fill(3); // chunk 20, a hole before
-    let mut dirty = vec![false; base_index.chunks.len()];
+    let mut dirty = vec![false; base_index.count() as usize];
     dirty[5] = true;
     dirty[20] = true;
     let reads = Arc::new(std::sync::atomic::AtomicU64::new(0));
@@ -477,7 +477,7 @@ fn changed_block_tracking_reads_only_dirty_chunks_and_restores_the_whole_disk() 
     assert_eq!(record.base_snapshot.as_deref(), Some(full.id.as_str()));
     assert_eq!(
         incremental.manifest.stats.chunks_unchanged as usize,
-        base_index.chunks.len() - 2
+        base_index.count() as usize - 2
     );
     assert_eq!(
         restore(&repo, &incremental, 0),

@@ -274,7 +274,7 @@ fn a_chunk_deleted_under_a_running_backup_is_stored_again_from_the_source() {
     let data = disk_data(5, 9);
     let first = backup(&repo, "a", &data);
     let index = repo.read_index(&first.manifest.disks[0].index).unwrap();
-    let victim = index.chunks[2].unwrap();
+    let victim = index.get(2).unwrap();
     let sweeper = Repository::open(backend.clone(), || Ok(Some("pw".into()))).unwrap();
     let disk = MemDisk::new(data.clone());
     *disk.hook.lock().unwrap() = Some(Box::new(move || {
@@ -532,7 +532,7 @@ fn referenced(repo: &Repository) -> BTreeSet<String> {
         for disk in &snapshot.manifest.disks {
             names.insert(disk.index.clone());
             let index = repo.read_index(&disk.index).unwrap();
-            names.extend(index.chunks.iter().flatten().map(Repository::chunk_key));
+            names.extend(index.ids().map(Repository::chunk_key));
         }
     }
     names
@@ -722,7 +722,7 @@ fn an_exclusive_prune_cleans_up_what_a_concurrent_prune_left() {
         &repo
             .read_index(&snapshots[2].manifest.disks[0].index)
             .unwrap()
-            .chunks[0]
+            .get(0)
             .unwrap(),
     );
     backend.rename(&kept, &format!("trash/{kept}")).unwrap();
@@ -752,7 +752,7 @@ fn without_rename_repair_refuses_to_quarantine_before_changing_anything() {
     let index = repo
         .read_index(&snapshots[3].manifest.disks[0].index)
         .unwrap();
-    let chunk = Repository::chunk_key(&index.chunks[1].unwrap());
+    let chunk = Repository::chunk_key(&index.get(1).unwrap());
     let mut bytes = backend.get(&chunk).unwrap();
     bytes[30] ^= 1;
     backend.corrupt(&chunk, bytes);

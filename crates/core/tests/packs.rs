@@ -308,7 +308,7 @@ fn prune_keeps_a_pack_whose_live_chunk_is_damaged() {
     // Damage a blob the kept snapshot needs, in a pack that is mostly waste.
     let map = repo.chunk_map().unwrap();
     let index = repo.read_index(&kept.manifest.disks[0].index).unwrap();
-    let live = index.chunks[31].unwrap();
+    let live = index.get(31).unwrap();
     let (pack, offset) = match map.chunks[&live] {
         vbackup_core::packs::Location::Packed { pack, offset, .. } => (pack, offset),
         other => panic!("{other:?}"),
@@ -470,11 +470,7 @@ fn a_reader_whose_pack_was_repacked_meanwhile_finds_the_chunks_again() {
         "{report:?}"
     );
     let index = repo.read_index(&kept.manifest.disks[0].index).unwrap();
-    let wanted = index
-        .chunks
-        .iter()
-        .enumerate()
-        .map(|(i, id)| (i, id.unwrap()));
+    let wanted = index.data().iter().map(|(i, id)| (*i as usize, *id));
     let (units, missing) = vbackup_core::packs::plan_reads(&stale_map, wanted, u64::from(PACK));
     assert!(missing.is_empty());
     let mut restored = vec![0u8; newer.len()];

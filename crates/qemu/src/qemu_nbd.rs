@@ -38,6 +38,13 @@ pub struct QemuNbdOptions {
     pub direct_io: bool,
     /// `--aio` mode (`threads`, `native`, `io_uring`), or qemu's default.
     pub aio: Option<String>,
+    /// For a new image whose writer makes it durable itself once qemu-nbd
+    /// has exited (an fsync of the closed file): `--cache=unsafe`, so
+    /// qemu does not fsync the image each time it allocates qcow2
+    /// metadata (an L2 table, a refcount block: 200 fsyncs, 0.7 s, for
+    /// 64 MiB in 64 places of a 1 TiB image). Never for an image
+    /// anything else uses.
+    pub unsafe_cache: bool,
     /// For writable images: pass discards through and turn written zeroes
     /// into holes (`--discard=unmap --detect-zeroes=unmap`).
     pub unmap_zeroes: bool,
@@ -60,6 +67,7 @@ impl QemuNbdOptions {
             shared: 1,
             direct_io: false,
             aio: None,
+            unsafe_cache: false,
             unmap_zeroes: false,
             start_timeout: Duration::from_secs(10),
             bitmap: None,
@@ -260,7 +268,9 @@ fn command(opts: &QemuNbdOptions, format: &str, socket: &Path) -> Result<Command
     } else if opts.unmap_zeroes {
         cmd.args(["--discard=unmap", "--detect-zeroes=unmap"]);
     }
-    if opts.direct_io && supports_direct_io(&opts.path, opts.read_only) {
+    if opts.unsafe_cache && !opts.read_only {
+        cmd.arg("--cache=unsafe");
+    } else if opts.direct_io && supports_direct_io(&opts.path, opts.read_only) {
         cmd.arg("--cache=none");
     }
     if let Some(bitmap) = &opts.bitmap {

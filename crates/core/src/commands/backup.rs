@@ -1,16 +1,19 @@
 //! `vbackup backup`: read disks, store new chunks, record a snapshot.
 
-use std::collections::HashSet;
+use std::collections::{HashSet, VecDeque};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Mutex;
 use std::time::Instant;
 
 use super::backup_guard::BackupGuard;
+use super::backup_plan::{
+    data_chunks, dirty_chunks, window_end, ALLOCATION_WINDOW, CHANGES_WINDOW, MAX_PLAN_EXTENTS,
+};
 use crate::format::{
     BackupStats, DiskIndex, DiskRecord, ReadScope, SnapshotManifest, SNAPSHOT_VERSION,
 };
 use crate::packs::{write_pack_indexes, PackWriter};
-use crate::source::{DiskReader, DiskSource, ExtentKind};
+use crate::source::{DiskReader, DiskSource, Extent, ExtentKind};
 use crate::{is_all_zero, ChunkId, Error, Progress, Repository, Result, Snapshot};
 
 /// One disk to back up.
@@ -83,14 +86,34 @@ impl Counters {
     }
 }
 
+/// One chunk a worker reads: a chunk the source says holds data (with
+/// the extents it described, when known), changed, or a base chunk that
+/// cannot be reused.
+struct Task {
+    disk: usize,
+    chunk: u64,
+    /// The chunk's extents, from the query that planned it; `None` means
+    /// the worker asks the source.
+    extents: Option<Vec<Extent>>,
+}
+
+/// The part of the disks not planned yet, and the chunks planned but not
+/// taken by a worker. Workers refill it a window (many GiB) at a time.
+#[derive(Default)]
+struct Plan {
+    /// The disk being planned.
+    disk: usize,
+    /// Its first byte not planned yet (a chunk boundary).
+    offset: u64,
+    queue: VecDeque<Task>,
+}
+
 /// State shared by all workers of one backup.
 struct Job<'a> {
     repo: &'a Repository,
     disks: &'a [BackupDisk],
     chunk_size: u32,
-    /// First global chunk number of each disk, plus the total at the end.
-    starts: Vec<u64>,
-    next: AtomicU64,
+    plan: Mutex<Plan>,
     stop: AtomicBool,
     known: Mutex<HashSet<ChunkId>>,
     /// Chunks whose stored copy may be reused without reading it: those
@@ -101,7 +124,12 @@ struct Job<'a> {
     vouched: Mutex<HashSet<ChunkId>>,
     /// Chunks named by prune lists at the start: never taken as present.
     pending: &'a [ChunkId],
-    indexes: Vec<Mutex<Vec<Option<ChunkId>>>>,
+    /// Per disk: its data chunks so far, in the order they were found.
+    indexes: Vec<Mutex<Vec<(u64, ChunkId)>>>,
+    /// Per disk: the previous snapshot's index, reused as it is (written
+    /// back in its own version, so under its own name), if the disk is
+    /// skipped.
+    reused: Vec<Option<DiskIndex>>,
     /// Per disk: the snapshot whose index was reused, if the disk is skipped.
     unchanged_since: Vec<Option<String>>,
     counters: Counters,
@@ -310,54 +338,43 @@ impl<'a> Job<'a> {
     ) -> Result<Self> {
         let chunk_size = repo.config().chunk_size;
         let counters = Counters::default();
-        let mut starts = vec![0u64];
-        let mut indexes = Vec::with_capacity(disks.len());
+        let mut reused = Vec::with_capacity(disks.len());
         let mut unchanged_since = Vec::with_capacity(disks.len());
-        let mut indexes_reused = Vec::new();
         for disk in disks {
             let size = disk.source.virtual_size();
             progress.add_total(size);
             let previous = history.last();
-            let reused =
+            let index =
                 previous.and_then(|p| reusable_index(repo, p, history, disk, chunk_size, &known));
-            let (count, index) = match reused {
-                Some(index) => {
-                    counters.disks_unchanged.fetch_add(1, Ordering::Relaxed);
-                    let data = index.chunks.iter().filter(|c| c.is_some()).count() as u64;
-                    counters.chunks_reused.fetch_add(data, Ordering::Relaxed);
-                    counters
-                        .chunks_hole
-                        .fetch_add(index.chunks.len() as u64 - data, Ordering::Relaxed);
-                    progress.add_done(size);
-                    unchanged_since.push(previous.map(|p| p.id.clone()));
-                    (0, index.chunks)
-                }
-                None => {
-                    let count = DiskIndex::chunk_count(size, chunk_size);
-                    let count_usize = usize::try_from(count).map_err(|_| {
-                        Error::InvalidInput(format!("disk '{}' is too large", disk.name))
-                    })?;
-                    unchanged_since.push(None);
-                    (count, vec![None; count_usize])
-                }
-            };
-            starts.push(starts[starts.len() - 1] + count);
-            if count == 0 {
-                indexes_reused.extend(index.iter().flatten().copied());
+            if let Some(index) = &index {
+                counters.disks_unchanged.fetch_add(1, Ordering::Relaxed);
+                let data = index.data_chunks();
+                counters.chunks_reused.fetch_add(data, Ordering::Relaxed);
+                counters
+                    .chunks_hole
+                    .fetch_add(index.count() - data, Ordering::Relaxed);
+                progress.add_done(size);
             }
-            indexes.push(Mutex::new(index));
+            unchanged_since.push(index.as_ref().and(previous).map(|p| p.id.clone()));
+            reused.push(index);
         }
+        let reused_ids: Vec<ChunkId> = reused
+            .iter()
+            .flatten()
+            .flat_map(|i| i.ids())
+            .copied()
+            .collect();
         Ok(Self {
             repo,
             disks,
             chunk_size,
-            starts,
-            next: AtomicU64::new(0),
+            plan: Mutex::new(Plan::default()),
             stop: AtomicBool::new(false),
             known: Mutex::new(known),
-            vouched: Mutex::new(vouched_by_bases(disks, &indexes_reused)),
+            vouched: Mutex::new(vouched_by_bases(disks, &reused_ids)),
             pending: guard.pending(),
-            indexes,
+            indexes: disks.iter().map(|_| Mutex::new(Vec::new())).collect(),
+            reused,
             unchanged_since,
             counters,
             progress,
@@ -393,15 +410,6 @@ impl<'a> Job<'a> {
         }
     }
 
-    /// Maps a global chunk number to (disk, chunk within disk).
-    fn locate(&self, global: u64) -> Option<(usize, u64)> {
-        let disk = self
-            .starts
-            .partition_point(|start| *start <= global)
-            .checked_sub(1)?;
-        (disk < self.disks.len()).then(|| (disk, global - self.starts[disk]))
-    }
-
     fn worker(&self) -> Result<()> {
         let result = self.worker_loop();
         if result.is_err() {
@@ -418,17 +426,170 @@ impl<'a> Job<'a> {
             if self.stop.load(Ordering::Relaxed) || self.progress.is_cancelled() {
                 return Ok(());
             }
-            let global = self.next.fetch_add(1, Ordering::Relaxed);
-            let Some((disk, chunk)) = self.locate(global) else {
+            let Some(task) = self.next_task(&mut readers)? else {
                 return Ok(());
             };
-            let reader = match &mut readers[disk] {
-                Some(reader) => reader,
-                slot => slot.insert(self.open_reader(disk)?),
-            };
-            let entry = self.process_chunk(disk, chunk, reader.as_mut(), &mut buf)?;
-            self.lock_index(disk)[chunk as usize] = entry;
+            let reader = self.reader(&mut readers, task.disk)?;
+            let entry = self.process_chunk(&task, reader, &mut buf)?;
+            if let Some(id) = entry {
+                self.lock_index(task.disk).push((task.chunk, id));
+            }
         }
+    }
+
+    /// This worker's reader of `disk`, opened on first use.
+    fn reader<'r>(
+        &self,
+        readers: &'r mut [Option<Box<dyn DiskReader>>],
+        disk: usize,
+    ) -> Result<&'r mut dyn DiskReader> {
+        Ok(match &mut readers[disk] {
+            Some(reader) => reader.as_mut(),
+            slot => slot.insert(self.open_reader(disk)?).as_mut(),
+        })
+    }
+
+    /// The next chunk to read, planning windows of the disks (with this
+    /// worker's readers) until one yields work; `None` when all is done.
+    fn next_task(&self, readers: &mut [Option<Box<dyn DiskReader>>]) -> Result<Option<Task>> {
+        let mut plan = self.plan.lock().unwrap_or_else(|p| p.into_inner());
+        loop {
+            if let Some(task) = plan.queue.pop_front() {
+                return Ok(Some(task));
+            }
+            if self.stop.load(Ordering::Relaxed) || self.progress.is_cancelled() {
+                return Ok(None);
+            }
+            let Some(disk) = self.disks.get(plan.disk) else {
+                return Ok(None);
+            };
+            if self.reused[plan.disk].is_some() || plan.offset >= disk.source.virtual_size() {
+                plan.disk += 1;
+                plan.offset = 0;
+                continue;
+            }
+            let reader = self.reader(readers, plan.disk)?;
+            self.plan_window(&mut plan, reader)?;
+        }
+    }
+
+    /// Plans the next window of the current disk: from its dirty bitmap
+    /// when it has a base, else from its allocation.
+    fn plan_window(&self, plan: &mut Plan, reader: &mut dyn DiskReader) -> Result<()> {
+        let disk = plan.disk;
+        if self.disks[disk].base.is_some() {
+            let size = self.disks[disk].source.virtual_size();
+            let length = CHANGES_WINDOW.min(size - plan.offset);
+            let changed = reader
+                .changed_ranges(plan.offset, length, u64::from(self.chunk_size))
+                .map_err(|e| self.source_error(disk, e))?;
+            if let Some(ranges) = changed {
+                self.plan_changes(plan, plan.offset + length, &ranges);
+                plan.offset += length;
+                return Ok(());
+            }
+        }
+        self.plan_allocation(plan, reader)
+    }
+
+    /// Queues the chunks of the window that hold data; counts the others
+    /// as holes without touching them one by one.
+    fn plan_allocation(&self, plan: &mut Plan, reader: &mut dyn DiskReader) -> Result<()> {
+        let (disk, offset) = (plan.disk, plan.offset);
+        let size = self.disks[disk].source.virtual_size();
+        let chunk = u64::from(self.chunk_size);
+        let length = ALLOCATION_WINDOW.min(size - offset);
+        let extents = reader
+            .extents_from(offset, length, MAX_PLAN_EXTENTS)
+            .map_err(|e| self.source_error(disk, e))?;
+        let Some(end) = window_end(&extents, offset, size, chunk) else {
+            // Not even one chunk described: its worker asks about it alone.
+            plan.queue.push_back(Task {
+                disk,
+                chunk: offset / chunk,
+                extents: None,
+            });
+            plan.offset = (offset + chunk).min(size);
+            return Ok(());
+        };
+        let tasks = data_chunks(&extents, offset, end, chunk);
+        let data_bytes: u64 = tasks.iter().map(|(c, _)| self.chunk_length(disk, *c)).sum();
+        let chunks = (end - offset).div_ceil(chunk);
+        self.counters
+            .chunks_hole
+            .fetch_add(chunks - tasks.len() as u64, Ordering::Relaxed);
+        self.progress.add_done(end - offset - data_bytes);
+        plan.queue
+            .extend(tasks.into_iter().map(|(chunk, extents)| Task {
+                disk,
+                chunk,
+                extents: Some(extents),
+            }));
+        plan.offset = end;
+        Ok(())
+    }
+
+    /// For a disk with a base, the window `[plan.offset, end)`: changed
+    /// chunks are queued, the base's entries for the others are taken as
+    /// they are (those a prune may be deleting are queued to be read and
+    /// stored again), and the base's holes cost nothing per chunk.
+    fn plan_changes(&self, plan: &mut Plan, end: u64, ranges: &[(u64, u64)]) {
+        let disk = plan.disk;
+        let chunk = u64::from(self.chunk_size);
+        let Some(base) = &self.disks[disk].base else {
+            return;
+        };
+        let (first, stop) = (plan.offset / chunk, end.div_ceil(chunk));
+        let dirty = dirty_chunks(ranges, chunk);
+        let is_dirty = |c: u64| {
+            let at = dirty.partition_point(|(_, e)| *e <= c);
+            dirty.get(at).is_some_and(|(s, _)| *s <= c)
+        };
+        let mut read: Vec<u64> = dirty
+            .iter()
+            .flat_map(|(s, e)| (*s).max(first)..(*e).min(stop))
+            .collect();
+        let mut copied = 0u64;
+        for (c, id) in base.index.data_in(first, stop) {
+            if is_dirty(*c) {
+                continue;
+            }
+            if self.is_known(id) {
+                self.lock_index(disk).push((*c, *id));
+                copied += 1;
+            } else {
+                read.push(*c);
+            }
+        }
+        read.sort_unstable();
+        let read_bytes: u64 = read.iter().map(|c| self.chunk_length(disk, *c)).sum();
+        let unchanged = stop - first - read.len() as u64;
+        debug_assert!(unchanged >= copied);
+        self.counters
+            .chunks_unchanged
+            .fetch_add(unchanged, Ordering::Relaxed);
+        self.progress.add_done(end - plan.offset - read_bytes);
+        plan.queue.extend(read.into_iter().map(|chunk| Task {
+            disk,
+            chunk,
+            extents: None,
+        }));
+    }
+
+    /// The length of chunk `chunk` of `disk` (the last one may be short).
+    fn chunk_length(&self, disk: usize, chunk: u64) -> u64 {
+        let size = self.disks[disk].source.virtual_size();
+        let offset = chunk * u64::from(self.chunk_size);
+        (size - offset).min(u64::from(self.chunk_size))
+    }
+
+    /// Whether a stored chunk may be taken as present (a prune is not
+    /// deleting it).
+    fn is_known(&self, id: &ChunkId) -> bool {
+        self.known
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
+            .contains(id)
     }
 
     fn open_reader(&self, disk: usize) -> Result<Box<dyn DiskReader>> {
@@ -445,29 +606,28 @@ impl<'a> Job<'a> {
         }
     }
 
-    fn lock_index(&self, disk: usize) -> std::sync::MutexGuard<'_, Vec<Option<ChunkId>>> {
+    fn lock_index(&self, disk: usize) -> std::sync::MutexGuard<'_, Vec<(u64, ChunkId)>> {
         self.indexes[disk]
             .lock()
             .unwrap_or_else(|poisoned| poisoned.into_inner())
     }
 
-    /// Reads one chunk and stores it if new; returns its index entry.
+    /// Reads one chunk and stores it if new; returns its index entry
+    /// (`None` for a chunk that turned out to hold only zeros).
     fn process_chunk(
         &self,
-        disk: usize,
-        chunk: u64,
+        task: &Task,
         reader: &mut dyn DiskReader,
         buf: &mut [u8],
     ) -> Result<Option<ChunkId>> {
-        let size = self.disks[disk].source.virtual_size();
-        let offset = chunk * u64::from(self.chunk_size);
-        let length = (size - offset).min(u64::from(self.chunk_size)) as usize;
-        if let Some(entry) = self.unchanged_entry(disk, chunk, reader, offset, length)? {
-            self.progress.add_done(length as u64);
-            return Ok(entry);
-        }
+        let offset = task.chunk * u64::from(self.chunk_size);
+        let length = self.chunk_length(task.disk, task.chunk) as usize;
         let data = &mut buf[..length];
-        let read = read_allocated(reader, offset, data).map_err(|e| self.source_error(disk, e))?;
+        let read = match &task.extents {
+            Some(extents) => read_extents(reader, extents, offset, data),
+            None => read_allocated(reader, offset, data),
+        }
+        .map_err(|e| self.source_error(task.disk, e))?;
         self.counters.bytes_read.fetch_add(read, Ordering::Relaxed);
         let entry = if read == 0 || is_all_zero(data) {
             self.counters.chunks_hole.fetch_add(1, Ordering::Relaxed);
@@ -477,42 +637,6 @@ impl<'a> Job<'a> {
         };
         self.progress.add_done(length as u64);
         Ok(entry)
-    }
-
-    /// With a base index and a source that tracks changes: the base's entry
-    /// for a chunk the source reports unchanged, without reading it.
-    fn unchanged_entry(
-        &self,
-        disk: usize,
-        chunk: u64,
-        reader: &mut dyn DiskReader,
-        offset: u64,
-        length: usize,
-    ) -> Result<Option<Option<ChunkId>>> {
-        let Some(base) = &self.disks[disk].base else {
-            return Ok(None);
-        };
-        let changed = reader
-            .changed(offset, length as u64)
-            .map_err(|e| self.source_error(disk, e))?;
-        if changed != Some(false) {
-            return Ok(None);
-        }
-        let entry = base.index.chunks[chunk as usize];
-        // A base chunk that a prune may be deleting is read and stored again.
-        let known = |id: &ChunkId| {
-            self.known
-                .lock()
-                .unwrap_or_else(|poisoned| poisoned.into_inner())
-                .contains(id)
-        };
-        if entry.is_some_and(|id| !known(&id)) {
-            return Ok(None);
-        }
-        self.counters
-            .chunks_unchanged
-            .fetch_add(1, Ordering::Relaxed);
-        Ok(Some(entry))
     }
 
     fn store_if_new(&self, data: &[u8]) -> Result<ChunkId> {
@@ -608,10 +732,13 @@ impl<'a> Job<'a> {
         Ok(self.repo.backend().missing(&key)?.is_empty())
     }
 
-    /// A copy of every disk's chunk list so far.
-    fn chunk_lists(&self) -> Vec<Vec<Option<ChunkId>>> {
+    /// A copy of every disk's data chunks so far, `(chunk number, id)`.
+    fn chunk_lists(&self) -> Vec<Vec<(u64, ChunkId)>> {
         (0..self.disks.len())
-            .map(|i| self.lock_index(i).clone())
+            .map(|i| match &self.reused[i] {
+                Some(index) => index.data().to_vec(),
+                None => self.lock_index(i).clone(),
+            })
             .collect()
     }
 
@@ -633,13 +760,14 @@ impl<'a> Job<'a> {
     fn write_indexes(&self) -> Result<Vec<DiskRecord>> {
         let mut records = Vec::with_capacity(self.disks.len());
         for (i, disk) in self.disks.iter().enumerate() {
-            let chunks = std::mem::take(&mut *self.lock_index(i));
-            let data_chunks = chunks.iter().filter(|c| c.is_some()).count() as u64;
-            let index = DiskIndex {
-                virtual_size: disk.source.virtual_size(),
-                chunk_size: self.chunk_size,
-                chunks,
+            let index = match &self.reused[i] {
+                Some(index) => index.clone(),
+                None => {
+                    let data = std::mem::take(&mut *self.lock_index(i));
+                    DiskIndex::from_data(disk.source.virtual_size(), self.chunk_size, data)?
+                }
             };
+            let data_chunks = index.data_chunks();
             records.push(DiskRecord {
                 name: disk.name.clone(),
                 source: disk.source_label.clone(),
@@ -672,7 +800,7 @@ fn vouched_by_bases(disks: &[BackupDisk], reused: &[ChunkId]) -> HashSet<ChunkId
     disks
         .iter()
         .filter_map(|d| d.base.as_ref())
-        .flat_map(|b| b.index.chunks.iter().flatten().copied())
+        .flat_map(|b| b.index.ids().copied())
         .chain(reused.iter().copied())
         .collect()
 }
@@ -707,8 +835,8 @@ fn reusable_index(
         && record.virtual_size == disk.source.virtual_size()
         && record.chunk_size == chunk_size;
     let index = repo.read_index(&record.index).ok().filter(|_| same)?;
-    let complete = index.virtual_size == record.virtual_size
-        && index.chunks.iter().flatten().all(|id| known.contains(id));
+    let complete =
+        index.virtual_size == record.virtual_size && index.ids().all(|id| known.contains(id));
     complete.then_some(index)
 }
 
@@ -719,10 +847,26 @@ fn read_allocated(
     offset: u64,
     buf: &mut [u8],
 ) -> std::io::Result<u64> {
+    let extents = reader.extents(offset, buf.len() as u64)?;
+    read_extents(reader, &extents, offset, buf)
+}
+
+/// Fills `buf` with the disk's bytes at `offset` as `extents` describe
+/// them (which must cover it exactly): data extents are read, zero ones
+/// filled; returns how many bytes were read.
+fn read_extents(
+    reader: &mut dyn DiskReader,
+    extents: &[Extent],
+    offset: u64,
+    buf: &mut [u8],
+) -> std::io::Result<u64> {
     let end = offset + buf.len() as u64;
     let mut covered = offset;
     let mut read = 0;
-    for extent in reader.extents(offset, buf.len() as u64)? {
+    for extent in extents
+        .iter()
+        .filter(|e| e.end() > offset && e.offset < end)
+    {
         let start = extent.offset.max(offset);
         let stop = extent.end().min(end);
         if start != covered || stop <= start {

@@ -76,13 +76,14 @@ impl BackupGuard {
     }
 
     /// Checks the lease and the chunks that running sweeps are deleting.
-    /// `disks` are the snapshot's chunk lists; `store_again(disk, chunk)`
+    /// `disks` are the snapshot's data chunks `(chunk number, id)` per
+    /// disk; `store_again(disk, chunk)`
     /// reads that chunk from the source again, stores it and returns its id.
     /// Returns how many chunks were stored again.
     pub(crate) fn before_snapshot(
         &self,
         repo: &Repository,
-        disks: &[Vec<Option<ChunkId>>],
+        disks: &[Vec<(u64, ChunkId)>],
         store_again: &dyn Fn(usize, u64) -> Result<ChunkId>,
     ) -> Result<u64> {
         self.lease.check_fresh()?;
@@ -93,14 +94,15 @@ impl BackupGuard {
         let mut checked = HashSet::new();
         let mut stored = 0;
         for (disk, chunks) in disks.iter().enumerate() {
-            for (i, id) in chunks.iter().enumerate() {
-                let Some(id) = id.filter(|id| doomed.contains(id) && checked.insert(*id)) else {
+            for (i, id) in chunks {
+                let (i, id) = (*i, *id);
+                if !doomed.contains(&id) || !checked.insert(id) {
                     continue;
-                };
+                }
                 if repo.backend().stat(&Repository::chunk_key(&id))?.is_some() {
                     continue;
                 }
-                let again = store_again(disk, i as u64)?;
+                let again = store_again(disk, i)?;
                 if again != id {
                     return Err(source_changed(&id));
                 }

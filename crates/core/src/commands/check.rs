@@ -160,6 +160,9 @@ impl CheckReport {
 enum IndexState {
     Missing,
     Damaged(String),
+    /// Of a newer format than this build reads: not checked, and never
+    /// damage (a `repair` of an older build must not quarantine it).
+    Newer(String),
     Read {
         virtual_size: u64,
         chunk_size: u32,
@@ -269,17 +272,18 @@ fn read_indexes(
         }
         let state = match repo.read_index(&disk.index) {
             Ok(index) => {
-                referenced.extend(index.chunks.iter().flatten());
+                referenced.extend(index.ids());
                 IndexState::Read {
                     virtual_size: index.virtual_size,
                     chunk_size: index.chunk_size,
-                    data_chunks: index.chunks.iter().flatten().count() as u64,
+                    data_chunks: index.data_chunks(),
                 }
             }
             Err(Error::Storage(e)) if e.is_not_found() => IndexState::Missing,
             Err(e @ Error::Storage(_)) if stored_indexes.contains_key(&disk.index) => {
                 return Err(e)
             }
+            Err(e @ Error::UnsupportedVersion { .. }) => IndexState::Newer(e.to_string()),
             Err(e) => IndexState::Damaged(e.to_string()),
         };
         states.insert(disk.index.clone(), state);
@@ -299,6 +303,15 @@ fn index_problems(
             let Some(state) = states.get(&disk.index) else {
                 continue;
             };
+            if let IndexState::Newer(reason) = state {
+                if reported.insert(disk.index.clone()) {
+                    report.notices.push(Notice {
+                        object: disk.index.clone(),
+                        note: format!("not checked: {reason}"),
+                    });
+                }
+                continue;
+            }
             let Some((kind, problem)) = index_problem(disk, state) else {
                 continue;
             };
@@ -333,6 +346,7 @@ fn index_problem(disk: &DiskRecord, state: &IndexState) -> Option<(ProblemKind, 
     match state {
         IndexState::Missing => Some((ProblemKind::MissingIndex, "missing".to_string())),
         IndexState::Damaged(reason) => Some((ProblemKind::DamagedIndex, reason.clone())),
+        IndexState::Newer(_) => None,
         IndexState::Read {
             virtual_size,
             chunk_size,
@@ -472,11 +486,9 @@ fn chunk_damage(
         let index = repo.read_index(key)?;
         let mut objects = Vec::new();
         let mut bad_bytes = 0;
-        for (i, id) in index.chunks.iter().enumerate() {
-            if let Some(id) = id.filter(|id| bad.contains_key(id)) {
-                objects.push(map.object_of(&id));
-                bad_bytes += index.chunk_range(i as u64).1 as u64;
-            }
+        for (i, id) in index.data().iter().filter(|(_, id)| bad.contains_key(id)) {
+            objects.push(map.object_of(id));
+            bad_bytes += index.chunk_range(*i).1 as u64;
         }
         if objects.is_empty() {
             continue;

@@ -2,6 +2,7 @@
 
 pub mod backup;
 pub(crate) mod backup_guard;
+mod backup_plan;
 pub mod check;
 pub mod forget;
 pub mod locks;

@@ -893,7 +893,7 @@ impl<'a> References<'a> {
         }
         match self.repo.read_index(key) {
             Ok(index) => {
-                for id in index.chunks.iter().flatten() {
+                for id in index.ids() {
                     if !chunks.mark(id) {
                         self.missing_chunks += 1;
                     }

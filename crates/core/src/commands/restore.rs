@@ -17,8 +17,9 @@ use crate::{ChunkId, Error, Progress, Repository, Result};
 pub struct RestoreStats {
     /// Virtual size of the disk.
     pub virtual_size: u64,
-    /// Bytes of data written (holes are skipped, or zeroed on targets that
-    /// may hold old data).
+    /// Bytes of data written: the chunks' bytes less the zero blocks
+    /// inside them left as holes on fresh targets (holes are skipped, or
+    /// zeroed on targets that may hold old data, and not counted).
     pub bytes_written: u64,
     /// Chunks fetched from the repository.
     pub chunks_read: u64,
@@ -87,11 +88,7 @@ impl<'a> Chunks<'a> {
     /// (neighbouring blobs of a pack are fetched with one request), then,
     /// when `zero_holes`, its holes.
     fn plan(&self, index: &DiskIndex, zero_holes: bool) -> Result<Vec<Work>> {
-        let data = index
-            .chunks
-            .iter()
-            .enumerate()
-            .filter_map(|(i, id)| id.map(|id| (i as u64, id)));
+        let data = index.data().iter().copied();
         let mut work: Vec<Work> = match &self.map {
             None => data
                 .map(|(i, id)| {
@@ -120,8 +117,10 @@ impl<'a> Chunks<'a> {
             }
         };
         if zero_holes {
-            let holes = index.chunks.iter().enumerate().filter(|(_, c)| c.is_none());
-            work.extend(holes.map(|(i, _)| Work::Hole(i as u64)));
+            for (first, count) in index.hole_runs() {
+                let pieces = (0..count).step_by(HOLE_PIECE as usize);
+                work.extend(pieces.map(|at| Work::Hole(first + at, HOLE_PIECE.min(count - at))));
+            }
         }
         Ok(work)
     }
@@ -131,8 +130,36 @@ impl<'a> Chunks<'a> {
 enum Work {
     /// Chunks read with one request, tagged with their position in the index.
     Read(ReadUnit<u64>),
-    /// A hole to zero.
-    Hole(u64),
+    /// A run of holes to zero: first chunk, number of chunks.
+    Hole(u64, u64),
+}
+
+/// The most chunks one hole-zeroing work item covers, so the workers share
+/// a long run of holes.
+const HOLE_PIECE: u64 = 256;
+
+/// The blocks inside a chunk that are looked at for zeros: an aligned
+/// block of zeros is not written to a fresh target, which then keeps it
+/// a hole (4 KiB: a file system block, and a divisor of every chunk size).
+const ZERO_BLOCK: usize = 4096;
+
+/// The runs `(start, end)` of `data` to write so that every aligned block
+/// of `block` bytes holding only zeros is left out; neighbouring blocks
+/// with data make one run. A chunk without zero blocks is one run.
+pub(crate) fn data_runs(data: &[u8], block: usize) -> Vec<(usize, usize)> {
+    let mut runs: Vec<(usize, usize)> = Vec::new();
+    for (k, piece) in data.chunks(block.max(1)).enumerate() {
+        if crate::is_all_zero(piece) {
+            continue;
+        }
+        let start = k * block.max(1);
+        let end = start + piece.len();
+        match runs.last_mut() {
+            Some(last) if last.1 == start => last.1 = end,
+            _ => runs.push((start, end)),
+        }
+    }
+    runs
 }
 
 /// A chunk the repository does not have, as a storage error on its name.
@@ -174,9 +201,12 @@ pub fn restore_disk(
     let work = chunks.plan(&index, zero_holes)?;
     progress.add_total(index.virtual_size);
     if !zero_holes {
-        let holes = (0..index.chunks.len() as u64).filter(|i| index.chunks[*i as usize].is_none());
-        progress.add_done(holes.map(|i| index.chunk_range(i).1 as u64).sum());
+        let holes = index
+            .hole_runs()
+            .map(|(first, n)| index.chunks_range(first, n).1);
+        progress.add_done(holes.sum());
     }
+    let block = target.hole_granularity().max(ZERO_BLOCK);
     let next = AtomicUsize::new(0);
     let stop = AtomicBool::new(false);
     let written = AtomicU64::new(0);
@@ -195,20 +225,23 @@ pub fn restore_disk(
                 break;
             };
             match item {
-                Work::Hole(i) => {
-                    let (offset, length) = index.chunk_range(*i);
-                    writer
-                        .write_zeroes(offset, length as u64)
-                        .map_err(target_error)?;
-                    progress.add_done(length as u64);
+                Work::Hole(first, count) => {
+                    let (offset, length) = index.chunks_range(*first, *count);
+                    writer.write_zeroes(offset, length).map_err(target_error)?;
+                    progress.add_done(length);
                 }
                 Work::Read(unit) => {
                     let mut write = |i: &u64, id: &ChunkId, data: Result<Vec<u8>>| {
                         let data = data.map_err(missing_is_damage)?;
                         check_length(&index, *i, id, &data)?;
                         let (offset, length) = index.chunk_range(*i);
-                        writer.write_all_at(&data, offset).map_err(target_error)?;
-                        written.fetch_add(length as u64, Ordering::Relaxed);
+                        let bytes = match zero_holes {
+                            // Old data may be there: zeros are written too.
+                            true => writer.write_all_at(&data, offset).map(|()| length as u64),
+                            false => write_runs(writer.as_mut(), &data, offset, block),
+                        }
+                        .map_err(target_error)?;
+                        written.fetch_add(bytes, Ordering::Relaxed);
                         chunks_read.fetch_add(1, Ordering::Relaxed);
                         progress.add_done(length as u64);
                         Ok(())
@@ -279,10 +312,10 @@ fn fetch_worker(
 ) {
     while tickets.recv().is_ok() {
         let i = next.fetch_add(1, Ordering::Relaxed);
-        if i >= index.chunks.len() as u64 {
+        if i >= index.count() {
             return;
         }
-        let data = match &index.chunks[i as usize] {
+        let data = match &index.get(i) {
             Some(id) => chunks.fetch(index, i, id),
             None => Ok(Vec::new()),
         };
@@ -307,7 +340,7 @@ fn write_in_order(
         disk: disk.to_string(),
         source,
     };
-    let total = index.chunks.len() as u64;
+    let total = index.count();
     for _ in 0..window.min(total as usize) {
         let _ = tickets.send(());
     }
@@ -346,4 +379,81 @@ fn write_in_order(
     }
     out.flush().map_err(target_error)?;
     Ok(stats)
+}
+
+/// Writes the parts of a chunk's `data` (at `offset` of the disk) that are
+/// not aligned zero blocks of `block` bytes, leaving those as holes of a
+/// fresh target; returns the bytes written.
+fn write_runs(
+    writer: &mut dyn crate::source::DiskWriter,
+    data: &[u8],
+    offset: u64,
+    block: usize,
+) -> std::io::Result<u64> {
+    let mut written = 0;
+    for (start, end) in data_runs(data, block) {
+        writer.write_all_at(&data[start..end], offset + start as u64)?;
+        written += (end - start) as u64;
+    }
+    Ok(written)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+
+    #[test]
+    fn zero_blocks_inside_a_chunk_are_left_out() {
+        let mut data = vec![0u8; 16 * 4096];
+        data[5] = 1; // block 0
+        data[2 * 4096] = 1; // block 2
+        data[3 * 4096 + 4095] = 1; // block 3
+        data[15 * 4096 + 1] = 1; // block 15
+        assert_eq!(
+            data_runs(&data, 4096),
+            vec![(0, 4096), (2 * 4096, 4 * 4096), (15 * 4096, 16 * 4096)]
+        );
+        assert_eq!(data_runs(&vec![0u8; 8192], 4096), vec![]);
+        assert_eq!(
+            data_runs(&[1u8; 5000], 4096),
+            vec![(0, 5000)],
+            "a short last block"
+        );
+        assert_eq!(data_runs(&[0, 0, 1], 4096), vec![(0, 3)]);
+    }
+
+    proptest! {
+        /// Writing the runs onto zeros gives back the chunk, and every
+        /// block left out is all zeros.
+        #[test]
+        fn runs_rebuild_the_chunk_and_skip_only_zero_blocks(
+            blocks in proptest::collection::vec(proptest::option::of(any::<(u16, u8)>()), 0..40),
+            block in prop_oneof![Just(1usize), Just(7), Just(64), Just(4096)],
+        ) {
+            let mut data = vec![0u8; blocks.len() * block + block / 2];
+            for (k, b) in blocks.iter().enumerate() {
+                if let Some((at, v)) = b {
+                    data[k * block + usize::from(*at) % block] = *v;
+                }
+            }
+            let runs = data_runs(&data, block);
+            let mut rebuilt = vec![0u8; data.len()];
+            let mut covered = vec![false; data.len()];
+            for (s, e) in &runs {
+                prop_assert!(s < e && s % block == 0);
+                rebuilt[*s..*e].copy_from_slice(&data[*s..*e]);
+                covered[*s..*e].iter_mut().for_each(|c| *c = true);
+            }
+            prop_assert_eq!(&rebuilt, &data);
+            for (k, piece) in covered.chunks(block).enumerate() {
+                let skipped = piece.iter().all(|c| !c);
+                let zero = data.chunks(block).nth(k).is_some_and(crate::is_all_zero);
+                prop_assert_eq!(skipped, zero);
+            }
+            for w in runs.windows(2) {
+                prop_assert!(w[0].1 < w[1].0, "runs are separated by a zero block");
+            }
+        }
+    }
 }

@@ -60,9 +60,8 @@ pub fn stats(repo: &Repository) -> Result<RepoStats> {
         for disk in &snapshot.manifest.disks {
             s.logical_bytes += disk.virtual_size;
             let index = repo.read_index(&disk.index)?;
-            for (i, chunk) in index.chunks.iter().enumerate() {
-                let Some(id) = chunk else { continue };
-                let length = index.chunk_range(i as u64).1 as u64;
+            for (i, id) in index.data() {
+                let length = index.chunk_range(*i).1 as u64;
                 s.referenced_bytes += length;
                 if seen.insert(*id) {
                     s.unique_bytes += length;

@@ -216,6 +216,30 @@ impl DiskReader for ExportReader {
         Ok(out)
     }
 
+    /// One block status request per 2 GiB (qemu describes a long hole in
+    /// a few extents), stopping after the reply that brings the count to
+    /// `max_extents`.
+    fn extents_from(
+        &mut self,
+        offset: u64,
+        length: u64,
+        max_extents: usize,
+    ) -> io::Result<Vec<Extent>> {
+        let mut out = Vec::new();
+        let Some(context) = self.allocation else {
+            push_extent(&mut out, offset, length, ExtentKind::Data);
+            return Ok(out);
+        };
+        if length > 0 {
+            self.client
+                .for_each_extent_while(context, offset, length, |e| {
+                    push_extent(&mut out, e.offset, e.length, allocation_kind(e.flags));
+                    Ok(out.len() < max_extents)
+                })?;
+        }
+        Ok(out)
+    }
+
     fn read_exact_at(&mut self, buf: &mut [u8], offset: u64) -> io::Result<()> {
         Ok(self.client.read_at(buf, offset)?)
     }
@@ -261,6 +285,32 @@ impl DiskReader for ExportReader {
             .as_ref()
             .map(|w| w.any_dirty(offset, length)))
     }
+
+    /// The dirty ranges of the whole range from the bitmap, one block
+    /// status request per 2 GiB.
+    fn changed_ranges(
+        &mut self,
+        offset: u64,
+        length: u64,
+        _granule: u64,
+    ) -> io::Result<Option<Vec<(u64, u64)>>> {
+        let Some(context) = self.dirty else {
+            return Ok(None);
+        };
+        let mut dirty: Vec<(u64, u64)> = Vec::new();
+        if length > 0 {
+            self.client.for_each_extent(context, offset, length, |e| {
+                if e.flags & NBD_STATE_DIRTY != 0 {
+                    match dirty.last_mut() {
+                        Some(last) if last.1 == e.offset => last.1 = e.end(),
+                        _ => dirty.push((e.offset, e.end())),
+                    }
+                }
+                Ok(())
+            })?;
+        }
+        Ok(Some(dirty))
+    }
 }
 
 /// A new image written through a writable `qemu-nbd`; each writer is its
@@ -292,6 +342,8 @@ impl NbdTarget {
             read_only: false,
             shared: connections,
             unmap_zeroes: true,
+            // `finish` fsyncs the image once qemu-nbd has closed it.
+            unsafe_cache: true,
             ..QemuNbdOptions::new(path)
         };
         let server = QemuNbd::start(&opts)?;
@@ -331,6 +383,13 @@ impl NbdTarget {
 }
 
 impl DiskTarget for NbdTarget {
+    /// 64 KiB, qcow2's default cluster (and vmdk's grain): smaller zero
+    /// runs inside a written cluster would be allocated anyway, and each
+    /// run written is one NBD request.
+    fn hole_granularity(&self) -> usize {
+        64 << 10
+    }
+
     fn open_writer(&self) -> io::Result<Box<dyn DiskWriter>> {
         if !self.is_running() {
             return Err(Error::Internal("the restore target is already finished".into()).into());
@@ -344,7 +403,10 @@ impl DiskTarget for NbdTarget {
     }
 
     /// Flushes through a last connection, then stops qemu-nbd cleanly so
-    /// the image is closed (qcow2 metadata written, dirty flag cleared).
+    /// the image is closed (qcow2 metadata written, dirty flag cleared),
+    /// then fsyncs the image and its folder: qemu-nbd runs with
+    /// `--cache=unsafe` (see [`QemuNbdOptions::unsafe_cache`]), so this
+    /// one fsync is what makes the restore durable.
     fn finish(&self) -> io::Result<()> {
         if !self.is_running() {
             return Ok(());
@@ -363,6 +425,7 @@ impl DiskTarget for NbdTarget {
         let stopped = server.stop();
         result
             .and(stopped)
+            .and_then(|()| sync_closed_image(&self.path))
             .map_err(|e| e.for_image(&self.path).into())
     }
 }
@@ -381,6 +444,18 @@ impl DiskWriter for NbdWriter {
     fn flush(&mut self) -> io::Result<()> {
         Ok(self.client.flush()?)
     }
+}
+
+/// Makes a closed image file and its directory entry durable.
+fn sync_closed_image(path: &Path) -> Result<()> {
+    std::fs::File::open(path)
+        .and_then(|file| file.sync_all())
+        .map_err(|e| Error::io("syncing", e))?;
+    if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
+        // Directories cannot be fsynced on every file system; best effort.
+        let _ = std::fs::File::open(dir).and_then(|d| d.sync_all());
+    }
+    Ok(())
 }
 
 /// Creates `path` empty with mode 0600 for `qemu-img create` to fill, or,

@@ -75,6 +75,19 @@ impl DiskReader for RawReader {
         sparse_extents(&self.file, offset, length)
     }
 
+    /// `SEEK_DATA`/`SEEK_HOLE` from `offset`, stopping after
+    /// `max_extents` extents: one pair of calls per data extent, none per
+    /// chunk of a hole.
+    fn extents_from(
+        &mut self,
+        offset: u64,
+        length: u64,
+        max_extents: usize,
+    ) -> io::Result<Vec<Extent>> {
+        crate::nbd::check_range(self.size, offset, length, "extents query")?;
+        sparse_extents_max(&self.file, offset, length, max_extents)
+    }
+
     fn read_exact_at(&mut self, buf: &mut [u8], offset: u64) -> io::Result<()> {
         self.file.read_exact_at(buf, offset)
     }
@@ -83,10 +96,21 @@ impl DiskReader for RawReader {
 /// Data and holes of `[offset, offset + length)` from `SEEK_DATA` /
 /// `SEEK_HOLE`. Where the file system cannot tell, everything is data.
 pub(crate) fn sparse_extents(file: &File, offset: u64, length: u64) -> io::Result<Vec<Extent>> {
+    sparse_extents_max(file, offset, length, usize::MAX)
+}
+
+/// [`sparse_extents`] of a prefix of the range: stops once `max_extents`
+/// extents are collected.
+fn sparse_extents_max(
+    file: &File,
+    offset: u64,
+    length: u64,
+    max_extents: usize,
+) -> io::Result<Vec<Extent>> {
     let end = offset + length;
     let mut out = Vec::new();
     let mut pos = offset;
-    while pos < end {
+    while pos < end && out.len() < max_extents {
         let data = match seek(file, pos, libc::SEEK_DATA) {
             Ok(Some(data)) => data.clamp(pos, end),
             Ok(None) => end,
@@ -281,6 +305,7 @@ impl DiskTarget for RawFileTarget {
         Ok(Box::new(RawWriter {
             file,
             is_device: self.is_device,
+            unsynced: None,
         }))
     }
 
@@ -305,16 +330,50 @@ impl DiskTarget for RawFileTarget {
 struct RawWriter {
     file: File,
     is_device: bool,
+    /// The span `(start, end)` written since writeback was last started:
+    /// a restore writes a chunk as several runs (its zero blocks left
+    /// out), and one writeback request per chunk, not per run, keeps the
+    /// kernel from splitting the writes into many small ones.
+    unsynced: Option<(u64, u64)>,
+}
+
+/// How much written data is gathered before its writeback is started.
+const WRITEBACK_SPAN: u64 = 4 << 20;
+
+impl RawWriter {
+    /// Starts writeback of the gathered span.
+    fn start_pending_writeback(&mut self) {
+        if let Some((start, end)) = self.unsynced.take() {
+            start_writeback(&self.file, start, end - start);
+        }
+    }
 }
 
 impl DiskWriter for RawWriter {
     fn write_all_at(&mut self, buf: &[u8], offset: u64) -> io::Result<()> {
         self.file.write_all_at(buf, offset)?;
-        start_writeback(&self.file, offset, buf.len());
+        let end = offset + buf.len() as u64;
+        self.unsynced = match self.unsynced {
+            // Forward, within one span: gathered.
+            Some((start, last)) if offset >= last && end - start <= WRITEBACK_SPAN => {
+                Some((start, end))
+            }
+            _ => {
+                self.start_pending_writeback();
+                Some((offset, end))
+            }
+        };
+        if self
+            .unsynced
+            .is_some_and(|(start, end)| end - start >= WRITEBACK_SPAN)
+        {
+            self.start_pending_writeback();
+        }
         Ok(())
     }
 
     fn flush(&mut self) -> io::Result<()> {
+        self.unsynced = None;
         self.file.sync_data()
     }
 
@@ -351,7 +410,7 @@ fn zero_out(file: &File, offset: u64, length: u64) -> io::Result<()> {
 /// next chunks, and the fsync at the end of a restore finds little left to
 /// do. A hint only: errors are ignored (the final fsync reports real ones).
 #[allow(unsafe_code)]
-fn start_writeback(file: &File, offset: u64, len: usize) {
+fn start_writeback(file: &File, offset: u64, len: u64) {
     let (Ok(offset), Ok(len)) = (
         libc::off64_t::try_from(offset),
         libc::off64_t::try_from(len),

@@ -210,21 +210,38 @@ impl<S: Read + Write> NbdClient<S> {
         length: u64,
         mut visit: impl FnMut(BlockStatusExtent) -> Result<()>,
     ) -> Result<()> {
+        self.for_each_extent_while(context, offset, length, |e| visit(e).map(|()| true))?;
+        Ok(())
+    }
+
+    /// [`NbdClient::for_each_extent`] that stops after the first request
+    /// whose extents made `visit` return false (the extents of that reply
+    /// are all visited, so what was seen ends on a reply boundary);
+    /// returns the end of what was visited. One request asks about up to
+    /// 2 GiB, so long holes cost one round trip per 2 GiB.
+    pub fn for_each_extent_while(
+        &mut self,
+        context: u32,
+        offset: u64,
+        length: u64,
+        mut visit: impl FnMut(BlockStatusExtent) -> Result<bool>,
+    ) -> Result<u64> {
         check_range(self.size(), offset, length, "block status")?;
         let end = offset + length;
         let mut pos = offset;
-        while pos < end {
+        let mut more = true;
+        while pos < end && more {
             let len = (end - pos).min(u64::from(MAX_STATUS_REQUEST)) as u32;
             for extent in self.block_status(context, pos, len)? {
                 let clamped = clamp_extent(extent, end);
                 pos = clamped.end();
-                visit(clamped)?;
+                more &= visit(clamped)?;
                 if pos >= end {
                     break;
                 }
             }
         }
-        Ok(())
+        Ok(pos)
     }
 
     /// Extents covering exactly `[offset, offset + length)`, adjacent

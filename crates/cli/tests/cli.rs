@@ -582,7 +582,7 @@ fn issue12_a_sparse_2_tib_qcow2_backs_up_and_restores_allocating_what_its_source
         (5, 7 << 30, 64 << 10),
     ];
     for (pattern, offset, len) in places {
-        common::guest_write(&image, pattern, offset, len);
+        vbackup_testkit::qemu::guest_write(&image, pattern, offset, len);
     }
     let full = env.backup_json(&["--vm", "big", s(&image)]);
     let chunks = (2u64 << 40) / (4 << 20);
@@ -600,7 +600,7 @@ fn issue12_a_sparse_2_tib_qcow2_backs_up_and_restores_allocating_what_its_source
     assert!(index_bytes < 1024, "the index takes {index_bytes} bytes");
 
     // An incremental through the image's dirty bitmap.
-    common::guest_write(&image, 6, (1 << 41) - (8 << 20), 4096);
+    vbackup_testkit::qemu::guest_write(&image, 6, (1 << 41) - (8 << 20), 4096);
     let incremental = env.backup_json(&["--vm", "big", s(&image)]);
     assert_eq!(incremental["backup-type"], "incremental", "{incremental}");
     assert_eq!(incremental["disks"][0]["data-chunks"], 7);
@@ -622,7 +622,7 @@ fn issue12_a_sparse_2_tib_qcow2_backs_up_and_restores_allocating_what_its_source
         ]);
         let restored = out.join(format!("big.{format}"));
         assert!(
-            common::identical(&image, &restored),
+            vbackup_testkit::qemu::identical(&image, &restored),
             "{format} restore differs"
         );
         let used = allocated(&restored);

@@ -21,13 +21,21 @@ pub use index::{DiskIndex, INDEX_VERSION, LEGACY_INDEX_VERSION};
 pub const MAGIC: [u8; 4] = *b"VBAK";
 /// The envelope version this build writes and the newest it reads.
 pub const ENVELOPE_VERSION: u8 = 1;
-/// The newest repository format version this build reads and writes:
-/// 2 for repositories that store chunks in packs, 1 for those that store
-/// each chunk as its own object (written as 1, so older builds keep
-/// reading them).
-pub const REPOSITORY_VERSION: u32 = 2;
-/// The repository format version of repositories without packs.
+/// The newest repository format version this build reads, and the one it
+/// gives new repositories: 3, whose disk indexes may be of index version
+/// 2 (runs of data chunks; see [`DiskIndex`]) and whose chunks are in packs
+/// or loose as `pack-size` says. Versions 1 (loose chunks) and 2 (packs)
+/// are read and written as they are, with index version 1 only, so older
+/// builds sharing such a repository keep reading every index; builds that
+/// know only versions 1 and 2 refuse a version 3 repository as a whole,
+/// by its version, rather than misjudge its indexes.
+pub const REPOSITORY_VERSION: u32 = 3;
+/// The repository format version of repositories without packs made by
+/// builds before version 3.
 pub const LOOSE_REPOSITORY_VERSION: u32 = 1;
+/// The repository format version of repositories with packs made by
+/// builds before version 3.
+pub const PACKS_REPOSITORY_VERSION: u32 = 2;
 /// Length of the object header.
 pub const HEADER_LEN: usize = 8;
 
@@ -315,6 +323,16 @@ impl Config {
     /// Whether new chunks go into packs.
     pub fn packs(&self) -> bool {
         self.pack_size > 0
+    }
+
+    /// The newest disk index version this repository's readers all know:
+    /// 2 in version 3 repositories, 1 in older ones (which builds that
+    /// cannot read index version 2 may share).
+    pub fn index_version(&self) -> u32 {
+        match self.version >= REPOSITORY_VERSION {
+            true => INDEX_VERSION,
+            false => LEGACY_INDEX_VERSION,
+        }
     }
 }
 

@@ -15,7 +15,7 @@ use crate::crypto::{kdf, random_bytes, CipherKind, Crypto, DigestKind, MasterSec
 use crate::error::{Error, Result};
 use crate::format::{
     self, open_object_owned, seal_object, Config, DiskIndex, KeyFile, ObjectKind, SnapshotManifest,
-    LOOSE_REPOSITORY_VERSION, REPOSITORY_VERSION,
+    LOOSE_REPOSITORY_VERSION, PACKS_REPOSITORY_VERSION, REPOSITORY_VERSION,
 };
 use crate::packs::{ChunkMap, DEFAULT_PACK_SIZE, MAX_PACK_SIZE, MIN_PACK_SIZE};
 use crate::trust::{check_unencrypted, KnownRepositories, OpenOptions};
@@ -212,7 +212,10 @@ fn check_config_values(config: &Config) -> Result<()> {
                 "a version 1 repository has no packs, but the config says pack size {size} (added without the key?)"
             ))
         }
-        (_, 0) => return bad("a version 2 repository must have a pack size".to_string()),
+        (PACKS_REPOSITORY_VERSION, 0) => {
+            return bad("a version 2 repository must have a pack size".to_string())
+        }
+        (_, 0) => {}
         (_, size) if !(MIN_PACK_SIZE..=MAX_PACK_SIZE).contains(&size) => {
             return bad(format!(
                 "pack size {size} is outside {MIN_PACK_SIZE}..={MAX_PACK_SIZE}"
@@ -277,10 +280,7 @@ impl Repository {
         let pack_size = chosen_pack_size(backend.as_ref(), options);
         check_pack_fits(backend.as_ref(), pack_size, options.chunk_size)?;
         let mut config = Config {
-            version: match pack_size {
-                0 => LOOSE_REPOSITORY_VERSION,
-                _ => REPOSITORY_VERSION,
-            },
+            version: REPOSITORY_VERSION,
             pack_size,
             id: hex::encode(random_bytes::<16>()?),
             chunk_size: options.chunk_size,
@@ -580,7 +580,13 @@ impl Repository {
     /// again (see ARCHITECTURE.md, garbage collection), and it replaces a
     /// damaged copy.
     pub fn write_index(&self, index: &DiskIndex) -> Result<String> {
-        let payload = index.encode();
+        // A new index in a repository older builds may share is written in
+        // the index version they read; a reused one keeps its own.
+        let newest = self.config.index_version();
+        let payload = match index.version() > newest {
+            true => index.clone().in_version(newest)?.encode(),
+            false => index.encode(),
+        };
         let key = format!("{INDEXES_PREFIX}{}", hex::encode(self.crypto.mac(&payload)));
         let bytes = seal_object(&self.crypto, ObjectKind::Index, &key, &payload, Some(3))?;
         self.backend.put(&key, &bytes)?;

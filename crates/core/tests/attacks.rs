@@ -152,8 +152,12 @@ fn an_unencrypted_repository_opens_by_explicit_choice_and_is_remembered() {
 #[test]
 fn attack_pack_size_added_to_a_version_1_config_is_refused() {
     let (backend, _repo) = new_repo();
-    let mut config = read_config(&backend);
-    assert_eq!(config.version, 1);
+    let original = read_config(&backend);
+    assert_eq!(original.version, 3);
+    assert_eq!(original.pack_size, 0);
+    // As a version 1 config, whose MAC does not cover the pack size.
+    let mut config = original.clone();
+    config.version = 1;
     config.pack_size = 1 << 20;
     write_config(&backend, &config);
     let error = open_with(&backend, &OpenOptions::default()).unwrap_err();
@@ -161,6 +165,16 @@ fn attack_pack_size_added_to_a_version_1_config_is_refused() {
         error
             .to_string()
             .contains("version 1 repository has no packs"),
+        "{error}"
+    );
+    // In version 3 the MAC covers it.
+    let mut config = original;
+    config.pack_size = 1 << 20;
+    write_config(&backend, &config);
+    let error = open_with(&backend, &OpenOptions::default()).unwrap_err();
+    assert_eq!(
+        error.class(),
+        vbackup_core::ErrorClass::Integrity,
         "{error}"
     );
 }

@@ -84,7 +84,7 @@ fn changed(data: &[u8], range: std::ops::Range<usize>, seed: u32) -> Vec<u8> {
 #[test]
 fn chunks_go_into_a_few_packs_and_restore_through_ranged_reads() {
     let (backend, repo) = packed_repo();
-    assert_eq!(repo.config().version, 2);
+    assert_eq!(repo.config().version, 3);
     assert_eq!(repo.config().pack_size, PACK);
     let data = disk_data(48, 1);
     let first = backup(&repo, "vm", &data);
@@ -130,7 +130,7 @@ fn the_pack_size_is_authenticated_and_unpacked_repositories_stay_version_1() {
         },
     )
     .unwrap();
-    assert_eq!(loose.config().version, 1);
+    assert_eq!(loose.config().version, 3);
     assert!(!loose.config().packs());
     let bad = InitOptions {
         pack_size: Some(1000),

@@ -437,3 +437,64 @@ fn issue12_an_index_of_a_newer_version_is_a_notice_for_check_not_damage_to_repai
         report.notices
     );
 }
+
+/// An unencrypted repository (its config has no MAC, so a test can turn
+/// it into an older format version) of `version`, opened again.
+fn repository_of_version(version: u32, pack_size: Option<u32>) -> Repository {
+    use vbackup_core::crypto::CipherKind;
+    use vbackup_core::format::{plain_json_object, Config, ObjectKind};
+    use vbackup_storage::Backend as _;
+    let backend = Arc::new(vbackup_storage::MemoryBackend::new());
+    let options = vbackup_core::InitOptions {
+        chunk_size: CHUNK,
+        cipher: CipherKind::None,
+        pack_size,
+        ..vbackup_core::InitOptions::default()
+    };
+    Repository::init(backend.clone(), None, &options).unwrap();
+    let mut config: Config = serde_json::from_slice(&backend.get("config").unwrap()[8..]).unwrap();
+    assert_eq!(config.version, vbackup_core::format::REPOSITORY_VERSION);
+    config.version = version;
+    backend.corrupt(
+        "config",
+        plain_json_object(ObjectKind::Config, &config).unwrap(),
+    );
+    let open = vbackup_core::OpenOptions {
+        allow_unencrypted: true,
+        ..vbackup_core::OpenOptions::default()
+    };
+    Repository::open_with(backend, &open, || Ok(None)).unwrap()
+}
+
+#[test]
+fn issue12_repositories_older_builds_share_get_version_1_indexes_and_new_ones_version_2() {
+    let disk = SparseDisk::new(
+        64 * u64::from(CHUNK),
+        scattered(64 * u64::from(CHUNK), 3, 5000),
+    );
+    for (version, pack_size, index_version) in [
+        (1, Some(0), 1),
+        (2, Some(1 << 20), 1),
+        (3, Some(0), 2),
+        (3, Some(1 << 20), 2),
+    ] {
+        let repo = repository_of_version(version, pack_size);
+        let snapshot = backup(&repo, disk.clone(), None);
+        let index = repo.read_index(&snapshot.manifest.disks[0].index).unwrap();
+        assert_eq!(
+            index.version(),
+            index_version,
+            "repository version {version}"
+        );
+        let target = RecordingTarget::default();
+        vbackup_core::restore_disk(
+            &repo,
+            &snapshot.manifest.disks[0],
+            &target,
+            2,
+            &Progress::new(),
+        )
+        .unwrap();
+        assert_restores(&target, &disk);
+    }
+}

@@ -280,11 +280,11 @@ fn not_a_repository_and_newer_versions_are_refused_with_the_versions_named() {
     let (header, json) = text.split_at(8);
     let json = String::from_utf8(json.to_vec())
         .unwrap()
-        .replace("\"version\": 1", "\"version\": 3");
+        .replace("\"version\": 3", "\"version\": 4");
     std::fs::write(&config, [header, json.as_bytes()].concat()).unwrap();
     let err = env.fails(&["snapshots"], 2);
     assert!(
-        err.contains("format version 3") && err.contains("up to version 2"),
+        err.contains("format version 4") && err.contains("up to version 3"),
         "{err}"
     );
     let out = Command::new(env!("CARGO_BIN_EXE_vbackup"))

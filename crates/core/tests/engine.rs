@@ -210,7 +210,7 @@ fn missing_config_and_newer_versions_are_refused_by_name() {
     let mut config = backend.get("config").unwrap();
     let text = String::from_utf8(config.split_off(8))
         .unwrap()
-        .replace("\"version\": 1", "\"version\": 7");
+        .replace("\"version\": 3", "\"version\": 7");
     config.extend_from_slice(text.as_bytes());
     backend.corrupt("config", config);
     let err = Repository::open(backend, || Ok(None)).unwrap_err();
@@ -219,7 +219,7 @@ fn missing_config_and_newer_versions_are_refused_by_name() {
             err,
             Error::UnsupportedVersion {
                 found: 7,
-                supported: 2,
+                supported: 3,
                 ..
             }
         ),

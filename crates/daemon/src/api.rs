@@ -10,6 +10,10 @@
 //! | GET | `/api/v1/runs?job=&vm=&status=&limit=` | the history, newest first |
 //! | GET | `/api/v1/runs/{id}` | one run |
 //! | POST | `/api/v1/runs/{id}/cancel` | cancel a running run |
+//! | GET | `/api/v1/repositories` | each repository's usage and damaged snapshots |
+//! | GET | `/api/v1/snapshots?vm=` | a VM's snapshots |
+//! | GET | `/` | the dashboard |
+//! | GET | `/metrics` | Prometheus metrics |
 //!
 //! Errors are `{"error": "..."}` with 400 (bad request), 404 (unknown job
 //! or run) or 500. The socket is created 0600: whoever can open it can run
@@ -152,23 +156,75 @@ pub fn serve_tcp(daemon: Arc<Daemon>, listen: &str) -> Result<ApiServer> {
 
 /// The routes of the unix socket: everything.
 fn router(daemon: Arc<Daemon>) -> Router {
-    Router::new()
-        .route("/api/v1/jobs", get(list_jobs))
+    reads()
         .route("/api/v1/runs", get(list_runs).post(start_run))
-        .route("/api/v1/runs/{id}", get(show_run))
         .route("/api/v1/runs/{id}/cancel", post(cancel_run))
-        .route("/metrics", get(metrics))
         .with_state(daemon)
 }
 
 /// The routes of the TCP listener: reads only.
 fn read_only_router(daemon: Arc<Daemon>) -> Router {
-    Router::new()
-        .route("/api/v1/jobs", get(list_jobs))
+    reads()
         .route("/api/v1/runs", get(list_runs))
-        .route("/api/v1/runs/{id}", get(show_run))
-        .route("/metrics", get(metrics))
         .with_state(daemon)
+}
+
+/// The routes that read: the dashboard, the API's GETs, the metrics.
+fn reads() -> Router<Arc<Daemon>> {
+    Router::new()
+        .route("/", get(dashboard))
+        .route("/api/v1/host", get(host))
+        .route("/api/v1/jobs", get(list_jobs))
+        .route("/api/v1/runs/{id}", get(show_run))
+        .route("/api/v1/repositories", get(list_repositories))
+        .route("/api/v1/snapshots", get(list_snapshots))
+        .route("/metrics", get(metrics))
+}
+
+/// The dashboard: one page of HTML, CSS and JS built into the binary,
+/// which needs nothing from the internet.
+const DASHBOARD: &str = include_str!("../assets/dashboard.html");
+
+async fn dashboard() -> Response {
+    (
+        [
+            (axum::http::header::CONTENT_TYPE, "text/html; charset=utf-8"),
+            (
+                axum::http::header::CONTENT_SECURITY_POLICY,
+                "default-src 'self'; script-src 'unsafe-inline'; style-src 'unsafe-inline'",
+            ),
+        ],
+        DASHBOARD,
+    )
+        .into_response()
+}
+
+async fn host() -> Response {
+    let host = std::fs::read_to_string("/proc/sys/kernel/hostname")
+        .map(|h| h.trim().to_string())
+        .unwrap_or_else(|_| "localhost".into());
+    Json(serde_json::json!({ "host": host, "version": env!("CARGO_PKG_VERSION") })).into_response()
+}
+
+async fn list_repositories(
+    State(daemon): State<Arc<Daemon>>,
+) -> std::result::Result<Response, ApiError> {
+    let views = blocking(move || Ok(daemon.repositories())).await?;
+    Ok(Json(views).into_response())
+}
+
+/// The query of `GET /api/v1/snapshots`.
+#[derive(Debug, Deserialize)]
+struct SnapshotQuery {
+    vm: String,
+}
+
+async fn list_snapshots(
+    State(daemon): State<Arc<Daemon>>,
+    Query(query): Query<SnapshotQuery>,
+) -> std::result::Result<Response, ApiError> {
+    let list = blocking(move || daemon.snapshots(&query.vm)).await?;
+    Ok(Json(list).into_response())
 }
 
 async fn metrics(State(daemon): State<Arc<Daemon>>) -> std::result::Result<Response, ApiError> {

@@ -8,7 +8,8 @@
 //! - [`jobs`]: the jobs a configuration defines, run through the library.
 //! - [`api`]: the REST API on a unix socket (and reads on TCP);
 //!   [`client`]: its client; [`metrics`]: Prometheus `/metrics`;
-//!   [`notify`]: webhooks on failures and RPO breaches.
+//!   [`notify`]: webhooks on failures and RPO breaches; [`views`]: the
+//!   repositories' usage and snapshots for the dashboard.
 //! - [`scheduler`]: what runs when (catch-up, limits, conflicts, retries,
 //!   timeouts), on an injectable clock; [`service`]: the main loop.
 //!
@@ -27,5 +28,6 @@ pub mod notify;
 pub mod schedule;
 pub mod scheduler;
 pub mod service;
+pub mod views;
 
 pub use error::{Error, Result};

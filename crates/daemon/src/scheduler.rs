@@ -231,6 +231,8 @@ pub struct Daemon {
     waiting: Mutex<VecDeque<Waiting>>,
     /// When each job last got a run for its RPO: at most one per period.
     rpo_fired: Mutex<HashMap<String, DateTime<Utc>>>,
+    /// The repositories' usage and snapshots, kept for a while.
+    views: crate::views::Views,
 }
 
 impl std::fmt::Debug for Daemon {
@@ -261,6 +263,7 @@ impl Daemon {
             running: Mutex::new(HashMap::new()),
             waiting: Mutex::new(VecDeque::new()),
             rpo_fired: Mutex::new(HashMap::new()),
+            views: crate::views::Views::default(),
         })
     }
 
@@ -300,6 +303,16 @@ impl Daemon {
     /// The history.
     pub fn history(&self) -> &History {
         &self.history
+    }
+
+    /// Every repository's usage and damage, as the dashboard shows them.
+    pub fn repositories(&self) -> Vec<crate::views::RepositoryView> {
+        self.views.repositories(&self.settings().config)
+    }
+
+    /// The snapshots of `vm`, newest first.
+    pub fn snapshots(&self, vm: &str) -> Result<Vec<crate::views::SnapshotView>> {
+        self.views.snapshots(&self.settings().config, vm)
     }
 
     /// The jobs in force.

@@ -14,6 +14,8 @@
 //! | GET | `/api/v1/snapshots?vm=` | a VM's snapshots |
 //! | GET | `/` | the dashboard |
 //! | GET | `/metrics` | Prometheus metrics |
+//! | GET | `/api/v1/openapi.json` | this API as an OpenAPI document (utoipa) |
+//! | GET | `/api/v1/host` | the host's name and vbackup's version |
 //!
 //! Errors are `{"error": "..."}` with 400 (bad request), 404 (unknown job
 //! or run) or 500. The socket is created 0600: whoever can open it can run
@@ -33,8 +35,9 @@ use axum::routing::{get, post};
 use axum::{Json, Router};
 use serde::{Deserialize, Serialize};
 
-use crate::history::{RunFilter, Status};
-use crate::scheduler::Daemon;
+use crate::history::{Run, RunFilter, Status};
+use crate::scheduler::{Daemon, JobStatus};
+use crate::views::{RepositoryView, SnapshotView};
 use crate::{Error, Result};
 
 /// A running API server; dropping it stops it (and removes its socket).
@@ -169,10 +172,52 @@ fn read_only_router(daemon: Arc<Daemon>) -> Router {
         .with_state(daemon)
 }
 
+/// The API's OpenAPI document, generated from the handlers and types.
+#[derive(utoipa::OpenApi)]
+#[openapi(
+    info(
+        title = "vbackup daemon",
+        description = "Jobs, runs, repositories and snapshots of `vbackup daemon`. The unix socket serves everything; the TCP listener only the GET routes."
+    ),
+    paths(
+        host,
+        list_jobs,
+        start_run,
+        list_runs,
+        show_run,
+        cancel_run,
+        list_repositories,
+        list_snapshots,
+        metrics
+    ),
+    components(schemas(
+        JobStatus,
+        Run,
+        RunRequest,
+        RunStarted,
+        RepositoryView,
+        SnapshotView,
+        ErrorBody
+    ))
+)]
+pub struct ApiDoc;
+
+/// The body of every error answer.
+#[derive(Debug, Serialize, Deserialize, utoipa::ToSchema)]
+pub struct ErrorBody {
+    /// What went wrong.
+    pub error: String,
+}
+
+async fn openapi() -> Response {
+    Json(<ApiDoc as utoipa::OpenApi>::openapi()).into_response()
+}
+
 /// The routes that read: the dashboard, the API's GETs, the metrics.
 fn reads() -> Router<Arc<Daemon>> {
     Router::new()
         .route("/", get(dashboard))
+        .route("/api/v1/openapi.json", get(openapi))
         .route("/api/v1/host", get(host))
         .route("/api/v1/jobs", get(list_jobs))
         .route("/api/v1/runs/{id}", get(show_run))
@@ -199,6 +244,7 @@ async fn dashboard() -> Response {
         .into_response()
 }
 
+#[utoipa::path(get, path = "/api/v1/host", responses((status = 200, description = "The host's name and vbackup's version", body = Object)))]
 async fn host() -> Response {
     let host = std::fs::read_to_string("/proc/sys/kernel/hostname")
         .map(|h| h.trim().to_string())
@@ -206,6 +252,7 @@ async fn host() -> Response {
     Json(serde_json::json!({ "host": host, "version": env!("CARGO_PKG_VERSION") })).into_response()
 }
 
+#[utoipa::path(get, path = "/api/v1/repositories", responses((status = 200, description = "Each repository's usage and damaged snapshots", body = [RepositoryView])))]
 async fn list_repositories(
     State(daemon): State<Arc<Daemon>>,
 ) -> std::result::Result<Response, ApiError> {
@@ -214,11 +261,13 @@ async fn list_repositories(
 }
 
 /// The query of `GET /api/v1/snapshots`.
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, utoipa::IntoParams)]
 struct SnapshotQuery {
+    /// The VM.
     vm: String,
 }
 
+#[utoipa::path(get, path = "/api/v1/snapshots", params(SnapshotQuery), responses((status = 200, description = "The VM's snapshots, newest first", body = [SnapshotView]), (status = 400, description = "No such VM", body = ErrorBody)))]
 async fn list_snapshots(
     State(daemon): State<Arc<Daemon>>,
     Query(query): Query<SnapshotQuery>,
@@ -227,6 +276,7 @@ async fn list_snapshots(
     Ok(Json(list).into_response())
 }
 
+#[utoipa::path(get, path = "/metrics", responses((status = 200, description = "Prometheus metrics (OpenMetrics text)", body = String, content_type = "application/openmetrics-text")))]
 async fn metrics(State(daemon): State<Arc<Daemon>>) -> std::result::Result<Response, ApiError> {
     let text = blocking(move || crate::metrics::render(&daemon)).await?;
     Ok((
@@ -273,20 +323,21 @@ async fn blocking<T: Send + 'static>(
         .map_err(ApiError::from)
 }
 
+#[utoipa::path(get, path = "/api/v1/jobs", responses((status = 200, description = "Every job: schedule, next run, last run, progress, RPO", body = [JobStatus])))]
 async fn list_jobs(State(daemon): State<Arc<Daemon>>) -> std::result::Result<Response, ApiError> {
     let jobs = blocking(move || daemon.status()).await?;
     Ok(Json(jobs).into_response())
 }
 
 /// The body of `POST /api/v1/runs`.
-#[derive(Debug, Deserialize, Serialize)]
+#[derive(Debug, Deserialize, Serialize, utoipa::ToSchema)]
 pub struct RunRequest {
     /// The job's name, or a VM's for its backup.
     pub job: String,
 }
 
 /// The answer to `POST /api/v1/runs`.
-#[derive(Debug, Deserialize, Serialize)]
+#[derive(Debug, Deserialize, Serialize, utoipa::ToSchema)]
 pub struct RunStarted {
     /// The run's id when it started at once.
     pub run: Option<i64>,
@@ -294,6 +345,7 @@ pub struct RunStarted {
     pub queued: bool,
 }
 
+#[utoipa::path(post, path = "/api/v1/runs", request_body = RunRequest, responses((status = 202, description = "Started, or queued until it may start", body = RunStarted), (status = 404, description = "No such job", body = ErrorBody)))]
 async fn start_run(
     State(daemon): State<Arc<Daemon>>,
     Json(request): Json<RunRequest>,
@@ -307,14 +359,19 @@ async fn start_run(
 }
 
 /// The query of `GET /api/v1/runs`.
-#[derive(Debug, Default, Deserialize)]
+#[derive(Debug, Default, Deserialize, utoipa::IntoParams)]
 struct RunQuery {
+    /// Only this job's runs.
     job: Option<String>,
+    /// Only this VM's runs.
     vm: Option<String>,
+    /// Only runs that ended so (or are `running`).
     status: Option<String>,
+    /// At most this many (default 50, at most 10,000).
     limit: Option<usize>,
 }
 
+#[utoipa::path(get, path = "/api/v1/runs", params(RunQuery), responses((status = 200, description = "Runs, newest first", body = [Run]), (status = 400, description = "Unknown status", body = ErrorBody)))]
 async fn list_runs(
     State(daemon): State<Arc<Daemon>>,
     Query(query): Query<RunQuery>,
@@ -353,6 +410,7 @@ fn parse_status(text: &str) -> Option<Status> {
     .find(|s| s.as_str() == text)
 }
 
+#[utoipa::path(get, path = "/api/v1/runs/{id}", params(("id" = i64, Path, description = "The run")), responses((status = 200, description = "The run", body = Run), (status = 404, description = "No such run", body = ErrorBody)))]
 async fn show_run(
     State(daemon): State<Arc<Daemon>>,
     UrlPath(id): UrlPath<i64>,
@@ -363,6 +421,7 @@ async fn show_run(
     }
 }
 
+#[utoipa::path(post, path = "/api/v1/runs/{id}/cancel", params(("id" = i64, Path, description = "The run")), responses((status = 202, description = "The run is being cancelled", body = Object), (status = 404, description = "The run is not running", body = ErrorBody)))]
 async fn cancel_run(
     State(daemon): State<Arc<Daemon>>,
     UrlPath(id): UrlPath<i64>,
@@ -373,4 +432,39 @@ async fn cancel_run(
         Json(serde_json::json!({ "cancelled": id })),
     )
         .into_response())
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+
+    use super::*;
+
+    #[test]
+    fn the_openapi_document_describes_every_api_route() {
+        let doc = <ApiDoc as utoipa::OpenApi>::openapi();
+        let json = serde_json::to_value(&doc).unwrap();
+        let paths: Vec<&str> = json["paths"]
+            .as_object()
+            .unwrap()
+            .keys()
+            .map(String::as_str)
+            .collect();
+        for route in [
+            "/api/v1/host",
+            "/api/v1/jobs",
+            "/api/v1/runs",
+            "/api/v1/runs/{id}",
+            "/api/v1/runs/{id}/cancel",
+            "/api/v1/repositories",
+            "/api/v1/snapshots",
+            "/metrics",
+        ] {
+            assert!(paths.contains(&route), "{route} missing from {paths:?}");
+        }
+        assert!(json["paths"]["/api/v1/runs"]["post"].is_object());
+        let run = &json["components"]["schemas"]["Run"]["properties"];
+        assert!(run["bytes-read"].is_object(), "kebab-case names: {run}");
+        assert!(json["components"]["schemas"]["JobStatus"]["properties"]["next-run"].is_object());
+    }
 }

@@ -65,7 +65,7 @@ CREATE INDEX IF NOT EXISTS runs_by_status ON runs (status);
 ";
 
 /// How a run ended, or that it has not.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
 #[serde(rename_all = "kebab-case")]
 pub enum Status {
     /// Still running.
@@ -150,7 +150,7 @@ pub struct Finished {
 }
 
 /// One recorded run.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, utoipa::ToSchema)]
 #[serde(rename_all = "kebab-case")]
 pub struct Run {
     /// Its id (cancel and look it up by it).

@@ -154,7 +154,7 @@ struct Running {
 }
 
 /// A job as the API shows it.
-#[derive(Debug, Clone, Serialize, Deserialize)]
+#[derive(Debug, Clone, Serialize, Deserialize, utoipa::ToSchema)]
 #[serde(rename_all = "kebab-case")]
 pub struct JobStatus {
     /// Its name.
@@ -180,7 +180,7 @@ pub struct JobStatus {
 }
 
 /// A VM's recovery point against its objective.
-#[derive(Debug, Clone, Serialize, Deserialize)]
+#[derive(Debug, Clone, Serialize, Deserialize, utoipa::ToSchema)]
 #[serde(rename_all = "kebab-case")]
 pub struct RpoState {
     /// The objective, in seconds.
@@ -192,7 +192,7 @@ pub struct RpoState {
 }
 
 /// A running job's progress.
-#[derive(Debug, Clone, Serialize, Deserialize)]
+#[derive(Debug, Clone, Serialize, Deserialize, utoipa::ToSchema)]
 #[serde(rename_all = "kebab-case")]
 pub struct RunProgress {
     /// The run's id.

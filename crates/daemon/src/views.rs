@@ -23,12 +23,17 @@ const USAGE_FOR: Duration = Duration::from_secs(60);
 const SNAPSHOTS_FOR: Duration = Duration::from_secs(10);
 
 /// A repository as the dashboard shows it.
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, utoipa::ToSchema)]
 #[serde(rename_all = "kebab-case")]
 pub struct RepositoryView {
     /// Its name in the configuration file.
     pub name: String,
-    /// Sizes, dedup and compression (`None` when it could not be read).
+    /// Sizes, dedup and compression (`None` when it could not be read):
+    /// `snapshots`, `vms`, `logical-bytes`, `referenced-bytes`,
+    /// `unique-bytes`, `unique-chunks`, `stored-bytes`,
+    /// `unreferenced-chunks`, `unreferenced-bytes`, `dedup-ratio`,
+    /// `compression-ratio`.
+    #[schema(value_type = Option<Object>)]
     pub stats: Option<RepoStats>,
     /// Snapshots `vbackup repair` marked damaged, and manifests that
     /// cannot be read.
@@ -38,7 +43,7 @@ pub struct RepositoryView {
 }
 
 /// A snapshot as the dashboard lists it.
-#[derive(Debug, Clone, Serialize, Deserialize)]
+#[derive(Debug, Clone, Serialize, Deserialize, utoipa::ToSchema)]
 #[serde(rename_all = "kebab-case")]
 pub struct SnapshotView {
     /// Its id.

@@ -368,6 +368,61 @@ fn receive_post(listener: std::net::TcpListener) -> std::thread::JoinHandle<Stri
     })
 }
 
+/// A minimal SMTP server for one message on `listener`: it answers the
+/// client's commands as a real server does and returns the message's
+/// envelope recipients and data.
+fn receive_mail(listener: std::net::TcpListener) -> std::thread::JoinHandle<(Vec<String>, String)> {
+    use std::io::{BufRead, BufReader, Write};
+    std::thread::spawn(move || {
+        listener.set_nonblocking(true).unwrap();
+        let deadline = Instant::now() + Duration::from_secs(120);
+        let stream = loop {
+            match listener.accept() {
+                Ok((stream, _)) => break stream,
+                Err(_) if Instant::now() < deadline => {
+                    std::thread::sleep(Duration::from_millis(50))
+                }
+                Err(e) => panic!("no SMTP connection within 120 s: {e}"),
+            }
+        };
+        stream.set_nonblocking(false).unwrap();
+        let mut writer = stream.try_clone().unwrap();
+        let mut reader = BufReader::new(stream);
+        writer.write_all(b"220 test ESMTP\r\n").unwrap();
+        let (mut recipients, mut data) = (Vec::new(), String::new());
+        loop {
+            let mut line = String::new();
+            if reader.read_line(&mut line).unwrap() == 0 {
+                break;
+            }
+            let command = line.trim_end().to_ascii_uppercase();
+            if command.starts_with("EHLO") || command.starts_with("HELO") {
+                writer.write_all(b"250-test\r\n250 8BITMIME\r\n").unwrap();
+            } else if command.starts_with("RCPT TO:") {
+                recipients.push(line.trim_end()[8..].trim().to_string());
+                writer.write_all(b"250 ok\r\n").unwrap();
+            } else if command == "DATA" {
+                writer.write_all(b"354 go on\r\n").unwrap();
+                loop {
+                    let mut body = String::new();
+                    reader.read_line(&mut body).unwrap();
+                    if body == ".\r\n" {
+                        break;
+                    }
+                    data.push_str(&body);
+                }
+                writer.write_all(b"250 queued\r\n").unwrap();
+            } else if command == "QUIT" {
+                writer.write_all(b"221 bye\r\n").unwrap();
+                break;
+            } else {
+                writer.write_all(b"250 ok\r\n").unwrap();
+            }
+        }
+        (recipients, data)
+    })
+}
+
 /// One plain HTTP request to `port`; the status code and the body.
 fn http(port: u16, method: &str, path: &str) -> (u16, String) {
     use std::io::{Read, Write};
@@ -394,11 +449,14 @@ fn sample(metrics: &str, name: &str, labels: &str) -> Option<f64> {
 }
 
 #[test]
-fn a_failure_is_notified_by_webhook_and_counted_in_the_metrics() {
+fn a_failure_is_notified_by_webhook_and_email_and_counted_in_the_metrics() {
     let env = Env::new("yearly");
     let hook = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
     let hook_url = format!("http://{}/hook", hook.local_addr().unwrap());
     let received = receive_post(hook);
+    let smtp = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let smtp_url = format!("smtp://{}", smtp.local_addr().unwrap());
+    let mailed = receive_mail(smtp);
     let port = free_port();
     let config = std::fs::read_to_string(env.path("vbackup.toml")).unwrap();
     let config = config.replace(
@@ -408,7 +466,7 @@ fn a_failure_is_notified_by_webhook_and_counted_in_the_metrics() {
     std::fs::write(
         env.path("vbackup.toml"),
         format!(
-            "{config}\n[vm.gone]\ndisks = [\"missing.qcow2\"]\nrepository = \"local\"\n\n[notify]\nwebhook = \"{hook_url}\"\n"
+            "{config}\n[vm.gone]\ndisks = [\"missing.qcow2\"]\nrepository = \"local\"\n\n[notify]\nwebhook = \"{hook_url}\"\nemail = {{ to = [\"ops@example.com\"], from = \"vbackup@example.com\", smtp = \"{smtp_url}\" }}\n"
         ),
     )
     .unwrap();
@@ -424,6 +482,16 @@ fn a_failure_is_notified_by_webhook_and_counted_in_the_metrics() {
         "{body}"
     );
     assert_eq!(body["run"]["status"], "failed");
+    let (recipients, mail) = mailed.join().unwrap();
+    assert_eq!(recipients, ["<ops@example.com>"]);
+    assert!(
+        mail.contains("Subject: [vbackup] backup/gone run"),
+        "{mail}"
+    );
+    assert!(
+        mail.contains("failed") && mail.contains("missing.qcow2"),
+        "{mail}"
+    );
 
     let (code, metrics) = http(port, "GET", "/metrics");
     assert_eq!(code, 200, "{metrics}");

@@ -389,6 +389,9 @@ impl Config {
     /// unsupported schemes, unknown keys in VM sections, sections naming a
     /// repository that is not defined, a VM without disks or QMP socket.
     fn check(&self, text: &str) -> std::result::Result<(), String> {
+        if let Some(email) = &self.notify.email {
+            email.check()?;
+        }
         if let Some(url) = &self.notify.webhook {
             if !(url.starts_with("http://") || url.starts_with("https://")) {
                 return Err(format!(
@@ -675,6 +678,15 @@ repository = "offsite"
             ),
             ("[prune.nas]\nschedule = \"daily\"\n".into(), "'nas'"),
             ("[daemon]\nmax-jobs = 0\n".into(), "at least 1"),
+            (
+                "[notify]\nemail = { to = [\"not an address\"], from = \"v@h\", smtp = \"smtp://localhost\" }\n".into(),
+                "'not an address'",
+            ),
+            (
+                "[notify]\nemail = { to = [\"ops@example.com\"], from = \"v@h\" }\n".into(),
+                "exactly one of smtp",
+            ),
+            ("[notify]\nwebhook = \"ftp://x\"\n".into(), "not an http"),
             ("[vms.web1]\n".into(), "vms"),
             ("<domain type='kvm'>\n".into(), "backup --definition"),
         ];

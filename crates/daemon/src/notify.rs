@@ -1,17 +1,22 @@
-//! Notifications: a webhook on failures, RPO breaches and (if asked)
-//! successes.
+//! Notifications: a webhook and email on failures, RPO breaches and (if
+//! asked) successes.
 //!
 //! ```toml
 //! [notify]
 //! webhook = "https://hooks.slack.com/services/..."   # or any URL taking JSON
 //! on = ["failure", "rpo"]                             # add "success" for every run
+//! email = { to = ["ops@example.com"], from = "vbackup@kvm-3.example.com", smtp = "smtp://localhost:25" }
+//! # or sendmail = "/usr/sbin/sendmail" instead of smtp
 //! ```
 //!
-//! The body is one JSON object whose `text` field is a sentence a person
-//! reads (what Slack's and Mattermost's incoming webhooks show), with the
-//! event, the job, the VM and the run alongside for programs. Delivery
-//! happens on a thread of its own with a 10 s timeout, so a slow receiver
-//! never holds up the scheduler; a failed delivery is logged.
+//! The webhook's body is one JSON object whose `text` field is a sentence
+//! a person reads (what Slack's and Mattermost's incoming webhooks show),
+//! with the event, the job, the VM and the run alongside for programs.
+//! Email goes through SMTP (`lettre`: `smtp://HOST:PORT` plain or with
+//! `?tls=required` for STARTTLS, `smtps://` for TLS, credentials in the URL)
+//! or the local sendmail. Delivery happens on a thread of its own with a
+//! 10 s timeout, so a slow receiver never holds up the scheduler; a failed
+//! delivery is logged.
 
 use std::time::Duration;
 
@@ -29,6 +34,50 @@ pub struct NotifySection {
     /// The events sent.
     #[serde(default = "default_events")]
     pub on: Vec<EventKind>,
+    /// Email to send the same events to.
+    #[serde(default)]
+    pub email: Option<EmailSection>,
+}
+
+/// `[notify] email`.
+#[derive(Debug, Clone, Default, Deserialize, Serialize)]
+#[serde(rename_all = "kebab-case", deny_unknown_fields)]
+pub struct EmailSection {
+    /// The recipients.
+    pub to: Vec<String>,
+    /// The sender.
+    pub from: String,
+    /// The SMTP server as a URL (`smtp://localhost:25`,
+    /// `smtp://relay:587?tls=required`, `smtps://user:pass@relay:465`).
+    #[serde(default)]
+    pub smtp: Option<String>,
+    /// The sendmail program, instead of SMTP.
+    #[serde(default)]
+    pub sendmail: Option<std::path::PathBuf>,
+}
+
+impl EmailSection {
+    /// Refuses addresses that do not parse and a missing or double
+    /// transport.
+    pub fn check(&self) -> std::result::Result<(), String> {
+        if self.to.is_empty() {
+            return Err("[notify] email has no recipient (to = [...])".into());
+        }
+        for address in self.to.iter().chain([&self.from]) {
+            address
+                .parse::<lettre::message::Mailbox>()
+                .map_err(|e| format!("[notify] email address '{address}': {e}"))?;
+        }
+        match (&self.smtp, &self.sendmail) {
+            (Some(url), None) => lettre::SmtpTransport::from_url(url)
+                .map(drop)
+                .map_err(|e| format!("[notify] email smtp '{url}': {e}")),
+            (None, Some(_)) => Ok(()),
+            _ => Err(
+                "[notify] email needs exactly one of smtp = \"URL\" and sendmail = \"PATH\"".into(),
+            ),
+        }
+    }
 }
 
 fn default_events() -> Vec<EventKind> {
@@ -132,21 +181,73 @@ fn host() -> String {
 /// Sends `event` if `section` asks for its kind, on a thread of its own;
 /// `log` hears of failed deliveries.
 pub fn send(section: &NotifySection, event: Event, log: impl Fn(String) + Send + 'static) {
-    let Some(url) = section.webhook.clone() else {
-        return;
-    };
-    if !section.on.contains(&event.event) {
+    if !section.on.contains(&event.event) || (section.webhook.is_none() && section.email.is_none())
+    {
         return;
     }
+    let (webhook, email) = (section.webhook.clone(), section.email.clone());
     let spawned = std::thread::Builder::new()
         .name("notify".into())
         .spawn(move || {
-            if let Err(error) = post(&url, &event) {
-                log(format!("notification to {url} failed: {error}"));
+            if let Some(url) = webhook {
+                if let Err(error) = post(&url, &event) {
+                    log(format!("notification to {url} failed: {error}"));
+                }
+            }
+            if let Some(email) = email {
+                if let Err(error) = mail(&email, &event) {
+                    log(format!(
+                        "email notification to {} failed: {error}",
+                        email.to.join(", ")
+                    ));
+                }
             }
         });
     if let Err(error) = spawned {
         eprintln!("vbackup daemon: cannot start a notification thread: {error}");
+    }
+}
+
+/// Mails `event` as configured in `email`.
+fn mail(email: &EmailSection, event: &Event) -> std::result::Result<(), String> {
+    use lettre::Transport as _;
+    let subject = match &event.run {
+        Some(run) => format!(
+            "[vbackup] {} run {} {}",
+            run.job,
+            run.id,
+            run.status.as_str()
+        ),
+        None => format!("[vbackup] {}: RPO breached", event.job),
+    };
+    let mut builder = lettre::Message::builder()
+        .from(email.from.parse().map_err(|e| format!("{e}"))?)
+        .subject(subject);
+    for to in &email.to {
+        builder = builder.to(to.parse().map_err(|e| format!("{e}"))?);
+    }
+    let details = event
+        .run
+        .as_ref()
+        .and_then(|run| serde_json::to_string_pretty(run).ok())
+        .unwrap_or_default();
+    let message = builder
+        .header(lettre::message::header::ContentType::TEXT_PLAIN)
+        .body(format!("{}\n\n{details}\n", event.text))
+        .map_err(|e| e.to_string())?;
+    match (&email.smtp, &email.sendmail) {
+        (Some(url), _) => lettre::SmtpTransport::from_url(url)
+            .map_err(|e| e.to_string())?
+            .timeout(Some(Duration::from_secs(10)))
+            .build()
+            .send(&message)
+            .map(drop)
+            .map_err(|e| e.to_string()),
+        (None, Some(program)) => lettre::SendmailTransport::new_with_command(program)
+            .send(&message)
+            .map(drop)
+            .map_err(|e| e.to_string()),
+        (None, None) => Err("no transport".into()),
     }
 }
 

@@ -42,8 +42,8 @@ use vbackup_core::format::lifecycle::KeepRules;
 use vbackup_core::ReadData;
 use vbackup_open::{Location, RepositoryOptions};
 use vbackup_vm::job::VmSource;
-use vbackup_vm::Requested;
 
+use crate::backup_type::BackupTypeSetting;
 use crate::schedule::Schedule;
 use crate::{Error, Result};
 
@@ -204,7 +204,8 @@ pub struct VmSection {
     /// When its backups run; none: only on demand (`vbackup jobs run`).
     #[serde(default)]
     pub schedule: Option<Schedule>,
-    /// The backup type: `auto`, `full`, `incremental` or `differential`.
+    /// The backup type: `auto`, `full`, `incremental` or `differential`,
+    /// or a pattern (`{ full = "Sun", differential = "daily" }`).
     #[serde(default, rename = "type")]
     pub backup_type: BackupTypeSetting,
     /// Retention, applied by the repository's prune job (and only to this
@@ -229,32 +230,6 @@ impl VmSection {
         Self {
             source,
             ..Self::default()
-        }
-    }
-}
-
-/// The `type` of a VM's scheduled backups.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize, Serialize)]
-#[serde(rename_all = "kebab-case")]
-pub enum BackupTypeSetting {
-    /// Incremental when a valid base exists, else full.
-    #[default]
-    Auto,
-    /// Always full.
-    Full,
-    /// Changes since the previous snapshot.
-    Incremental,
-    /// Changes since the last full.
-    Differential,
-}
-
-impl From<BackupTypeSetting> for Requested {
-    fn from(setting: BackupTypeSetting) -> Self {
-        match setting {
-            BackupTypeSetting::Auto => Requested::Auto,
-            BackupTypeSetting::Full => Requested::Full,
-            BackupTypeSetting::Incremental => Requested::Incremental,
-            BackupTypeSetting::Differential => Requested::Differential,
         }
     }
 }
@@ -585,7 +560,10 @@ repository = "offsite"
         assert_eq!(config.daemon.socket, PathBuf::from("/run/vbackup.sock"));
         let web1 = &config.vm["web1"];
         assert_eq!(web1.schedule.as_ref().unwrap().as_str(), "hourly");
-        assert_eq!(web1.backup_type, BackupTypeSetting::Auto);
+        assert_eq!(
+            web1.backup_type,
+            BackupTypeSetting::Fixed(crate::backup_type::FixedType::Auto)
+        );
         assert_eq!(web1.keep.as_ref().unwrap().last, Some(24));
         assert_eq!(web1.rpo, Some(Duration::from_secs(7200)));
         assert_eq!(

@@ -442,6 +442,30 @@ impl History {
         })
     }
 
+    /// When the newest successful run of `job` whose backup type is one of
+    /// `types` started.
+    pub fn last_success_of_type(&self, job: &str, types: &[&str]) -> Result<Option<DateTime<Utc>>> {
+        let started: Option<String> = self.with(|c| {
+            let mut best: Option<String> = None;
+            for kind in types {
+                let found: Option<String> = c
+                    .query_row(
+                        "SELECT started FROM runs WHERE job = ?1 AND status = 'succeeded' AND backup_type = ?2
+                         ORDER BY id DESC LIMIT 1",
+                        params![job, kind],
+                        |row| row.get(0),
+                    )
+                    .optional()?;
+                best = match (best, found) {
+                    (Some(a), Some(b)) => Some(a.max(b)),
+                    (a, b) => a.or(b),
+                };
+            }
+            Ok(best)
+        })?;
+        Ok(started.as_deref().and_then(parse_time))
+    }
+
     /// The newest successful run of `job`.
     pub fn last_success(&self, job: &str) -> Result<Option<Run>> {
         Ok(self
@@ -454,6 +478,24 @@ impl History {
             .pop())
     }
 }
+
+/// A job's measured speeds: averages over its newest successful runs
+/// that moved data, for the recovery models (RTO, RPO, cost).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Serialize, Deserialize, utoipa::ToSchema)]
+#[serde(rename_all = "kebab-case")]
+pub struct Speeds {
+    /// Runs averaged.
+    pub runs: u32,
+    /// Bytes read from the source per second.
+    pub read_bytes_per_second: f64,
+    /// Bytes stored in the repository per second.
+    pub stored_bytes_per_second: f64,
+    /// Average wall time of a run, in seconds.
+    pub seconds_per_run: f64,
+}
+
+/// How many of a job's newest successful runs its speeds average.
+pub const SPEED_RUNS: usize = 10;
 
 /// Totals over a job's recorded runs, for metrics.
 #[derive(Debug, Clone, Default, PartialEq)]
@@ -473,6 +515,35 @@ pub struct JobTotals {
 }
 
 impl History {
+    /// The measured speeds of `job` over its newest successful runs that
+    /// took time and read data; `None` before there is one.
+    pub fn speeds(&self, job: &str) -> Result<Option<Speeds>> {
+        let runs = self.runs(&RunFilter {
+            job: Some(job.to_string()),
+            status: Some(Status::Succeeded),
+            limit: SPEED_RUNS * 4,
+            ..RunFilter::default()
+        })?;
+        let timed: Vec<(&Run, f64)> = runs
+            .iter()
+            .filter_map(|r| Some((r, r.seconds.filter(|s| *s > 0.0)?)))
+            .filter(|(r, _)| r.bytes_read > 0)
+            .take(SPEED_RUNS)
+            .collect();
+        if timed.is_empty() {
+            return Ok(None);
+        }
+        let seconds: f64 = timed.iter().map(|(_, s)| s).sum();
+        let read: u64 = timed.iter().map(|(r, _)| r.bytes_read).sum();
+        let stored: u64 = timed.iter().map(|(r, _)| r.bytes_stored).sum();
+        Ok(Some(Speeds {
+            runs: u32::try_from(timed.len()).unwrap_or(u32::MAX),
+            read_bytes_per_second: read as f64 / seconds,
+            stored_bytes_per_second: stored as f64 / seconds,
+            seconds_per_run: seconds / timed.len() as f64,
+        }))
+    }
+
     /// Totals per job over the whole history.
     pub fn totals(&self) -> Result<Vec<JobTotals>> {
         self.with(|c| {
@@ -697,6 +768,38 @@ mod tests {
             })
             .unwrap();
         assert_eq!(failed[0].error.as_deref(), Some("no disk"));
+    }
+
+    #[test]
+    fn speeds_average_the_newest_successful_runs_that_moved_data() {
+        let dir = tempfile::tempdir().unwrap();
+        let history = History::open(dir.path()).unwrap();
+        assert_eq!(history.speeds("backup/web1").unwrap(), None);
+        for (hour, read, stored, status) in [
+            (1, 3600, 360, Status::Succeeded),
+            (3, 7200, 0, Status::Succeeded),
+            (5, 99_999, 0, Status::Failed),
+            (7, 0, 0, Status::Succeeded),
+        ] {
+            let id = history
+                .start_run(&new_run("backup/web1", at(hour)))
+                .unwrap();
+            let finished = Finished {
+                status: Some(status),
+                bytes_read: read,
+                bytes_stored: stored,
+                ..Finished::default()
+            };
+            history.finish_run(id, at(hour + 1), &finished).unwrap();
+        }
+        let speeds = history.speeds("backup/web1").unwrap().unwrap();
+        assert_eq!(
+            speeds.runs, 2,
+            "the failed run and the one that read nothing do not count"
+        );
+        assert_eq!(speeds.read_bytes_per_second, 10_800.0 / 7200.0);
+        assert_eq!(speeds.stored_bytes_per_second, 360.0 / 7200.0);
+        assert_eq!(speeds.seconds_per_run, 3600.0);
     }
 
     #[test]

@@ -10,6 +10,7 @@ use vbackup_core::format::lifecycle::GroupBy;
 use vbackup_core::{CheckOptions, Emptying, ForgetOptions, Progress, PruneOptions, Repository};
 use vbackup_open::{Purpose, RepositoryOptions};
 use vbackup_vm::job::BackupJob;
+use vbackup_vm::Requested;
 
 use crate::config::Config;
 use crate::history::{Finished, Status};
@@ -132,10 +133,16 @@ pub fn open_repository(config: &Config, name: &str, purpose: Purpose) -> Result<
 }
 
 /// Runs `job` to its end and says what it did; `progress` is shared with
-/// the API (live progress) and carries the cancel flag.
-pub fn execute(config: &Config, job: &JobSpec, progress: &Progress) -> Finished {
+/// the API (live progress) and carries the cancel flag. A backup is of
+/// type `requested` (the scheduler decides patterns from the history).
+pub fn execute(
+    config: &Config,
+    job: &JobSpec,
+    requested: Requested,
+    progress: &Progress,
+) -> Finished {
     let result = match &job.kind {
-        JobKind::Backup { vm } => backup(config, job, vm, progress),
+        JobKind::Backup { vm } => backup(config, job, vm, requested, progress),
         JobKind::Verify => verify(config, job, progress),
         JobKind::Prune => prune(config, job, progress),
     };
@@ -153,7 +160,13 @@ pub fn execute(config: &Config, job: &JobSpec, progress: &Progress) -> Finished 
 }
 
 /// A backup of `vm`.
-fn backup(config: &Config, job: &JobSpec, vm: &str, progress: &Progress) -> Result<Finished> {
+fn backup(
+    config: &Config,
+    job: &JobSpec,
+    vm: &str,
+    requested: Requested,
+    progress: &Progress,
+) -> Result<Finished> {
     let section = config
         .vm
         .get(vm)
@@ -163,7 +176,7 @@ fn backup(config: &Config, job: &JobSpec, vm: &str, progress: &Progress) -> Resu
     let request = BackupJob {
         vm: vm.to_string(),
         source: section.source.clone(),
-        requested: section.backup_type.into(),
+        requested,
         threads: vbackup_open::io_threads(&repo, options.threads),
         skip_unchanged: true,
     };

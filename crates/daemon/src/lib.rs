@@ -3,7 +3,8 @@
 //! - [`config`]: the configuration file every front end reads (named
 //!   repositories and VMs for the CLI; schedules, retention, verify and
 //!   prune jobs for the daemon).
-//! - [`schedule`]: calendar expressions (systemd-like and cron).
+//! - [`schedule`]: calendar expressions (systemd-like and cron);
+//!   [`backup_type`]: a VM's backup type or type pattern.
 //! - [`history`]: every run and the scheduler's memory, in SQLite.
 //! - [`jobs`]: the jobs a configuration defines, run through the library.
 //! - [`api`]: the REST API on a unix socket (and reads on TCP);
@@ -18,6 +19,7 @@
 #![deny(missing_docs)]
 
 pub mod api;
+pub mod backup_type;
 pub mod client;
 pub mod config;
 mod error;

@@ -9,6 +9,7 @@
 //! | `vbackup_job_runs_total` | job, status | runs recorded, by how they ended |
 //! | `vbackup_job_bytes_read_total`, `_new_total`, `_stored_total` | job | bytes over all runs |
 //! | `vbackup_job_running` | job | 1 while a run is in progress |
+//! | `vbackup_job_read_bytes_per_second`, `_stored_bytes_per_second` | job | measured speeds over the newest successful runs |
 //! | `vbackup_vm_rpo_seconds`, `vbackup_vm_backup_age_seconds`, `vbackup_vm_rpo_breached` | vm | recovery point against its objective |
 //!
 //! Built with the `prometheus-client` crate; its text encoder writes the
@@ -36,6 +37,7 @@ pub fn render(daemon: &Daemon) -> Result<String> {
     let duration = FloatGauges::default();
     let last_ok = Family::<Labels, Gauge>::default();
     let running = Family::<Labels, Gauge>::default();
+    let (read_speed, store_speed) = (FloatGauges::default(), FloatGauges::default());
     let runs = Family::<Labels, Counter>::default();
     let (read, new, stored) = (
         Family::<Labels, Counter>::default(),
@@ -68,6 +70,14 @@ pub fn render(daemon: &Daemon) -> Result<String> {
         running
             .get_or_create(&job)
             .set(i64::from(status.running.is_some()));
+        if let Some(speeds) = &status.speeds {
+            read_speed
+                .get_or_create(&job)
+                .set(speeds.read_bytes_per_second);
+            store_speed
+                .get_or_create(&job)
+                .set(speeds.stored_bytes_per_second);
+        }
         if let (Some(vm), Some(state)) = (&status.vm, &status.rpo) {
             let vm = vec![("vm".to_string(), vm.clone())];
             rpo.get_or_create(&vm).set(gauge(state.rpo_seconds));
@@ -104,6 +114,16 @@ pub fn render(daemon: &Daemon) -> Result<String> {
         last_ok,
     );
     registry.register("job_running", "1 while a run is in progress", running);
+    registry.register(
+        "job_read_bytes_per_second",
+        "Measured read speed over the newest successful runs",
+        read_speed,
+    );
+    registry.register(
+        "job_stored_bytes_per_second",
+        "Measured storing speed over the newest successful runs",
+        store_speed,
+    );
     registry.register("job_runs", "Runs recorded, by how they ended", runs);
     registry.register("job_bytes_read", "Bytes read from sources", read);
     registry.register("job_bytes_new", "Bytes of new data", new);

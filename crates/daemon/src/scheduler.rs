@@ -177,6 +177,9 @@ pub struct JobStatus {
     pub running: Option<RunProgress>,
     /// For a VM with an `rpo`: how old its newest good backup is.
     pub rpo: Option<RpoState>,
+    /// Measured speeds over its newest successful runs.
+    #[schema(value_type = Option<crate::history::Speeds>)]
+    pub speeds: Option<crate::history::Speeds>,
 }
 
 /// A VM's recovery point against its objective.
@@ -498,6 +501,7 @@ impl Daemon {
                     last_success: self.history.last_success(&job.name)?.and_then(|r| r.ended),
                     running: progress,
                     rpo,
+                    speeds: self.history.speeds(&job.name)?,
                 })
             })
             .collect()
@@ -626,6 +630,7 @@ impl Daemon {
             attempt,
             started,
         })?;
+        let requested = self.backup_type(job, started)?;
         let progress = Arc::new(Progress::new());
         let thread = {
             let (config, spec, progress) = (
@@ -637,7 +642,7 @@ impl Daemon {
             std::thread::Builder::new()
                 .name(format!("job {}", job.name))
                 .spawn(move || {
-                    let finished = jobs::execute(&config, &spec, &progress);
+                    let finished = jobs::execute(&config, &spec, requested, &progress);
                     // A failure to record is the history's, and shows as
                     // "interrupted" at the next start.
                     let _ = history.finish_run(id, clock.now(), &finished);
@@ -654,6 +659,22 @@ impl Daemon {
             },
         );
         Ok(id)
+    }
+
+    /// The backup type of a run of `job` starting at `now`: the VM's
+    /// `type`, or what its pattern says given the history.
+    fn backup_type(&self, job: &JobSpec, now: DateTime<Utc>) -> Result<vbackup_vm::Requested> {
+        let settings = self.settings();
+        let Some(section) = job.vm().and_then(|vm| settings.config.vm.get(vm)) else {
+            return Ok(vbackup_vm::Requested::Auto);
+        };
+        let full = self.history.last_success_of_type(&job.name, &["full"])?;
+        let full_or_differential = self
+            .history
+            .last_success_of_type(&job.name, &["full", "differential"])?;
+        Ok(section
+            .backup_type
+            .requested(now, full, full_or_differential))
     }
 
     /// Removes ended runs from the running set and returns them; schedules

@@ -302,11 +302,21 @@ fn a_vm_past_its_rpo_is_backed_up_early_once_per_period() {
     let setup = Setup::new(
         r#"
 [vm.db]
-disks = ["web1.qcow2"]
-disk-names = ["db"]
+disks = ["db.qcow2"]
 repository = "local"
 rpo = "2h"
 "#,
+    );
+    tool(
+        "qemu-img",
+        &[
+            "create",
+            "-q",
+            "-f",
+            "qcow2",
+            s(&setup.path("db.qcow2")),
+            "4M",
+        ],
     );
     let clock = Arc::new(ManualClock::new(local(5, 10, 0)));
     let daemon = setup.daemon(&clock);
@@ -350,4 +360,42 @@ rpo = "2h"
     daemon.tick().unwrap();
     daemon.wait_idle().unwrap();
     assert_eq!(runs(&daemon, "backup/db").len(), 2);
+}
+
+#[test]
+fn a_type_pattern_makes_the_first_run_of_each_period_full() {
+    let setup = Setup::new(
+        r#"
+[vm.db]
+disks = ["db.qcow2"]
+repository = "local"
+type = { full = "daily" }
+"#,
+    );
+    tool(
+        "qemu-img",
+        &[
+            "create",
+            "-q",
+            "-f",
+            "qcow2",
+            s(&setup.path("db.qcow2")),
+            "4M",
+        ],
+    );
+    let clock = Arc::new(ManualClock::new(local(6, 9, 0)));
+    let daemon = setup.daemon(&clock);
+    let mut types = Vec::new();
+    for (day, hour) in [(6, 9), (6, 10), (6, 11), (7, 9), (7, 10)] {
+        clock.set(local(day, hour, 30));
+        daemon.run_now("db").unwrap().unwrap();
+        daemon.wait_idle().unwrap();
+        let run = runs(&daemon, "backup/db").remove(0);
+        assert_eq!(run.status, Status::Succeeded, "{run:?}");
+        types.push(run.backup_type.unwrap());
+    }
+    assert_eq!(
+        types,
+        ["full", "incremental", "incremental", "full", "incremental"]
+    );
 }

@@ -160,38 +160,42 @@ type = "full"
     /// The dashboard's DOM after its script ran, as headless Chromium
     /// rendered it; with `screenshot`, also a PNG of the page there.
     fn browse(&self, screenshot: Option<&Path>) -> String {
-        assert!(
-            Path::new(CHROMIUM).exists(),
-            "the dashboard test needs Debian's chromium (apt-get install chromium; .ci/run installs it)"
-        );
-        let profile = tempfile::tempdir().unwrap();
-        let mut cmd = Command::new(CHROMIUM);
-        cmd.args([
-            "--headless",
-            "--no-sandbox",
-            "--disable-gpu",
-            "--disable-quic",
-            "--no-first-run",
-            "--disable-background-networking",
-            "--disable-component-update",
-            "--disable-sync",
-            "--hide-scrollbars",
-            "--window-size=1280,1500",
-            "--virtual-time-budget=3000",
-        ])
-        .arg(format!("--user-data-dir={}", profile.path().display()));
-        match screenshot {
-            Some(file) => cmd.arg(format!("--screenshot={}", file.display())),
-            None => cmd.arg("--dump-dom"),
-        };
-        let out = cmd
-            .arg(format!("http://127.0.0.1:{}/", self.port))
-            .stdin(Stdio::null())
-            .output()
-            .unwrap();
-        assert!(out.status.success(), "chromium: {}", text(&out));
-        String::from_utf8(out.stdout).unwrap()
+        chromium(&format!("http://127.0.0.1:{}/", self.port), screenshot)
     }
+}
+
+/// The DOM of `url` after its script ran, as headless Chromium rendered
+/// it (self-signed certificates accepted: the test server's); with
+/// `screenshot`, a PNG of the page instead.
+fn chromium(url: &str, screenshot: Option<&Path>) -> String {
+    assert!(
+        Path::new(CHROMIUM).exists(),
+        "the dashboard test needs Debian's chromium (apt-get install chromium; .ci/run installs it)"
+    );
+    let profile = tempfile::tempdir().unwrap();
+    let mut cmd = Command::new(CHROMIUM);
+    cmd.args([
+        "--headless",
+        "--no-sandbox",
+        "--disable-gpu",
+        "--disable-quic",
+        "--no-first-run",
+        "--disable-background-networking",
+        "--disable-component-update",
+        "--disable-sync",
+        "--hide-scrollbars",
+        "--window-size=1280,1500",
+        "--virtual-time-budget=3000",
+        "--ignore-certificate-errors",
+    ])
+    .arg(format!("--user-data-dir={}", profile.path().display()));
+    match screenshot {
+        Some(file) => cmd.arg(format!("--screenshot={}", file.display())),
+        None => cmd.arg("--dump-dom"),
+    };
+    let out = cmd.arg(url).stdin(Stdio::null()).output().unwrap();
+    assert!(out.status.success(), "chromium: {}", text(&out));
+    String::from_utf8(out.stdout).unwrap()
 }
 
 /// A running daemon; killed when dropped.
@@ -347,4 +351,71 @@ fn the_dashboard_shows_problems_first_vms_usage_history_and_moving_progress() {
     if let Some(keep) = std::env::var_os("VBACKUP_DASHBOARD_SCREENSHOT") {
         std::fs::copy(&screenshot, keep).unwrap();
     }
+}
+
+#[test]
+fn the_servers_dashboard_shows_what_each_repository_holds_to_a_token() {
+    use vbackup_testkit::server::{add_token, Server};
+    let bin = env!("CARGO_BIN_EXE_vbackup");
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("data");
+    std::fs::create_dir_all(&data).unwrap();
+    let admin = add_token(bin, &data, "*", "admin");
+    let reader = add_token(bin, &data, "web", "read");
+    let server = Server::start(bin, &data);
+    let image = dir.path().join("web1.qcow2");
+    tool(
+        "qemu-img",
+        &["create", "-q", "-f", "qcow2", s(&image), "8M"],
+    );
+    tool(
+        "qemu-io",
+        &["-f", "qcow2", "-c", "write -P 9 0 1M", s(&image)],
+    );
+    for (repo, args) in [
+        ("web", vec!["init"]),
+        ("web", vec!["backup", "--vm", "web1", s(&image)]),
+        ("db", vec!["init"]),
+    ] {
+        let out = Command::new(bin)
+            .arg("--repo")
+            .arg(server.url(repo))
+            .args(&args)
+            .env("VBACKUP_TOKEN", &admin)
+            .env("VBACKUP_SERVER_FINGERPRINT", server.fingerprint())
+            .env("VBACKUP_PASSWORD", "pw")
+            .env("VBACKUP_KDF_MEMORY_KIB", "1024")
+            .env("VBACKUP_CACHE_DIR", dir.path().join("cache"))
+            .env("VBACKUP_CONFIG", "/dev/null")
+            .env_remove("VBACKUP_REPOSITORY")
+            .stdin(Stdio::null())
+            .output()
+            .unwrap();
+        assert!(out.status.success(), "{args:?}: {}", text(&out));
+    }
+    let page = |token: &str| chromium(&format!("https://{}/#token={token}", server.addr()), None);
+
+    let dom = page(&admin);
+    assert!(dom.contains("data-loaded=\"yes\""), "{dom}");
+    let table = section(&dom, "repositories");
+    assert!(
+        table.contains("<td>web</td><td>1</td>"),
+        "web holds one snapshot: {table}"
+    );
+    assert!(table.contains("<td>db</td><td>0</td>"), "{table}");
+    // A read token for one repository sees that one only.
+    let dom = page(&reader);
+    let table = section(&dom, "repositories");
+    assert!(
+        table.contains("<td>web</td>") && !table.contains("<td>db</td>"),
+        "{table}"
+    );
+    // A wrong token is refused, and says so.
+    let dom = page("vb1.nope.nope");
+    assert!(
+        dom.contains("data-loaded=\"error\"") && dom.contains("The server refused"),
+        "{dom}"
+    );
+    assert!(!section(&dom, "repositories").contains("<td>web</td>"));
+    server.stop();
 }

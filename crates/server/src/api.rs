@@ -54,6 +54,8 @@ pub(crate) struct Shared {
     /// The budget of upload bodies held in memory at once, in
     /// [`crate::body::MEMORY_UNIT`]s.
     pub upload_memory: Arc<tokio::sync::Semaphore>,
+    /// The dashboard's repository overviews, kept for a while.
+    pub overviews: crate::overview::Overviews,
 }
 
 type AppState = Arc<Shared>;
@@ -70,6 +72,8 @@ pub(crate) fn router(shared: AppState) -> Router {
         .route("/v1/repos/{repo}/missing", post(missing))
         .route("/v1/repos/{repo}/rename", post(rename))
         .route("/v1/repos/{repo}/whoami", get(whoami))
+        .route("/", get(dashboard))
+        .route("/v1/overview", get(overview))
         .fallback(|| async { ApiError::bad_request("unknown request path".into()) })
         .layer(DefaultBodyLimit::max(MAX_BODY))
         .with_state(shared)
@@ -197,9 +201,8 @@ impl Access {
     }
 }
 
-/// Checks the repository name, the token and its scope.
-fn authorize(shared: &AppState, headers: &HeaderMap, repo: &str) -> ApiResult<Access> {
-    validate_repo_name(repo).map_err(ApiError::bad_request)?;
+/// The token the request carries, authenticated.
+fn authenticate(shared: &AppState, headers: &HeaderMap) -> ApiResult<crate::tokens::TokenEntry> {
     let bearer = headers
         .get(header::AUTHORIZATION)
         .and_then(|v| v.to_str().ok())
@@ -211,6 +214,13 @@ fn authorize(shared: &AppState, headers: &HeaderMap, repo: &str) -> ApiResult<Ac
         Some(Err(AuthError::Broken(why))) => return Err(broken_tokens(shared, &why)),
         Some(Ok(token)) => token,
     };
+    Ok(token)
+}
+
+/// Checks the repository name, the token and its scope.
+fn authorize(shared: &AppState, headers: &HeaderMap, repo: &str) -> ApiResult<Access> {
+    validate_repo_name(repo).map_err(ApiError::bad_request)?;
+    let token = authenticate(shared, headers)?;
     if !token.covers(repo) {
         return Err(ApiError::forbidden(format!(
             "this token opens repository '{}', not '{repo}': use a token made for '{repo}' (`vbackup server token add --repo {repo}`)",
@@ -625,6 +635,49 @@ async fn rename(
         Ok(StatusCode::NO_CONTENT)
     })
     .await
+}
+
+/// The dashboard page: static, built into the binary; it asks
+/// `/v1/overview` with the token the user gives it.
+const DASHBOARD: &str = include_str!("../assets/dashboard.html");
+
+async fn dashboard() -> axum::response::Response {
+    use axum::response::IntoResponse;
+    (
+        [
+            (header::CONTENT_TYPE, "text/html; charset=utf-8"),
+            (
+                header::CONTENT_SECURITY_POLICY,
+                "default-src 'self'; script-src 'unsafe-inline'; style-src 'unsafe-inline'",
+            ),
+        ],
+        DASHBOARD,
+    )
+        .into_response()
+}
+
+/// The repositories the token covers, with what each holds.
+async fn overview(
+    State(shared): State<AppState>,
+    headers: HeaderMap,
+) -> ApiResult<Json<serde_json::Value>> {
+    let token = authenticate(&shared, &headers)?;
+    let repos = shared.data.join("repos");
+    let work = Arc::clone(&shared);
+    let views = tokio::task::spawn_blocking(move || {
+        let names: Vec<String> = crate::overview::repository_names(&repos)
+            .into_iter()
+            .filter(|name| token.covers(name))
+            .collect();
+        let views = work.overviews.of(&repos, &names);
+        (token, views)
+    })
+    .await
+    .map_err(|e| ApiError::internal(e.to_string()))?;
+    Ok(Json(serde_json::json!({
+        "token": { "id": views.0.id, "repo": views.0.repo, "role": views.0.role },
+        "repositories": views.1,
+    })))
 }
 
 async fn whoami(

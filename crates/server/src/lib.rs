@@ -19,6 +19,7 @@ mod api;
 mod body;
 pub mod cert;
 mod download;
+pub mod overview;
 mod records;
 mod stall;
 pub mod tokens;
@@ -167,6 +168,7 @@ pub fn run(
         timeout: config.timeout,
         usage: records::Usage::new(&config.data),
         upload_memory: Arc::new(Semaphore::new(units)),
+        overviews: overview::Overviews::default(),
     });
     let token_count = shared.tokens.len();
     runtime.block_on(async move {

@@ -11,11 +11,12 @@ use serde::{Deserialize, Serialize};
 use crate::crypto::{kdf::KdfParams, CipherKind, Crypto, DigestKind, SALT_LEN, TAG_LEN};
 use crate::error::{Error, Result};
 
+pub mod delta;
 mod index;
 pub mod lifecycle;
 pub mod pack;
 
-pub use index::{DiskIndex, INDEX_VERSION, LEGACY_INDEX_VERSION};
+pub use index::{DiskIndex, DELTA_INDEX_VERSION, INDEX_VERSION, LEGACY_INDEX_VERSION};
 
 /// The four bytes every vbackup object starts with.
 pub const MAGIC: [u8; 4] = *b"VBAK";

@@ -203,3 +203,37 @@ fn small_writes_are_stored_as_deltas_of_depth_1_loose() {
 fn small_writes_are_stored_as_deltas_of_depth_1_in_packs() {
     small_writes_are_stored_as_deltas_of_depth_1(Some(1 << 20));
 }
+
+#[test]
+fn a_damaged_base_is_reported_for_the_snapshots_of_its_deltas() {
+    let (backend, repo) = new_repo_with(None);
+    let chunk = u64::from(CHUNK);
+    let mut data = disk_data(CHUNKS, 4);
+    let (full, _) = backup(&repo, &data, vec![], None);
+    let dirty = write(&mut data, &[2 * chunk + 512], 1024, 0xc1);
+    let (incremental, _) = backup(&repo, &data, dirty, Some(&full));
+    let index = repo
+        .read_index(&incremental.manifest.disks[0].index)
+        .unwrap();
+    let (_, base) = index.deltas()[0];
+    use vbackup_storage::Backend;
+    let key = Repository::chunk_key(&base);
+    let mut bytes = backend.get(&key).unwrap();
+    let last = bytes.len() - 1;
+    bytes[last] ^= 1;
+    backend.put(&key, &bytes).unwrap();
+    let report = check_all(&repo);
+    let mut affected: Vec<&str> = report
+        .affected
+        .iter()
+        .map(|a| a.snapshot.as_str())
+        .collect();
+    affected.sort_unstable();
+    let mut expected = vec![full.id.as_str(), incremental.id.as_str()];
+    expected.sort_unstable();
+    assert_eq!(affected, expected, "{:?}", report.affected);
+    let record = &incremental.manifest.disks[0];
+    let target = MemTarget::new(record.virtual_size as usize);
+    let err = vbackup_core::restore_disk(&repo, record, &target, 2, &Progress::new()).unwrap_err();
+    assert!(err.to_string().contains(&key), "{err}");
+}

@@ -108,7 +108,7 @@ struct DeltaPlan {
     /// base of the base snapshot's delta (so the depth stays 1).
     base: ChunkId,
     /// The base snapshot's entry when it is itself a delta on `base`: its
-    /// patched ranges are read from the source again, with the new ones.
+    /// patches are carried into the new delta, under the new ones.
     previous: Option<ChunkId>,
     /// The changed byte ranges `(start, end)` inside the chunk.
     dirty: Vec<(u64, u64)>,
@@ -675,11 +675,12 @@ impl<'a> Job<'a> {
     }
 
     /// Stores changed chunk `task.chunk` as a delta on `plan.base`: reads
-    /// from the source only the ranges that changed since the base snapshot
-    /// and, when the base snapshot's entry is itself a delta, those it
-    /// patched (so the new delta replaces it and the depth stays 1). Falls
-    /// back to reading the whole chunk when the delta would replace more
-    /// than [`MAX_DELTA_SHARE`] of it.
+    /// from the source only the ranges that changed since the base
+    /// snapshot; when the base snapshot's entry is itself a delta, its
+    /// patches are taken from that (small) object and the new ranges laid
+    /// over them, so the new delta replaces it and the depth stays 1.
+    /// Falls back to reading the whole chunk when the delta would replace
+    /// more than [`MAX_DELTA_SHARE`] of it.
     fn process_delta(
         &self,
         task: &Task,
@@ -688,47 +689,57 @@ impl<'a> Job<'a> {
         buf: &mut [u8],
     ) -> Result<Option<ChunkId>> {
         let length = self.chunk_length(task.disk, task.chunk);
-        let mut ranges = plan.dirty.clone();
-        if let Some(previous) = &plan.previous {
-            let key = Repository::chunk_key(previous);
-            let data = read_located(self.repo, self.map.as_ref(), previous)?;
-            let old = Delta::decode(&key, &data)?;
-            if old.base != plan.base || u64::from(old.chunk_len) != length {
-                return Err(Error::corrupt(
-                    &key,
-                    "is a delta on another base or chunk than its index names",
-                ));
-            }
-            ranges.extend(
-                old.ranges()
-                    .map(|(at, n)| (u64::from(at), u64::from(at + n))),
-            );
-            ranges = merge_ranges(ranges);
-        }
-        let patched: u64 = ranges.iter().map(|(s, e)| e - s).sum();
+        let old = match &plan.previous {
+            Some(previous) => self.previous_patches(previous, plan.base, length)?,
+            None => Vec::new(),
+        };
+        let old_ranges = old
+            .iter()
+            .map(|(at, b)| (u64::from(*at), *at as u64 + b.len() as u64));
+        let union = merge_ranges(plan.dirty.iter().copied().chain(old_ranges).collect());
+        let patched: u64 = union.iter().map(|(s, e)| e - s).sum();
         if patched * MAX_DELTA_SHARE > length {
             return self.process_chunk(task, reader, buf);
         }
         let offset = task.chunk * u64::from(self.chunk_size);
-        let mut patches = Vec::with_capacity(ranges.len());
-        for (start, end) in ranges {
+        // The old patches first: the bytes read now win where they overlap.
+        let mut patches = old;
+        for (start, end) in &plan.dirty {
             let mut bytes = vec![0u8; (end - start) as usize];
             reader
                 .read_exact_at(&mut bytes, offset + start)
                 .map_err(|e| self.source_error(task.disk, e))?;
-            patches.push((start as u32, bytes));
+            self.counters
+                .bytes_read
+                .fetch_add(end - start, Ordering::Relaxed);
+            patches.push((*start as u32, bytes));
         }
-        self.counters
-            .bytes_read
-            .fetch_add(patched, Ordering::Relaxed);
         let delta = Delta::new(plan.base, length as u32, patches)?;
         let id = self.store_if_new(&delta.encode())?;
-        self.deltas[task.disk]
-            .lock()
-            .unwrap_or_else(|poisoned| poisoned.into_inner())
-            .push((task.chunk, plan.base));
+        self.lock_deltas(task.disk).push((task.chunk, plan.base));
         self.progress.add_done(length);
         Ok(Some(id))
+    }
+
+    /// The patches of the base snapshot's delta `previous` (on `base`, of a
+    /// chunk of `length` bytes): the bytes it replaced then, which the
+    /// source still holds where the bitmap says nothing changed since.
+    fn previous_patches(
+        &self,
+        previous: &ChunkId,
+        base: ChunkId,
+        length: u64,
+    ) -> Result<Vec<(u32, Vec<u8>)>> {
+        let key = Repository::chunk_key(previous);
+        let data = read_located(self.repo, self.map.as_ref(), previous)?;
+        let old = Delta::decode(&key, &data)?;
+        if old.base != base || u64::from(old.chunk_len) != length {
+            return Err(Error::corrupt(
+                &key,
+                "is a delta on another base or chunk than its index names",
+            ));
+        }
+        Ok(old.patches().to_vec())
     }
 
     /// The length of chunk `chunk` of `disk` (the last one may be short).

@@ -11,11 +11,12 @@ use serde::{Deserialize, Serialize};
 use crate::crypto::{kdf::KdfParams, CipherKind, Crypto, DigestKind, SALT_LEN, TAG_LEN};
 use crate::error::{Error, Result};
 
+pub mod delta;
 mod index;
 pub mod lifecycle;
 pub mod pack;
 
-pub use index::{DiskIndex, INDEX_VERSION, LEGACY_INDEX_VERSION};
+pub use index::{DiskIndex, DELTA_INDEX_VERSION, INDEX_VERSION, LEGACY_INDEX_VERSION};
 
 /// The four bytes every vbackup object starts with.
 pub const MAGIC: [u8; 4] = *b"VBAK";
@@ -325,14 +326,23 @@ impl Config {
         self.pack_size > 0
     }
 
-    /// The newest disk index version this repository's readers all know:
-    /// 2 in version 3 repositories, 1 in older ones (which builds that
-    /// cannot read index version 2 may share).
+    /// The newest disk index version this repository may hold: 3 in
+    /// version 3 repositories (builds that read only versions 1 and 2
+    /// refuse version 3 indexes as newer, never as damage; indexes without
+    /// deltas are still written in version 2), 1 in older ones (which
+    /// builds that cannot read index version 2 may share).
     pub fn index_version(&self) -> u32 {
         match self.version >= REPOSITORY_VERSION {
-            true => INDEX_VERSION,
+            true => DELTA_INDEX_VERSION,
             false => LEGACY_INDEX_VERSION,
         }
+    }
+
+    /// Whether backups may store chunks as deltas (see [`delta`]): only in
+    /// version 3 repositories, whose every reader either reads index
+    /// version 3 or refuses it as a newer version.
+    pub fn deltas(&self) -> bool {
+        self.index_version() >= DELTA_INDEX_VERSION
     }
 }
 

@@ -803,6 +803,28 @@ pub fn drop_damaged_blobs(
     Ok(dropped)
 }
 
+/// Reads the chunk object `id` wherever `map` (in a repository with packs)
+/// or the loose layout (`None`) puts it: authenticated and digest-checked;
+/// a chunk not stored is a "not found" storage error on its name.
+pub fn read_located(repo: &Repository, map: Option<&ChunkMap>, id: &ChunkId) -> Result<Vec<u8>> {
+    let Some(map) = map else {
+        return repo.read_chunk(id);
+    };
+    let mut data = Err(Error::Storage(vbackup_storage::StorageError::new(
+        vbackup_storage::ErrorKind::NotFound,
+        &Repository::chunk_key(id),
+        "not stored",
+    )));
+    let (units, _) = plan_reads(map, [((), *id)], 0);
+    for unit in &units {
+        read_unit(repo, map, unit, &mut |_, _, read| {
+            data = read;
+            Ok(())
+        })?;
+    }
+    data
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -276,9 +276,38 @@ fn bitmap_op(path: &Path, format: &str, op: &[&str], name: &str) -> Result<()> {
     run().map_err(|e| e.for_image(path))
 }
 
-/// Adds a persistent bitmap that records writes from now on.
+/// Adds a persistent bitmap that records writes from now on, with qemu's
+/// default granularity (the image's cluster size, 64 KiB by default).
 pub fn bitmap_add(path: &Path, format: &str, name: &str) -> Result<()> {
     bitmap_op(path, format, &["--add"], name)
+}
+
+/// Adds a persistent bitmap that records writes from now on, in granules
+/// of `granularity` bytes (a power of two from 512 B; see
+/// [`tracking_granularity`]).
+pub fn bitmap_add_granular(path: &Path, format: &str, name: &str, granularity: u64) -> Result<()> {
+    let granularity = granularity.to_string();
+    bitmap_op(path, format, &["--add", "-g", &granularity], name)
+}
+
+/// The finest granularity the bitmaps vbackup creates for changed-block
+/// tracking use: one bit per 4 KiB (a file system block), so scattered
+/// 4 KiB writes are read back as 4 KiB, not as 64 KiB clusters.
+pub const FINE_GRANULARITY: u64 = 4096;
+/// The largest bitmap vbackup makes finer than qemu's default: 2^28 bits,
+/// 32 MiB of memory in a running qemu (and of image file).
+const MAX_BITMAP_BITS: u64 = 1 << 28;
+/// qemu's default granularity for qcow2 images with 64 KiB clusters.
+const DEFAULT_GRANULARITY: u64 = 64 << 10;
+
+/// The granularity of the dirty bitmaps vbackup creates for a disk of
+/// `virtual_size` bytes: 4 KiB up to 1 TiB, then coarser so that the
+/// bitmap stays at 32 MiB, and never coarser than qemu's default (64 KiB,
+/// reached at 16 TiB). A bitmap costs `virtual_size / granularity` bits:
+/// 32 KiB per GiB at 4 KiB, 2 KiB per GiB at 64 KiB.
+pub fn tracking_granularity(virtual_size: u64) -> u64 {
+    let needed = virtual_size.div_ceil(MAX_BITMAP_BITS).next_power_of_two();
+    needed.clamp(FINE_GRANULARITY, DEFAULT_GRANULARITY)
 }
 
 /// Removes a persistent bitmap.
@@ -321,6 +350,16 @@ pub fn convert(src: &Path, src_format: Option<&str>, dst: &Path, dst_format: &st
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn tracking_granularity_is_4_kib_up_to_1_tib_and_bounds_the_bitmap() {
+        assert_eq!(tracking_granularity(4 << 30), 4096);
+        assert_eq!(tracking_granularity(1 << 40), 4096);
+        assert_eq!(tracking_granularity((1 << 40) + 1), 8192);
+        assert_eq!(tracking_granularity(16 << 40), 64 << 10);
+        assert_eq!(tracking_granularity(64 << 40), 64 << 10);
+        assert_eq!(tracking_granularity(0), 4096);
+    }
 
     #[test]
     fn parses_qcow2_info_with_bitmaps() {

@@ -227,10 +227,10 @@ fn finish_disk(
         return Ok(());
     }
     if plan.tracking.is_some() {
-        rotate_bitmaps(&item.image.path, &item.format, plan).map_err(Error::qemu(format!(
-            "updating the dirty bitmaps of disk '{}'",
-            record.name
-        )))?;
+        let granularity = img::tracking_granularity(item.info.virtual_size);
+        rotate_bitmaps(&item.image.path, &item.format, granularity, plan).map_err(Error::qemu(
+            format!("updating the dirty bitmaps of disk '{}'", record.name),
+        ))?;
         // The fingerprint after our own changes to the file, so an
         // untouched image is recognized next time.
         record.source_identity = record
@@ -253,9 +253,16 @@ fn previous_tracking(
         .and_then(|d| d.tracking.clone())
 }
 
-fn rotate_bitmaps(path: &Path, format: &str, plan: &DiskPlan) -> vbackup_qemu::Result<()> {
+/// Adds the plan's new bitmaps (with `granularity`, see
+/// `img::tracking_granularity`) and removes the ones it retires.
+fn rotate_bitmaps(
+    path: &Path,
+    format: &str,
+    granularity: u64,
+    plan: &DiskPlan,
+) -> vbackup_qemu::Result<()> {
     for name in &plan.add_bitmaps {
-        img::bitmap_add(path, format, name)?;
+        img::bitmap_add_granular(path, format, name, granularity)?;
     }
     for name in &plan.remove_bitmaps {
         img::bitmap_remove(path, format, name)?;

@@ -1,6 +1,6 @@
 //! Feeds arbitrary bytes to every parser of repository objects: the object
 //! envelope (header, authentication, bounded decompression), disk indexes
-//! (versions 1 and 2),
+//! (versions 1, 2 and 3), delta objects,
 //! prune lists, pack trailers, footers and pack indexes, and the JSON objects (config, keys, manifests, locks,
 //! policies, damage markers). None may panic or
 //! allocate without bound, whatever a damaged or hostile repository holds.
@@ -9,7 +9,7 @@
 use libfuzzer_sys::fuzz_target;
 use vbackup_core::crypto::{CipherKind, Crypto, DigestKind, MasterSecret};
 use vbackup_storage::Backend;
-use vbackup_core::format::{self, lifecycle, pack, Config, DiskIndex, KeyFile, ObjectKind};
+use vbackup_core::format::{self, delta::Delta, lifecycle, pack, Config, DiskIndex, KeyFile, ObjectKind};
 
 fuzz_target!(|data: &[u8]| {
     let secret = MasterSecret::from_bytes([1u8; 32]);
@@ -34,6 +34,15 @@ fuzz_target!(|data: &[u8]| {
     if let Ok(index) = DiskIndex::decode("indexes/x", data) {
         assert_eq!(index.encode(), data, "an index has one encoding");
         let _ = index.hole_runs().take(1 << 16).count();
+    }
+    // A delta that decodes is canonical too, and applies to a base of its
+    // length without panicking.
+    if let Ok(delta) = Delta::decode("chunks/x", data) {
+        assert_eq!(delta.encode(), data, "a delta has one encoding");
+        if delta.chunk_len <= 1 << 20 {
+            let base = vec![0u8; delta.chunk_len as usize];
+            let _ = delta.apply("chunks/x", &base);
+        }
     }
     let _ = pack::decode_trailer("packs/x", data, data.len() as u64);
     let _ = pack::decode_pack_index("packindex/x", data);

@@ -9,10 +9,11 @@ use super::backup_guard::BackupGuard;
 use super::backup_plan::{
     data_chunks, dirty_chunks, window_end, ALLOCATION_WINDOW, CHANGES_WINDOW, MAX_PLAN_EXTENTS,
 };
+use crate::format::delta::Delta;
 use crate::format::{
     BackupStats, DiskIndex, DiskRecord, ReadScope, SnapshotManifest, SNAPSHOT_VERSION,
 };
-use crate::packs::{write_pack_indexes, PackWriter};
+use crate::packs::{read_located, write_pack_indexes, ChunkMap, PackWriter};
 use crate::source::{DiskReader, DiskSource, Extent, ExtentKind};
 use crate::{is_all_zero, ChunkId, Error, Progress, Repository, Result, Snapshot};
 
@@ -95,7 +96,28 @@ struct Task {
     /// The chunk's extents, from the query that planned it; `None` means
     /// the worker asks the source.
     extents: Option<Vec<Extent>>,
+    /// For a changed chunk of which only small parts changed: how to store
+    /// it as a delta instead of reading all of it.
+    delta: Option<DeltaPlan>,
 }
+
+/// A changed chunk that may be stored as a delta (issue 12): the dirty
+/// bitmap says only `dirty` changed since the base snapshot.
+struct DeltaPlan {
+    /// The full chunk the delta patches: the base snapshot's chunk, or the
+    /// base of the base snapshot's delta (so the depth stays 1).
+    base: ChunkId,
+    /// The base snapshot's entry when it is itself a delta on `base`: its
+    /// patches are carried into the new delta, under the new ones.
+    previous: Option<ChunkId>,
+    /// The changed byte ranges `(start, end)` inside the chunk.
+    dirty: Vec<(u64, u64)>,
+}
+
+/// The most a delta may replace of its chunk: beyond a quarter, the chunk
+/// is read and stored whole (the delta would cost nearly as much, and its
+/// restore a second object for little gain).
+const MAX_DELTA_SHARE: u64 = 4;
 
 /// The part of the disks not planned yet, and the chunks planned but not
 /// taken by a worker. Workers refill it a window (many GiB) at a time.
@@ -126,6 +148,13 @@ struct Job<'a> {
     pending: &'a [ChunkId],
     /// Per disk: its data chunks so far, in the order they were found.
     indexes: Vec<Mutex<Vec<(u64, ChunkId)>>>,
+    /// Per disk: `(chunk number, base id)` of its chunks stored as deltas.
+    deltas: Vec<Mutex<Vec<(u64, ChunkId)>>>,
+    /// Whether changed chunks may be stored as deltas (version 3
+    /// repositories).
+    use_deltas: bool,
+    /// Where stored chunks are, in a repository with packs.
+    map: Option<ChunkMap>,
     /// Per disk: the previous snapshot's index, reused as it is (written
     /// back in its own version, so under its own name), if the disk is
     /// skipped.
@@ -187,6 +216,9 @@ impl PreparedBackup {
 pub struct BackupStart {
     guard: BackupGuard,
     stored: HashSet<ChunkId>,
+    /// Where the stored chunks are, in a repository with packs that takes
+    /// deltas (a changed chunk's previous delta is read through it).
+    map: Option<ChunkMap>,
     /// Every readable snapshot not dated in the future, oldest first, read
     /// once for planning, the unchanged-file shortcut and the caller's own
     /// use.
@@ -198,7 +230,10 @@ impl BackupStart {
     /// and reads the snapshots.
     pub fn begin(repo: &Repository) -> Result<Self> {
         let guard = BackupGuard::start(repo)?;
-        let stored = repo.list_chunks()?.into_keys().collect();
+        let map = repo.chunk_map()?;
+        let stored = map.sizes().into_keys().collect();
+        let config = repo.config();
+        let map = (config.packs() && config.deltas()).then_some(map);
         let (mut snapshots, _) = repo.list_snapshots_checked()?;
         // Never a base: a snapshot dated ahead of this clock would be
         // "the latest" for as long as its date lies in the future.
@@ -207,6 +242,7 @@ impl BackupStart {
         Ok(Self {
             guard,
             stored,
+            map,
             snapshots,
         })
     }
@@ -263,11 +299,14 @@ pub fn backup_prepare_started(
             .collect(),
         false => Vec::new(),
     };
-    let BackupStart { guard, stored, .. } = start;
+    let BackupStart {
+        guard, stored, map, ..
+    } = start;
     let known = guard.reusable(stored);
     let started = Instant::now();
     let time = chrono::Utc::now().to_rfc3339_opts(chrono::SecondsFormat::Millis, true);
-    let job = Job::new(repo, disks, &history, &guard, known, progress)?;
+    let mut job = Job::new(repo, disks, &history, &guard, known, progress)?;
+    job.map = map;
     super::run_workers(options.threads, || job.worker()).inspect_err(|_| job.index_uploaded())?;
     if progress.is_cancelled() {
         return Err(Error::Interrupted);
@@ -374,6 +413,9 @@ impl<'a> Job<'a> {
             vouched: Mutex::new(vouched_by_bases(disks, &reused_ids)),
             pending: guard.pending(),
             indexes: disks.iter().map(|_| Mutex::new(Vec::new())).collect(),
+            deltas: disks.iter().map(|_| Mutex::new(Vec::new())).collect(),
+            use_deltas: repo.config().deltas(),
+            map: None,
             reused,
             unchanged_since,
             counters,
@@ -430,7 +472,10 @@ impl<'a> Job<'a> {
                 return Ok(());
             };
             let reader = self.reader(&mut readers, task.disk)?;
-            let entry = self.process_chunk(&task, reader, &mut buf)?;
+            let entry = match &task.delta {
+                Some(plan) => self.process_delta(&task, plan, reader, &mut buf)?,
+                None => self.process_chunk(&task, reader, &mut buf)?,
+            };
             if let Some(id) = entry {
                 self.lock_index(task.disk).push((task.chunk, id));
             }
@@ -508,6 +553,7 @@ impl<'a> Job<'a> {
                 disk,
                 chunk: offset / chunk,
                 extents: None,
+                delta: None,
             });
             plan.offset = (offset + chunk).min(size);
             return Ok(());
@@ -524,6 +570,7 @@ impl<'a> Job<'a> {
                 disk,
                 chunk,
                 extents: Some(extents),
+                delta: None,
             }));
         plan.offset = end;
         Ok(())
@@ -554,8 +601,12 @@ impl<'a> Job<'a> {
             if is_dirty(*c) {
                 continue;
             }
-            if self.is_known(id) {
+            let full = base.index.base_of(*c);
+            if self.is_known(id) && full.as_ref().is_none_or(|f| self.is_known(f)) {
                 self.lock_index(disk).push((*c, *id));
+                if let Some(full) = full {
+                    self.lock_deltas(disk).push((*c, full));
+                }
                 copied += 1;
             } else {
                 read.push(*c);
@@ -569,11 +620,126 @@ impl<'a> Job<'a> {
             .chunks_unchanged
             .fetch_add(unchanged, Ordering::Relaxed);
         self.progress.add_done(end - plan.offset - read_bytes);
-        plan.queue.extend(read.into_iter().map(|chunk| Task {
-            disk,
-            chunk,
-            extents: None,
+        plan.queue.extend(read.into_iter().map(|chunk| {
+            Task {
+                disk,
+                chunk,
+                extents: None,
+                delta: is_dirty(chunk)
+                    .then(|| self.delta_plan(disk, chunk, &base.index, ranges))
+                    .flatten(),
+            }
         }));
+    }
+
+    /// How changed chunk `chunk` may be stored as a delta on the base
+    /// snapshot's chunk there, when the repository takes deltas, the base
+    /// has data there whose full chunk may be relied on, and less than
+    /// [`MAX_DELTA_SHARE`] of it changed.
+    fn delta_plan(
+        &self,
+        disk: usize,
+        chunk: u64,
+        base: &DiskIndex,
+        ranges: &[(u64, u64)],
+    ) -> Option<DeltaPlan> {
+        if !self.use_deltas {
+            return None;
+        }
+        let previous = base.get(chunk)?;
+        let (full, previous) = match base.base_of(chunk) {
+            Some(full) => (full, Some(previous)),
+            None => (previous, None),
+        };
+        let relied_on = |id: &ChunkId| self.is_known(id) && self.is_vouched(id);
+        if !relied_on(&full) || !previous.as_ref().is_none_or(relied_on) {
+            return None;
+        }
+        let length = self.chunk_length(disk, chunk);
+        let start = chunk * u64::from(self.chunk_size);
+        let dirty = ranges_in(ranges, start, start + length);
+        let changed: u64 = dirty.iter().map(|(s, e)| e - s).sum();
+        (changed * MAX_DELTA_SHARE <= length).then_some(DeltaPlan {
+            base: full,
+            previous,
+            dirty,
+        })
+    }
+
+    /// Whether `id` may be reused without reading it (see `vouched`).
+    fn is_vouched(&self, id: &ChunkId) -> bool {
+        self.vouched
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
+            .contains(id)
+    }
+
+    /// Stores changed chunk `task.chunk` as a delta on `plan.base`: reads
+    /// from the source only the ranges that changed since the base
+    /// snapshot; when the base snapshot's entry is itself a delta, its
+    /// patches are taken from that (small) object and the new ranges laid
+    /// over them, so the new delta replaces it and the depth stays 1.
+    /// Falls back to reading the whole chunk when the delta would replace
+    /// more than [`MAX_DELTA_SHARE`] of it.
+    fn process_delta(
+        &self,
+        task: &Task,
+        plan: &DeltaPlan,
+        reader: &mut dyn DiskReader,
+        buf: &mut [u8],
+    ) -> Result<Option<ChunkId>> {
+        let length = self.chunk_length(task.disk, task.chunk);
+        let old = match &plan.previous {
+            Some(previous) => self.previous_patches(previous, plan.base, length)?,
+            None => Vec::new(),
+        };
+        let old_ranges = old
+            .iter()
+            .map(|(at, b)| (u64::from(*at), *at as u64 + b.len() as u64));
+        let union = merge_ranges(plan.dirty.iter().copied().chain(old_ranges).collect());
+        let patched: u64 = union.iter().map(|(s, e)| e - s).sum();
+        if patched * MAX_DELTA_SHARE > length {
+            return self.process_chunk(task, reader, buf);
+        }
+        let offset = task.chunk * u64::from(self.chunk_size);
+        // The old patches first: the bytes read now win where they overlap.
+        let mut patches = old;
+        for (start, end) in &plan.dirty {
+            let mut bytes = vec![0u8; (end - start) as usize];
+            reader
+                .read_exact_at(&mut bytes, offset + start)
+                .map_err(|e| self.source_error(task.disk, e))?;
+            self.counters
+                .bytes_read
+                .fetch_add(end - start, Ordering::Relaxed);
+            patches.push((*start as u32, bytes));
+        }
+        let delta = Delta::new(plan.base, length as u32, patches)?;
+        let id = self.store_if_new(&delta.encode())?;
+        self.lock_deltas(task.disk).push((task.chunk, plan.base));
+        self.progress.add_done(length);
+        Ok(Some(id))
+    }
+
+    /// The patches of the base snapshot's delta `previous` (on `base`, of a
+    /// chunk of `length` bytes): the bytes it replaced then, which the
+    /// source still holds where the bitmap says nothing changed since.
+    fn previous_patches(
+        &self,
+        previous: &ChunkId,
+        base: ChunkId,
+        length: u64,
+    ) -> Result<Vec<(u32, Vec<u8>)>> {
+        let key = Repository::chunk_key(previous);
+        let data = read_located(self.repo, self.map.as_ref(), previous)?;
+        let old = Delta::decode(&key, &data)?;
+        if old.base != base || u64::from(old.chunk_len) != length {
+            return Err(Error::corrupt(
+                &key,
+                "is a delta on another base or chunk than its index names",
+            ));
+        }
+        Ok(old.patches().to_vec())
     }
 
     /// The length of chunk `chunk` of `disk` (the last one may be short).
@@ -732,14 +898,27 @@ impl<'a> Job<'a> {
         Ok(self.repo.backend().missing(&key)?.is_empty())
     }
 
-    /// A copy of every disk's data chunks so far, `(chunk number, id)`.
+    /// A copy of every disk's data chunks so far, `(chunk number, id)`,
+    /// with the bases of its deltas as entries of their chunks (a base a
+    /// sweep deleted cannot be stored again from the source, which holds
+    /// the patched chunk: the backup then fails, recording nothing).
     fn chunk_lists(&self) -> Vec<Vec<(u64, ChunkId)>> {
         (0..self.disks.len())
             .map(|i| match &self.reused[i] {
-                Some(index) => index.data().to_vec(),
-                None => self.lock_index(i).clone(),
+                Some(index) => index.data().iter().chain(index.deltas()).copied().collect(),
+                None => {
+                    let mut list = self.lock_index(i).clone();
+                    list.extend(self.lock_deltas(i).iter().copied());
+                    list
+                }
             })
             .collect()
+    }
+
+    fn lock_deltas(&self, disk: usize) -> std::sync::MutexGuard<'_, Vec<(u64, ChunkId)>> {
+        self.deltas[disk]
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
     }
 
     /// Reads chunk `chunk` of `disk` from the source again and stores it
@@ -764,7 +943,9 @@ impl<'a> Job<'a> {
                 Some(index) => index.clone(),
                 None => {
                     let data = std::mem::take(&mut *self.lock_index(i));
+                    let deltas = std::mem::take(&mut *self.lock_deltas(i));
                     DiskIndex::from_data(disk.source.virtual_size(), self.chunk_size, data)?
+                        .with_deltas(deltas)?
                 }
             };
             let data_chunks = index.data_chunks();
@@ -838,6 +1019,32 @@ fn reusable_index(
     let complete =
         index.virtual_size == record.virtual_size && index.ids().all(|id| known.contains(id));
     complete.then_some(index)
+}
+
+/// The parts of the sorted byte ranges `ranges` inside `[start, end)`,
+/// relative to `start`.
+fn ranges_in(ranges: &[(u64, u64)], start: u64, end: u64) -> Vec<(u64, u64)> {
+    let from = ranges.partition_point(|(_, e)| *e <= start);
+    ranges[from..]
+        .iter()
+        .take_while(|(s, _)| *s < end)
+        .map(|(s, e)| ((*s).max(start) - start, (*e).min(end) - start))
+        .filter(|(s, e)| e > s)
+        .collect()
+}
+
+/// `ranges` `(start, end)` sorted, with overlapping and touching ones
+/// merged.
+fn merge_ranges(mut ranges: Vec<(u64, u64)>) -> Vec<(u64, u64)> {
+    ranges.sort_unstable();
+    let mut out: Vec<(u64, u64)> = Vec::with_capacity(ranges.len());
+    for (start, end) in ranges {
+        match out.last_mut() {
+            Some(last) if last.1 >= start => last.1 = last.1.max(end),
+            _ => out.push((start, end)),
+        }
+    }
+    out
 }
 
 /// Fills `buf` with the disk's bytes at `offset`, reading only the extents

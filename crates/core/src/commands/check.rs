@@ -486,9 +486,18 @@ fn chunk_damage(
         let index = repo.read_index(key)?;
         let mut objects = Vec::new();
         let mut bad_bytes = 0;
-        for (i, id) in index.data().iter().filter(|(_, id)| bad.contains_key(id)) {
-            objects.push(map.object_of(id));
-            bad_bytes += index.chunk_range(*i).1 as u64;
+        // A chunk is lost with its object, or with its delta's base.
+        for (i, id) in index.data() {
+            let base = index.base_of(*i).filter(|b| bad.contains_key(b));
+            for lost in [Some(*id).filter(|id| bad.contains_key(id)), base]
+                .iter()
+                .flatten()
+            {
+                objects.push(map.object_of(lost));
+            }
+            if bad.contains_key(id) || base.is_some() {
+                bad_bytes += index.chunk_range(*i).1 as u64;
+            }
         }
         if objects.is_empty() {
             continue;

@@ -6,6 +6,7 @@ use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 
 use crossbeam_channel::{bounded, Receiver, Sender};
 
+use crate::format::delta::Delta;
 use crate::format::{DiskIndex, DiskRecord};
 use crate::packs::{plan_reads, read_unit, sort_by_location, ChunkMap, Location, ReadUnit};
 use crate::source::DiskTarget;
@@ -64,8 +65,40 @@ impl<'a> Chunks<'a> {
         Ok(Self { repo, map })
     }
 
-    /// Fetches chunk `i` of `index` alone, checked, and of the expected length.
+    /// Fetches chunk `i` of `index` alone, checked, and of the expected
+    /// length; a delta is applied to its base (fetched too).
     fn fetch(&self, index: &DiskIndex, i: u64, id: &ChunkId) -> Result<Vec<u8>> {
+        let data = self.fetch_object(i, id)?;
+        let data = self.resolve(index, i, id, data)?;
+        check_length(index, i, id, &data)?;
+        Ok(data)
+    }
+
+    /// Chunk `i`'s data from the object `id` read for it: the object itself
+    /// for a full chunk, or, when the index says chunk `i` is a delta, the
+    /// delta applied to its base. The delta must name the base the index
+    /// names; the base is a full chunk (depth 1), so a chunk never costs
+    /// more than two objects.
+    fn resolve(&self, index: &DiskIndex, i: u64, id: &ChunkId, data: Vec<u8>) -> Result<Vec<u8>> {
+        let Some(base) = index.base_of(i) else {
+            return Ok(data);
+        };
+        let key = Repository::chunk_key(id);
+        let delta = Delta::decode(&key, &data)?;
+        if delta.base != base {
+            return Err(Error::corrupt(
+                &key,
+                "is a delta on another base than its index names",
+            ));
+        }
+        let full = self.fetch_object(i, &base)?;
+        check_length(index, i, &base, &full)?;
+        delta.apply(&key, &full)
+    }
+
+    /// Reads object `id` (a chunk or a delta) for chunk `i`, authenticated
+    /// and digest-checked.
+    fn fetch_object(&self, i: u64, id: &ChunkId) -> Result<Vec<u8>> {
         let data = match &self.map {
             None => self.repo.read_chunk(id).map_err(missing_is_damage)?,
             Some(map) => {
@@ -80,7 +113,6 @@ impl<'a> Chunks<'a> {
                 data.map_err(missing_is_damage)?
             }
         };
-        check_length(index, i, id, &data)?;
         Ok(data)
     }
 
@@ -233,6 +265,7 @@ pub fn restore_disk(
                 Work::Read(unit) => {
                     let mut write = |i: &u64, id: &ChunkId, data: Result<Vec<u8>>| {
                         let data = data.map_err(missing_is_damage)?;
+                        let data = chunks.resolve(&index, *i, id, data)?;
                         check_length(&index, *i, id, &data)?;
                         let (offset, length) = index.chunk_range(*i);
                         let bytes = match zero_holes {

@@ -68,6 +68,14 @@ pub fn stats(repo: &Repository) -> Result<RepoStats> {
                     s.stored_bytes += stored.get(id).copied().unwrap_or(0);
                 }
             }
+            // A delta's base is referenced too (and holds a chunk's data),
+            // even when no snapshot lists it as a chunk of its own.
+            for (i, base) in index.deltas() {
+                if seen.insert(*base) {
+                    s.unique_bytes += index.chunk_range(*i).1 as u64;
+                    s.stored_bytes += stored.get(base).copied().unwrap_or(0);
+                }
+            }
         }
     }
     s.unique_chunks = seen.len() as u64;

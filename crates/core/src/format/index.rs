@@ -8,6 +8,12 @@
 //! is written back in version 1 (see [`DiskIndex::version`]), so reusing
 //! an unchanged disk's index keeps its object name.
 //!
+//! Version 3 (issue 12, scattered small writes) is version 2 followed by
+//! a table of the data chunks that are *deltas* (see
+//! [`crate::format::delta`]) with the full base chunk each needs. It is
+//! written only for indexes that hold deltas, and only in version 3
+//! repositories, whose older builds refuse it as a newer version.
+//!
 //! In memory an index is the sorted list of its data chunks: holes cost
 //! nothing there either.
 
@@ -18,6 +24,11 @@ use crate::ChunkId;
 pub const INDEX_VERSION: u32 = 2;
 /// The first index version: one 32-byte entry per chunk, zeros for holes.
 pub const LEGACY_INDEX_VERSION: u32 = 1;
+/// The index version of indexes that hold deltas: version 2's runs, then
+/// the delta table.
+pub const DELTA_INDEX_VERSION: u32 = 3;
+/// Bytes of one delta table entry: chunk number (u64), base id (32).
+const DELTA_ENTRY_LEN: usize = 8 + 32;
 
 /// Bytes before the entries of a version 1 payload, and before the run
 /// count of a version 2 payload.
@@ -38,6 +49,9 @@ pub struct DiskIndex {
     /// `(chunk number, id)` of every data chunk, sorted, unique, each
     /// below the chunk count.
     data: Vec<(u64, ChunkId)>,
+    /// `(chunk number, base id)` of the data chunks that are deltas,
+    /// sorted, unique, each a data chunk whose id is not its base.
+    deltas: Vec<(u64, ChunkId)>,
     /// The payload version [`DiskIndex::encode`] writes.
     version: u32,
 }
@@ -55,6 +69,7 @@ impl DiskIndex {
             virtual_size,
             chunk_size,
             data: Vec::new(),
+            deltas: Vec::new(),
             version: INDEX_VERSION,
         }
     }
@@ -84,6 +99,7 @@ impl DiskIndex {
             virtual_size,
             chunk_size,
             data,
+            deltas: Vec::new(),
             version: INDEX_VERSION,
         })
     }
@@ -104,13 +120,57 @@ impl DiskIndex {
     }
 
     /// The same index, encoded as `version` by [`DiskIndex::encode`]: 1
-    /// (one entry per chunk) or 2 (runs of data chunks).
+    /// (one entry per chunk) or 2 (runs of data chunks) for an index
+    /// without deltas, 3 for one with deltas.
     pub fn in_version(mut self, version: u32) -> Result<Self> {
-        if !(LEGACY_INDEX_VERSION..=INDEX_VERSION).contains(&version) {
-            return Err(Error::internal(format!("no index version {version}")));
+        let wanted = match self.deltas.is_empty() {
+            true => LEGACY_INDEX_VERSION..=INDEX_VERSION,
+            false => DELTA_INDEX_VERSION..=DELTA_INDEX_VERSION,
+        };
+        if !wanted.contains(&version) {
+            return Err(Error::internal(format!(
+                "index version {version} for an index with {} deltas",
+                self.deltas.len()
+            )));
         }
         self.version = version;
         Ok(self)
+    }
+
+    /// The same index with the data chunks in `deltas` `(chunk number,
+    /// base id)` marked as deltas on those bases; written in version 3
+    /// when there is any. Fails (an internal error) on a chunk that is not
+    /// a data chunk, listed twice, or its own base.
+    pub fn with_deltas(mut self, mut deltas: Vec<(u64, ChunkId)>) -> Result<Self> {
+        deltas.sort_unstable_by_key(|(i, _)| *i);
+        let unique = deltas.windows(2).all(|w| w[0].0 < w[1].0);
+        let valid = deltas
+            .iter()
+            .all(|(i, base)| base.0 != HOLE && self.get(*i).is_some_and(|id| id != *base));
+        if !unique || !valid {
+            return Err(Error::internal(
+                "a delta that is not a data chunk, is listed twice, or is its own base",
+            ));
+        }
+        self.version = match deltas.is_empty() {
+            true => self.version.min(INDEX_VERSION),
+            false => DELTA_INDEX_VERSION,
+        };
+        self.deltas = deltas;
+        Ok(self)
+    }
+
+    /// The `(chunk number, base id)` of the chunks that are deltas.
+    pub fn deltas(&self) -> &[(u64, ChunkId)] {
+        &self.deltas
+    }
+
+    /// The base of chunk `i` when it is a delta.
+    pub fn base_of(&self, i: u64) -> Option<ChunkId> {
+        self.deltas
+            .binary_search_by_key(&i, |(n, _)| *n)
+            .ok()
+            .map(|at| self.deltas[at].1)
     }
 
     /// The payload version this index was read in (or is written in):
@@ -130,9 +190,12 @@ impl DiskIndex {
         &self.data
     }
 
-    /// The ids of the data chunks, in disk order (with repeats).
+    /// Every chunk object the index needs, with repeats: the ids of the
+    /// data chunks in disk order, then the bases of the deltas (what a
+    /// prune keeps and a check expects stored).
     pub fn ids(&self) -> impl Iterator<Item = &ChunkId> + '_ {
-        self.data.iter().map(|(_, id)| id)
+        let bases = self.deltas.iter().map(|(_, base)| base);
+        self.data.iter().map(|(_, id)| id).chain(bases)
     }
 
     /// Number of data chunks (not holes).
@@ -194,7 +257,11 @@ impl DiskIndex {
         out.extend_from_slice(&self.count().to_le_bytes());
         match self.version {
             LEGACY_INDEX_VERSION => self.encode_entries(&mut out),
-            _ => self.encode_runs(&mut out),
+            INDEX_VERSION => self.encode_runs(&mut out),
+            _ => {
+                self.encode_runs(&mut out);
+                self.encode_deltas(&mut out);
+            }
         }
         out
     }
@@ -223,6 +290,16 @@ impl DiskIndex {
         }
     }
 
+    /// Version 3's delta table: the count, then each delta's chunk number
+    /// and base id.
+    fn encode_deltas(&self, out: &mut Vec<u8>) {
+        out.extend_from_slice(&(self.deltas.len() as u64).to_le_bytes());
+        for (i, base) in &self.deltas {
+            out.extend_from_slice(&i.to_le_bytes());
+            out.extend_from_slice(&base.0);
+        }
+    }
+
     /// The data chunks cut into runs of consecutive chunk numbers.
     fn runs(&self) -> Vec<&[(u64, ChunkId)]> {
         let mut runs = Vec::new();
@@ -244,11 +321,11 @@ impl DiskIndex {
     pub fn decode(key: &str, bytes: &[u8]) -> Result<Self> {
         let mut reader = Reader { key, bytes, at: 0 };
         let version = reader.u32()?;
-        if version > INDEX_VERSION || version == 0 {
+        if version > DELTA_INDEX_VERSION || version == 0 {
             return Err(Error::UnsupportedVersion {
                 what: format!("index '{key}'"),
                 found: version,
-                supported: INDEX_VERSION,
+                supported: DELTA_INDEX_VERSION,
             });
         }
         let virtual_size = reader.u64()?;
@@ -264,10 +341,18 @@ impl DiskIndex {
             LEGACY_INDEX_VERSION => decode_entries(&reader, count)?,
             _ => decode_runs(&mut reader, count)?,
         };
+        let deltas = match version {
+            DELTA_INDEX_VERSION => decode_deltas(&mut reader, &data)?,
+            _ => Vec::new(),
+        };
+        if version != LEGACY_INDEX_VERSION && !reader.rest().is_empty() {
+            return Err(Error::corrupt(key, "index has bytes after its runs"));
+        }
         Ok(Self {
             virtual_size,
             chunk_size,
             data,
+            deltas,
             version,
         })
     }
@@ -322,10 +407,36 @@ fn decode_runs(reader: &mut Reader<'_>, count: u64) -> Result<Vec<(u64, ChunkId)
         }
         next_free = end;
     }
-    if !reader.rest().is_empty() {
-        return Err(Error::corrupt(reader.key, "index has bytes after its runs"));
-    }
     Ok(data)
+}
+
+/// Version 3's delta table: at least one entry, in increasing chunk order,
+/// each naming a data chunk and a base that is neither the hole marker nor
+/// the chunk's own id.
+fn decode_deltas(reader: &mut Reader<'_>, data: &[(u64, ChunkId)]) -> Result<Vec<(u64, ChunkId)>> {
+    let count = reader.u64()?;
+    let key = reader.key;
+    let bad = |what: &str| Error::corrupt(key, format!("index delta table {what}"));
+    if count == 0 || count > (reader.rest().len() / DELTA_ENTRY_LEN) as u64 {
+        return Err(bad("is empty or exceeds the payload"));
+    }
+    let mut deltas: Vec<(u64, ChunkId)> = Vec::with_capacity(count as usize);
+    for _ in 0..count {
+        let i = reader.u64()?;
+        let base = ChunkId(reader.take(32)?.try_into().unwrap_or(HOLE));
+        let own = data
+            .binary_search_by_key(&i, |(n, _)| *n)
+            .ok()
+            .map(|at| data[at].1);
+        let ordered = deltas.last().is_none_or(|(prev, _)| *prev < i);
+        if !ordered || base.0 == HOLE || own.is_none_or(|own| own == base) {
+            return Err(bad(
+                "names a hole, is unordered, or a chunk that is its own base",
+            ));
+        }
+        deltas.push((i, base));
+    }
+    Ok(deltas)
 }
 
 /// Little-endian fields read from the front of a payload.
@@ -456,10 +567,10 @@ mod tests {
     #[test]
     fn newer_index_versions_are_refused() {
         let mut bytes = sparse_tib().encode();
-        bytes[0] = 3;
+        bytes[0] = 4;
         let err = DiskIndex::decode("i", &bytes).unwrap_err();
         assert!(
-            matches!(err, Error::UnsupportedVersion { found: 3, .. }),
+            matches!(err, Error::UnsupportedVersion { found: 4, .. }),
             "{err}"
         );
     }
@@ -475,6 +586,50 @@ mod tests {
         assert_eq!(index.data_in(1, 4), &[(3, id(3))]);
         assert_eq!(index.hole_runs().collect::<Vec<_>>(), vec![(1, 2)]);
         assert_eq!(DiskIndex::empty(0, 1).hole_runs().count(), 0);
+    }
+
+    #[test]
+    fn delta_indexes_round_trip_and_keep_their_bases() {
+        let index = DiskIndex::from_data(10 << 20, 1 << 20, vec![(2, id(2)), (5, id(5))]).unwrap();
+        let plain = index.encode();
+        let with = index.clone().with_deltas(vec![(5, id(9))]).unwrap();
+        assert_eq!(with.version(), DELTA_INDEX_VERSION);
+        assert_eq!(with.base_of(5), Some(id(9)));
+        assert_eq!(with.base_of(2), None);
+        assert_eq!(
+            with.ids().copied().collect::<Vec<_>>(),
+            vec![id(2), id(5), id(9)]
+        );
+        let bytes = with.encode();
+        assert_eq!(bytes.len(), plain.len() + 8 + DELTA_ENTRY_LEN);
+        assert_eq!(DiskIndex::decode("i", &bytes).unwrap(), with);
+        assert!(with.clone().in_version(2).is_err(), "deltas need version 3");
+        assert!(
+            index.clone().with_deltas(vec![(3, id(9))]).is_err(),
+            "a hole"
+        );
+        assert!(
+            index.clone().with_deltas(vec![(5, id(5))]).is_err(),
+            "its own base"
+        );
+        let none = index.with_deltas(vec![]).unwrap();
+        assert_eq!(none.encode(), plain, "no deltas: version 2 as before");
+        let mut empty_table = plain.clone();
+        empty_table[0] = 3;
+        empty_table.extend_from_slice(&0u64.to_le_bytes());
+        let mut hole_delta = bytes.clone();
+        let at = bytes.len() - DELTA_ENTRY_LEN;
+        hole_delta[at..at + 8].copy_from_slice(&3u64.to_le_bytes());
+        let mut trailing = bytes.clone();
+        trailing.push(0);
+        for (what, bytes) in [
+            ("empty table", empty_table),
+            ("hole", hole_delta),
+            ("trailing", trailing),
+        ] {
+            let err = DiskIndex::decode("i", &bytes).unwrap_err();
+            assert!(matches!(err, Error::Corrupt { .. }), "{what}: {err}");
+        }
     }
 
     proptest! {

@@ -413,16 +413,21 @@ impl DiskState {
                 json!({"node": node, "target": copy, "bitmaps": [source]}),
             ));
         }
+        // Fine bitmaps (4 KiB up to 1 TiB): scattered small writes are
+        // read back at their size (see `img::tracking_granularity`).
+        let granularity = crate::img::tracking_granularity(self.disk.size);
         for name in &self.plan.add_bitmaps {
             actions.push(action(
                 "block-dirty-bitmap-add",
-                json!({"node": node, "name": name, "persistent": true, "disabled": false}),
+                json!({"node": node, "name": name, "persistent": true, "disabled": false,
+                       "granularity": granularity}),
             ));
         }
         if let Some(tracker) = &self.tracker {
             actions.push(action(
                 "block-dirty-bitmap-add",
-                json!({"node": node, "name": tracker, "persistent": false, "disabled": false}),
+                json!({"node": node, "name": tracker, "persistent": false, "disabled": false,
+                       "granularity": granularity}),
             ));
         }
         actions

@@ -175,10 +175,36 @@ impl Daemon {
 }
 
 impl Drop for Daemon {
+    /// Stops it as systemd does: SIGTERM (the runs in progress are
+    /// cancelled and their qemu-nbd stopped), SIGKILL only if it hangs.
     fn drop(&mut self) {
+        let _ = Command::new("kill")
+            .arg(self.child.id().to_string())
+            .status();
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while Instant::now() < deadline {
+            if !matches!(self.child.try_wait(), Ok(None)) {
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
         let _ = self.child.kill();
         let _ = self.child.wait();
     }
+}
+
+/// The pids of processes whose command line names `path`.
+fn processes_naming(path: &std::path::Path) -> Vec<u32> {
+    let needle = path.to_string_lossy().into_owned();
+    std::fs::read_dir("/proc")
+        .unwrap()
+        .flatten()
+        .filter_map(|e| e.file_name().to_str()?.parse::<u32>().ok())
+        .filter(|pid| {
+            std::fs::read(format!("/proc/{pid}/cmdline"))
+                .is_ok_and(|c| String::from_utf8_lossy(&c).contains(&needle))
+        })
+        .collect()
 }
 
 fn statuses(runs: &[serde_json::Value]) -> Vec<String> {
@@ -271,6 +297,12 @@ fn the_daemon_runs_scheduled_and_asked_for_backups_and_survives_a_kill() {
         env.path("vbackup.sock").exists(),
         "a killed daemon leaves its socket"
     );
+    // A SIGKILLed daemon cannot stop the qemu-nbd of the backup it ran
+    // (known, see ARCHITECTURE.md); the test ends it, not to leave it on
+    // the machine.
+    for pid in processes_naming(&env.path("web1.qcow2")) {
+        let _ = Command::new("kill").arg(pid.to_string()).status();
+    }
     let daemon = env.start_daemon(2);
     let runs = env.history();
     let interrupted: Vec<&serde_json::Value> = runs

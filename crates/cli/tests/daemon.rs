@@ -12,7 +12,7 @@ use std::path::PathBuf;
 use std::process::{Child, Command, Output, Stdio};
 use std::time::{Duration, Instant};
 
-use vbackup_testkit::util::{noise, s, text, tool};
+use vbackup_testkit::util::{noise, s, stop_gently, text, tool};
 
 /// A folder with a configuration file, a repository and a VM image.
 struct Env {
@@ -175,21 +175,10 @@ impl Daemon {
 }
 
 impl Drop for Daemon {
-    /// Stops it as systemd does: SIGTERM (the runs in progress are
-    /// cancelled and their qemu-nbd stopped), SIGKILL only if it hangs.
+    /// SIGTERM (the runs in progress are cancelled and their qemu-nbd
+    /// stopped), SIGKILL only if it hangs.
     fn drop(&mut self) {
-        let _ = Command::new("kill")
-            .arg(self.child.id().to_string())
-            .status();
-        let deadline = Instant::now() + Duration::from_secs(30);
-        while Instant::now() < deadline {
-            if !matches!(self.child.try_wait(), Ok(None)) {
-                return;
-            }
-            std::thread::sleep(Duration::from_millis(50));
-        }
-        let _ = self.child.kill();
-        let _ = self.child.wait();
+        stop_gently(&mut self.child);
     }
 }
 

@@ -12,7 +12,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Output, Stdio};
 use std::time::{Duration, Instant};
 
-use vbackup_testkit::util::{s, text, tool};
+use vbackup_testkit::util::{s, stop_gently, text, tool};
 
 const CHROMIUM: &str = "/usr/bin/chromium";
 
@@ -205,16 +205,7 @@ impl Drop for Daemon {
     /// SIGTERM (the runs in progress are cancelled and their qemu-nbd
     /// stopped), SIGKILL only if it hangs.
     fn drop(&mut self) {
-        let _ = Command::new("kill").arg(self.0.id().to_string()).status();
-        let deadline = Instant::now() + Duration::from_secs(30);
-        while Instant::now() < deadline {
-            if !matches!(self.0.try_wait(), Ok(None)) {
-                return;
-            }
-            std::thread::sleep(Duration::from_millis(50));
-        }
-        let _ = self.0.kill();
-        let _ = self.0.wait();
+        stop_gently(&mut self.0);
     }
 }
 

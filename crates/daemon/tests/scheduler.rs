@@ -6,7 +6,7 @@
 // Test helpers panic on unexpected failures; that is how a test fails.
 #![allow(clippy::unwrap_used)]
 
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::sync::Arc;
 
 use chrono::{DateTime, Local, TimeZone, Utc};
@@ -15,6 +15,7 @@ use vbackup_daemon::config::Config;
 use vbackup_daemon::history::{RunFilter, Status};
 use vbackup_daemon::scheduler::{Daemon, ManualClock};
 use vbackup_open::{Purpose, RepositoryOptions};
+use vbackup_testkit::util::{s, tool};
 
 /// A local wall-clock time on 2026-12-DAY, as UTC.
 fn local(day: u32, hour: u32, minute: u32) -> DateTime<Utc> {
@@ -109,18 +110,6 @@ schedule = "daily 04:00"
         let repo = vbackup_daemon::jobs::open_repository(&config, "local", Purpose::Use).unwrap();
         repo.list_snapshots().unwrap().len()
     }
-}
-
-fn s(path: &Path) -> &str {
-    path.to_str().unwrap()
-}
-
-fn tool(program: &str, args: &[&str]) {
-    let out = std::process::Command::new(program)
-        .args(args)
-        .output()
-        .unwrap();
-    assert!(out.status.success(), "{program} {args:?}: {out:?}");
 }
 
 fn runs(daemon: &Daemon, job: &str) -> Vec<vbackup_daemon::history::Run> {

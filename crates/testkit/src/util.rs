@@ -93,3 +93,19 @@ pub(crate) fn send_sigterm(child: &Child) -> io::Result<()> {
         Err(io::Error::last_os_error())
     }
 }
+
+/// Stops `child` as systemd would: SIGTERM, up to 30 s to exit, then
+/// SIGKILL; reaps it either way (a daemon cancels its runs on SIGTERM).
+pub fn stop_gently(child: &mut Child) {
+    if send_sigterm(child).is_ok() {
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+        while std::time::Instant::now() < deadline {
+            if !matches!(child.try_wait(), Ok(None)) {
+                return;
+            }
+            std::thread::sleep(std::time::Duration::from_millis(50));
+        }
+    }
+    let _ = child.kill();
+    let _ = child.wait();
+}

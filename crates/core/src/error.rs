@@ -92,6 +92,17 @@ pub enum Error {
         /// The underlying error.
         source: io::Error,
     },
+    /// A local file vbackup keeps for itself (the overlay of a writable
+    /// export) could not be read or written.
+    #[error("{what} {path}: {source}")]
+    LocalFile {
+        /// What was being done ("writing the overlay").
+        what: String,
+        /// The file.
+        path: String,
+        /// The underlying error.
+        source: io::Error,
+    },
     /// A snapshot specification matched nothing or too much.
     #[error("{0}")]
     SnapshotSelection(String),
@@ -176,7 +187,7 @@ impl Error {
             Error::Source { source, .. } | Error::Target { source, .. } => {
                 Classified::class_of(source)
             }
-            Error::Storage(_) | Error::Conflict(_) => ErrorClass::Runtime,
+            Error::Storage(_) | Error::Conflict(_) | Error::LocalFile { .. } => ErrorClass::Runtime,
         }
     }
 

@@ -27,7 +27,7 @@ pub struct RestoreStats {
 }
 
 /// Reads and checks a disk's index against its record.
-fn load_index(repo: &Repository, disk: &DiskRecord) -> Result<DiskIndex> {
+pub(crate) fn load_index(repo: &Repository, disk: &DiskRecord) -> Result<DiskIndex> {
     let index = repo.read_index(&disk.index).map_err(missing_is_damage)?;
     if index.virtual_size != disk.virtual_size || index.chunk_size != disk.chunk_size {
         return Err(Error::corrupt(
@@ -39,7 +39,7 @@ fn load_index(repo: &Repository, disk: &DiskRecord) -> Result<DiskIndex> {
 }
 
 /// A missing object that a snapshot needs is damage, not an I/O failure.
-fn missing_is_damage(error: Error) -> Error {
+pub(crate) fn missing_is_damage(error: Error) -> Error {
     match error {
         Error::Storage(e) if e.is_not_found() => Error::corrupt(
             e.key(),
@@ -204,7 +204,7 @@ fn missing(id: &ChunkId) -> Error {
 }
 
 /// Checks that chunk `i` has the length the disk needs there.
-fn check_length(index: &DiskIndex, i: u64, id: &ChunkId, data: &[u8]) -> Result<()> {
+pub(crate) fn check_length(index: &DiskIndex, i: u64, id: &ChunkId, data: &[u8]) -> Result<()> {
     let (_, length) = index.chunk_range(i);
     if data.len() != length {
         return Err(Error::corrupt(

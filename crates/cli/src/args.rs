@@ -123,6 +123,9 @@ pub enum Command {
     Backup(BackupArgs),
     /// Restore the disks of a snapshot.
     Restore(RestoreArgs),
+    /// Serve a snapshot's disks over NBD, straight from the repository
+    /// (instant access: `qemu-img`, `qemu-system -blockdev`, `nbd-client`).
+    Serve(crate::serve::ServeArgs),
     /// List snapshots.
     Snapshots(SnapshotsArgs),
     /// Check the repository: structure, and with --read-data the data too.
@@ -689,7 +692,7 @@ pub fn parse_duration(text: &str) -> Result<Duration, String> {
 
 /// A VM name: not empty, not only spaces (snapshots are grouped and
 /// found by it).
-fn parse_vm_name(text: &str) -> Result<String, String> {
+pub(crate) fn parse_vm_name(text: &str) -> Result<String, String> {
     match text.trim().is_empty() {
         true => Err("a VM needs a name, e.g. --vm web1".to_string()),
         false => Ok(text.to_string()),

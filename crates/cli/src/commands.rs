@@ -49,6 +49,7 @@ pub fn run(cli: Cli) -> Result<()> {
         Command::Init(args) => init(&ctx, &args),
         Command::Backup(args) => backup(&ctx, &args),
         Command::Restore(args) => restore(&ctx, &args),
+        Command::Serve(args) => crate::serve::run(&ctx, &args),
         Command::Snapshots(args) => snapshots(&ctx, &args),
         Command::Check(args) => crate::lifecycle::check(&ctx, &args),
         Command::Verify => crate::lifecycle::verify(&ctx),
@@ -76,11 +77,12 @@ fn commanded_vm(command: &Command) -> Option<String> {
         Command::Backup(args) => Some(args.vm.clone()),
         Command::Restore(args) => args.vm.clone(),
         Command::Snapshots(args) => args.vm.clone(),
+        Command::Serve(args) => args.vm.clone(),
         _ => None,
     }
 }
 
-fn usage_error(message: impl Into<String>) -> anyhow::Error {
+pub(crate) fn usage_error(message: impl Into<String>) -> anyhow::Error {
     ExitError {
         code: EXIT_USAGE,
         message: message.into(),

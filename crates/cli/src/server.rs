@@ -292,6 +292,7 @@ fn server_error(error: vbackup_server::Error) -> anyhow::Error {
 fn operation(command: &Command) -> Option<Operation> {
     Some(match command {
         Command::Backup(_) => Operation::Backup,
+        Command::Serve(args) if !args.commit_overlay.is_empty() => Operation::Backup,
         Command::Forget(_) => Operation::Forget,
         Command::Prune(_) => Operation::Prune,
         Command::Repair(_) => Operation::Repair,

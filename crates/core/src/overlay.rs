@@ -77,6 +77,18 @@ pub struct OverlayOrigin {
     pub created: String,
 }
 
+impl OverlayOrigin {
+    /// The origin of an overlay created now over `disk` of `snapshot`.
+    pub fn now(repo: &Repository, snapshot: &str, disk: &str) -> Self {
+        Self {
+            repository: repo.config().id.clone(),
+            snapshot: snapshot.to_string(),
+            disk: disk.to_string(),
+            created: chrono::Utc::now().to_rfc3339_opts(chrono::SecondsFormat::Secs, true),
+        }
+    }
+}
+
 /// An overlay file's header.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct OverlayHeader {

@@ -25,6 +25,8 @@ pub mod job;
 pub mod live;
 pub mod offline;
 pub mod restore;
+pub mod sentinel;
+pub mod serve;
 
 pub use error::{Error, Result};
 pub use vbackup_core::cbt::Requested;

@@ -19,6 +19,7 @@
 //! full read, with its reason.
 #![deny(missing_docs)]
 
+pub mod boot;
 pub mod definition;
 mod error;
 pub mod job;

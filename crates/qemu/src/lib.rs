@@ -55,5 +55,5 @@ pub use error::{Error, Result};
 pub use img::{image_info, ImageInfo};
 pub use nbd::{ConnectOptions, NbdClient};
 pub use qemu_nbd::{QemuNbd, QemuNbdOptions};
-pub use qga::GuestAgent;
+pub use qga::{ExecStatus, GuestAgent};
 pub use qmp::QmpClient;

@@ -43,6 +43,33 @@ pub enum FreezeStatus {
     Other(String),
 }
 
+/// What `guest-exec-status` says about a process `guest-exec` started.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct ExecStatus {
+    /// Whether the process has ended; the other fields are final only then.
+    pub exited: bool,
+    /// Its exit code, if it exited normally.
+    pub exit_code: Option<i64>,
+    /// The signal that ended it, if one did.
+    pub signal: Option<i64>,
+    /// What it wrote to stdout (with output capture).
+    pub stdout: Vec<u8>,
+    /// What it wrote to stderr (with output capture).
+    pub stderr: Vec<u8>,
+    /// Whether the agent cut stdout or stderr short (it keeps at most 16 MiB).
+    pub truncated: bool,
+}
+
+impl ExecStatus {
+    /// Whether the process exited with code 0.
+    pub fn success(&self) -> bool {
+        self.exited && self.exit_code == Some(0)
+    }
+}
+
+/// How often [`GuestAgent::run`] asks whether the process has ended.
+const EXEC_POLL: Duration = Duration::from_millis(100);
+
 /// A connection to a guest agent socket.
 #[derive(Debug)]
 pub struct GuestAgent {
@@ -161,6 +188,83 @@ impl GuestAgent {
         }
     }
 
+    /// Checks that the agent answers (`guest-ping`).
+    pub fn ping(&mut self) -> Result<()> {
+        self.execute("guest-ping", Value::Null).map(drop)
+    }
+
+    /// Starts `path` with `args` in the guest (`guest-exec`), capturing its
+    /// stdout and stderr if `capture_output`; returns the guest's process
+    /// id for [`GuestAgent::exec_status`]. Nothing is run through a shell
+    /// unless `path` is one (`/bin/sh`, `["-c", "..."]`).
+    pub fn exec(&mut self, path: &str, args: &[&str], capture_output: bool) -> Result<i64> {
+        let value = self.execute(
+            "guest-exec",
+            json!({"path": path, "arg": args, "capture-output": capture_output}),
+        )?;
+        value
+            .get("pid")
+            .and_then(Value::as_i64)
+            .ok_or_else(|| bad_reply("guest-exec", "no process id"))
+    }
+
+    /// Whether the process `pid` that [`GuestAgent::exec`] started has
+    /// ended, and how (`guest-exec-status`). The agent forgets a process
+    /// once it reported it ended.
+    pub fn exec_status(&mut self, pid: i64) -> Result<ExecStatus> {
+        let value = self.execute("guest-exec-status", json!({"pid": pid}))?;
+        exec_status(&value)
+    }
+
+    /// Runs `path` with `args` in the guest with output capture and waits
+    /// up to `timeout` for it to end (for checks such as "does the
+    /// restored guest's database answer"). A process still running after
+    /// `timeout` is an error (it keeps running in the guest).
+    pub fn run(&mut self, path: &str, args: &[&str], timeout: Duration) -> Result<ExecStatus> {
+        let pid = self.exec(path, args, true)?;
+        let deadline = Instant::now() + timeout;
+        loop {
+            let status = self.exec_status(pid)?;
+            if status.exited {
+                return Ok(status);
+            }
+            if Instant::now() >= deadline {
+                return Err(Error::io(
+                    format!("'{path}' (pid {pid} in the guest) did not end within {timeout:?}"),
+                    std::io::ErrorKind::TimedOut.into(),
+                ));
+            }
+            std::thread::sleep(EXEC_POLL);
+        }
+    }
+
+    /// Asks the guest to power off (`guest-shutdown`, mode `powerdown`).
+    /// The agent answers only a refusal: success is the guest going away,
+    /// so this waits up to the command timeout for an error reply and
+    /// treats silence or a closed connection as accepted. Whether the
+    /// guest did stop is for the caller to watch (the VM's process, QMP).
+    pub fn shutdown(&mut self) -> Result<()> {
+        let id = self.take_id();
+        let request =
+            json!({"execute": "guest-shutdown", "arguments": {"mode": "powerdown"}, "id": id});
+        self.lines.send(&request, self.timeout)?;
+        let deadline = Instant::now() + self.timeout;
+        loop {
+            let Ok(line) = self
+                .lines
+                .read_line(deadline, "a refusal of guest-shutdown")
+            else {
+                return Ok(()); // silence or a closed channel: the guest is going down
+            };
+            let Ok(reply) = parse_line(&line) else {
+                continue;
+            };
+            if reply.get("id") == Some(&json!(id)) || reply.get("error").is_some() {
+                return reply_value("guest-shutdown", reply, PEER).map(drop);
+            }
+        }
+    }
+
     fn take_id(&mut self) -> u64 {
         let id = self.next_id;
         self.next_id = self.next_id.wrapping_add(1) & ((1 << 52) - 1);
@@ -192,6 +296,63 @@ fn reply_value(command: &str, mut reply: Value, peer: &'static str) -> Result<Va
         peer,
         reason: format!("a reply to '{command}' with neither return nor error"),
     })
+}
+
+fn exec_status(value: &Value) -> Result<ExecStatus> {
+    let exited = value
+        .get("exited")
+        .and_then(Value::as_bool)
+        .ok_or_else(|| bad_reply("guest-exec-status", "no 'exited' flag"))?;
+    let output = |key: &str| match value.get(key).and_then(Value::as_str) {
+        Some(text) => decode_base64(text)
+            .ok_or_else(|| bad_reply("guest-exec-status", &format!("invalid base64 in '{key}'"))),
+        None => Ok(Vec::new()),
+    };
+    Ok(ExecStatus {
+        exited,
+        exit_code: value.get("exitcode").and_then(Value::as_i64),
+        signal: value.get("signal").and_then(Value::as_i64),
+        stdout: output("out-data")?,
+        stderr: output("err-data")?,
+        truncated: ["out-truncated", "err-truncated"]
+            .iter()
+            .any(|k| value.get(*k).and_then(Value::as_bool) == Some(true)),
+    })
+}
+
+/// Decodes standard base64 (with `=` padding, as the agent sends output);
+/// `None` if `text` is not valid base64.
+fn decode_base64(text: &str) -> Option<Vec<u8>> {
+    fn sextet(c: u8) -> Option<u32> {
+        match c {
+            b'A'..=b'Z' => Some(u32::from(c - b'A')),
+            b'a'..=b'z' => Some(u32::from(c - b'a') + 26),
+            b'0'..=b'9' => Some(u32::from(c - b'0') + 52),
+            b'+' => Some(62),
+            b'/' => Some(63),
+            _ => None,
+        }
+    }
+    let bytes = text.as_bytes();
+    if bytes.len() % 4 != 0 {
+        return None;
+    }
+    let mut out = Vec::with_capacity(bytes.len() / 4 * 3);
+    for (i, quad) in bytes.chunks(4).enumerate() {
+        let last = i + 1 == bytes.len() / 4;
+        let pad = quad.iter().rev().take_while(|&&c| c == b'=').count();
+        if pad > 2 || (pad > 0 && !last) {
+            return None;
+        }
+        let mut n = 0u32;
+        for &c in &quad[..4 - pad] {
+            n = (n << 6) | sextet(c)?;
+        }
+        n <<= 6 * pad as u32;
+        let group = [(n >> 16) as u8, (n >> 8) as u8, n as u8];
+        out.extend_from_slice(&group[..3 - pad]);
+    }
+    Some(out)
 }
 
 fn count(value: Value, command: &str) -> Result<u64> {
@@ -228,5 +389,39 @@ mod tests {
         );
         assert!(reply_value("x", json!({"what": 1}), PEER).is_err());
         assert!(count(json!("three"), "x").is_err());
+    }
+
+    #[test]
+    fn base64_decodes_agent_output() {
+        assert_eq!(decode_base64("aGkK").unwrap(), b"hi\n");
+        assert_eq!(decode_base64("").unwrap(), b"");
+        assert_eq!(decode_base64("YQ==").unwrap(), b"a");
+        assert_eq!(decode_base64("YWI=").unwrap(), b"ab");
+        assert_eq!(decode_base64("/+8=").unwrap(), [0xff, 0xef]);
+        assert!(decode_base64("YQ=").is_none());
+        assert!(decode_base64("YQ==YQ==").is_none());
+        assert!(decode_base64("Y===").is_none());
+        assert!(decode_base64("aGk*").is_none());
+    }
+
+    #[test]
+    fn exec_status_reads_code_output_and_signal() {
+        let done = exec_status(
+            &json!({"exitcode": 0, "out-data": "aGkK", "out-truncated": false, "exited": true}),
+        )
+        .unwrap();
+        assert!(done.success());
+        assert_eq!(done.stdout, b"hi\n");
+        assert!(done.stderr.is_empty() && !done.truncated);
+        let running = exec_status(&json!({"exited": false})).unwrap();
+        assert!(!running.exited && !running.success());
+        let killed =
+            exec_status(&json!({"exited": true, "signal": 9, "err-truncated": true})).unwrap();
+        assert_eq!(
+            (killed.signal, killed.truncated, killed.success()),
+            (Some(9), true, false)
+        );
+        assert!(exec_status(&json!({"exitcode": 0})).is_err());
+        assert!(exec_status(&json!({"exited": true, "out-data": "%%%%"})).is_err());
     }
 }

@@ -9,6 +9,11 @@
 //! undone, so every call has a timeout and [`crate::live::LiveSession`]
 //! thaws on every path.
 //!
+//! The agent also runs commands in the guest (`guest-exec`, then
+//! `guest-exec-status` until the process ended: [`GuestAgent::run`]) and
+//! powers it off (`guest-shutdown`), which is how a restored guest is
+//! checked after a boot and stopped again.
+//!
 //! The agent's socket is the host end of a virtio-serial channel: there is
 //! no greeting, and stale replies from an earlier client may still be in
 //! the pipe, so the connection starts with the `guest-sync-delimited`
@@ -371,6 +376,69 @@ fn bad_reply(command: &str, what: &str) -> Error {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::io::{BufRead, BufReader, Write};
+    use std::os::unix::net::{UnixListener, UnixStream};
+
+    /// A fake agent: answers the sync handshake, then gives each further
+    /// request to `answer` (which returns the reply line, or `None` to
+    /// close the connection).
+    fn fake_agent(
+        answer: impl Fn(&Value) -> Option<String> + Send + 'static,
+    ) -> (
+        std::path::PathBuf,
+        tempfile::TempDir,
+        std::thread::JoinHandle<()>,
+    ) {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("qga.sock");
+        let listener = UnixListener::bind(&path).unwrap();
+        let thread = std::thread::spawn(move || {
+            let (stream, _) = listener.accept().unwrap();
+            serve(stream, &answer);
+        });
+        (path, dir, thread)
+    }
+
+    fn serve(mut stream: UnixStream, answer: &dyn Fn(&Value) -> Option<String>) {
+        let mut reader = BufReader::new(stream.try_clone().unwrap());
+        let mut line = Vec::new();
+        while reader.read_until(b'\n', &mut line).unwrap() > 0 {
+            // The client's 0xFF parser reset comes right before a request.
+            let start = line.iter().position(|&b| b != SYNC_MARKER).unwrap_or(0);
+            let request: Value = serde_json::from_slice(&line[start..]).unwrap();
+            line.clear();
+            let reply = if request["execute"] == "guest-sync-delimited" {
+                let mut bytes = vec![SYNC_MARKER];
+                bytes.extend(format!(r#"{{"return": {}}}"#, request["arguments"]["id"]).bytes());
+                bytes
+            } else {
+                match answer(&request) {
+                    Some(reply) => reply.into_bytes(),
+                    None => return,
+                }
+            };
+            stream.write_all(&reply).unwrap();
+            stream.write_all(b"\n").unwrap();
+        }
+    }
+
+    #[test]
+    fn shutdown_is_accepted_when_the_guest_goes_away_and_refused_on_an_error() {
+        let (path, _dir, thread) = fake_agent(|_| None);
+        GuestAgent::connect(&path).unwrap().shutdown().unwrap();
+        thread.join().unwrap();
+
+        let (path, _dir, thread) = fake_agent(|request| {
+            assert_eq!(request["arguments"]["mode"], "powerdown");
+            Some(format!(
+                r#"{{"error": {{"class": "GenericError", "desc": "child process has failed to shutdown"}}, "id": {}}}"#,
+                request["id"]
+            ))
+        });
+        let err = GuestAgent::connect(&path).unwrap().shutdown().unwrap_err();
+        assert!(err.to_string().contains("failed to shutdown"), "{err}");
+        thread.join().unwrap();
+    }
 
     #[test]
     fn replies_map_to_values_and_errors() {

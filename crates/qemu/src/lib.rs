@@ -19,7 +19,7 @@
 //!   [`live`] freezes a point in time of all disks at once (image fleecing
 //!   plus dirty bitmap rotation in one QMP transaction) and exports it over
 //!   NBD, [`qga`] asks the guest agent to freeze file systems around that
-//!   instant. Dirty bitmaps, offline (`qemu-nbd --bitmap`) or live, are read
+//!   instant (and runs commands in a guest, or powers it off). Dirty bitmaps, offline (`qemu-nbd --bitmap`) or live, are read
 //!   as the `qemu:dirty-bitmap:NAME` metadata context and answer
 //!   `DiskReader::changed`, which makes incremental backups read only what
 //!   changed.
@@ -55,5 +55,5 @@ pub use error::{Error, Result};
 pub use img::{image_info, ImageInfo};
 pub use nbd::{ConnectOptions, NbdClient};
 pub use qemu_nbd::{QemuNbd, QemuNbdOptions};
-pub use qga::GuestAgent;
+pub use qga::{ExecStatus, GuestAgent};
 pub use qmp::QmpClient;

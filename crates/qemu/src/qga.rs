@@ -9,6 +9,11 @@
 //! undone, so every call has a timeout and [`crate::live::LiveSession`]
 //! thaws on every path.
 //!
+//! The agent also runs commands in the guest (`guest-exec`, then
+//! `guest-exec-status` until the process ended: [`GuestAgent::run`]) and
+//! powers it off (`guest-shutdown`), which is how a restored guest is
+//! checked after a boot and stopped again.
+//!
 //! The agent's socket is the host end of a virtio-serial channel: there is
 //! no greeting, and stale replies from an earlier client may still be in
 //! the pipe, so the connection starts with the `guest-sync-delimited`
@@ -42,6 +47,33 @@ pub enum FreezeStatus {
     /// Anything else the agent said.
     Other(String),
 }
+
+/// What `guest-exec-status` says about a process `guest-exec` started.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct ExecStatus {
+    /// Whether the process has ended; the other fields are final only then.
+    pub exited: bool,
+    /// Its exit code, if it exited normally.
+    pub exit_code: Option<i64>,
+    /// The signal that ended it, if one did.
+    pub signal: Option<i64>,
+    /// What it wrote to stdout (with output capture).
+    pub stdout: Vec<u8>,
+    /// What it wrote to stderr (with output capture).
+    pub stderr: Vec<u8>,
+    /// Whether the agent cut stdout or stderr short (it keeps at most 16 MiB).
+    pub truncated: bool,
+}
+
+impl ExecStatus {
+    /// Whether the process exited with code 0.
+    pub fn success(&self) -> bool {
+        self.exited && self.exit_code == Some(0)
+    }
+}
+
+/// How often [`GuestAgent::run`] asks whether the process has ended.
+const EXEC_POLL: Duration = Duration::from_millis(100);
 
 /// A connection to a guest agent socket.
 #[derive(Debug)]
@@ -161,6 +193,83 @@ impl GuestAgent {
         }
     }
 
+    /// Checks that the agent answers (`guest-ping`).
+    pub fn ping(&mut self) -> Result<()> {
+        self.execute("guest-ping", Value::Null).map(drop)
+    }
+
+    /// Starts `path` with `args` in the guest (`guest-exec`), capturing its
+    /// stdout and stderr if `capture_output`; returns the guest's process
+    /// id for [`GuestAgent::exec_status`]. Nothing is run through a shell
+    /// unless `path` is one (`/bin/sh`, `["-c", "..."]`).
+    pub fn exec(&mut self, path: &str, args: &[&str], capture_output: bool) -> Result<i64> {
+        let value = self.execute(
+            "guest-exec",
+            json!({"path": path, "arg": args, "capture-output": capture_output}),
+        )?;
+        value
+            .get("pid")
+            .and_then(Value::as_i64)
+            .ok_or_else(|| bad_reply("guest-exec", "no process id"))
+    }
+
+    /// Whether the process `pid` that [`GuestAgent::exec`] started has
+    /// ended, and how (`guest-exec-status`). The agent forgets a process
+    /// once it reported it ended.
+    pub fn exec_status(&mut self, pid: i64) -> Result<ExecStatus> {
+        let value = self.execute("guest-exec-status", json!({"pid": pid}))?;
+        exec_status(&value)
+    }
+
+    /// Runs `path` with `args` in the guest with output capture and waits
+    /// up to `timeout` for it to end (for checks such as "does the
+    /// restored guest's database answer"). A process still running after
+    /// `timeout` is an error (it keeps running in the guest).
+    pub fn run(&mut self, path: &str, args: &[&str], timeout: Duration) -> Result<ExecStatus> {
+        let pid = self.exec(path, args, true)?;
+        let deadline = Instant::now() + timeout;
+        loop {
+            let status = self.exec_status(pid)?;
+            if status.exited {
+                return Ok(status);
+            }
+            if Instant::now() >= deadline {
+                return Err(Error::io(
+                    format!("'{path}' (pid {pid} in the guest) did not end within {timeout:?}"),
+                    std::io::ErrorKind::TimedOut.into(),
+                ));
+            }
+            std::thread::sleep(EXEC_POLL);
+        }
+    }
+
+    /// Asks the guest to power off (`guest-shutdown`, mode `powerdown`).
+    /// The agent answers only a refusal: success is the guest going away,
+    /// so this waits up to the command timeout for an error reply and
+    /// treats silence or a closed connection as accepted. Whether the
+    /// guest did stop is for the caller to watch (the VM's process, QMP).
+    pub fn shutdown(&mut self) -> Result<()> {
+        let id = self.take_id();
+        let request =
+            json!({"execute": "guest-shutdown", "arguments": {"mode": "powerdown"}, "id": id});
+        self.lines.send(&request, self.timeout)?;
+        let deadline = Instant::now() + self.timeout;
+        loop {
+            let Ok(line) = self
+                .lines
+                .read_line(deadline, "a refusal of guest-shutdown")
+            else {
+                return Ok(()); // silence or a closed channel: the guest is going down
+            };
+            let Ok(reply) = parse_line(&line) else {
+                continue;
+            };
+            if reply.get("id") == Some(&json!(id)) || reply.get("error").is_some() {
+                return reply_value("guest-shutdown", reply, PEER).map(drop);
+            }
+        }
+    }
+
     fn take_id(&mut self) -> u64 {
         let id = self.next_id;
         self.next_id = self.next_id.wrapping_add(1) & ((1 << 52) - 1);
@@ -194,6 +303,63 @@ fn reply_value(command: &str, mut reply: Value, peer: &'static str) -> Result<Va
     })
 }
 
+fn exec_status(value: &Value) -> Result<ExecStatus> {
+    let exited = value
+        .get("exited")
+        .and_then(Value::as_bool)
+        .ok_or_else(|| bad_reply("guest-exec-status", "no 'exited' flag"))?;
+    let output = |key: &str| match value.get(key).and_then(Value::as_str) {
+        Some(text) => decode_base64(text)
+            .ok_or_else(|| bad_reply("guest-exec-status", &format!("invalid base64 in '{key}'"))),
+        None => Ok(Vec::new()),
+    };
+    Ok(ExecStatus {
+        exited,
+        exit_code: value.get("exitcode").and_then(Value::as_i64),
+        signal: value.get("signal").and_then(Value::as_i64),
+        stdout: output("out-data")?,
+        stderr: output("err-data")?,
+        truncated: ["out-truncated", "err-truncated"]
+            .iter()
+            .any(|k| value.get(*k).and_then(Value::as_bool) == Some(true)),
+    })
+}
+
+/// Decodes standard base64 (with `=` padding, as the agent sends output);
+/// `None` if `text` is not valid base64.
+fn decode_base64(text: &str) -> Option<Vec<u8>> {
+    fn sextet(c: u8) -> Option<u32> {
+        match c {
+            b'A'..=b'Z' => Some(u32::from(c - b'A')),
+            b'a'..=b'z' => Some(u32::from(c - b'a') + 26),
+            b'0'..=b'9' => Some(u32::from(c - b'0') + 52),
+            b'+' => Some(62),
+            b'/' => Some(63),
+            _ => None,
+        }
+    }
+    let bytes = text.as_bytes();
+    if !bytes.len().is_multiple_of(4) {
+        return None;
+    }
+    let mut out = Vec::with_capacity(bytes.len() / 4 * 3);
+    for (i, quad) in bytes.chunks(4).enumerate() {
+        let last = i + 1 == bytes.len() / 4;
+        let pad = quad.iter().rev().take_while(|&&c| c == b'=').count();
+        if pad > 2 || (pad > 0 && !last) {
+            return None;
+        }
+        let mut n = 0u32;
+        for &c in &quad[..4 - pad] {
+            n = (n << 6) | sextet(c)?;
+        }
+        n <<= 6 * pad as u32;
+        let group = [(n >> 16) as u8, (n >> 8) as u8, n as u8];
+        out.extend_from_slice(&group[..3 - pad]);
+    }
+    Some(out)
+}
+
 fn count(value: Value, command: &str) -> Result<u64> {
     value
         .as_u64()
@@ -210,6 +376,69 @@ fn bad_reply(command: &str, what: &str) -> Error {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::io::{BufRead, BufReader, Write};
+    use std::os::unix::net::{UnixListener, UnixStream};
+
+    /// A fake agent: answers the sync handshake, then gives each further
+    /// request to `answer` (which returns the reply line, or `None` to
+    /// close the connection).
+    fn fake_agent(
+        answer: impl Fn(&Value) -> Option<String> + Send + 'static,
+    ) -> (
+        std::path::PathBuf,
+        tempfile::TempDir,
+        std::thread::JoinHandle<()>,
+    ) {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("qga.sock");
+        let listener = UnixListener::bind(&path).unwrap();
+        let thread = std::thread::spawn(move || {
+            let (stream, _) = listener.accept().unwrap();
+            serve(stream, &answer);
+        });
+        (path, dir, thread)
+    }
+
+    fn serve(mut stream: UnixStream, answer: &dyn Fn(&Value) -> Option<String>) {
+        let mut reader = BufReader::new(stream.try_clone().unwrap());
+        let mut line = Vec::new();
+        while reader.read_until(b'\n', &mut line).unwrap() > 0 {
+            // The client's 0xFF parser reset comes right before a request.
+            let start = line.iter().position(|&b| b != SYNC_MARKER).unwrap_or(0);
+            let request: Value = serde_json::from_slice(&line[start..]).unwrap();
+            line.clear();
+            let reply = if request["execute"] == "guest-sync-delimited" {
+                let mut bytes = vec![SYNC_MARKER];
+                bytes.extend(format!(r#"{{"return": {}}}"#, request["arguments"]["id"]).bytes());
+                bytes
+            } else {
+                match answer(&request) {
+                    Some(reply) => reply.into_bytes(),
+                    None => return,
+                }
+            };
+            stream.write_all(&reply).unwrap();
+            stream.write_all(b"\n").unwrap();
+        }
+    }
+
+    #[test]
+    fn shutdown_is_accepted_when_the_guest_goes_away_and_refused_on_an_error() {
+        let (path, _dir, thread) = fake_agent(|_| None);
+        GuestAgent::connect(&path).unwrap().shutdown().unwrap();
+        thread.join().unwrap();
+
+        let (path, _dir, thread) = fake_agent(|request| {
+            assert_eq!(request["arguments"]["mode"], "powerdown");
+            Some(format!(
+                r#"{{"error": {{"class": "GenericError", "desc": "child process has failed to shutdown"}}, "id": {}}}"#,
+                request["id"]
+            ))
+        });
+        let err = GuestAgent::connect(&path).unwrap().shutdown().unwrap_err();
+        assert!(err.to_string().contains("failed to shutdown"), "{err}");
+        thread.join().unwrap();
+    }
 
     #[test]
     fn replies_map_to_values_and_errors() {
@@ -228,5 +457,39 @@ mod tests {
         );
         assert!(reply_value("x", json!({"what": 1}), PEER).is_err());
         assert!(count(json!("three"), "x").is_err());
+    }
+
+    #[test]
+    fn base64_decodes_agent_output() {
+        assert_eq!(decode_base64("aGkK").unwrap(), b"hi\n");
+        assert_eq!(decode_base64("").unwrap(), b"");
+        assert_eq!(decode_base64("YQ==").unwrap(), b"a");
+        assert_eq!(decode_base64("YWI=").unwrap(), b"ab");
+        assert_eq!(decode_base64("/+8=").unwrap(), [0xff, 0xef]);
+        assert!(decode_base64("YQ=").is_none());
+        assert!(decode_base64("YQ==YQ==").is_none());
+        assert!(decode_base64("Y===").is_none());
+        assert!(decode_base64("aGk*").is_none());
+    }
+
+    #[test]
+    fn exec_status_reads_code_output_and_signal() {
+        let done = exec_status(
+            &json!({"exitcode": 0, "out-data": "aGkK", "out-truncated": false, "exited": true}),
+        )
+        .unwrap();
+        assert!(done.success());
+        assert_eq!(done.stdout, b"hi\n");
+        assert!(done.stderr.is_empty() && !done.truncated);
+        let running = exec_status(&json!({"exited": false})).unwrap();
+        assert!(!running.exited && !running.success());
+        let killed =
+            exec_status(&json!({"exited": true, "signal": 9, "err-truncated": true})).unwrap();
+        assert_eq!(
+            (killed.signal, killed.truncated, killed.success()),
+            (Some(9), true, false)
+        );
+        assert!(exec_status(&json!({"exitcode": 0})).is_err());
+        assert!(exec_status(&json!({"exited": true, "out-data": "%%%%"})).is_err());
     }
 }

@@ -699,6 +699,7 @@ fn a_refused_freeze_is_reported_as_crash_consistent() {
         return;
     };
     let mut ga = GuestAgent::connect(&agent.socket).unwrap();
+    ga.ping().unwrap();
     assert_eq!(ga.fsfreeze_status().unwrap(), FreezeStatus::Thawed);
     ga.sync().unwrap();
     let err = ga.fsfreeze_freeze().unwrap_err();

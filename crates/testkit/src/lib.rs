@@ -4,6 +4,8 @@
 //!
 //! - [`qemu`]: a real `qemu-storage-daemon` or QEMU virtual machine
 //!   serving qcow2 disks, and `qemu-img`/`qemu-io` helpers for images.
+//! - [`guest`]: a real small Linux guest (kernel, initramfs, ext4 root
+//!   disk with `qemu-ga`) built by `scripts/guest.sh`, booted in QEMU.
 //! - [`garage`]: real Garage S3 servers on loopback.
 //! - [`server`]: a real `vbackup server` process and its tokens.
 //! - [`tls`]: raw TLS connections to a server with a pinned certificate,
@@ -20,6 +22,7 @@
 
 pub mod cli;
 pub mod garage;
+pub mod guest;
 pub mod memory;
 pub mod qemu;
 pub mod server;

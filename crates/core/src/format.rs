@@ -65,6 +65,8 @@ pub enum ObjectKind {
     PackTrailer = 10,
     /// A pack index: which chunks which packs hold (`packindex/`).
     PackIndex = 11,
+    /// A boot verification's result (`verified/`).
+    BootReport = 12,
 }
 
 impl ObjectKind {
@@ -81,6 +83,7 @@ impl ObjectKind {
             Self::DamageMarker,
             Self::PackTrailer,
             Self::PackIndex,
+            Self::BootReport,
         ]
         .into_iter()
         .find(|k| *k as u8 == code)

@@ -18,6 +18,7 @@
 //! backup records nothing but leaves its chunks for the next run to reuse.
 #![deny(missing_docs)]
 
+pub mod boot_report;
 pub mod cbt;
 pub mod client_state;
 mod compress;

@@ -20,13 +20,14 @@
 use vbackup_protocol::Role;
 
 /// Object folders a backup token may add to.
-pub const BACKUP_PREFIXES: [&str; 6] = [
+pub const BACKUP_PREFIXES: [&str; 7] = [
     "chunks/",
     "indexes/",
     "packs/",
     "packindex/",
     "snapshots/",
     "locks/",
+    "verified/",
 ];
 
 /// Content-addressed folders: a name fixes the plaintext (packs are named
@@ -68,7 +69,7 @@ pub fn decide_put(role: Role, key: &str, existing: Existing, own_lock: bool) -> 
 fn decide_backup_put(key: &str, existing: Existing, own_lock: bool) -> PutDecision {
     if !BACKUP_PREFIXES.iter().any(|p| key.starts_with(p)) {
         return PutDecision::Refuse(format!(
-            "a backup token may only add chunks, indexes, snapshots and its own lease, not '{key}'"
+            "a backup token may only add chunks, indexes, snapshots, boot reports and its own lease, not '{key}'"
         ));
     }
     if let Some(lock) = key.strip_prefix("locks/") {

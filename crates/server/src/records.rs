@@ -18,7 +18,7 @@ use crate::tokens::TokenEntry;
 
 /// Object folders (and the one name) whose writer is recorded: the
 /// objects a name does not fix the content of.
-const RECORDED_PREFIXES: [&str; 4] = ["locks/", "snapshots/", "prune/", "damaged/"];
+const RECORDED_PREFIXES: [&str; 5] = ["locks/", "snapshots/", "prune/", "damaged/", "verified/"];
 
 /// The policy object's name.
 const POLICY_KEY: &str = "policy";

@@ -225,13 +225,15 @@ fn removed(groups: &[ForgetGroup]) -> impl Iterator<Item = &Decision> {
     groups.iter().flat_map(|g| &g.decisions).filter(|d| !d.keep)
 }
 
-/// Deletes the manifests (and damage markers) of the removed snapshots.
+/// Deletes the manifests (and damage markers and boot reports) of the
+/// removed snapshots.
 fn delete_removed(repo: &Repository, groups: &[ForgetGroup]) -> Result<()> {
     for decision in removed(groups) {
         repo.backend()
             .delete(&format!("{SNAPSHOTS_PREFIX}{}", decision.snapshot))?;
         repo.backend()
             .delete(&format!("{DAMAGED_PREFIX}{}", decision.snapshot))?;
+        crate::boot_report::delete_boot_reports(repo, &decision.snapshot)?;
     }
     Ok(())
 }

@@ -24,6 +24,7 @@ mod client;
 mod handshake;
 pub mod proto;
 pub(crate) mod reply;
+mod server;
 mod stream;
 #[cfg(test)]
 mod tests;
@@ -31,6 +32,7 @@ pub(crate) mod wire;
 
 pub use client::{NbdClient, MAX_RANGE_EXTENTS};
 pub use proto::BlockSizeConstraints;
+pub use server::{Allocation, ExportDisk, NbdServer, WORKERS_PER_CONNECTION};
 pub use stream::Stream;
 
 /// The metadata context describing allocation and zeroes.

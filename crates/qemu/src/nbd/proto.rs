@@ -827,5 +827,8 @@ pub fn chunk_type_name(chunk_type: u16) -> String {
     name.to_owned()
 }
 
+mod server;
+pub use server::*;
+
 #[cfg(test)]
 mod tests;

@@ -212,7 +212,9 @@ impl ExportDisk for MemoryDisk {
         // At most 64 extents per call: callers must cope with less.
         while at < end && out.len() < 64 {
             let block_end = ((at / MEMORY_BLOCK + 1) * MEMORY_BLOCK).min(end);
-            let zero = data[at as usize..block_end as usize].iter().all(|&b| b == 0);
+            let zero = data[at as usize..block_end as usize]
+                .iter()
+                .all(|&b| b == 0);
             let length = block_end - at;
             match out.last_mut() {
                 Some(last) if last.zero == zero => last.length += length,

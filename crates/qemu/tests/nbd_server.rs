@@ -147,7 +147,12 @@ fn qemu_img_compare_finds_the_export_equal_to_its_content() {
     let dir = tempfile::tempdir().unwrap();
     let file = write_file(dir.path(), "same.raw", &data);
     serve(MemDisk::new(data, false), |socket| {
-        output(Command::new("qemu-img").args(["compare", "-f", "raw", "-F", "raw"]).arg(url(socket)).arg(&file));
+        output(
+            Command::new("qemu-img")
+                .args(["compare", "-f", "raw", "-F", "raw"])
+                .arg(url(socket))
+                .arg(&file),
+        );
     });
 }
 
@@ -184,7 +189,16 @@ fn qemu_io_writes_land_in_a_writable_export() {
     serve(disk.clone(), |socket| {
         output(
             Command::new("qemu-io")
-                .args(["-f", "raw", "-c", "write -P 0xab 0 64k", "-c", "write -z 3M 4k", "-c", "flush"])
+                .args([
+                    "-f",
+                    "raw",
+                    "-c",
+                    "write -P 0xab 0 64k",
+                    "-c",
+                    "write -z 3M 4k",
+                    "-c",
+                    "flush",
+                ])
                 .arg(url(socket)),
         );
     });
@@ -220,7 +234,9 @@ fn qemu_img_convert_with_parallel_requests_and_connections_copies_every_byte() {
     serve(MemDisk::new(data.clone(), false), |socket| {
         // Several converts at once (qemu-nbd style multi-connection), each
         // with several coroutines in flight on its connection.
-        let outs: Vec<PathBuf> = (0..3).map(|i| dir.path().join(format!("out{i}.raw"))).collect();
+        let outs: Vec<PathBuf> = (0..3)
+            .map(|i| dir.path().join(format!("out{i}.raw")))
+            .collect();
         thread::scope(|s| {
             for out in &outs {
                 s.spawn(move || {
@@ -234,7 +250,11 @@ fn qemu_img_convert_with_parallel_requests_and_connections_copies_every_byte() {
             }
         });
         for out in &outs {
-            assert!(std::fs::read(out).unwrap() == data, "{} differs", out.display());
+            assert!(
+                std::fs::read(out).unwrap() == data,
+                "{} differs",
+                out.display()
+            );
         }
     });
 }

@@ -380,7 +380,10 @@ fn bad_ranges_and_sizes_get_errors_and_the_connection_goes_on() {
     let server = server_with(disk, "d");
     let end = 1u64 << 20;
     let mut raw = Raw::connect(&server, "d", true);
-    assert_eq!(raw.request(NBD_CMD_READ, 0, end - 10, 20, &[]).0, NBD_EINVAL);
+    assert_eq!(
+        raw.request(NBD_CMD_READ, 0, end - 10, 20, &[]).0,
+        NBD_EINVAL
+    );
     assert_eq!(raw.request(NBD_CMD_READ, 0, u64::MAX, 2, &[]).0, NBD_EINVAL);
     assert_eq!(raw.request(NBD_CMD_READ, 0, 0, 0, &[]).0, NBD_EINVAL);
     assert_eq!(
@@ -395,20 +398,33 @@ fn bad_ranges_and_sizes_get_errors_and_the_connection_goes_on() {
         raw.request(NBD_CMD_BLOCK_STATUS, 0, end, 1, &[]).0,
         NBD_EINVAL
     );
-    assert_eq!(raw.request(NBD_CMD_WRITE_ZEROES, 1 << 4, 0, 1, &[]).0, NBD_EINVAL);
+    assert_eq!(
+        raw.request(NBD_CMD_WRITE_ZEROES, 1 << 4, 0, 1, &[]).0,
+        NBD_EINVAL
+    );
     assert_eq!(raw.request(42, 0, 0, 1, &[]).0, NBD_EINVAL);
     let (errno, message) = raw.request(NBD_CMD_READ, 0, 99 * 1024, 4096, &[]);
     assert_eq!(errno, NBD_EIO);
     assert!(message.contains("sector on fire"), "{message}");
     // DF: one data chunk, even across holes.
-    assert_eq!(raw.request(NBD_CMD_READ, NBD_CMD_FLAG_DF, 200 * 1024, 600_000, &[]).0, 0);
-    assert_eq!(raw.request(NBD_CMD_WRITE, NBD_CMD_FLAG_FUA, 8, 2, &[5, 6]).0, 0);
+    assert_eq!(
+        raw.request(NBD_CMD_READ, NBD_CMD_FLAG_DF, 200 * 1024, 600_000, &[])
+            .0,
+        0
+    );
+    assert_eq!(
+        raw.request(NBD_CMD_WRITE, NBD_CMD_FLAG_FUA, 8, 2, &[5, 6])
+            .0,
+        0
+    );
     raw.finish();
 
     let mut simple = Raw::connect(&server, "d", false);
     assert_eq!(simple.request(NBD_CMD_READ, 0, end, 1, &[]).0, NBD_EINVAL);
     assert_eq!(
-        simple.request(NBD_CMD_READ, 0, 0, DEFAULT_MAX_IO + 1, &[]).0,
+        simple
+            .request(NBD_CMD_READ, 0, 0, DEFAULT_MAX_IO + 1, &[])
+            .0,
         NBD_EINVAL
     );
     assert_eq!(
@@ -502,8 +518,14 @@ fn scripted_preludes_reach_transmission() {
 
 /// Requests built from a few shapes, so random cases reach the commands.
 fn request_bytes() -> impl Strategy<Value = Vec<u8>> {
-    let request = (0u16..16, 0u16..32, 0u64..300 * 1024, 0u32..70_000, any::<bool>()).prop_map(
-        |(flags, command, offset, length, with_payload)| {
+    let request = (
+        0u16..16,
+        0u16..32,
+        0u64..300 * 1024,
+        0u32..70_000,
+        any::<bool>(),
+    )
+        .prop_map(|(flags, command, offset, length, with_payload)| {
             let command = command % 9;
             let r = Request {
                 flags,
@@ -517,8 +539,7 @@ fn request_bytes() -> impl Strategy<Value = Vec<u8>> {
                 out.resize(out.len() + length as usize, 0xa5);
             }
             out
-        },
-    );
+        });
     proptest::collection::vec(request, 0..6).prop_map(|v| v.concat())
 }
 

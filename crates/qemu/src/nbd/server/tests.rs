@@ -559,3 +559,22 @@ proptest! {
         let _ = fuzzing::server(&data);
     }
 }
+
+#[test]
+fn serves_tcp_too() {
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let address = listener.local_addr().unwrap().to_string();
+    let data = sample();
+    let server = server_with(Arc::new(MemoryDisk::new(data.clone(), false)), "d");
+    let stop = AtomicBool::new(false);
+    thread::scope(|s| {
+        let serving = s.spawn(|| server.serve_tcp(listener, &stop));
+        let mut client = NbdClient::connect_tcp(&address, &opts("d")).unwrap();
+        let mut back = vec![0u8; data.len()];
+        client.read_at(&mut back, 0).unwrap();
+        assert_eq!(back, data);
+        client.disconnect().unwrap();
+        stop.store(true, std::sync::atomic::Ordering::SeqCst);
+        serving.join().unwrap().unwrap();
+    });
+}

@@ -13,6 +13,9 @@
 //!   by a private `qemu-nbd` on a unix socket in a fresh temporary directory,
 //!   and read by our own synchronous [`nbd`] client — one connection per
 //!   worker thread, sparseness from the `base:allocation` metadata context.
+//! - [`nbd::NbdServer`] serves any [`nbd::ExportDisk`] over NBD to QEMU
+//!   and its tools (unix socket or TCP, many connections, requests in
+//!   flight), on the same wire-format code as the client.
 //! - [`img`] wraps `qemu-img` (info, create, compare, convert, and the
 //!   persistent dirty bitmaps of images that no VM has open).
 //! - **Running VMs**: [`qmp`] talks to QEMU or `qemu-storage-daemon`,

@@ -1,4 +1,4 @@
-//! A synchronous NBD client.
+//! NBD, both sides: a synchronous client and a server.
 //!
 //! Why our own client: backup workers each hold one blocking connection and
 //! issue one request at a time, so a small std-only client is all we need —
@@ -7,11 +7,23 @@
 //! later `qemu:dirty-bitmap:NAME` for incremental backups) and the usual
 //! commands.
 //!
-//! The server is not trusted: every reply is checked against the request in
-//! flight (cookie, offsets, lengths, chunk types, context ids), allocations
-//! are bounded by what we asked for, and a broken reply poisons the
-//! connection instead of panicking. Parsing lives in [`proto`] as pure
-//! functions over byte slices.
+//! For the client the server is not trusted: every reply is checked against
+//! the request in flight (cookie, offsets, lengths, chunk types, context
+//! ids), allocations are bounded by what we asked for, and a broken reply
+//! poisons the connection instead of panicking. Parsing lives in [`proto`]
+//! as pure functions over byte slices.
+//!
+//! The server ([`NbdServer`]) serves any [`ExportDisk`] (a backup being
+//! restored or mounted, a disk in memory) to QEMU, `qemu-img`, the kernel
+//! or our own client: fixed newstyle handshake with `NBD_OPT_GO`,
+//! `NBD_OPT_LIST`, structured replies and `base:allocation`; reads with
+//! hole chunks, writes, write zeroes, trim, flush, FUA, block status;
+//! multi-connection, and several requests in flight per connection. Its
+//! wire format is the other half of [`proto`], pure functions too. For the
+//! server the client is not trusted — above all on TCP, where anyone who
+//! reaches the port may connect: every length and range is checked before
+//! use, allocations are bounded, and no client bytes can make it panic
+//! (see the `server` module's notes; there is no TLS or authentication).
 
 use std::collections::BTreeMap;
 use std::io::{Read, Write};

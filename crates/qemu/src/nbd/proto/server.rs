@@ -67,8 +67,7 @@ fn client_string(b: &mut Bytes<'_>, what: &str) -> Result<String> {
         )));
     }
     let bytes = b.take(len)?;
-    String::from_utf8(bytes.to_vec())
-        .map_err(|_| Error::protocol(format!("{what} is not UTF-8")))
+    String::from_utf8(bytes.to_vec()).map_err(|_| Error::protocol(format!("{what} is not UTF-8")))
 }
 
 /// Checks a name as the client sent it in `NBD_OPT_EXPORT_NAME` (the whole

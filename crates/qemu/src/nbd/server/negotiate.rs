@@ -37,7 +37,10 @@ enum Step {
 /// Runs the handshake: `Some` session to enter transmission, `None` when
 /// the client aborted or asked for an export that does not exist with
 /// `NBD_OPT_EXPORT_NAME` (which cannot report errors).
-pub(super) fn negotiate<S: Read + Write>(server: &NbdServer, io: &mut S) -> Result<Option<Session>> {
+pub(super) fn negotiate<S: Read + Write>(
+    server: &NbdServer,
+    io: &mut S,
+) -> Result<Option<Session>> {
     send(io, &encode_greeting(SERVER_HANDSHAKE_FLAGS), "the greeting")?;
     let mut flags = [0u8; 4];
     read_exact(io, &mut flags, "client flags")?;
@@ -263,7 +266,12 @@ impl State {
 
 fn list<S: Write>(server: &NbdServer, io: &mut S, data: &[u8]) -> Result<Step> {
     if !data.is_empty() {
-        return refuse(io, NBD_OPT_LIST, NBD_REP_ERR_INVALID, "option takes no data");
+        return refuse(
+            io,
+            NBD_OPT_LIST,
+            NBD_REP_ERR_INVALID,
+            "option takes no data",
+        );
     }
     for export in server.exports.values() {
         let entry = encode_server_entry(&export.name, &export.description);

@@ -288,7 +288,13 @@ fn read(session: &Session, request: &Request) -> Result<Vec<u8>, Failure> {
     };
     let mut out = Vec::with_capacity(request.length as usize + 32 * segments.len());
     for (i, segment) in segments.iter().enumerate() {
-        push_segment(disk, &mut out, request.cookie, segment, i + 1 == segments.len())?;
+        push_segment(
+            disk,
+            &mut out,
+            request.cookie,
+            segment,
+            i + 1 == segments.len(),
+        )?;
     }
     Ok(out)
 }
@@ -404,23 +410,28 @@ fn block_status(session: &Session, request: &Request) -> Result<Vec<u8>, Failure
     };
     let disk = &*session.export.disk;
     let mut descriptors: Vec<Descriptor> = Vec::new();
-    walk_allocation(disk, request.offset, u64::from(request.length), |_, len, a| {
-        let flags = allocation_flags(a);
-        // Clipped to the request, whose length is a u32.
-        let len = u32::try_from(len).unwrap_or(u32::MAX);
-        let full = descriptors.len() == max;
-        match descriptors.last_mut() {
-            Some(last) if last.flags == flags => {
-                last.length = last.length.saturating_add(len);
-                true
+    walk_allocation(
+        disk,
+        request.offset,
+        u64::from(request.length),
+        |_, len, a| {
+            let flags = allocation_flags(a);
+            // Clipped to the request, whose length is a u32.
+            let len = u32::try_from(len).unwrap_or(u32::MAX);
+            let full = descriptors.len() == max;
+            match descriptors.last_mut() {
+                Some(last) if last.flags == flags => {
+                    last.length = last.length.saturating_add(len);
+                    true
+                }
+                _ if full => false,
+                _ => {
+                    descriptors.push(Descriptor { length: len, flags });
+                    true
+                }
             }
-            _ if full => false,
-            _ => {
-                descriptors.push(Descriptor { length: len, flags });
-                true
-            }
-        }
-    })
+        },
+    )
     .map_err(|e| disk_error("block status", &e))?;
     if descriptors.is_empty() {
         return Err(fail(NBD_EIO, "the export reported no allocation"));

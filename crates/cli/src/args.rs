@@ -130,8 +130,12 @@ pub enum Command {
     Snapshots(SnapshotsArgs),
     /// Check the repository: structure, and with --read-data the data too.
     Check(CheckArgs),
-    /// Read every chunk, authenticate and re-digest it (the same as `check --read-data`).
-    Verify,
+    /// Read every chunk, authenticate and re-digest it (the same as `check --read-data`);
+    /// with --boot SNAPSHOT, boot the snapshot in isolation and wait for its heartbeat.
+    Verify(crate::recover::VerifyArgs),
+    /// Recover a VM from a snapshot without restoring it first.
+    #[command(subcommand)]
+    Recover(crate::recover::RecoverCommand),
     /// Remove snapshots by retention rules (UTC time buckets), per VM by default.
     Forget(ForgetArgs),
     /// Delete the chunks and indexes no snapshot references; safe while backups run

@@ -52,7 +52,8 @@ pub fn run(cli: Cli) -> Result<()> {
         Command::Serve(args) => crate::serve::run(&ctx, &args),
         Command::Snapshots(args) => snapshots(&ctx, &args),
         Command::Check(args) => crate::lifecycle::check(&ctx, &args),
-        Command::Verify => crate::lifecycle::verify(&ctx),
+        Command::Verify(args) => crate::recover::verify(&ctx, &args),
+        Command::Recover(command) => crate::recover::recover(&ctx, &command),
         Command::Forget(args) => crate::lifecycle::forget(&ctx, &args),
         Command::Prune(args) => crate::lifecycle::prune(&ctx, &args),
         Command::Repair(args) => crate::lifecycle::repair(&ctx, &args),
@@ -78,6 +79,8 @@ fn commanded_vm(command: &Command) -> Option<String> {
         Command::Restore(args) => args.vm.clone(),
         Command::Snapshots(args) => args.vm.clone(),
         Command::Serve(args) => args.vm.clone(),
+        Command::Verify(args) => args.vm.clone(),
+        Command::Recover(crate::recover::RecoverCommand::Instant(args)) => args.vm.clone(),
         _ => None,
     }
 }
@@ -751,6 +754,9 @@ struct SnapshotRow<'a> {
     future_dated: bool,
     /// Forgotten on this host, yet stored again (a rollback).
     forgotten_here: bool,
+    /// The newest boot verification (`verify --boot`), if any.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    boot: Option<&'a vbackup_core::boot_report::BootReport>,
 }
 
 fn snapshots(ctx: &Context, args: &SnapshotsArgs) -> Result<()> {
@@ -777,6 +783,10 @@ fn snapshots(ctx: &Context, args: &SnapshotsArgs) -> Result<()> {
         .collect();
     let marked: std::collections::HashSet<String> =
         vbackup_core::marked_snapshots(&repo)?.into_iter().collect();
+    let (boots, bad_boots) = vbackup_core::boot_report::latest_boot_reports(&repo)?;
+    for key in &bad_boots {
+        eprintln!("vbackup: warning: boot report {key} is damaged or of another snapshot; ignored");
+    }
     let now = chrono::Utc::now();
     let rows: Vec<SnapshotRow> = list
         .iter()
@@ -793,6 +803,7 @@ fn snapshots(ctx: &Context, args: &SnapshotsArgs) -> Result<()> {
             damaged: marked.contains(&s.id),
             future_dated: s.is_future_dated(now),
             forgotten_here: back.contains(s.id.as_str()),
+            boot: boots.get(&s.id),
         })
         .collect();
     let future = rows.iter().filter(|r| r.future_dated).count();
@@ -805,14 +816,14 @@ fn snapshots(ctx: &Context, args: &SnapshotsArgs) -> Result<()> {
         return Ok(());
     }
     println!(
-        "{:<8}  {:<19}  {:<16}  {:<12}  {:<12}  {:<11}  {:>5}  {:>10}  {:>10}  {:<7}  TAGS",
-        "ID", "TIME (UTC)", "VM", "HOST", "TYPE", "CONSISTENCY", "DISKS", "SIZE", "NEW", "STATUS"
+        "{:<8}  {:<19}  {:<16}  {:<12}  {:<12}  {:<11}  {:>5}  {:>10}  {:>10}  {:<7}  {:<13}  TAGS",
+        "ID", "TIME (UTC)", "VM", "HOST", "TYPE", "CONSISTENCY", "DISKS", "SIZE", "NEW", "STATUS", "BOOT"
     );
     for s in &list {
         let m = &s.manifest;
         let size: u64 = m.disks.iter().map(|d| d.virtual_size).sum();
         println!(
-            "{:<8}  {:<19}  {:<16}  {:<12}  {:<12}  {:<11}  {:>5}  {:>10}  {:>10}  {:<7}  {}",
+            "{:<8}  {:<19}  {:<16}  {:<12}  {:<12}  {:<11}  {:>5}  {:>10}  {:>10}  {:<7}  {:<13}  {}",
             s.short_id(),
             m.time.get(..19).unwrap_or(&m.time).replace('T', " "),
             m.vm,
@@ -831,11 +842,24 @@ fn snapshots(ctx: &Context, args: &SnapshotsArgs) -> Result<()> {
             } else {
                 "ok"
             },
+            boot_column(boots.get(&s.id)),
             m.tags.join(",")
         );
     }
     println!("{} snapshot(s)", list.len());
     Ok(())
+}
+
+/// A snapshot's newest boot verification in the `snapshots` table:
+/// `passed 4.2s`, `failed`, or `-` when it was never booted.
+fn boot_column(report: Option<&vbackup_core::boot_report::BootReport>) -> String {
+    match report {
+        None => "-".into(),
+        Some(r) => match r.seconds_to_heartbeat {
+            Some(t) if r.passed => format!("passed {t:.1}s"),
+            _ => r.verdict().into(),
+        },
+    }
 }
 
 /// A snapshot's consistency in the `snapshots` table: `offline`, `crash`

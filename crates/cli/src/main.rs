@@ -8,6 +8,7 @@ mod daemon;
 mod docs;
 mod lifecycle;
 mod quickstart;
+mod recover;
 mod serve;
 mod server;
 mod ui;

@@ -293,6 +293,7 @@ fn operation(command: &Command) -> Option<Operation> {
     Some(match command {
         Command::Backup(_) => Operation::Backup,
         Command::Serve(args) if !args.commit_overlay.is_empty() => Operation::Backup,
+        Command::Verify(args) if args.boot.is_some() && !args.no_record => Operation::Backup,
         Command::Forget(_) => Operation::Forget,
         Command::Prune(_) => Operation::Prune,
         Command::Repair(_) => Operation::Repair,

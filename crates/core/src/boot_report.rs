@@ -60,6 +60,11 @@ impl BootReport {
     }
 }
 
+/// The time now, as reports record it (RFC 3339, UTC, seconds).
+pub fn now() -> String {
+    chrono::Utc::now().to_rfc3339_opts(chrono::SecondsFormat::Secs, true)
+}
+
 /// Stores `report` beside its snapshot; returns the object's name.
 pub fn record_boot_report(repo: &Repository, report: &BootReport) -> Result<String> {
     crate::format::check_file_name("snapshot id", &report.snapshot).map_err(Error::InvalidInput)?;

@@ -125,6 +125,9 @@ pub struct BootOptions {
     pub firmware: Option<PathBuf>,
     /// No network at all.
     pub isolate: bool,
+    /// The accelerator: `kvm`, `tcg`, or `None` for KVM where `/dev/kvm`
+    /// can be opened and TCG otherwise.
+    pub accel: Option<String>,
 }
 
 /// The command that boots the VM, and the files vbackup talks to it by.
@@ -134,6 +137,8 @@ pub struct BootPlan {
     pub qemu: PathBuf,
     /// Its arguments.
     pub args: Vec<String>,
+    /// The accelerator chosen (`kvm`, `tcg`).
+    pub accel: String,
     /// The QMP socket.
     pub qmp: PathBuf,
     /// The guest agent socket.
@@ -345,10 +350,14 @@ pub fn plan(
             format!("virtserialport,bus=vbackup-serial.0,chardev=vbackup-qga,name={GUEST_AGENT_PORT}"),
         ]);
     }
-    let accel = if kvm_usable() { "kvm" } else { "tcg" };
+    let accel = match &options.accel {
+        Some(accel) => accel.clone(),
+        None if kvm_usable() => "kvm".into(),
+        None => "tcg".into(),
+    };
     args.extend([
         "-accel".into(),
-        accel.into(),
+        accel,
         "-display".into(),
         "none".into(),
         "-qmp".into(),
@@ -359,9 +368,16 @@ pub fn plan(
     if let Some(firmware) = &options.firmware {
         args.extend(["-L".into(), firmware.display().to_string()]);
     }
+    let accel = args
+        .windows(2)
+        .rev()
+        .find(|w| w[0] == "-accel")
+        .map(|w| w[1].clone())
+        .unwrap_or_default();
     Ok(BootPlan {
         qemu,
         args,
+        accel,
         qmp,
         agent,
         console,
@@ -552,52 +568,31 @@ impl RunningVm {
         let Ok(mut agent) = GuestAgent::connect_with_timeout(&self.plan.agent, Duration::from_secs(2)) else {
             return false;
         };
-        agent.sync().is_ok() && agent.execute("guest-ping", json!({})).is_ok()
+        agent.sync().is_ok() && agent.ping().is_ok()
     }
 
     /// Runs `command` in the guest with `/bin/sh -c` through the agent;
-    /// returns its exit code and output.
+    /// returns its exit code (-1 when a signal ended it) and output.
     pub fn guest_exec(&self, command: &str, timeout: Duration) -> Result<(i64, String)> {
         let mut agent = GuestAgent::connect_with_timeout(&self.plan.agent, Duration::from_secs(5))
             .map_err(Error::qemu("connecting to the guest agent"))?;
         agent.sync().map_err(Error::qemu("syncing with the guest agent"))?;
-        let started = agent
-            .execute(
-                "guest-exec",
-                json!({"path": "/bin/sh", "arg": ["-c", command], "capture-output": true}),
-            )
-            .map_err(Error::qemu("running the check in the guest"))?;
-        let pid = started["pid"].as_i64().ok_or_else(|| {
-            Error::Invalid(format!("the guest agent answered guest-exec without a pid: {started}"))
-        })?;
-        let deadline = Instant::now() + timeout;
-        loop {
-            let status = agent
-                .execute("guest-exec-status", json!({"pid": pid}))
-                .map_err(Error::qemu("asking the guest agent about the check"))?;
-            if status["exited"].as_bool() == Some(true) {
-                let decode = |key: &str| {
-                    status[key]
-                        .as_str()
-                        .and_then(|b| base64_decode(b))
-                        .map(|b| String::from_utf8_lossy(&b).into_owned())
-                        .unwrap_or_default()
-                };
-                let output = format!("{}{}", decode("out-data"), decode("err-data"));
-                return Ok((status["exitcode"].as_i64().unwrap_or(-1), output));
-            }
-            if Instant::now() >= deadline {
-                return Err(Error::Invalid(format!(
-                    "the check '{command}' did not finish within {} s",
-                    timeout.as_secs()
-                )));
-            }
-            std::thread::sleep(Duration::from_millis(100));
-        }
+        let status = agent
+            .run("/bin/sh", &["-c", command], timeout)
+            .map_err(Error::qemu(format!("running '{command}' in the guest")))?;
+        let output = format!(
+            "{}{}",
+            String::from_utf8_lossy(&status.stdout),
+            String::from_utf8_lossy(&status.stderr)
+        );
+        Ok((status.exit_code.unwrap_or(-1), output))
     }
 
     /// Stops the VM: `quit` over QMP, then SIGKILL if it lingers.
     pub fn stop(&mut self) {
+        if self.child.is_none() {
+            return; // detached, or stopped already
+        }
         if let Ok(mut qmp) = QmpClient::connect_with_timeout(&self.plan.qmp, Duration::from_secs(2)) {
             let _ = qmp.execute("quit", json!({}));
         }
@@ -639,27 +634,6 @@ impl Drop for RunningVm {
     }
 }
 
-/// Standard base64 (what the guest agent uses for output), `None` if it
-/// is not.
-fn base64_decode(text: &str) -> Option<Vec<u8>> {
-    const ALPHABET: &[u8; 64] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/";
-    let mut out = Vec::with_capacity(text.len() * 3 / 4);
-    let (mut acc, mut bits) = (0u32, 0u32);
-    for c in text.bytes().filter(|c| !c.is_ascii_whitespace()) {
-        if c == b'=' {
-            break;
-        }
-        let v = ALPHABET.iter().position(|a| *a == c)? as u32;
-        acc = (acc << 6) | v;
-        bits += 6;
-        if bits >= 8 {
-            bits -= 8;
-            out.push((acc >> bits) as u8);
-        }
-    }
-    Some(out)
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -688,6 +662,7 @@ mod tests {
             qemu: None,
             firmware: None,
             isolate,
+            accel: Some("tcg".into()),
         }
     }
 
@@ -725,12 +700,5 @@ mod tests {
         assert!(err.to_string().contains("--definition"), "{err}");
         let err = plan(Some(&definition("qemu -m 'x")), &[disk()], Path::new("/r"), &options(true)).unwrap_err();
         assert!(err.to_string().contains("unbalanced quote"), "{err}");
-    }
-
-    #[test]
-    fn base64_decodes_agent_output() {
-        assert_eq!(base64_decode("aGVsbG8K").unwrap(), b"hello\n");
-        assert_eq!(base64_decode("YQ==").unwrap(), b"a");
-        assert!(base64_decode("*").is_none());
     }
 }

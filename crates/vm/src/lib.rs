@@ -25,6 +25,7 @@ mod error;
 pub mod job;
 pub mod live;
 pub mod offline;
+pub mod recover;
 pub mod restore;
 pub mod sentinel;
 pub mod serve;

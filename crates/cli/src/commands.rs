@@ -817,7 +817,17 @@ fn snapshots(ctx: &Context, args: &SnapshotsArgs) -> Result<()> {
     }
     println!(
         "{:<8}  {:<19}  {:<16}  {:<12}  {:<12}  {:<11}  {:>5}  {:>10}  {:>10}  {:<7}  {:<13}  TAGS",
-        "ID", "TIME (UTC)", "VM", "HOST", "TYPE", "CONSISTENCY", "DISKS", "SIZE", "NEW", "STATUS", "BOOT"
+        "ID",
+        "TIME (UTC)",
+        "VM",
+        "HOST",
+        "TYPE",
+        "CONSISTENCY",
+        "DISKS",
+        "SIZE",
+        "NEW",
+        "STATUS",
+        "BOOT"
     );
     for s in &list {
         let m = &s.manifest;

@@ -220,7 +220,10 @@ pub fn recover(ctx: &Context, command: &RecoverCommand) -> Result<()> {
         }
     };
     if json {
-        println!("{}", serde_json::to_string(&serde_json::json!({"finished": &report}))?);
+        println!(
+            "{}",
+            serde_json::to_string(&serde_json::json!({"finished": &report}))?
+        );
     } else if !quiet {
         match (report.seconds_to_restored, &report.error) {
             (Some(t), _) => println!(

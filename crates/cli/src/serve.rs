@@ -97,7 +97,9 @@ pub fn run(ctx: &Context, args: &ServeArgs) -> Result<()> {
         return commit(ctx, args);
     }
     let (Some(spec), Some(listen)) = (&args.snapshot, &args.listen) else {
-        return Err(usage_error("give a SNAPSHOT and --listen unix:PATH|tcp:HOST:PORT"));
+        return Err(usage_error(
+            "give a SNAPSHOT and --listen unix:PATH|tcp:HOST:PORT",
+        ));
     };
     let listen = Listen::parse(listen)?;
     let repo = Arc::new(ctx.open()?);
@@ -182,9 +184,12 @@ fn report_serving(ctx: &Context, exports: &Exports, bound: &Listen) -> Result<()
 fn commit(ctx: &Context, args: &ServeArgs) -> Result<()> {
     let repo = Arc::new(ctx.open()?);
     let threads = ctx.io_threads(&repo);
-    let snapshot = with_progress("commit", ctx.global.quiet || ctx.global.json, &ctx.signal, |progress| {
-        commit_overlays(Arc::clone(&repo), &args.commit_overlay, threads, progress)
-    })?;
+    let snapshot = with_progress(
+        "commit",
+        ctx.global.quiet || ctx.global.json,
+        &ctx.signal,
+        |progress| commit_overlays(Arc::clone(&repo), &args.commit_overlay, threads, progress),
+    )?;
     let parent = snapshot
         .manifest
         .disks

@@ -49,7 +49,10 @@ impl Env {
     fn backup(&self, vm: &str, broken: bool) -> String {
         std::fs::copy(&self.image.disk, self.disk()).unwrap();
         if broken {
-            let file = std::fs::OpenOptions::new().write(true).open(self.disk()).unwrap();
+            let file = std::fs::OpenOptions::new()
+                .write(true)
+                .open(self.disk())
+                .unwrap();
             std::os::unix::fs::FileExt::write_all_at(&file, &[0u8; 1024], 1024).unwrap();
         }
         let definition = self.cli.path("vm.sh");
@@ -64,7 +67,14 @@ impl Env {
             ),
         )
         .unwrap();
-        let out = self.cli.json(&["backup", "--vm", vm, "--definition", s(&definition), s(&self.disk())]);
+        let out = self.cli.json(&[
+            "backup",
+            "--vm",
+            vm,
+            "--definition",
+            s(&definition),
+            s(&self.disk()),
+        ]);
         out["snapshot"].as_str().unwrap().to_string()
     }
 
@@ -72,12 +82,16 @@ impl Env {
     /// temporary files in the test folder.
     fn command(&self, args: &[&str]) -> Command {
         let mut cmd = self.cli.command(args);
-        cmd.env("VBACKUP_ACCEL", "tcg").env("TMPDIR", self.cli.path("tmp"));
+        cmd.env("VBACKUP_ACCEL", "tcg")
+            .env("TMPDIR", self.cli.path("tmp"));
         cmd
     }
 
     fn tmp_is_empty(&self) -> bool {
-        std::fs::read_dir(self.cli.path("tmp")).unwrap().next().is_none()
+        std::fs::read_dir(self.cli.path("tmp"))
+            .unwrap()
+            .next()
+            .is_none()
     }
 }
 
@@ -85,8 +99,12 @@ impl Env {
 fn qemu_processes(needle: &str) -> Vec<u32> {
     let mut pids = Vec::new();
     for entry in std::fs::read_dir("/proc").unwrap().flatten() {
-        let Ok(pid) = entry.file_name().to_string_lossy().parse::<u32>() else { continue };
-        let Ok(cmdline) = std::fs::read(entry.path().join("cmdline")) else { continue };
+        let Ok(pid) = entry.file_name().to_string_lossy().parse::<u32>() else {
+            continue;
+        };
+        let Ok(cmdline) = std::fs::read(entry.path().join("cmdline")) else {
+            continue;
+        };
         let cmdline = String::from_utf8_lossy(&cmdline);
         if cmdline.contains("qemu-system") && cmdline.contains(needle) {
             pids.push(pid);
@@ -97,7 +115,9 @@ fn qemu_processes(needle: &str) -> Vec<u32> {
 
 fn alive(pid: u32) -> bool {
     Path::new(&format!("/proc/{pid}")).exists()
-        && !std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default().contains(") Z ")
+        && !std::fs::read_to_string(format!("/proc/{pid}/stat"))
+            .unwrap_or_default()
+            .contains(") Z ")
 }
 
 fn wait_until(what: &str, timeout: Duration, mut done: impl FnMut() -> bool) {
@@ -113,45 +133,87 @@ fn boot_verification_passes_on_a_good_backup_and_fails_with_the_reason_on_a_brok
     let env = Env::new();
     let good = env.backup("web1", false);
     let out = env
-        .command(&["verify", "--boot", &good, "--check", "test -x /sbin/init && echo fine"])
+        .command(&[
+            "verify",
+            "--boot",
+            &good,
+            "--check",
+            "test -x /sbin/init && echo fine",
+        ])
         .output()
         .unwrap();
     assert!(out.status.success(), "{}", text(&out));
     let stdout = String::from_utf8_lossy(&out.stdout);
-    assert!(stdout.contains("passed") && stdout.contains("tcg"), "{stdout}");
+    assert!(
+        stdout.contains("passed") && stdout.contains("tcg"),
+        "{stdout}"
+    );
 
     // The console as heartbeat, and a check that fails.
     let out = env
-        .command(&["verify", "--boot", &good, "--expect-console", guest::READY, "--check", "exit 7", "--no-record"])
+        .command(&[
+            "verify",
+            "--boot",
+            &good,
+            "--expect-console",
+            guest::READY,
+            "--check",
+            "exit 7",
+            "--no-record",
+        ])
         .output()
         .unwrap();
     assert_eq!(out.status.code(), Some(3), "{}", text(&out));
     assert!(text(&out).contains("exited with 7"), "{}", text(&out));
 
     let broken = env.backup("web1", true);
-    let out = env.command(&["verify", "--boot", &broken, "--timeout", "120"]).output().unwrap();
+    let out = env
+        .command(&["verify", "--boot", &broken, "--timeout", "120"])
+        .output()
+        .unwrap();
     assert_eq!(out.status.code(), Some(3), "{}", text(&out));
     let err = String::from_utf8_lossy(&out.stderr);
-    assert!(err.contains("did not pass boot verification") && err.contains(guest::ROOT_FAILED), "{err}");
+    assert!(
+        err.contains("did not pass boot verification") && err.contains(guest::ROOT_FAILED),
+        "{err}"
+    );
 
     // Recorded with the snapshots; nothing left behind.
     let list = env.cli.json(&["snapshots"]);
     let boot = |id: &str| {
-        list.as_array().unwrap().iter().find(|s| s["id"] == id).unwrap()["boot"].clone()
+        list.as_array()
+            .unwrap()
+            .iter()
+            .find(|s| s["id"] == id)
+            .unwrap()["boot"]
+            .clone()
     };
     assert_eq!(boot(&good)["passed"], true, "{list}");
     assert!(boot(&good)["seconds-to-heartbeat"].as_f64().unwrap() > 0.0);
     assert_eq!(boot(&good)["check-exit"], 0);
     assert_eq!(boot(&broken)["passed"], false, "{list}");
-    assert!(boot(&broken)["reason"].as_str().unwrap().contains("cannot mount root"));
+    assert!(boot(&broken)["reason"]
+        .as_str()
+        .unwrap()
+        .contains("cannot mount root"));
     let table = env.cli.ok(&["snapshots"]);
-    assert!(table.contains("BOOT") && table.contains("passed ") && table.contains("failed"), "{table}");
+    assert!(
+        table.contains("BOOT") && table.contains("passed ") && table.contains("failed"),
+        "{table}"
+    );
     assert!(env.tmp_is_empty(), "the run folder was removed");
-    assert!(qemu_processes(s(env.cli.dir())).is_empty(), "no QEMU is left");
+    assert!(
+        qemu_processes(s(env.cli.dir())).is_empty(),
+        "no QEMU is left"
+    );
     // The boot reports go with their snapshots.
     env.cli.ok(&["forget", "--keep-last", "1", "--vm", "web1"]);
     let reports = walk(&env.cli.repo().join("verified"));
-    assert_eq!(reports.len(), 1, "only the kept snapshot's report is left: {reports:?}");
+    assert_eq!(
+        reports.len(),
+        1,
+        "only the kept snapshot's report is left: {reports:?}"
+    );
     assert!(s(&reports[0]).contains(&broken), "{reports:?}");
 }
 
@@ -175,7 +237,17 @@ fn instant_recovery_live_restores_while_the_guest_runs_and_keeps_what_it_wrote()
     let dir = env.cli.path("recovered");
     let disks = dir.join("disks");
     let mut child = env
-        .command(&["--json", "recover", "instant", &id, "--dir", s(&dir), "--live-restore", s(&disks), "--no-network"])
+        .command(&[
+            "--json",
+            "recover",
+            "instant",
+            &id,
+            "--dir",
+            s(&dir),
+            "--live-restore",
+            s(&disks),
+            "--no-network",
+        ])
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
         .spawn()
@@ -183,13 +255,20 @@ fn instant_recovery_live_restores_while_the_guest_runs_and_keeps_what_it_wrote()
     let mut stdout = BufReader::new(child.stdout.take().unwrap());
     let running = json_line(&mut stdout);
     let running = &running["running"];
-    assert!(running["seconds-to-heartbeat"].as_f64().unwrap() > 0.0, "{running}");
+    assert!(
+        running["seconds-to-heartbeat"].as_f64().unwrap() > 0.0,
+        "{running}"
+    );
     let pid = running["pid"].as_u64().unwrap() as u32;
     let socket = PathBuf::from(running["agent"].as_str().unwrap());
     // The guest writes while its disk is being moved.
     let mut guest = agent(&socket);
     let status = guest
-        .run("/bin/sh", &["-c", "echo written-during-recovery > /root/mark; sync"], Duration::from_secs(60))
+        .run(
+            "/bin/sh",
+            &["-c", "echo written-during-recovery > /root/mark; sync"],
+            Duration::from_secs(60),
+        )
         .unwrap();
     assert!(status.success(), "{status:?}");
     drop(guest);
@@ -197,28 +276,59 @@ fn instant_recovery_live_restores_while_the_guest_runs_and_keeps_what_it_wrote()
     let out = child.wait_with_output().unwrap();
     assert!(out.status.success(), "{}", text(&out));
     let finished = &finished["finished"];
-    assert!(finished["seconds-to-restored"].as_f64().unwrap() >= running["seconds-to-running"].as_f64().unwrap());
+    assert!(
+        finished["seconds-to-restored"].as_f64().unwrap()
+            >= running["seconds-to-running"].as_f64().unwrap()
+    );
     assert_eq!(finished["needs-exports"], false);
     // The guest runs on, no longer needing vbackup.
     assert!(alive(pid), "the VM keeps running after vbackup ended");
     let mut guest = agent(&socket);
     guest.ping().unwrap();
-    let info = tool("qemu-img", &["info", "-U", "--output=json", s(&disks.join("vda.qcow2"))]);
-    assert!(!info.contains("backing-filename"), "the restored disk stands alone: {info}");
+    let info = tool(
+        "qemu-img",
+        &["info", "-U", "--output=json", s(&disks.join("vda.qcow2"))],
+    );
+    assert!(
+        !info.contains("backing-filename"),
+        "the restored disk stands alone: {info}"
+    );
     guest.shutdown().unwrap();
-    wait_until("the guest to power off", Duration::from_secs(60), || !alive(pid));
+    wait_until("the guest to power off", Duration::from_secs(60), || {
+        !alive(pid)
+    });
 
     // The restored disk holds the file and is otherwise the snapshot's.
     let raw = env.cli.path("restored.raw");
-    tool("qemu-img", &["convert", "-O", "raw", s(&disks.join("vda.qcow2")), s(&raw)]);
+    tool(
+        "qemu-img",
+        &["convert", "-O", "raw", s(&disks.join("vda.qcow2")), s(&raw)],
+    );
     let mark = tool("debugfs", &["-R", "cat /root/mark", s(&raw)]);
     assert!(mark.contains("written-during-recovery"), "{mark}");
-    let check = Command::new("e2fsck").args(["-fn", s(&raw)]).output().unwrap();
-    assert!(check.status.success(), "the restored file system is clean: {}", text(&check));
-    let (before, after) = (std::fs::read(env.disk()).unwrap(), std::fs::read(&raw).unwrap());
+    let check = Command::new("e2fsck")
+        .args(["-fn", s(&raw)])
+        .output()
+        .unwrap();
+    assert!(
+        check.status.success(),
+        "the restored file system is clean: {}",
+        text(&check)
+    );
+    let (before, after) = (
+        std::fs::read(env.disk()).unwrap(),
+        std::fs::read(&raw).unwrap(),
+    );
     assert_eq!(before.len(), after.len());
-    let changed = before.chunks(4096).zip(after.chunks(4096)).filter(|(a, b)| a != b).count();
-    assert!(changed * 4096 < 4 << 20, "only what the guest wrote differs ({changed} blocks)");
+    let changed = before
+        .chunks(4096)
+        .zip(after.chunks(4096))
+        .filter(|(a, b)| a != b)
+        .count();
+    assert!(
+        changed * 4096 < 4 << 20,
+        "only what the guest wrote differs ({changed} blocks)"
+    );
     assert!(qemu_processes(s(env.cli.dir())).is_empty());
 }
 
@@ -228,20 +338,42 @@ fn killed_recoveries_and_verifications_leave_no_process_or_run_folder() {
     let id = env.backup("web1", false);
     // A verification killed while its VM boots.
     let mut verify = env
-        .command(&["verify", "--boot", &id, "--expect-console", "never-printed", "--timeout", "600"])
+        .command(&[
+            "verify",
+            "--boot",
+            &id,
+            "--expect-console",
+            "never-printed",
+            "--timeout",
+            "600",
+        ])
         .stdout(Stdio::null())
         .stderr(Stdio::null())
         .spawn()
         .unwrap();
-    wait_until("the verification's VM", Duration::from_secs(60), || !qemu_processes(s(env.cli.dir())).is_empty());
+    wait_until("the verification's VM", Duration::from_secs(60), || {
+        !qemu_processes(s(env.cli.dir())).is_empty()
+    });
     kill_hard(&mut verify);
-    wait_until("the sentinel to stop QEMU", Duration::from_secs(30), || qemu_processes(s(env.cli.dir())).is_empty());
-    wait_until("the run folder to go", Duration::from_secs(30), || env.tmp_is_empty());
+    wait_until("the sentinel to stop QEMU", Duration::from_secs(30), || {
+        qemu_processes(s(env.cli.dir())).is_empty()
+    });
+    wait_until("the run folder to go", Duration::from_secs(30), || {
+        env.tmp_is_empty()
+    });
 
     // An instant recovery (serving its exports) killed while the VM runs.
     let dir = env.cli.path("rec");
     let mut recover = env
-        .command(&["--json", "recover", "instant", &id, "--dir", s(&dir), "--no-network"])
+        .command(&[
+            "--json",
+            "recover",
+            "instant",
+            &id,
+            "--dir",
+            s(&dir),
+            "--no-network",
+        ])
         .stdout(Stdio::piped())
         .stderr(Stdio::null())
         .spawn()
@@ -249,8 +381,14 @@ fn killed_recoveries_and_verifications_leave_no_process_or_run_folder() {
     let running = json_line(&mut BufReader::new(recover.stdout.take().unwrap()));
     let pid = running["running"]["pid"].as_u64().unwrap() as u32;
     kill_hard(&mut recover);
-    wait_until("the sentinel to stop the VM", Duration::from_secs(30), || !alive(pid));
-    wait_until("the run folder to go", Duration::from_secs(30), || !dir.join(".vbackup-run").exists());
+    wait_until(
+        "the sentinel to stop the VM",
+        Duration::from_secs(30),
+        || !alive(pid),
+    );
+    wait_until("the run folder to go", Duration::from_secs(30), || {
+        !dir.join(".vbackup-run").exists()
+    });
     assert!(dir.join("vda.qcow2").exists(), "the VM's writes are kept");
 }
 

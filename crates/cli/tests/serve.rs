@@ -59,7 +59,10 @@ impl Served {
     fn stop(mut self) {
         stop_gently(&mut self.child);
         let status = self.child.wait().unwrap();
-        assert!(status.success() || status.code() == Some(130), "serve ended with {status}");
+        assert!(
+            status.success() || status.code() == Some(130),
+            "serve ended with {status}"
+        );
     }
 }
 
@@ -86,18 +89,38 @@ fn qemu_io_write(format: &str, image: &str, writes: &[(u64, u64, u8)]) {
 /// A disk image of `format` with data in a few places and holes between.
 fn image(dir: &Path, name: &str, format: &str, size_mib: u64) -> PathBuf {
     let path = dir.join(format!("{name}.{format}"));
-    tool("qemu-img", &["create", "-q", "-f", format, s(&path), &format!("{size_mib}M")]);
+    tool(
+        "qemu-img",
+        &[
+            "create",
+            "-q",
+            "-f",
+            format,
+            s(&path),
+            &format!("{size_mib}M"),
+        ],
+    );
     qemu_io_write(
         format,
         s(&path),
-        &[(0, 3 * MIB, 0x11), (9 * MIB + 4096, 70_000, 0x22), ((size_mib - 1) * MIB, MIB, 0x33)],
+        &[
+            (0, 3 * MIB, 0x11),
+            (9 * MIB + 4096, 70_000, 0x22),
+            ((size_mib - 1) * MIB, MIB, 0x33),
+        ],
     );
     // Not compressible, not all one byte: real chunks.
     let noise_file = dir.join(format!("{name}.noise"));
     std::fs::write(&noise_file, noise(MIB as usize, size_mib)).unwrap();
     tool(
         "qemu-io",
-        &["-f", format, "-c", &format!("write -s {} {} {}", s(&noise_file), 5 * MIB, MIB), s(&path)],
+        &[
+            "-f",
+            format,
+            "-c",
+            &format!("write -s {} {} {}", s(&noise_file), 5 * MIB, MIB),
+            s(&path),
+        ],
     );
     path
 }
@@ -108,7 +131,12 @@ fn compare(uri: &str, image: &Path, format: &str) {
         .args(["compare", "-f", "raw", "-F", format, uri, s(image)])
         .output()
         .unwrap();
-    assert!(out.status.success(), "{uri} differs from {}:\n{}", image.display(), text(&out));
+    assert!(
+        out.status.success(),
+        "{uri} differs from {}:\n{}",
+        image.display(),
+        text(&out)
+    );
 }
 
 /// `qemu-img map` of `uri`: `(start, length, data)` of each extent.
@@ -117,7 +145,13 @@ fn map(uri: &str) -> Vec<(u64, u64, bool)> {
     let extents: Vec<Value> = serde_json::from_str(&out).unwrap();
     extents
         .iter()
-        .map(|e| (e["start"].as_u64().unwrap(), e["length"].as_u64().unwrap(), e["data"].as_bool().unwrap()))
+        .map(|e| {
+            (
+                e["start"].as_u64().unwrap(),
+                e["length"].as_u64().unwrap(),
+                e["data"].as_bool().unwrap(),
+            )
+        })
         .collect()
 }
 
@@ -143,7 +177,10 @@ fn exports_of_every_format_equal_their_source_and_holes_stay_holes() {
     let env = local_repo();
     let mut disks = Vec::new();
     for format in ["raw", "qcow2", "vmdk", "vhdx", "vdi", "qed"] {
-        disks.push((image(env.dir(), &format!("disk-{format}"), format, 24), format));
+        disks.push((
+            image(env.dir(), &format!("disk-{format}"), format, 24),
+            format,
+        ));
     }
     let mut args = vec!["backup", "--vm", "formats"];
     args.extend(disks.iter().map(|(p, _)| s(p)));
@@ -158,21 +195,52 @@ fn exports_of_every_format_equal_their_source_and_holes_stay_holes() {
     // With 4 MiB chunks: data in chunks 0-2 (0-12 MiB) and 5 (the last
     // MiB), holes in 12-20 MiB.
     let extents = map(&served.uri("disk-qcow2"));
-    let hole_at = |offset: u64| extents.iter().any(|(s, l, data)| !data && *s <= offset && offset < s + l);
-    let data_at = |offset: u64| extents.iter().any(|(s, l, data)| *data && *s <= offset && offset < s + l);
+    let hole_at = |offset: u64| {
+        extents
+            .iter()
+            .any(|(s, l, data)| !data && *s <= offset && offset < s + l)
+    };
+    let data_at = |offset: u64| {
+        extents
+            .iter()
+            .any(|(s, l, data)| *data && *s <= offset && offset < s + l)
+    };
     assert!(hole_at(12 * MIB) && hole_at(19 * MIB), "{extents:?}");
-    assert!(data_at(0) && data_at(5 * MIB) && data_at(23 * MIB), "{extents:?}");
+    assert!(
+        data_at(0) && data_at(5 * MIB) && data_at(23 * MIB),
+        "{extents:?}"
+    );
     // Several connections at once (qemu-img convert -m 4): the same bytes.
     let copy = env.path("copy.raw");
     let uri = served.uri("disk-raw");
-    tool("qemu-img", &["convert", "-m", "4", "-W", "-f", "raw", "-O", "raw", &uri, s(&copy)]);
+    tool(
+        "qemu-img",
+        &[
+            "convert",
+            "-m",
+            "4",
+            "-W",
+            "-f",
+            "raw",
+            "-O",
+            "raw",
+            &uri,
+            s(&copy),
+        ],
+    );
     compare(&uri, &copy, "raw");
     // Read-only: a write is refused, and the served disk is unchanged.
     let write = Command::new("qemu-io")
         .args(["-f", "raw", "-c", "write -P 1 0 4096", &uri])
         .output()
         .unwrap();
-    assert!(!write.status.success() || text(&write).contains("denied") || text(&write).contains("read-only"), "{}", text(&write));
+    assert!(
+        !write.status.success()
+            || text(&write).contains("denied")
+            || text(&write).contains("read-only"),
+        "{}",
+        text(&write)
+    );
     compare(&uri, &disks[0].0, "raw");
     served.stop();
     assert!(!sock.exists(), "the socket is removed when serve stops");
@@ -186,13 +254,18 @@ fn exports_from_s3_and_from_the_backup_server_equal_their_source() {
     let source = image(env.dir(), "vda", "qcow2", 16);
     let s3 = |args: &[&str]| {
         let mut cmd = env.cmd();
-        cmd.arg("--repo").arg(garage.repo("serve")).args(args).env_remove("VBACKUP_REPOSITORY");
+        cmd.arg("--repo")
+            .arg(garage.repo("serve"))
+            .args(args)
+            .env_remove("VBACKUP_REPOSITORY");
         garage.credentials(&mut cmd);
         cmd
     };
     let out = s3(&["init"]).output().unwrap();
     assert!(out.status.success(), "{}", text(&out));
-    let out = s3(&["backup", "--vm", "s3vm", s(&source)]).output().unwrap();
+    let out = s3(&["backup", "--vm", "s3vm", s(&source)])
+        .output()
+        .unwrap();
     assert!(out.status.success(), "{}", text(&out));
     let listen = format!("unix:{}", s(&env.path("s3.sock")));
     let served = Served::start(s3(&[]), &["latest", "--listen", &listen]);
@@ -238,9 +311,20 @@ fn writes_to_a_writable_export_go_to_the_overlay_and_commit_to_a_new_snapshot() 
     let listen = format!("unix:{}", s(&env.path("w.sock")));
     let served = Served::start(
         env.cmd(),
-        &["latest", "--listen", &listen, "--writable", "--overlay", s(&overlay)],
+        &[
+            "latest",
+            "--listen",
+            &listen,
+            "--writable",
+            "--overlay",
+            s(&overlay),
+        ],
     );
-    let writes = [(1000, 5000, 0xab), (7 * MIB, 64 * 1024, 0xcd), (15 * MIB + 512, 512, 0xef)];
+    let writes = [
+        (1000, 5000, 0xab),
+        (7 * MIB, 64 * 1024, 0xcd),
+        (15 * MIB + 512, 512, 0xef),
+    ];
     let uri = served.uri("vda");
     qemu_io_write("raw", &uri, &writes);
     // What the guest now sees: the source with the same writes.
@@ -249,19 +333,32 @@ fn writes_to_a_writable_export_go_to_the_overlay_and_commit_to_a_new_snapshot() 
     qemu_io_write("qcow2", s(&expected), &writes);
     compare(&uri, &expected, "qcow2");
     served.stop();
-    assert!(tree_digest(&env.repo()) == repo_before, "the repository is byte for byte unchanged");
+    assert!(
+        tree_digest(&env.repo()) == repo_before,
+        "the repository is byte for byte unchanged"
+    );
 
     // Served again over the same overlay: the writes are still there.
     let served = Served::start(
         env.cmd(),
-        &["latest", "--listen", &listen, "--writable", "--overlay", s(&overlay)],
+        &[
+            "latest",
+            "--listen",
+            &listen,
+            "--writable",
+            "--overlay",
+            s(&overlay),
+        ],
     );
     compare(&served.uri("vda"), &expected, "qcow2");
     served.stop();
 
     let committed = env.json(&["serve", "--commit-overlay", s(&overlay)]);
     let id = committed["snapshot"].as_str().unwrap();
-    assert!(committed["bytes-read"].as_u64().unwrap() <= 3 * 4 * MIB, "{committed}");
+    assert!(
+        committed["bytes-read"].as_u64().unwrap() <= 3 * 4 * MIB,
+        "{committed}"
+    );
     let restored = env.path("restored");
     env.ok(&["restore", id, "--target", s(&restored)]);
     compare(s(&restored.join("vda.raw")), &expected, "qcow2");
@@ -287,7 +384,10 @@ fn a_killed_serve_leaves_no_socket_behind() {
     while sock.exists() && Instant::now() < deadline {
         std::thread::sleep(Duration::from_millis(50));
     }
-    assert!(!sock.exists(), "the sentinel removed the socket of the killed server");
+    assert!(
+        !sock.exists(),
+        "the sentinel removed the socket of the killed server"
+    );
     // And the path can be served again at once.
     let served = Served::start(env.cmd(), &["latest", "--listen", &listen]);
     compare(&served.uri("vda"), &source, "raw");
@@ -300,8 +400,14 @@ fn bad_serve_requests_fail_with_a_clear_usage_error() {
     let source = image(env.dir(), "vda", "raw", 16);
     env.ok(&["backup", "--vm", "b", s(&source)]);
     let listen = format!("unix:{}", s(&env.path("b.sock")));
-    let err = env.fails(&["serve", "latest", "--listen", &listen, "--disk", "nope"], 2);
-    assert!(err.contains("no disk 'nope'") && err.contains("vda"), "{err}");
+    let err = env.fails(
+        &["serve", "latest", "--listen", &listen, "--disk", "nope"],
+        2,
+    );
+    assert!(
+        err.contains("no disk 'nope'") && err.contains("vda"),
+        "{err}"
+    );
     let err = env.fails(&["serve", "latest", "--listen", "somewhere"], 2);
     assert!(err.contains("unix:PATH or tcp:HOST:PORT"), "{err}");
     let err = env.fails(&["serve", "latest", "--listen", "tcp:0.0.0.0:10809"], 2);

@@ -801,6 +801,22 @@ mod tests {
         assert!(OverlayHeader::decode("o", &bytes[..100]).is_err());
     }
 
+    proptest::proptest! {
+        /// Any bytes are refused or parsed, never a panic; a header made
+        /// by damaging a good one in one byte is refused.
+        #[test]
+        fn arbitrary_headers_are_refused_not_trusted(
+            bytes in proptest::collection::vec(proptest::prelude::any::<u8>(), 0..5000),
+            at in 0usize..CHECKSUM_AT,
+            flip in 1u8..=255,
+        ) {
+            let _ = OverlayHeader::decode("o", &bytes);
+            let mut good = OverlayHeader::new(1 << 30, origin()).encode().unwrap();
+            good[at] ^= flip;
+            proptest::prop_assert!(OverlayHeader::decode("o", &good).is_err());
+        }
+    }
+
     #[test]
     fn the_bitmap_sets_and_reads_bits_across_pages() {
         let mut bitmap = Bitmap::default();

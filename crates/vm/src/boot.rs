@@ -207,7 +207,10 @@ fn join(pairs: &[(String, Option<String>)]) -> String {
 }
 
 fn get<'a>(pairs: &'a [(String, Option<String>)], key: &str) -> Option<&'a str> {
-    pairs.iter().find(|(k, _)| k == key).and_then(|(_, v)| v.as_deref())
+    pairs
+        .iter()
+        .find(|(k, _)| k == key)
+        .and_then(|(_, v)| v.as_deref())
 }
 
 /// Whether `/dev/kvm` can be used.
@@ -261,7 +264,6 @@ pub fn plan(
     let mut args: Vec<String> = Vec::new();
     let mut agent_chardev: Option<String> = None;
     let mut chardevs: Vec<(usize, String)> = Vec::new();
-    let mut seen_disks = 0;
     while let Some(word) = words.next() {
         if !word.starts_with('-') {
             args.push(word);
@@ -272,7 +274,9 @@ pub fn plan(
             true => None,
             false => words.next(),
         };
-        if REPLACED.contains(&option.as_str()) || (options.isolate && NETWORK.contains(&option.as_str())) {
+        if REPLACED.contains(&option.as_str())
+            || (options.isolate && NETWORK.contains(&option.as_str()))
+        {
             continue;
         }
         let Some(value) = value else {
@@ -299,11 +303,6 @@ pub fn plan(
             "-machine" | "-M" => {
                 kv.retain(|(k, _)| k != "accel");
             }
-            "-drive" | "-blockdev" => {
-                if disks.iter().any(|d| value.contains(d.overlay.to_str().unwrap_or("\0"))) {
-                    seen_disks += 1;
-                }
-            }
             _ => {}
         }
         args.push(word);
@@ -326,10 +325,18 @@ pub fn plan(
         }
         args[*at] = join(&kv);
     }
-    if seen_disks < disks.len() && disks.iter().any(|d| !args.iter().any(|a| a.contains(d.overlay.to_str().unwrap_or("\0")))) {
+    if disks.iter().any(|d| {
+        !args
+            .iter()
+            .any(|a| a.contains(d.overlay.to_str().unwrap_or("\0")))
+    }) {
         let missing: Vec<&str> = disks
             .iter()
-            .filter(|d| !args.iter().any(|a| a.contains(d.overlay.to_str().unwrap_or("\0"))))
+            .filter(|d| {
+                !args
+                    .iter()
+                    .any(|a| a.contains(d.overlay.to_str().unwrap_or("\0")))
+            })
             .map(|d| d.source.as_str())
             .collect();
         return Err(Error::Invalid(format!(
@@ -345,9 +352,14 @@ pub fn plan(
             "-device".into(),
             "virtio-serial-pci,id=vbackup-serial".into(),
             "-chardev".into(),
-            format!("socket,id=vbackup-qga,path={},server=on,wait=off", agent.display()),
+            format!(
+                "socket,id=vbackup-qga,path={},server=on,wait=off",
+                agent.display()
+            ),
             "-device".into(),
-            format!("virtserialport,bus=vbackup-serial.0,chardev=vbackup-qga,name={GUEST_AGENT_PORT}"),
+            format!(
+                "virtserialport,bus=vbackup-serial.0,chardev=vbackup-qga,name={GUEST_AGENT_PORT}"
+            ),
         ]);
     }
     let accel = match &options.accel {
@@ -487,7 +499,9 @@ impl RunningVm {
 
     /// Whether QEMU has exited (and how).
     pub fn exited(&mut self) -> Option<std::process::ExitStatus> {
-        self.child.as_mut().and_then(|c| c.try_wait().ok().flatten())
+        self.child
+            .as_mut()
+            .and_then(|c| c.try_wait().ok().flatten())
     }
 
     /// Connects to QMP, waiting for the socket (up to `timeout`).
@@ -565,7 +579,9 @@ impl RunningVm {
     /// One guest agent ping (with a sync first, so a reply left over from
     /// an earlier try is not taken for this one).
     fn ping(&self) -> bool {
-        let Ok(mut agent) = GuestAgent::connect_with_timeout(&self.plan.agent, Duration::from_secs(2)) else {
+        let Ok(mut agent) =
+            GuestAgent::connect_with_timeout(&self.plan.agent, Duration::from_secs(2))
+        else {
             return false;
         };
         agent.sync().is_ok() && agent.ping().is_ok()
@@ -576,7 +592,9 @@ impl RunningVm {
     pub fn guest_exec(&self, command: &str, timeout: Duration) -> Result<(i64, String)> {
         let mut agent = GuestAgent::connect_with_timeout(&self.plan.agent, Duration::from_secs(5))
             .map_err(Error::qemu("connecting to the guest agent"))?;
-        agent.sync().map_err(Error::qemu("syncing with the guest agent"))?;
+        agent
+            .sync()
+            .map_err(Error::qemu("syncing with the guest agent"))?;
         let status = agent
             .run("/bin/sh", &["-c", command], timeout)
             .map_err(Error::qemu(format!("running '{command}' in the guest")))?;
@@ -593,7 +611,8 @@ impl RunningVm {
         if self.child.is_none() {
             return; // detached, or stopped already
         }
-        if let Ok(mut qmp) = QmpClient::connect_with_timeout(&self.plan.qmp, Duration::from_secs(2)) {
+        if let Ok(mut qmp) = QmpClient::connect_with_timeout(&self.plan.qmp, Duration::from_secs(2))
+        {
             let _ = qmp.execute("quit", json!({}));
         }
         if let Some(mut child) = self.child.take() {
@@ -669,36 +688,92 @@ mod tests {
     #[test]
     fn the_plan_puts_disks_on_overlays_and_replaces_host_ties() {
         let text = "qemu-system-x86_64 -machine q35,accel=kvm -m 256 -enable-kvm \\\n  -drive file=/vms/web/vda.qcow2,format=qcow2,if=virtio \\\n  -qmp unix:/vms/web/qmp.sock,server=on,wait=off -serial stdio -daemonize \\\n  -chardev socket,id=ga,path=/vms/web/qga.sock,server=on,wait=off -device virtio-serial-pci \\\n  -device virtserialport,chardev=ga,name=org.qemu.guest_agent.0 \\\n  -netdev user,id=n0 -device virtio-net-pci,netdev=n0 -append 'console=ttyS0 root=/dev/vda'";
-        let plan = plan(Some(&definition(text)), &[disk()], Path::new("/run/r"), &options(true)).unwrap();
+        let plan = plan(
+            Some(&definition(text)),
+            &[disk()],
+            Path::new("/run/r"),
+            &options(true),
+        )
+        .unwrap();
         let args = plan.args.join(" ");
         assert_eq!(plan.qemu, PathBuf::from("qemu-system-x86_64"));
-        assert!(args.contains("-drive file=/run/r/vda.qcow2,format=qcow2,if=virtio"), "{args}");
-        assert!(!args.contains("/vms/web"), "no path of the original VM is left: {args}");
-        assert!(args.contains("-chardev socket,id=ga,path=/run/r/qga.sock"), "{args}");
-        assert!(!args.contains("vbackup-qga"), "the definition's agent channel is used: {args}");
-        assert!(!args.contains("netdev") && !args.contains("virtio-net") && args.contains("-nic none"), "{args}");
-        assert!(!args.contains("-daemonize") && !args.contains("stdio") && !args.contains("accel=kvm"), "{args}");
-        assert!(args.contains("-qmp unix:/run/r/qmp.sock") && args.contains("-serial file:/run/r/console.log"), "{args}");
-        assert!(plan.args.contains(&"console=ttyS0 root=/dev/vda".to_string()), "quoted words stay one: {args}");
+        assert!(
+            args.contains("-drive file=/run/r/vda.qcow2,format=qcow2,if=virtio"),
+            "{args}"
+        );
+        assert!(
+            !args.contains("/vms/web"),
+            "no path of the original VM is left: {args}"
+        );
+        assert!(
+            args.contains("-chardev socket,id=ga,path=/run/r/qga.sock"),
+            "{args}"
+        );
+        assert!(
+            !args.contains("vbackup-qga"),
+            "the definition's agent channel is used: {args}"
+        );
+        assert!(
+            !args.contains("netdev") && !args.contains("virtio-net") && args.contains("-nic none"),
+            "{args}"
+        );
+        assert!(
+            !args.contains("-daemonize") && !args.contains("stdio") && !args.contains("accel=kvm"),
+            "{args}"
+        );
+        assert!(
+            args.contains("-qmp unix:/run/r/qmp.sock")
+                && args.contains("-serial file:/run/r/console.log"),
+            "{args}"
+        );
+        assert!(
+            plan.args
+                .contains(&"console=ttyS0 root=/dev/vda".to_string()),
+            "quoted words stay one: {args}"
+        );
     }
 
     #[test]
     fn without_isolation_the_network_stays_and_an_agent_channel_is_added() {
         let text = "-m 128 -blockdev driver=file,filename=/vms/web/vda.qcow2,node-name=f0 -blockdev driver=qcow2,file=f0,node-name=d0 -device virtio-blk-pci,drive=d0 -nic user";
-        let plan = plan(Some(&definition(text)), &[disk()], Path::new("/run/r"), &options(false)).unwrap();
+        let plan = plan(
+            Some(&definition(text)),
+            &[disk()],
+            Path::new("/run/r"),
+            &options(false),
+        )
+        .unwrap();
         let args = plan.args.join(" ");
         assert!(args.contains("filename=/run/r/vda.qcow2"), "{args}");
-        assert!(args.contains("-nic user") && !args.contains("-nic none"), "{args}");
-        assert!(args.contains("name=org.qemu.guest_agent.0") && args.contains("path=/run/r/qga.sock"), "{args}");
+        assert!(
+            args.contains("-nic user") && !args.contains("-nic none"),
+            "{args}"
+        );
+        assert!(
+            args.contains("name=org.qemu.guest_agent.0") && args.contains("path=/run/r/qga.sock"),
+            "{args}"
+        );
     }
 
     #[test]
     fn a_definition_that_does_not_name_the_disk_or_is_missing_is_refused() {
-        let err = plan(Some(&definition("-m 128 -drive file=/other.img")), &[disk()], Path::new("/r"), &options(true)).unwrap_err();
+        let err = plan(
+            Some(&definition("-m 128 -drive file=/other.img")),
+            &[disk()],
+            Path::new("/r"),
+            &options(true),
+        )
+        .unwrap_err();
         assert!(err.to_string().contains("does not name the disk"), "{err}");
         let err = plan(None, &[disk()], Path::new("/r"), &options(true)).unwrap_err();
         assert!(err.to_string().contains("--definition"), "{err}");
-        let err = plan(Some(&definition("qemu -m 'x")), &[disk()], Path::new("/r"), &options(true)).unwrap_err();
+        let err = plan(
+            Some(&definition("qemu -m 'x")),
+            &[disk()],
+            Path::new("/r"),
+            &options(true),
+        )
+        .unwrap_err();
         assert!(err.to_string().contains("unbalanced quote"), "{err}");
     }
 }

@@ -173,13 +173,19 @@ pub fn verify_boot(
         let (listen, server) = serve_in(scope, &exports, &run.path, &stop)?;
         let result = (|| -> Result<(Result<Duration>, Option<i64>, String)> {
             let disks = overlays(snapshot, &listen, &run.path)?;
-            let plan = plan(snapshot.manifest.definition.as_ref(), &disks, &run.path, &boot)?;
+            let plan = plan(
+                snapshot.manifest.definition.as_ref(),
+                &disks,
+                &run.path,
+                &boot,
+            )?;
             let accel = plan.accel.clone();
             let mut vm = RunningVm::start(plan)?;
             if let Some(pid) = vm.pid() {
                 sentinel.watch_pid(pid)?;
             }
-            let beat = wait_heartbeat_or_cancel(&mut vm, &request.heartbeat, request.timeout, cancel);
+            let beat =
+                wait_heartbeat_or_cancel(&mut vm, &request.heartbeat, request.timeout, cancel);
             let mut check_exit = None;
             let beat = match (beat, &request.check) {
                 (Ok(t), Some(command)) => match vm.guest_exec(command, request.timeout) {
@@ -266,7 +272,10 @@ impl Error {
         match self {
             Error::Invalid(text) if text.starts_with("no heartbeat within") => {
                 let rest = text.split_once(" s: ").map_or("", |(_, r)| r);
-                Error::Invalid(format!("no heartbeat within {} s: {rest}", timeout.as_secs()))
+                Error::Invalid(format!(
+                    "no heartbeat within {} s: {rest}",
+                    timeout.as_secs()
+                ))
             }
             other => other,
         }
@@ -358,7 +367,12 @@ pub fn recover_instant(
         let (listen, server) = serve_in(scope, &exports, &run.path, &stop)?;
         let result = (|| -> Result<RecoveryReport> {
             let disks = overlays(snapshot, &listen, &disk_dir)?;
-            let plan = plan(snapshot.manifest.definition.as_ref(), &disks, &run.path, &request.boot)?;
+            let plan = plan(
+                snapshot.manifest.definition.as_ref(),
+                &disks,
+                &run.path,
+                &request.boot,
+            )?;
             let mut vm = RunningVm::start(plan)?;
             if let Some(pid) = vm.pid() {
                 sentinel.watch_pid(pid)?;
@@ -379,7 +393,8 @@ pub fn recover_instant(
             };
             if let Some(heartbeat) = &request.heartbeat {
                 let beat = wait_heartbeat_or_cancel(&mut vm, heartbeat, request.timeout, cancel)?;
-                report.seconds_to_heartbeat = Some(beat.as_secs_f64() + (vm.started() - started).as_secs_f64());
+                report.seconds_to_heartbeat =
+                    Some(beat.as_secs_f64() + (vm.started() - started).as_secs_f64());
             }
             on_running(&report);
             if request.live_restore.is_some() {
@@ -433,14 +448,19 @@ fn stream_all(vm: &mut RunningVm, disks: &[BootDisk], cancel: &AtomicBool) -> Re
     loop {
         if cancel.load(Ordering::Relaxed) {
             for i in 0..nodes.len() {
-                let _ = qmp.execute("block-job-cancel", json!({"device": format!("vbackup-restore-{i}")}));
+                let _ = qmp.execute(
+                    "block-job-cancel",
+                    json!({"device": format!("vbackup-restore-{i}")}),
+                );
             }
             return Err(Error::Core(vbackup_core::Error::Interrupted));
         }
         for event in qmp.take_events() {
             if event.name == "BLOCK_JOB_COMPLETED" || event.name == "BLOCK_JOB_ERROR" {
                 if let Some(error) = event.data.get("error").and_then(|e| e.as_str()) {
-                    return Err(Error::Invalid(format!("the block-stream job failed: {error}")));
+                    return Err(Error::Invalid(format!(
+                        "the block-stream job failed: {error}"
+                    )));
                 }
             }
         }
@@ -451,7 +471,11 @@ fn stream_all(vm: &mut RunningVm, disks: &[BootDisk], cancel: &AtomicBool) -> Re
             .as_array()
             .map(|jobs| {
                 jobs.iter()
-                    .filter(|j| j["device"].as_str().is_some_and(|d| d.starts_with("vbackup-restore-")))
+                    .filter(|j| {
+                        j["device"]
+                            .as_str()
+                            .is_some_and(|d| d.starts_with("vbackup-restore-"))
+                    })
                     .count()
             })
             .unwrap_or(0);

@@ -188,13 +188,25 @@ impl ExportDisk for OverlayDisk {
             for (s, e) in written.iter().filter(|(s, e)| *s < stop && *e > start) {
                 let (s, e) = ((*s).max(start), (*e).min(stop));
                 if s > at {
-                    split.push(Allocation { length: s - at, hole: true, zero: true });
+                    split.push(Allocation {
+                        length: s - at,
+                        hole: true,
+                        zero: true,
+                    });
                 }
-                split.push(Allocation { length: e - s, hole: false, zero: false });
+                split.push(Allocation {
+                    length: e - s,
+                    hole: false,
+                    zero: false,
+                });
                 at = e;
             }
             if at < stop {
-                split.push(Allocation { length: stop - at, hole: true, zero: true });
+                split.push(Allocation {
+                    length: stop - at,
+                    hole: true,
+                    zero: true,
+                });
             }
         }
         Ok(split)
@@ -227,8 +239,12 @@ fn chosen<'a>(snapshot: &'a Snapshot, names: &[String]) -> Result<Vec<&'a DiskRe
                 .iter()
                 .find(|d| &d.name == name)
                 .ok_or_else(|| {
-                    let have: Vec<&str> =
-                        snapshot.manifest.disks.iter().map(|d| d.name.as_str()).collect();
+                    let have: Vec<&str> = snapshot
+                        .manifest
+                        .disks
+                        .iter()
+                        .map(|d| d.name.as_str())
+                        .collect();
                     Error::Invalid(format!(
                         "snapshot {} has no disk '{name}' (it has: {})",
                         snapshot.short_id(),
@@ -265,19 +281,23 @@ fn overlay_path(path: &Path, name: &str, several: bool) -> Result<PathBuf> {
 impl Exports {
     /// Opens the chosen disks of `snapshot` (their indexes are read and
     /// checked now) and, when writable, their overlays.
-    pub fn open(repo: Arc<Repository>, snapshot: &Snapshot, options: &ServeOptions) -> Result<Self> {
+    pub fn open(
+        repo: Arc<Repository>,
+        snapshot: &Snapshot,
+        options: &ServeOptions,
+    ) -> Result<Self> {
         let disks = chosen(snapshot, &options.disks)?;
-        let overlay_root = match (options.writable, &options.overlay) {
-            (true, None) => {
-                return Err(Error::Invalid(
-                    "--writable needs --overlay FILE: writes go there, never into the repository".into(),
-                ))
-            }
-            (false, Some(_)) => {
-                return Err(Error::Invalid("--overlay is for --writable exports".into()))
-            }
-            (_, overlay) => overlay.clone(),
-        };
+        let overlay_root =
+            match (options.writable, &options.overlay) {
+                (true, None) => return Err(Error::Invalid(
+                    "--writable needs --overlay FILE: writes go there, never into the repository"
+                        .into(),
+                )),
+                (false, Some(_)) => {
+                    return Err(Error::Invalid("--overlay is for --writable exports".into()))
+                }
+                (_, overlay) => overlay.clone(),
+            };
         let map = chunk_locations(&repo)?;
         let cache = ChunkCache::new(options.cache_bytes);
         let mut server = NbdServer::new();
@@ -403,13 +423,15 @@ impl Listener {
     pub fn listen(&self) -> Result<Listen> {
         match self {
             Listener::Unix(_, file) => Ok(Listen::Unix(file.0.clone())),
-            Listener::Tcp(listener) => listener
-                .local_addr()
-                .map(Listen::Tcp)
-                .map_err(|source| Error::Io {
-                    context: "reading the listening address".into(),
-                    source,
-                }),
+            Listener::Tcp(listener) => {
+                listener
+                    .local_addr()
+                    .map(Listen::Tcp)
+                    .map_err(|source| Error::Io {
+                        context: "reading the listening address".into(),
+                        source,
+                    })
+            }
         }
     }
 }
@@ -462,10 +484,15 @@ pub fn commit_overlays(
         headers.push((path, OverlayHeader::read(path)?));
     }
     let Some((_, first)) = headers.first() else {
-        return Err(Error::Invalid("--commit-overlay needs at least one overlay file".into()));
+        return Err(Error::Invalid(
+            "--commit-overlay needs at least one overlay file".into(),
+        ));
     };
     let snapshot_id = first.origin.snapshot.clone();
-    if let Some((path, other)) = headers.iter().find(|(_, h)| h.origin.snapshot != snapshot_id) {
+    if let Some((path, other)) = headers
+        .iter()
+        .find(|(_, h)| h.origin.snapshot != snapshot_id)
+    {
         return Err(Error::Invalid(format!(
             "overlay {} is of snapshot {}, the others of {snapshot_id}: commit each snapshot's overlays separately",
             path.display(),

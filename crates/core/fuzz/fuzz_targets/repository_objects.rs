@@ -2,7 +2,7 @@
 //! envelope (header, authentication, bounded decompression), disk indexes
 //! (versions 1, 2 and 3), delta objects,
 //! prune lists, pack trailers, footers and pack indexes, and the JSON objects (config, keys, manifests, locks,
-//! policies, damage markers). None may panic or
+//! policies, damage markers, boot reports). None may panic or
 //! allocate without bound, whatever a damaged or hostile repository holds.
 #![no_main]
 
@@ -25,6 +25,7 @@ fuzz_target!(|data: &[u8]| {
             ObjectKind::DamageMarker,
             ObjectKind::PackTrailer,
             ObjectKind::PackIndex,
+            ObjectKind::BootReport,
         ] {
             let _ = format::open_object(&crypto, kind, "chunks/00/00", data, 1 << 20);
         }
@@ -62,4 +63,5 @@ fuzz_target!(|data: &[u8]| {
     let _ = serde_json::from_slice::<lifecycle::LockFile>(data);
     let _ = serde_json::from_slice::<lifecycle::PolicyFile>(data);
     let _ = serde_json::from_slice::<lifecycle::DamageMarker>(data);
+    let _ = serde_json::from_slice::<vbackup_core::boot_report::BootReport>(data);
 });

@@ -98,10 +98,12 @@ pub struct InstantArgs {
     /// Folder for the VM's overlays (its writes) and run files.
     #[arg(long, value_name = "DIR", default_value = ".")]
     pub dir: PathBuf,
-    /// Copy the disks into this folder (DISK.qcow2) while the VM runs,
-    /// then drop the exports; the VM never stops.
-    #[arg(long, value_name = "TARGET_DIR")]
-    pub live_restore: Option<PathBuf>,
+    /// Move the disks while the VM runs, then drop the exports; the VM
+    /// never stops. A folder: the disks become DISK.qcow2 there. Or one
+    /// raw target per disk, in order (block devices or existing files,
+    /// overwritten): the VM is mirrored and pivoted onto them.
+    #[arg(long, value_name = "TARGET_DIR|DEVICE", num_args = 1..)]
+    pub live_restore: Vec<PathBuf>,
     /// Start the VM without any network.
     #[arg(long)]
     pub no_network: bool,
@@ -174,7 +176,10 @@ pub fn recover(ctx: &Context, command: &RecoverCommand) -> Result<()> {
     let snapshot = repo.find_snapshot(&args.snapshot, args.vm.as_deref())?;
     let request = InstantRecovery {
         dir: args.dir.clone(),
-        live_restore: args.live_restore.clone().map(|dir| LiveRestore { dir }),
+        live_restore: match args.live_restore.is_empty() {
+            true => None,
+            false => Some(LiveRestore::from_paths(&args.live_restore)?),
+        },
         boot: args.qemu.boot(args.no_network),
         heartbeat: Some(args.qemu.heartbeat()),
         timeout: Duration::from_secs(args.qemu.timeout),
@@ -215,7 +220,10 @@ pub fn recover(ctx: &Context, command: &RecoverCommand) -> Result<()> {
             return Err(anyhow::Error::from(e).context(format!(
                 "instant recovery of snapshot {} failed; any writes of the VM are in the overlays under {}",
                 snapshot.short_id(),
-                args.live_restore.as_ref().unwrap_or(&args.dir).display()
+                match &request.live_restore {
+                    Some(LiveRestore::Dir(dir)) => dir.display(),
+                    _ => args.dir.display(),
+                }
             )))
         }
     };

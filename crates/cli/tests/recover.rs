@@ -333,6 +333,90 @@ fn instant_recovery_live_restores_while_the_guest_runs_and_keeps_what_it_wrote()
 }
 
 #[test]
+fn instant_recovery_mirrors_onto_a_raw_target_and_pivots_the_running_guest() {
+    let env = Env::new();
+    let id = env.backup("web1", false);
+    let target = env.cli.path("target.raw");
+    let size = std::fs::metadata(env.disk()).unwrap().len();
+    std::fs::File::create(&target)
+        .unwrap()
+        .set_len(size)
+        .unwrap();
+    let dir = env.cli.path("recovered");
+    let out = env
+        .command(&[
+            "--json",
+            "recover",
+            "instant",
+            &id,
+            "--dir",
+            s(&dir),
+            "--live-restore",
+            s(&target),
+            "--no-network",
+        ])
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", text(&out));
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let finished: Value = serde_json::from_str(stdout.lines().last().unwrap()).unwrap();
+    let finished = &finished["finished"];
+    assert_eq!(
+        finished["disks"][0].as_str(),
+        Some(s(&target)),
+        "{finished}"
+    );
+    let pid = finished["pid"].as_u64().unwrap() as u32;
+    assert!(alive(pid));
+    // The guest now writes onto the target itself.
+    let mut guest = agent(Path::new(finished["agent"].as_str().unwrap()));
+    let status = guest
+        .run(
+            "/bin/sh",
+            &["-c", "echo after-the-pivot > /root/pivot; sync"],
+            Duration::from_secs(60),
+        )
+        .unwrap();
+    assert!(status.success(), "{status:?}");
+    guest.shutdown().unwrap();
+    wait_until("the guest to power off", Duration::from_secs(60), || {
+        !alive(pid)
+    });
+    let mark = tool("debugfs", &["-R", "cat /root/pivot", s(&target)]);
+    assert!(mark.contains("after-the-pivot"), "{mark}");
+    let check = Command::new("e2fsck")
+        .args(["-fn", s(&target)])
+        .output()
+        .unwrap();
+    assert!(check.status.success(), "{}", text(&check));
+    // A target too small, or one too few, is refused before anything starts.
+    let small = env.cli.path("small.raw");
+    std::fs::File::create(&small)
+        .unwrap()
+        .set_len(size / 2)
+        .unwrap();
+    let out = env
+        .command(&[
+            "recover",
+            "instant",
+            &id,
+            "--dir",
+            s(&env.cli.path("r2")),
+            "--live-restore",
+            s(&small),
+            s(&target),
+        ])
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(2), "{}", text(&out));
+    assert!(
+        text(&out).contains("give as many live-restore targets"),
+        "{}",
+        text(&out)
+    );
+}
+
+#[test]
 fn killed_recoveries_and_verifications_leave_no_process_or_run_folder() {
     let env = Env::new();
     let id = env.backup("web1", false);

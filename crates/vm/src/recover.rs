@@ -284,9 +284,44 @@ impl Error {
 
 /// Where a live restore moves the data.
 #[derive(Debug, Clone)]
-pub struct LiveRestore {
-    /// The folder the disks end up in (`DISK.qcow2`, complete, standalone).
-    pub dir: PathBuf,
+pub enum LiveRestore {
+    /// A folder the disks end up in (`DISK.qcow2`, complete, standalone):
+    /// the overlays are made there and `block-stream` fills them.
+    Dir(PathBuf),
+    /// One raw target per disk, in the snapshot's disk order (block
+    /// devices, or existing files of at least the disk's size; their old
+    /// content is overwritten): `blockdev-mirror` copies the running disk
+    /// there and pivots the VM onto it.
+    Targets(Vec<PathBuf>),
+}
+
+impl LiveRestore {
+    /// `--live-restore` values: one folder (existing or not), or one raw
+    /// target (block device or existing regular file) per disk.
+    pub fn from_paths(paths: &[PathBuf]) -> Result<Self> {
+        match paths {
+            [] => Err(Error::Invalid(
+                "--live-restore needs a folder or one target per disk".into(),
+            )),
+            [one] if one.is_dir() || !one.exists() => Ok(LiveRestore::Dir(one.clone())),
+            many => {
+                for path in many {
+                    let meta = std::fs::metadata(path).map_err(|source| Error::Io {
+                        context: format!("looking at the live-restore target {}", path.display()),
+                        source,
+                    })?;
+                    use std::os::unix::fs::FileTypeExt;
+                    if !(meta.file_type().is_block_device() || meta.is_file()) {
+                        return Err(Error::Invalid(format!(
+                            "live-restore target {} is neither a block device nor a file (give one folder, or one device per disk)",
+                            path.display()
+                        )));
+                    }
+                }
+                Ok(LiveRestore::Targets(many.to_vec()))
+            }
+        }
+    }
 }
 
 /// What instant recovery does.
@@ -357,9 +392,12 @@ pub fn recover_instant(
     sentinel.remove_on_kill(&run_path)?;
     let run = RunDir::create(run_path, false)?;
     let disk_dir = match &request.live_restore {
-        Some(live) => live.dir.clone(),
-        None => request.dir.clone(),
+        Some(LiveRestore::Dir(dir)) => dir.clone(),
+        _ => request.dir.clone(),
     };
+    if let Some(LiveRestore::Targets(targets)) = &request.live_restore {
+        check_targets(snapshot, targets)?;
+    }
     RunDir::create(disk_dir.clone(), true)?;
     let exports = open_exports(Arc::clone(&repo), snapshot, request.cache_bytes)?;
     let stop = AtomicBool::new(false);
@@ -397,9 +435,16 @@ pub fn recover_instant(
                     Some(beat.as_secs_f64() + (vm.started() - started).as_secs_f64());
             }
             on_running(&report);
-            if request.live_restore.is_some() {
-                match stream_all(&mut vm, &disks, cancel) {
+            if let Some(live) = &request.live_restore {
+                let moved = match live {
+                    LiveRestore::Dir(_) => stream_all(&mut vm, &disks, cancel),
+                    LiveRestore::Targets(targets) => mirror_all(&mut vm, &disks, targets, cancel),
+                };
+                match moved {
                     Ok(()) => {
+                        if let LiveRestore::Targets(targets) = live {
+                            report.disks = targets.clone();
+                        }
                         report.seconds_to_restored = Some(started.elapsed().as_secs_f64());
                         report.needs_exports = false;
                         vm.detach();
@@ -431,6 +476,160 @@ pub fn recover_instant(
     });
     sentinel.done();
     result
+}
+
+/// One target per disk, each large enough.
+fn check_targets(snapshot: &Snapshot, targets: &[PathBuf]) -> Result<()> {
+    let disks = &snapshot.manifest.disks;
+    if targets.len() != disks.len() {
+        return Err(Error::Invalid(format!(
+            "snapshot {} has {} disk(s) ({}); give as many live-restore targets, in that order",
+            snapshot.short_id(),
+            disks.len(),
+            disks
+                .iter()
+                .map(|d| d.name.as_str())
+                .collect::<Vec<_>>()
+                .join(", ")
+        )));
+    }
+    for (disk, target) in disks.iter().zip(targets) {
+        let size = device_size(target)?;
+        if size < disk.virtual_size {
+            return Err(Error::Invalid(format!(
+                "live-restore target {} holds {size} bytes, less than disk '{}' ({} bytes)",
+                target.display(),
+                disk.name,
+                disk.virtual_size
+            )));
+        }
+    }
+    Ok(())
+}
+
+/// The size of a file or block device (seeking to its end).
+fn device_size(path: &Path) -> Result<u64> {
+    use std::io::Seek;
+    std::fs::File::open(path)
+        .and_then(|mut f| f.seek(std::io::SeekFrom::End(0)))
+        .map_err(|source| Error::Io {
+            context: format!("reading the size of {}", path.display()),
+            source,
+        })
+}
+
+/// Mirrors every disk onto its raw target with `blockdev-mirror` and
+/// pivots the VM onto the targets once all are in sync.
+fn mirror_all(
+    vm: &mut RunningVm,
+    disks: &[BootDisk],
+    targets: &[PathBuf],
+    cancel: &AtomicBool,
+) -> Result<()> {
+    use std::os::unix::fs::FileTypeExt;
+    let mut qmp = vm.qmp(Duration::from_secs(30))?;
+    let nodes = overlay_nodes(&mut qmp, disks)?;
+    for (i, (node, target)) in nodes.iter().zip(targets).enumerate() {
+        let device = std::fs::metadata(target).is_ok_and(|m| m.file_type().is_block_device());
+        let protocol = if device { "host_device" } else { "file" };
+        qmp.execute(
+            "blockdev-add",
+            json!({"driver": "raw", "node-name": format!("vbackup-target-{i}"),
+                   "file": {"driver": protocol, "filename": target.display().to_string()}}),
+        )
+        .map_err(Error::qemu(format!(
+            "opening the live-restore target {}",
+            target.display()
+        )))?;
+        qmp.execute(
+            "blockdev-mirror",
+            json!({"job-id": format!("vbackup-restore-{i}"), "device": node,
+                   "target": format!("vbackup-target-{i}"), "sync": "full"}),
+        )
+        .map_err(Error::qemu(format!("starting the mirror of {node}")))?;
+    }
+    let mut ready = std::collections::BTreeSet::new();
+    while ready.len() < nodes.len() {
+        if cancel.load(Ordering::Relaxed) {
+            for i in 0..nodes.len() {
+                let _ = qmp.execute(
+                    "block-job-cancel",
+                    json!({"device": format!("vbackup-restore-{i}")}),
+                );
+            }
+            return Err(Error::Core(vbackup_core::Error::Interrupted));
+        }
+        let jobs = qmp
+            .execute("query-block-jobs", json!({}))
+            .map_err(Error::qemu("asking QEMU about the live restore"))?;
+        for job in jobs.as_array().into_iter().flatten() {
+            let Some(id) = job["device"]
+                .as_str()
+                .filter(|d| d.starts_with("vbackup-restore-"))
+            else {
+                continue;
+            };
+            if job["ready"].as_bool() == Some(true) {
+                ready.insert(id.to_string());
+            }
+        }
+        let running = jobs.as_array().map_or(0, |j| j.len());
+        if running < nodes.len() && ready.len() < nodes.len() {
+            let events = qmp.take_events();
+            let error = events.iter().find_map(|e| {
+                e.data
+                    .get("error")
+                    .and_then(|v| v.as_str())
+                    .map(str::to_string)
+            });
+            return Err(Error::Invalid(format!(
+                "a mirror job ended before it was in sync{}",
+                error.map(|e| format!(": {e}")).unwrap_or_default()
+            )));
+        }
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    // All in sync: pivot each disk onto its target.
+    for i in 0..nodes.len() {
+        qmp.execute(
+            "block-job-complete",
+            json!({"device": format!("vbackup-restore-{i}")}),
+        )
+        .map_err(Error::qemu("pivoting the VM onto its restored disk"))?;
+    }
+    let deadline = Instant::now() + Duration::from_secs(120);
+    loop {
+        let jobs = qmp
+            .execute("query-block-jobs", json!({}))
+            .map_err(Error::qemu("asking QEMU about the pivot"))?;
+        if jobs.as_array().is_none_or(|j| j.is_empty()) {
+            break;
+        }
+        if Instant::now() >= deadline {
+            return Err(Error::Invalid(
+                "the mirror jobs did not finish their pivot within 120 s".into(),
+            ));
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    // The VM must now run on the targets, not the overlays.
+    let blocks = qmp
+        .execute("query-block", json!({}))
+        .map_err(Error::qemu("asking QEMU about the restored disks"))?;
+    for disk in disks {
+        let path = disk.overlay.display().to_string();
+        if blocks
+            .as_array()
+            .into_iter()
+            .flatten()
+            .any(|b| b["inserted"]["file"].as_str() == Some(path.as_str()))
+        {
+            return Err(Error::Invalid(format!(
+                "the VM still runs on {path} after the pivot"
+            )));
+        }
+    }
+    Ok(())
 }
 
 /// Streams every disk's backing data into its overlay with `block-stream`

@@ -107,6 +107,23 @@ pub struct InstantArgs {
     /// Start the VM without any network.
     #[arg(long)]
     pub no_network: bool,
+    /// Give the disks to a QEMU that already runs (started with the
+    /// devices it needs, paused with -S or not) instead of starting one:
+    /// each disk is added as a block node and plugged in as --device.
+    #[arg(long, value_name = "SOCKET")]
+    pub qmp: Option<PathBuf>,
+    /// With --qmp: its guest agent socket (heartbeat); without, the
+    /// heartbeat is not waited for.
+    #[arg(long, value_name = "SOCKET", requires = "qmp")]
+    pub qga: Option<PathBuf>,
+    /// With --qmp: the device model the disks are plugged in as.
+    #[arg(
+        long,
+        value_name = "DRIVER",
+        default_value = "virtio-blk-pci",
+        requires = "qmp"
+    )]
+    pub device: String,
     /// How to start QEMU.
     #[command(flatten)]
     pub qemu: QemuArgs,
@@ -181,9 +198,17 @@ pub fn recover(ctx: &Context, command: &RecoverCommand) -> Result<()> {
             false => Some(LiveRestore::from_paths(&args.live_restore)?),
         },
         boot: args.qemu.boot(args.no_network),
-        heartbeat: Some(args.qemu.heartbeat()),
+        heartbeat: match (&args.qmp, &args.qga, &args.qemu.expect_console) {
+            (Some(_), None, _) | (Some(_), _, Some(_)) => None,
+            _ => Some(args.qemu.heartbeat()),
+        },
         timeout: Duration::from_secs(args.qemu.timeout),
         cache_bytes: args.qemu.cache_size.saturating_mul(1 << 20),
+        attach: args.qmp.clone().map(|qmp| vbackup_vm::recover::Attach {
+            qmp,
+            agent: args.qga.clone(),
+            device: args.device.clone(),
+        }),
     };
     let json = ctx.global.json;
     let quiet = ctx.global.quiet;

@@ -417,6 +417,81 @@ fn instant_recovery_mirrors_onto_a_raw_target_and_pivots_the_running_guest() {
 }
 
 #[test]
+fn instant_recovery_gives_the_disks_to_a_qemu_that_already_runs() {
+    let env = Env::new();
+    let id = env.backup("web1", false);
+    // A QEMU started by someone else, paused, with no disk yet.
+    let (qmp, qga) = (env.cli.path("own-qmp.sock"), env.cli.path("own-qga.sock"));
+    let mut args = guest::qemu_args(
+        &env.image,
+        &env.disk(),
+        "raw",
+        &qmp,
+        &qga,
+        &env.cli.path("own-console.log"),
+    );
+    let at = args.iter().position(|a| a == "-drive").unwrap();
+    args.drain(at..at + 2);
+    for a in args.iter_mut() {
+        if a.starts_with("q35") {
+            *a = a.replacen("q35", "pc", 1);
+        }
+    }
+    args.push("-S".into());
+    let mut qemu = Command::new(vbackup_testkit::qemu::StorageDaemon::qemu_system())
+        .args(&args)
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    wait_until("the QMP socket", Duration::from_secs(30), || qmp.exists());
+    let dir = env.cli.path("attached");
+    let out = env
+        .command(&[
+            "--json",
+            "recover",
+            "instant",
+            &id,
+            "--dir",
+            s(&dir),
+            "--qmp",
+            s(&qmp),
+            "--qga",
+            s(&qga),
+            "--live-restore",
+            s(&dir.join("disks")),
+        ])
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", text(&out));
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let finished: Value = serde_json::from_str(stdout.lines().last().unwrap()).unwrap();
+    assert!(
+        finished["finished"]["seconds-to-heartbeat"]
+            .as_f64()
+            .is_some(),
+        "{finished}"
+    );
+    assert_eq!(finished["finished"]["needs-exports"], false);
+    // The VM is still the one we started, running on the restored disk.
+    assert!(
+        qemu.try_wait().unwrap().is_none(),
+        "vbackup did not stop a VM it did not start"
+    );
+    let mut guest = agent(&qga);
+    guest.ping().unwrap();
+    guest.shutdown().unwrap();
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while qemu.try_wait().unwrap().is_none() && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    if qemu.try_wait().unwrap().is_none() {
+        let _ = qemu.kill();
+        panic!("the guest did not power off");
+    }
+}
+
+#[test]
 fn killed_recoveries_and_verifications_leave_no_process_or_run_folder() {
     let env = Env::new();
     let id = env.backup("web1", false);

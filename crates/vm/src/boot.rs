@@ -426,6 +426,8 @@ pub struct RunningVm {
     child: Option<Child>,
     plan: BootPlan,
     started: Instant,
+    /// Started by someone else (`attached`).
+    attached: bool,
 }
 
 /// How a heartbeat is recognised.
@@ -461,7 +463,21 @@ impl RunningVm {
             child: Some(child),
             plan,
             started: Instant::now(),
+            attached: false,
         })
+    }
+
+    /// A VM vbackup did not start (`recover instant --qmp`): it is
+    /// reached through `plan`'s QMP and agent sockets (connected to only
+    /// when needed: QMP serves one client at a time), and never stopped
+    /// or watched by vbackup.
+    pub fn attached(plan: BootPlan) -> Self {
+        Self {
+            child: None,
+            plan,
+            started: Instant::now(),
+            attached: true,
+        }
     }
 
     /// QEMU's process id.
@@ -499,6 +515,11 @@ impl RunningVm {
 
     /// Whether QEMU has exited (and how).
     pub fn exited(&mut self) -> Option<std::process::ExitStatus> {
+        if self.attached {
+            // Not ours to watch: QMP takes one client at a time, and the
+            // owner may hold it.
+            return None;
+        }
         self.child
             .as_mut()
             .and_then(|c| c.try_wait().ok().flatten())

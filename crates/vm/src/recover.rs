@@ -32,7 +32,7 @@ use vbackup_core::reader::ReaderOptions;
 use vbackup_core::{Repository, Snapshot};
 use vbackup_qemu::qmp::QmpClient;
 
-use crate::boot::{create_overlay, plan, BootDisk, BootOptions, Heartbeat, RunningVm};
+use crate::boot::{create_overlay, plan, BootDisk, BootOptions, BootPlan, Heartbeat, RunningVm};
 use crate::sentinel::Sentinel;
 use crate::serve::{Exports, Listen, Listener, ServeOptions};
 use crate::{Error, Result};
@@ -340,6 +340,20 @@ pub struct InstantRecovery {
     pub timeout: Duration,
     /// Bytes of decoded chunks kept in memory.
     pub cache_bytes: u64,
+    /// Attach the disks to a QEMU that already runs, instead of starting
+    /// one from the stored definition.
+    pub attach: Option<Attach>,
+}
+
+/// A running QEMU to give the recovered disks to (`--qmp SOCKET`).
+#[derive(Debug, Clone)]
+pub struct Attach {
+    /// Its QMP socket.
+    pub qmp: PathBuf,
+    /// Its guest agent socket, for an agent heartbeat.
+    pub agent: Option<PathBuf>,
+    /// The device model each disk is plugged in as.
+    pub device: String,
 }
 
 /// What instant recovery did.
@@ -405,16 +419,22 @@ pub fn recover_instant(
         let (listen, server) = serve_in(scope, &exports, &run.path, &stop)?;
         let result = (|| -> Result<RecoveryReport> {
             let disks = overlays(snapshot, &listen, &disk_dir)?;
-            let plan = plan(
-                snapshot.manifest.definition.as_ref(),
-                &disks,
-                &run.path,
-                &request.boot,
-            )?;
-            let mut vm = RunningVm::start(plan)?;
-            if let Some(pid) = vm.pid() {
-                sentinel.watch_pid(pid)?;
-            }
+            let mut vm = match &request.attach {
+                Some(attach) => attach_disks(attach, &disks, &run.path)?,
+                None => {
+                    let plan = plan(
+                        snapshot.manifest.definition.as_ref(),
+                        &disks,
+                        &run.path,
+                        &request.boot,
+                    )?;
+                    let vm = RunningVm::start(plan)?;
+                    if let Some(pid) = vm.pid() {
+                        sentinel.watch_pid(pid)?;
+                    }
+                    vm
+                }
+            };
             vm.wait_running(request.timeout)?;
             let mut report = RecoveryReport {
                 snapshot: snapshot.id.clone(),
@@ -476,6 +496,58 @@ pub fn recover_instant(
     });
     sentinel.done();
     result
+}
+
+/// Plugs each overlay into the QEMU of `attach` (`blockdev-add` of the
+/// qcow2 overlay, whose backing is the export, then `device_add`) and lets
+/// a VM paused at start (`-S`) run.
+fn attach_disks(attach: &Attach, disks: &[BootDisk], run_dir: &Path) -> Result<RunningVm> {
+    let mut qmp = QmpClient::connect_with_timeout(&attach.qmp, Duration::from_secs(10)).map_err(
+        Error::qemu(format!(
+            "connecting to the VM's QMP socket {}",
+            attach.qmp.display()
+        )),
+    )?;
+    for (i, disk) in disks.iter().enumerate() {
+        let node = format!("vbackup-disk-{i}");
+        qmp.execute(
+            "blockdev-add",
+            json!({"driver": "qcow2", "node-name": node,
+                   "file": {"driver": "file", "filename": disk.overlay.display().to_string()}}),
+        )
+        .map_err(Error::qemu(format!(
+            "opening {} in the running QEMU",
+            disk.overlay.display()
+        )))?;
+        qmp.execute(
+            "device_add",
+            json!({"driver": attach.device, "drive": node, "id": format!("vbackup-dev-{i}")}),
+        )
+        .map_err(Error::qemu(format!(
+            "plugging {} into the running VM as {}",
+            disk.overlay.display(),
+            attach.device
+        )))?;
+    }
+    let status = qmp
+        .execute("query-status", json!({}))
+        .map_err(Error::qemu("asking QEMU whether the VM runs"))?;
+    if status["running"].as_bool() != Some(true) {
+        qmp.execute("cont", json!({}))
+            .map_err(Error::qemu("letting the VM run"))?;
+    }
+    Ok(RunningVm::attached(BootPlan {
+        qemu: PathBuf::new(),
+        args: Vec::new(),
+        accel: String::new(),
+        qmp: attach.qmp.clone(),
+        agent: attach
+            .agent
+            .clone()
+            .unwrap_or_else(|| run_dir.join("no-agent")),
+        console: run_dir.join("no-console"),
+        log: run_dir.join("no-log"),
+    }))
 }
 
 /// One target per disk, each large enough.

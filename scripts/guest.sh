@@ -166,7 +166,7 @@ copy_agent() {
 
 build_root() {
   local root=$work/root
-  mkdir -p "$root"/{bin,sbin,dev,proc,sys,tmp,root,etc,var/run,run}
+  mkdir -p "$root"/{bin,sbin,dev,proc,sys,tmp,root,etc,var/run,var/lib,run}
   cp "$busybox" "$root/bin/busybox"
   applet_links "$root"
   copy_agent "$root"

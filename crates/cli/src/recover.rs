@@ -153,12 +153,18 @@ pub fn verify(ctx: &Context, args: &VerifyArgs) -> Result<()> {
     if ctx.text_wanted(&report)? {
         match (&report.reason, report.seconds_to_heartbeat) {
             (None, Some(t)) => println!(
-                "boot verification of snapshot {} passed: heartbeat ({}) after {t:.1} s ({}){}",
+                "boot verification of snapshot {} passed: heartbeat ({}) after {t:.1} s ({}){}{}",
                 snapshot.short_id(),
                 report.heartbeat,
                 report.accelerator,
                 match &report.check {
                     Some(c) => format!(", check '{c}' exited 0"),
+                    None => String::new(),
+                },
+                match report.canary.as_deref() {
+                    Some("matched") =>
+                        ", canary matched: the disk is this snapshot's point in time".to_string(),
+                    Some(other) => format!(", canary {other}"),
                     None => String::new(),
                 }
             ),

@@ -217,6 +217,40 @@ fn boot_verification_passes_on_a_good_backup_and_fails_with_the_reason_on_a_brok
     assert!(s(&reports[0]).contains(&broken), "{reports:?}");
 }
 
+#[test]
+fn a_live_backup_leaves_a_canary_that_boot_verification_reads_back() {
+    let env = Env::new();
+    env.backup("web1", false); // writes the disk copy and the definition
+    let running = guest::RunningGuest::boot(&env.image, &env.disk(), "raw");
+    assert!(
+        running.wait_console(guest::READY, Duration::from_secs(120)),
+        "{}",
+        running.console()
+    );
+    let out = env.cli.json(&[
+        "backup",
+        "--vm",
+        "live1",
+        "--qmp",
+        s(running.qmp_socket()),
+        "--qga",
+        s(running.qga_socket()),
+        "--definition",
+        s(&env.cli.path("vm.sh")),
+    ]);
+    let id = out["snapshot"].as_str().unwrap().to_string();
+    drop(running);
+    let out = env.command(&["verify", "--boot", &id]).output().unwrap();
+    assert!(out.status.success(), "{}", text(&out));
+    assert!(
+        String::from_utf8_lossy(&out.stdout).contains("canary matched"),
+        "{}",
+        text(&out)
+    );
+    let list = env.cli.json(&["snapshots", "--vm", "live1"]);
+    assert_eq!(list[0]["boot"]["canary"], "matched", "{list}");
+}
+
 /// Reads one JSON line from a running `vbackup --json recover instant`.
 fn json_line(reader: &mut impl BufRead) -> Value {
     let mut line = String::new();

@@ -42,6 +42,11 @@ pub struct BootReport {
     /// Its exit code.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub check_exit: Option<i64>,
+    /// The snapshot's canary (live backups with a guest agent): `matched`
+    /// when the booted guest holds this snapshot's token, else why it was
+    /// not checked. A different token fails the verification.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub canary: Option<String>,
     /// `kvm` or `tcg`.
     pub accelerator: String,
     /// When the verification ran (RFC 3339, UTC).

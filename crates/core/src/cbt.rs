@@ -546,6 +546,7 @@ mod tests {
             consistency: None,
             consistency_note: None,
             definition: None,
+            canary: None,
         };
         repo.write_snapshot(&manifest).unwrap()
     }

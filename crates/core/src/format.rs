@@ -560,6 +560,21 @@ pub struct SnapshotManifest {
     /// The VM's definition, when known.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub definition: Option<VmDefinition>,
+    /// The token written into the guest just before the point in time
+    /// (live backups with a guest agent): boot verification reads it back
+    /// to prove the booted disk is this snapshot's.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub canary: Option<Canary>,
+}
+
+/// A snapshot's canary: a file in the guest holding a token.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub struct Canary {
+    /// The file's path in the guest.
+    pub path: String,
+    /// The token it holds (32 hex digits).
+    pub token: String,
 }
 
 /// Parses a snapshot manifest's JSON payload and checks its version.

@@ -243,6 +243,44 @@ impl GuestAgent {
         }
     }
 
+    /// Writes `data` to the file `path` in the guest, created or
+    /// truncated (`guest-file-open`, `-write`, `-flush`, `-close`).
+    pub fn write_file(&mut self, path: &str, data: &[u8]) -> Result<()> {
+        use base64::Engine;
+        let handle = self.file_open(path, "w")?;
+        let buf = base64::engine::general_purpose::STANDARD.encode(data);
+        let written = self
+            .execute(
+                "guest-file-write",
+                json!({"handle": handle, "buf-b64": buf}),
+            )
+            .and_then(|_| self.execute("guest-file-flush", json!({"handle": handle})));
+        let closed = self.execute("guest-file-close", json!({"handle": handle}));
+        written?;
+        closed.map(drop)
+    }
+
+    /// Reads at most `max` bytes of the file `path` in the guest.
+    pub fn read_file(&mut self, path: &str, max: usize) -> Result<Vec<u8>> {
+        let handle = self.file_open(path, "r")?;
+        let read = self.execute("guest-file-read", json!({"handle": handle, "count": max}));
+        let closed = self.execute("guest-file-close", json!({"handle": handle}));
+        let read = read?;
+        closed?;
+        let text = read
+            .get("buf-b64")
+            .and_then(Value::as_str)
+            .ok_or_else(|| bad_reply("guest-file-read", "no 'buf-b64'"))?;
+        decode_base64(text)
+            .ok_or_else(|| bad_reply("guest-file-read", "invalid base64 in 'buf-b64'"))
+    }
+
+    fn file_open(&mut self, path: &str, mode: &str) -> Result<i64> {
+        self.execute("guest-file-open", json!({"path": path, "mode": mode}))?
+            .as_i64()
+            .ok_or_else(|| bad_reply("guest-file-open", "no file handle"))
+    }
+
     /// Asks the guest to power off (`guest-shutdown`, mode `powerdown`).
     /// The agent answers only a refusal: success is the guest going away,
     /// so this waits up to the command timeout for an error reply and
@@ -328,36 +366,8 @@ fn exec_status(value: &Value) -> Result<ExecStatus> {
 /// Decodes standard base64 (with `=` padding, as the agent sends output);
 /// `None` if `text` is not valid base64.
 fn decode_base64(text: &str) -> Option<Vec<u8>> {
-    fn sextet(c: u8) -> Option<u32> {
-        match c {
-            b'A'..=b'Z' => Some(u32::from(c - b'A')),
-            b'a'..=b'z' => Some(u32::from(c - b'a') + 26),
-            b'0'..=b'9' => Some(u32::from(c - b'0') + 52),
-            b'+' => Some(62),
-            b'/' => Some(63),
-            _ => None,
-        }
-    }
-    let bytes = text.as_bytes();
-    if !bytes.len().is_multiple_of(4) {
-        return None;
-    }
-    let mut out = Vec::with_capacity(bytes.len() / 4 * 3);
-    for (i, quad) in bytes.chunks(4).enumerate() {
-        let last = i + 1 == bytes.len() / 4;
-        let pad = quad.iter().rev().take_while(|&&c| c == b'=').count();
-        if pad > 2 || (pad > 0 && !last) {
-            return None;
-        }
-        let mut n = 0u32;
-        for &c in &quad[..4 - pad] {
-            n = (n << 6) | sextet(c)?;
-        }
-        n <<= 6 * pad as u32;
-        let group = [(n >> 16) as u8, (n >> 8) as u8, n as u8];
-        out.extend_from_slice(&group[..3 - pad]);
-    }
-    Some(out)
+    use base64::Engine;
+    base64::engine::general_purpose::STANDARD.decode(text).ok()
 }
 
 fn count(value: Value, command: &str) -> Result<u64> {

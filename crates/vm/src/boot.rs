@@ -303,6 +303,17 @@ pub fn plan(
             "-machine" | "-M" => {
                 kv.retain(|(k, _)| k != "accel");
             }
+            // Zeros written to an overlay (a live restore's block-stream
+            // copies the backup's holes as zeros) become zero clusters,
+            // not allocated ones: the restored disk stays sparse.
+            "-drive" | "-blockdev"
+                if disks
+                    .iter()
+                    .any(|d| value.contains(d.overlay.to_str().unwrap_or("\0")))
+                    && get(&kv, "detect-zeroes").is_none() =>
+            {
+                kv.push(("detect-zeroes".into(), Some("on".into())));
+            }
             _ => {}
         }
         args.push(word);
@@ -611,11 +622,7 @@ impl RunningVm {
     /// Runs `command` in the guest with `/bin/sh -c` through the agent;
     /// returns its exit code (-1 when a signal ended it) and output.
     pub fn guest_exec(&self, command: &str, timeout: Duration) -> Result<(i64, String)> {
-        let mut agent = GuestAgent::connect_with_timeout(&self.plan.agent, Duration::from_secs(5))
-            .map_err(Error::qemu("connecting to the guest agent"))?;
-        agent
-            .sync()
-            .map_err(Error::qemu("syncing with the guest agent"))?;
+        let mut agent = self.agent()?;
         let status = agent
             .run("/bin/sh", &["-c", command], timeout)
             .map_err(Error::qemu(format!("running '{command}' in the guest")))?;
@@ -625,6 +632,36 @@ impl RunningVm {
             String::from_utf8_lossy(&status.stderr)
         );
         Ok((status.exit_code.unwrap_or(-1), output))
+    }
+
+    /// The guest agent, synced, and thawed if it starts frozen: a backup
+    /// taken while the guest's file systems were frozen (application
+    /// consistency) may hold the agent's own "frozen" marker, and an agent
+    /// that boots from it refuses everything but a ping and a thaw.
+    fn agent(&self) -> Result<GuestAgent> {
+        let mut agent = GuestAgent::connect_with_timeout(&self.plan.agent, Duration::from_secs(5))
+            .map_err(Error::qemu("connecting to the guest agent"))?;
+        agent
+            .sync()
+            .map_err(Error::qemu("syncing with the guest agent"))?;
+        if matches!(
+            agent.fsfreeze_status(),
+            Ok(vbackup_qemu::qga::FreezeStatus::Frozen)
+        ) {
+            agent
+                .fsfreeze_thaw()
+                .map_err(Error::qemu("thawing the guest agent, which booted frozen"))?;
+        }
+        Ok(agent)
+    }
+
+    /// Reads (at most 4 KiB of) the file `path` in the guest through its
+    /// agent.
+    pub fn guest_read(&self, path: &str) -> Result<Vec<u8>> {
+        let mut agent = self.agent()?;
+        agent
+            .read_file(path, 4096)
+            .map_err(Error::qemu(format!("reading {path} in the guest")))
     }
 
     /// Stops the VM: `quit` over QMP, then SIGKILL if it lingers.

@@ -229,6 +229,7 @@ pub fn backup(repo: &Repository, job: &BackupJob, progress: &Progress) -> Result
                 requested: job.requested,
                 options,
                 config_file,
+                canary: Some(crate::live::DEFAULT_CANARY_PATH.to_string()),
             };
             let outcome = crate::live::backup(repo, &request, progress)?;
             Ok(BackupOutcome {

@@ -15,7 +15,7 @@ use std::time::Duration;
 
 use serde_json::{json, Value};
 use vbackup_core::cbt::{self, DiskObservation, DiskPlan, ObservedBitmap, Planner, Requested};
-use vbackup_core::format::{ConfigFile, SnapshotManifest, VmDefinition};
+use vbackup_core::format::{Canary, ConfigFile, SnapshotManifest, VmDefinition};
 use vbackup_core::{BackupDisk, BackupOptions, PreparedBackup, Progress, Repository, Snapshot};
 use vbackup_qemu::live::{self, FreezeReport, LiveDisk, LiveDiskPlan, LiveOptions, LiveSession};
 use vbackup_qemu::{GuestAgent, QmpClient};
@@ -41,6 +41,34 @@ pub struct LiveBackup {
     pub options: BackupOptions,
     /// A configuration file to store with the snapshot.
     pub config_file: Option<ConfigFile>,
+    /// With a guest agent: the file in the guest that gets a token naming
+    /// this backup just before the point in time (see
+    /// [`DEFAULT_CANARY_PATH`]); `None` writes none.
+    pub canary: Option<String>,
+}
+
+/// Where a live backup with a guest agent writes its canary by default.
+pub const DEFAULT_CANARY_PATH: &str = "/var/lib/vbackup-canary";
+
+/// Writes a fresh token to `path` in the guest, so that the snapshot's
+/// disks hold it: boot verification reads it back. A guest that refuses
+/// (no such folder, a read-only root, an agent without file commands)
+/// only loses the canary, never the backup: the reason is returned.
+fn write_canary(agent: &mut GuestAgent, path: &str) -> std::result::Result<Canary, String> {
+    let token = vbackup_core::crypto::random_bytes::<16>()
+        .map(hex_of)
+        .map_err(|e| e.to_string())?;
+    agent
+        .write_file(path, format!("vbackup canary {token}\n").as_bytes())
+        .map_err(|e| format!("the canary could not be written to {path} in the guest: {e}"))?;
+    Ok(Canary {
+        path: path.to_string(),
+        token,
+    })
+}
+
+fn hex_of(bytes: [u8; 16]) -> String {
+    bytes.iter().map(|b| format!("{b:02x}")).collect()
 }
 
 /// What a live backup did besides the snapshot.
@@ -91,6 +119,12 @@ pub fn backup(repo: &Repository, request: &LiveBackup, progress: &Progress) -> R
         ),
         None => None,
     };
+    // Before the point in time, so the snapshot holds it (the freeze
+    // flushes it to the disk).
+    let canary = match (agent.as_mut(), &request.canary) {
+        (Some(agent), Some(path)) => Some(write_canary(agent, path)),
+        _ => None,
+    };
     let options = LiveOptions {
         nbd_socket: request.nbd_socket.clone(),
         guest_agent: agent.as_mut(),
@@ -119,6 +153,15 @@ pub fn backup(repo: &Repository, request: &LiveBackup, progress: &Progress) -> R
         }
     };
     complete_manifest(&mut prepared.manifest, &plans, &freeze, definition);
+    match canary {
+        Some(Ok(canary)) => prepared.manifest.canary = Some(canary),
+        Some(Err(reason)) => {
+            let note = prepared.manifest.consistency_note.take();
+            prepared.manifest.consistency_note =
+                Some(note.map_or(reason.clone(), |n| format!("{n}; {reason}")));
+        }
+        None => {}
+    }
     let snapshot = match prepared.commit(repo) {
         Ok(snapshot) => snapshot,
         Err(e) => {

@@ -169,9 +169,10 @@ pub fn verify_boot(
     let stop = AtomicBool::new(false);
     let mut boot = request.boot.clone();
     boot.isolate = true;
-    let outcome = std::thread::scope(|scope| -> Result<(Result<Duration>, Option<i64>, String)> {
+    type Outcome = (Result<Duration>, Option<i64>, String, Option<String>);
+    let outcome = std::thread::scope(|scope| -> Result<Outcome> {
         let (listen, server) = serve_in(scope, &exports, &run.path, &stop)?;
-        let result = (|| -> Result<(Result<Duration>, Option<i64>, String)> {
+        let result = (|| -> Result<(Result<Duration>, Option<i64>, String, Option<String>)> {
             let disks = overlays(snapshot, &listen, &run.path)?;
             let plan = plan(
                 snapshot.manifest.definition.as_ref(),
@@ -204,8 +205,15 @@ pub fn verify_boot(
                 },
                 (beat, _) => beat,
             };
+            let (beat, canary) = match beat {
+                Ok(t) => {
+                    let (checked, canary) = check_canary(&vm, snapshot, &request.heartbeat)?;
+                    (checked.map(|()| t), canary)
+                }
+                Err(e) => (Err(e), None),
+            };
             vm.stop();
-            Ok((beat, check_exit, accel))
+            Ok((beat, check_exit, accel, canary))
         })();
         stop.store(true, Ordering::Relaxed);
         let served = server
@@ -215,7 +223,7 @@ pub fn verify_boot(
         served?;
         Ok(result)
     })?;
-    let (beat, check_exit, accelerator) = outcome;
+    let (beat, check_exit, accelerator, canary) = outcome;
     if cancel.load(Ordering::Relaxed) {
         return Err(Error::Core(vbackup_core::Error::Interrupted));
     }
@@ -231,6 +239,7 @@ pub fn verify_boot(
         seconds_to_heartbeat: beat.as_ref().ok().map(Duration::as_secs_f64),
         check: request.check.clone(),
         check_exit,
+        canary,
         accelerator,
         time: vbackup_core::boot_report::now(),
         host: vbackup_core::hostname(),
@@ -241,6 +250,41 @@ pub fn verify_boot(
     drop(run);
     sentinel.done();
     Ok(report)
+}
+
+/// Reads the snapshot's canary back from the booted guest: `Ok((Ok, ..))`
+/// with `matched` or why it could not be checked; a different token turns
+/// the heartbeat into a failure (the disk is not this point in time).
+fn check_canary(
+    vm: &RunningVm,
+    snapshot: &Snapshot,
+    heartbeat: &Heartbeat,
+) -> Result<(Result<()>, Option<String>)> {
+    let Some(canary) = &snapshot.manifest.canary else {
+        return Ok((Ok(()), None));
+    };
+    match vm.guest_read(&canary.path) {
+        Ok(bytes) if String::from_utf8_lossy(&bytes).contains(&canary.token) => {
+            Ok((Ok(()), Some("matched".into())))
+        }
+        Ok(bytes) => Ok((
+            Err(Error::Invalid(format!(
+                "the booted guest's {} holds '{}', not this snapshot's canary {}: the disk is not this snapshot's point in time",
+                canary.path,
+                String::from_utf8_lossy(&bytes).trim(),
+                canary.token
+            ))),
+            Some("mismatch".into()),
+        )),
+        Err(e) if matches!(heartbeat, Heartbeat::Agent) => Ok((
+            Err(Error::Invalid(format!(
+                "the snapshot's canary {} could not be read back: {e}",
+                canary.path
+            ))),
+            Some("missing".into()),
+        )),
+        Err(e) => Ok((Ok(()), Some(format!("unchecked: {e}")))),
+    }
 }
 
 fn wait_heartbeat_or_cancel(
@@ -512,7 +556,7 @@ fn attach_disks(attach: &Attach, disks: &[BootDisk], run_dir: &Path) -> Result<R
         let node = format!("vbackup-disk-{i}");
         qmp.execute(
             "blockdev-add",
-            json!({"driver": "qcow2", "node-name": node,
+            json!({"driver": "qcow2", "node-name": node, "detect-zeroes": "on",
                    "file": {"driver": "file", "filename": disk.overlay.display().to_string()}}),
         )
         .map_err(Error::qemu(format!(

@@ -329,6 +329,7 @@ pub fn backup_prepare_started(
         consistency: None,
         consistency_note: None,
         definition: None,
+        canary: None,
     };
     Ok(PreparedBackup { manifest, guard })
 }

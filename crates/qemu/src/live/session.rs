@@ -359,6 +359,15 @@ fn check_plan(disk: &LiveDisk, plan: &LiveDiskPlan) -> Result<()> {
     Ok(())
 }
 
+/// Whether QEMU accepts `name` in an id (export, node, job): letters,
+/// digits, `-`, `.` and `_`, starting with a letter.
+fn is_qemu_id(name: &str) -> bool {
+    name.starts_with(|c: char| c.is_ascii_alphabetic())
+        && name
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || "-._".contains(c))
+}
+
 impl DiskState {
     fn new(disk: LiveDisk, plan: LiveDiskPlan, token: &str, index: usize) -> Self {
         let prefix = format!("vbackup-{token}");
@@ -373,7 +382,12 @@ impl DiskState {
             overlay_node: format!("{prefix}-ov{index}"),
             filter_node: format!("{prefix}-cbw{index}"),
             job: format!("{prefix}-job{index}"),
-            export: format!("{prefix}-{}", disk.node),
+            // Named after the node when QEMU takes that as an id; nodes
+            // QEMU named itself (`#block123`, what `-drive` gets) are not.
+            export: match is_qemu_id(&disk.node) {
+                true => format!("{prefix}-{}", disk.node),
+                false => format!("{prefix}-disk{index}"),
+            },
             exported_bitmap: copy.clone().or_else(|| plan.read_bitmap.clone()),
             copy,
             tracker,

@@ -12,11 +12,12 @@
 //!   agent, stops the VM and records a [`BootReport`] with the snapshot.
 //! - Instant recovery keeps the overlays (they hold what the VM writes,
 //!   never lost: on any failure the command says where they are). With a
-//!   live-restore folder the overlays are created there, and once the VM
-//!   runs, QEMU's `block-stream` copies every block of the backup into
-//!   them while the VM keeps running; when the jobs finish, the overlays
-//!   are complete standalone disks, the exports are dropped and the VM
-//!   runs on, no longer needing vbackup.
+//!   live restore, once the VM runs, QEMU's `blockdev-mirror` copies each
+//!   disk (the backup under the VM's writes) onto its target — new qcow2
+//!   files in a folder, skipping the backup's holes, or raw devices —
+//!   while the VM keeps running; once all are in sync the VM is pivoted
+//!   onto the targets, the exports are dropped and the VM runs on, no
+//!   longer needing vbackup.
 //!
 //! A [`Sentinel`] stops QEMU and removes the run folder should vbackup be
 //! killed.
@@ -449,12 +450,12 @@ pub fn recover_instant(
     let run_path = request.dir.join(".vbackup-run");
     sentinel.remove_on_kill(&run_path)?;
     let run = RunDir::create(run_path, false)?;
-    let disk_dir = match &request.live_restore {
-        Some(LiveRestore::Dir(dir)) => dir.clone(),
-        _ => request.dir.clone(),
-    };
+    let disk_dir = request.dir.clone();
     if let Some(LiveRestore::Targets(targets)) = &request.live_restore {
         check_targets(snapshot, targets)?;
+    }
+    if let Some(LiveRestore::Dir(dir)) = &request.live_restore {
+        check_free_names(snapshot, dir)?;
     }
     RunDir::create(disk_dir.clone(), true)?;
     let exports = open_exports(Arc::clone(&repo), snapshot, request.cache_bytes)?;
@@ -501,14 +502,17 @@ pub fn recover_instant(
             on_running(&report);
             if let Some(live) = &request.live_restore {
                 let moved = match live {
-                    LiveRestore::Dir(_) => stream_all(&mut vm, &disks, cancel),
-                    LiveRestore::Targets(targets) => mirror_all(&mut vm, &disks, targets, cancel),
+                    LiveRestore::Dir(dir) => new_qcow2_targets(snapshot, dir).and_then(|targets| {
+                        mirror_all(&mut vm, &disks, &targets, "qcow2", cancel).map(|()| targets)
+                    }),
+                    LiveRestore::Targets(targets) => {
+                        mirror_all(&mut vm, &disks, targets, "raw", cancel)
+                            .map(|()| targets.clone())
+                    }
                 };
                 match moved {
-                    Ok(()) => {
-                        if let LiveRestore::Targets(targets) = live {
-                            report.disks = targets.clone();
-                        }
+                    Ok(targets) => {
+                        report.disks = targets;
                         report.seconds_to_restored = Some(started.elapsed().as_secs_f64());
                         report.needs_exports = false;
                         vm.detach();
@@ -634,12 +638,66 @@ fn device_size(path: &Path) -> Result<u64> {
         })
 }
 
-/// Mirrors every disk onto its raw target with `blockdev-mirror` and
-/// pivots the VM onto the targets once all are in sync.
+/// Refuses a live-restore folder that already holds a disk's file.
+fn check_free_names(snapshot: &Snapshot, dir: &Path) -> Result<()> {
+    for disk in &snapshot.manifest.disks {
+        let target = dir.join(format!("{}.qcow2", disk.name));
+        if target.exists() {
+            return Err(Error::Invalid(format!(
+                "{} exists; the live restore will not overwrite it (move it away or choose another folder)",
+                target.display()
+            )));
+        }
+    }
+    Ok(())
+}
+
+/// Creates the empty qcow2 files a live restore into `dir` fills
+/// (`DISK.qcow2`, 0600, in a 0700 folder when it makes one).
+fn new_qcow2_targets(snapshot: &Snapshot, dir: &Path) -> Result<Vec<PathBuf>> {
+    RunDir::create(dir.to_path_buf(), true)?;
+    let mut targets = Vec::new();
+    for disk in &snapshot.manifest.disks {
+        let target = dir.join(format!("{}.qcow2", disk.name));
+        let out = std::process::Command::new("qemu-img")
+            .args(["create", "-q", "-f", "qcow2"])
+            .arg(&target)
+            .arg(disk.virtual_size.to_string())
+            .output()
+            .map_err(|source| Error::Io {
+                context: "running qemu-img create".into(),
+                source,
+            })?;
+        if !out.status.success() {
+            return Err(Error::Invalid(format!(
+                "qemu-img could not create {}: {}",
+                target.display(),
+                String::from_utf8_lossy(&out.stderr).trim()
+            )));
+        }
+        use std::os::unix::fs::PermissionsExt;
+        std::fs::set_permissions(&target, std::fs::Permissions::from_mode(0o600)).map_err(
+            |source| Error::Io {
+                context: format!("restricting {} to its owner", target.display()),
+                source,
+            },
+        )?;
+        targets.push(target);
+    }
+    Ok(targets)
+}
+
+/// Mirrors every disk onto its target (of `format`) with
+/// `blockdev-mirror` and pivots the VM onto the targets once all are in
+/// sync. The mirror asks the source's block status: the backup's holes
+/// (answered from the index through the export) become write-zeroes on
+/// the target, cheap on qcow2 and kept sparse on files, instead of
+/// copied zeros, so a sparse disk costs its data, not its size.
 fn mirror_all(
     vm: &mut RunningVm,
     disks: &[BootDisk],
     targets: &[PathBuf],
+    format: &str,
     cancel: &AtomicBool,
 ) -> Result<()> {
     use std::os::unix::fs::FileTypeExt;
@@ -650,7 +708,7 @@ fn mirror_all(
         let protocol = if device { "host_device" } else { "file" };
         qmp.execute(
             "blockdev-add",
-            json!({"driver": "raw", "node-name": format!("vbackup-target-{i}"),
+            json!({"driver": format, "node-name": format!("vbackup-target-{i}"), "detect-zeroes": "on",
                    "file": {"driver": protocol, "filename": target.display().to_string()}}),
         )
         .map_err(Error::qemu(format!(
@@ -742,76 +800,6 @@ fn mirror_all(
         {
             return Err(Error::Invalid(format!(
                 "the VM still runs on {path} after the pivot"
-            )));
-        }
-    }
-    Ok(())
-}
-
-/// Streams every disk's backing data into its overlay with `block-stream`
-/// and waits for all jobs; afterwards no overlay has a backing file.
-fn stream_all(vm: &mut RunningVm, disks: &[BootDisk], cancel: &AtomicBool) -> Result<()> {
-    let mut qmp = vm.qmp(Duration::from_secs(30))?;
-    let nodes = overlay_nodes(&mut qmp, disks)?;
-    for (i, node) in nodes.iter().enumerate() {
-        qmp.execute(
-            "block-stream",
-            json!({"job-id": format!("vbackup-restore-{i}"), "device": node}),
-        )
-        .map_err(Error::qemu(format!("starting the live restore of {node}")))?;
-    }
-    loop {
-        if cancel.load(Ordering::Relaxed) {
-            for i in 0..nodes.len() {
-                let _ = qmp.execute(
-                    "block-job-cancel",
-                    json!({"device": format!("vbackup-restore-{i}")}),
-                );
-            }
-            return Err(Error::Core(vbackup_core::Error::Interrupted));
-        }
-        for event in qmp.take_events() {
-            if event.name == "BLOCK_JOB_COMPLETED" || event.name == "BLOCK_JOB_ERROR" {
-                if let Some(error) = event.data.get("error").and_then(|e| e.as_str()) {
-                    return Err(Error::Invalid(format!(
-                        "the block-stream job failed: {error}"
-                    )));
-                }
-            }
-        }
-        let jobs = qmp
-            .execute("query-block-jobs", json!({}))
-            .map_err(Error::qemu("asking QEMU about the live restore"))?;
-        let ours = jobs
-            .as_array()
-            .map(|jobs| {
-                jobs.iter()
-                    .filter(|j| {
-                        j["device"]
-                            .as_str()
-                            .is_some_and(|d| d.starts_with("vbackup-restore-"))
-                    })
-                    .count()
-            })
-            .unwrap_or(0);
-        if ours == 0 {
-            break;
-        }
-        std::thread::sleep(Duration::from_millis(200));
-    }
-    // Every overlay must now stand alone.
-    let blocks = qmp
-        .execute("query-block", json!({}))
-        .map_err(Error::qemu("asking QEMU about the restored disks"))?;
-    for disk in disks {
-        let path = disk.overlay.display().to_string();
-        let still_backed = blocks.as_array().into_iter().flatten().any(|b| {
-            b["inserted"]["file"].as_str() == Some(path.as_str())
-                && b["inserted"]["backing_file"].as_str().is_some()
-        });
-        if still_backed {
-            return Err(Error::Invalid(format!(
-                "{path} still has its backing file after the live restore"
             )));
         }
     }

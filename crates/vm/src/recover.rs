@@ -134,6 +134,10 @@ fn overlays(snapshot: &Snapshot, listen: &Listen, dir: &Path) -> Result<Vec<Boot
     Ok(disks)
 }
 
+/// What one boot verification saw: the heartbeat (or why none), the
+/// check's exit code, the accelerator, the canary's state.
+type Outcome = (Result<Duration>, Option<i64>, String, Option<String>);
+
 /// What boot verification does.
 #[derive(Debug, Clone)]
 pub struct VerifyBoot {
@@ -170,10 +174,9 @@ pub fn verify_boot(
     let stop = AtomicBool::new(false);
     let mut boot = request.boot.clone();
     boot.isolate = true;
-    type Outcome = (Result<Duration>, Option<i64>, String, Option<String>);
     let outcome = std::thread::scope(|scope| -> Result<Outcome> {
         let (listen, server) = serve_in(scope, &exports, &run.path, &stop)?;
-        let result = (|| -> Result<(Result<Duration>, Option<i64>, String, Option<String>)> {
+        let result = (|| -> Result<Outcome> {
             let disks = overlays(snapshot, &listen, &run.path)?;
             let plan = plan(
                 snapshot.manifest.definition.as_ref(),

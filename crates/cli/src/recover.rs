@@ -129,6 +129,12 @@ pub struct InstantArgs {
     pub qemu: QemuArgs,
 }
 
+/// Paths as one comma-separated line.
+fn list(paths: &[PathBuf]) -> String {
+    let shown: Vec<String> = paths.iter().map(|p| p.display().to_string()).collect();
+    shown.join(", ")
+}
+
 /// Runs `vbackup verify`.
 pub fn verify(ctx: &Context, args: &VerifyArgs) -> Result<()> {
     let Some(spec) = &args.boot else {
@@ -233,12 +239,7 @@ pub fn recover(ctx: &Context, command: &RecoverCommand) -> Result<()> {
                     .seconds_to_heartbeat
                     .map_or(String::new(), |t| format!(", heartbeat after {t:.1} s")),
                 report.qmp.display(),
-                report
-                    .disks
-                    .iter()
-                    .map(|d| d.display().to_string())
-                    .collect::<Vec<_>>()
-                    .join(", ")
+                list(&report.disks)
             );
         }
         use std::io::Write;
@@ -268,30 +269,15 @@ pub fn recover(ctx: &Context, command: &RecoverCommand) -> Result<()> {
             (Some(t), _) => println!(
                 "live restore complete after {t:.1} s: the VM (pid {}) runs on {} and no longer needs vbackup",
                 report.pid.map_or("?".into(), |p| p.to_string()),
-                report
-                    .disks
-                    .iter()
-                    .map(|d| d.display().to_string())
-                    .collect::<Vec<_>>()
-                    .join(", ")
+                list(&report.disks)
             ),
             (None, Some(error)) => println!(
                 "{error}; the VM's writes are kept in {}",
-                report
-                    .disks
-                    .iter()
-                    .map(|d| d.display().to_string())
-                    .collect::<Vec<_>>()
-                    .join(", ")
+                list(&report.disks)
             ),
             (None, None) => println!(
                 "the VM stopped; its writes are kept in {}",
-                report
-                    .disks
-                    .iter()
-                    .map(|d| d.display().to_string())
-                    .collect::<Vec<_>>()
-                    .join(", ")
+                list(&report.disks)
             ),
         }
     }

@@ -30,7 +30,9 @@ use vbackup_core::format::VmDefinition;
 use vbackup_qemu::qga::GuestAgent;
 use vbackup_qemu::qmp::QmpClient;
 
-use crate::definition::{rewrite_config, RestoredImage};
+use crate::definition::{
+    join_pairs as join, rewrite_config, split_pair, value_of as get, Pair, RestoredImage,
+};
 use crate::{Error, Result};
 
 /// The guest agent's virtio-serial port name.
@@ -185,32 +187,8 @@ fn split_command_line(text: &str) -> Result<Vec<String>> {
 }
 
 /// `key=value,...` of an option value.
-fn pairs(value: &str) -> Vec<(String, Option<String>)> {
-    value
-        .split(',')
-        .map(|item| match item.split_once('=') {
-            Some((k, v)) => (k.to_string(), Some(v.to_string())),
-            None => (item.to_string(), None),
-        })
-        .collect()
-}
-
-fn join(pairs: &[(String, Option<String>)]) -> String {
-    pairs
-        .iter()
-        .map(|(k, v)| match v {
-            Some(v) => format!("{k}={v}"),
-            None => k.clone(),
-        })
-        .collect::<Vec<_>>()
-        .join(",")
-}
-
-fn get<'a>(pairs: &'a [(String, Option<String>)], key: &str) -> Option<&'a str> {
-    pairs
-        .iter()
-        .find(|(k, _)| k == key)
-        .and_then(|(_, v)| v.as_deref())
+fn pairs(value: &str) -> Vec<Pair> {
+    value.split(',').map(split_pair).collect()
 }
 
 /// Whether `/dev/kvm` can be used.

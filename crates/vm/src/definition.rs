@@ -406,9 +406,9 @@ fn unquote(word: &str) -> (&str, &str, &str) {
 }
 
 /// One `key=value` item (`value` `None` for a bare `key`).
-type Pair = (String, Option<String>);
+pub(crate) type Pair = (String, Option<String>);
 
-fn split_pair(item: &str) -> Pair {
+pub(crate) fn split_pair(item: &str) -> Pair {
     match item.split_once('=') {
         Some((key, value)) => (key.to_string(), Some(value.to_string())),
         None => (item.to_string(), None),
@@ -416,7 +416,7 @@ fn split_pair(item: &str) -> Pair {
 }
 
 /// The value of `key`, if the list has it with a value.
-fn value_of<'p>(pairs: &'p [Pair], key: &str) -> Option<&'p str> {
+pub(crate) fn value_of<'p>(pairs: &'p [Pair], key: &str) -> Option<&'p str> {
     pairs
         .iter()
         .find(|(k, _)| k == key)
@@ -431,7 +431,8 @@ fn set_pair(pairs: &mut Vec<Pair>, key: &str, value: &str) {
     }
 }
 
-fn join_pairs(pairs: &[Pair]) -> String {
+/// The `key=value,...` text of `pairs`.
+pub(crate) fn join_pairs(pairs: &[Pair]) -> String {
     pairs
         .iter()
         .map(|(k, v)| match v {

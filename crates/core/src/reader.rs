@@ -31,8 +31,7 @@ use std::thread::JoinHandle;
 use crossbeam_channel::{bounded, Receiver, Sender};
 use lru::LruCache;
 
-use crate::commands::restore::{check_length, missing_is_damage};
-use crate::format::delta::Delta;
+use crate::commands::restore::{check_length, missing_is_damage, resolve_chunk};
 use crate::format::{DiskIndex, DiskRecord};
 use crate::packs::{read_located, ChunkMap};
 use crate::{ChunkId, Error, Repository, Result};
@@ -475,23 +474,9 @@ impl Shared {
         let read = |id: &ChunkId| {
             read_located(&self.repo, self.map.as_deref(), id).map_err(missing_is_damage)
         };
-        let data = read(id)?;
-        let data = match self.index.base_of(i) {
-            None => data,
-            Some(base) => {
-                let key = Repository::chunk_key(id);
-                let delta = Delta::decode(&key, &data)?;
-                if delta.base != base {
-                    return Err(Error::corrupt(
-                        &key,
-                        "is a delta on another base than its index names",
-                    ));
-                }
-                let full = self.cache.get_or_load(&base, || read(&base))?;
-                check_length(&self.index, i, &base, &full)?;
-                delta.apply(&key, &full)?
-            }
-        };
+        let data = resolve_chunk(&self.index, i, id, read(id)?, |base| {
+            self.cache.get_or_load(base, || read(base))
+        })?;
         check_length(&self.index, i, id, &data)?;
         Ok(data)
     }

@@ -173,6 +173,31 @@ pub fn create(path: &Path, format: &str, size: u64) -> Result<()> {
     run().map_err(|e| e.for_image(path).in_use_if_locked(path, false))
 }
 
+/// Creates a qcow2 image at `path` of `size` bytes whose backing file is
+/// `backing` (a path or a URI such as `nbd+unix:///vda?socket=...`) in
+/// `backing_format`: writes go to the new image, reads of what it does
+/// not hold go to the backing file.
+pub fn create_overlay(path: &Path, backing: &str, backing_format: &str, size: u64) -> Result<()> {
+    let run = || {
+        check_format(backing_format)?;
+        let mut cmd = Command::new("qemu-img");
+        cmd.args([
+            "create",
+            "-q",
+            "-f",
+            "qcow2",
+            "-F",
+            backing_format,
+            "-b",
+            backing,
+        ])
+        .arg(qemu_path(path)?)
+        .arg(size.to_string());
+        process::run(&mut cmd).map(drop)
+    };
+    run().map_err(|e| e.for_image(path))
+}
+
 /// Whether two images have the same guest-visible content, whatever their
 /// formats (`qemu-img compare`: exit 0 same, 1 different, else error).
 pub fn compare(a: &Path, b: &Path) -> Result<bool> {

@@ -389,23 +389,10 @@ pub fn plan(
 /// Creates a qcow2 overlay at `overlay` backed by the NBD export `uri`
 /// (raw), so a VM writes there and reads the rest from the backup.
 pub fn create_overlay(overlay: &Path, uri: &str, size: u64) -> Result<()> {
-    let out = Command::new("qemu-img")
-        .args(["create", "-q", "-f", "qcow2", "-F", "raw", "-b", uri])
-        .arg(overlay)
-        .arg(size.to_string())
-        .output()
-        .map_err(|source| Error::Io {
-            context: "running qemu-img create".into(),
-            source,
-        })?;
-    if !out.status.success() {
-        return Err(Error::Invalid(format!(
-            "qemu-img could not create the overlay {} over {uri}: {}",
-            overlay.display(),
-            String::from_utf8_lossy(&out.stderr).trim()
-        )));
-    }
-    Ok(())
+    vbackup_qemu::img::create_overlay(overlay, uri, "raw", size).map_err(Error::qemu(format!(
+        "creating the overlay {} over {uri}",
+        overlay.display()
+    )))
 }
 
 /// A VM started from a [`BootPlan`]; killed when dropped unless

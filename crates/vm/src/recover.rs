@@ -662,22 +662,8 @@ fn new_qcow2_targets(snapshot: &Snapshot, dir: &Path) -> Result<Vec<PathBuf>> {
     let mut targets = Vec::new();
     for disk in &snapshot.manifest.disks {
         let target = dir.join(format!("{}.qcow2", disk.name));
-        let out = std::process::Command::new("qemu-img")
-            .args(["create", "-q", "-f", "qcow2"])
-            .arg(&target)
-            .arg(disk.virtual_size.to_string())
-            .output()
-            .map_err(|source| Error::Io {
-                context: "running qemu-img create".into(),
-                source,
-            })?;
-        if !out.status.success() {
-            return Err(Error::Invalid(format!(
-                "qemu-img could not create {}: {}",
-                target.display(),
-                String::from_utf8_lossy(&out.stderr).trim()
-            )));
-        }
+        vbackup_qemu::img::create(&target, "qcow2", disk.virtual_size)
+            .map_err(Error::qemu(format!("creating {}", target.display())))?;
         use std::os::unix::fs::PermissionsExt;
         std::fs::set_permissions(&target, std::fs::Permissions::from_mode(0o600)).map_err(
             |source| Error::Io {

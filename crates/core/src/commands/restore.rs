@@ -74,26 +74,10 @@ impl<'a> Chunks<'a> {
         Ok(data)
     }
 
-    /// Chunk `i`'s data from the object `id` read for it: the object itself
-    /// for a full chunk, or, when the index says chunk `i` is a delta, the
-    /// delta applied to its base. The delta must name the base the index
-    /// names; the base is a full chunk (depth 1), so a chunk never costs
-    /// more than two objects.
+    /// Chunk `i`'s data from the object `id` read for it (see
+    /// [`resolve_chunk`]; the base is fetched alone).
     fn resolve(&self, index: &DiskIndex, i: u64, id: &ChunkId, data: Vec<u8>) -> Result<Vec<u8>> {
-        let Some(base) = index.base_of(i) else {
-            return Ok(data);
-        };
-        let key = Repository::chunk_key(id);
-        let delta = Delta::decode(&key, &data)?;
-        if delta.base != base {
-            return Err(Error::corrupt(
-                &key,
-                "is a delta on another base than its index names",
-            ));
-        }
-        let full = self.fetch_object(i, &base)?;
-        check_length(index, i, &base, &full)?;
-        delta.apply(&key, &full)
+        resolve_chunk(index, i, id, data, |base| self.fetch_object(i, base))
     }
 
     /// Reads object `id` (a chunk or a delta) for chunk `i`, authenticated
@@ -156,6 +140,34 @@ impl<'a> Chunks<'a> {
         }
         Ok(work)
     }
+}
+
+/// Chunk `i`'s data from the object `id` read for it: the object itself
+/// for a full chunk, or, when the index says chunk `i` is a delta, the
+/// delta applied to its base (read with `base`). The delta must name the
+/// base the index names; the base is a full chunk (depth 1), so a chunk
+/// never costs more than two objects.
+pub(crate) fn resolve_chunk<B: AsRef<[u8]>>(
+    index: &DiskIndex,
+    i: u64,
+    id: &ChunkId,
+    data: Vec<u8>,
+    base: impl FnOnce(&ChunkId) -> Result<B>,
+) -> Result<Vec<u8>> {
+    let Some(base_id) = index.base_of(i) else {
+        return Ok(data);
+    };
+    let key = Repository::chunk_key(id);
+    let delta = Delta::decode(&key, &data)?;
+    if delta.base != base_id {
+        return Err(Error::corrupt(
+            &key,
+            "is a delta on another base than its index names",
+        ));
+    }
+    let full = base(&base_id)?;
+    check_length(index, i, &base_id, full.as_ref())?;
+    delta.apply(&key, full.as_ref())
 }
 
 /// One piece of a restore's work.
